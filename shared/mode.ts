@@ -1,0 +1,58 @@
+/** The encoding mode: delta algorithm x compressor x level. It travels in every chunk. */
+
+export const DELTA_ALGORITHMS = ['none', 'xor', 'zstd'] as const;
+export type DeltaAlgorithm = (typeof DELTA_ALGORITHMS)[number];
+export const COMPRESSORS = ['none', 'lz4', 'zstd'] as const;
+export type Compressor = (typeof COMPRESSORS)[number];
+
+export interface Mode {
+  delta: DeltaAlgorithm;
+  compressor: Compressor;
+  /** zstd level (1..19); ignored by other compressors. */
+  level: number;
+}
+
+export const DEFAULT_MODE: Mode = { delta: 'xor', compressor: 'zstd', level: 3 };
+
+export const ZSTD_MIN_LEVEL = 1;
+export const ZSTD_MAX_LEVEL = 19;
+
+/** Parses `none`, `lz4`, `zstd` or `zstd:LEVEL`. */
+export function parseCompression(text: string): Pick<Mode, 'compressor' | 'level'> {
+  const [name, levelText] = text.split(':');
+  if (name === 'none' || name === 'lz4') {
+    if (levelText !== undefined) throw new Error(`mode ${text}: ${name} takes no level`);
+    return { compressor: name, level: 0 };
+  }
+  if (name === 'zstd') {
+    const level = levelText === undefined ? 3 : Number(levelText);
+    if (!Number.isInteger(level) || level < ZSTD_MIN_LEVEL || level > ZSTD_MAX_LEVEL) {
+      throw new Error(`mode ${text}: zstd level must be an integer ${ZSTD_MIN_LEVEL}..${ZSTD_MAX_LEVEL}`);
+    }
+    return { compressor: 'zstd', level };
+  }
+  throw new Error(`unknown mode ${JSON.stringify(text)}: expected none, lz4 or zstd:LEVEL`);
+}
+
+export function parseDelta(text: string): DeltaAlgorithm {
+  if ((DELTA_ALGORITHMS as readonly string[]).includes(text)) return text as DeltaAlgorithm;
+  throw new Error(`unknown delta ${JSON.stringify(text)}: expected ${DELTA_ALGORITHMS.join(', ')}`);
+}
+
+export function isMode(value: unknown): value is Mode {
+  if (typeof value !== 'object' || value === null) return false;
+  const m = value as Record<string, unknown>;
+  return (
+    (DELTA_ALGORITHMS as readonly unknown[]).includes(m.delta) &&
+    (COMPRESSORS as readonly unknown[]).includes(m.compressor) &&
+    typeof m.level === 'number' &&
+    Number.isInteger(m.level) &&
+    m.level >= 0 &&
+    m.level <= ZSTD_MAX_LEVEL
+  );
+}
+
+export function formatMode(mode: Mode): string {
+  const comp = mode.compressor === 'zstd' ? `zstd:${mode.level}` : mode.compressor;
+  return `delta=${mode.delta} ${comp}`;
+}

@@ -1,0 +1,34 @@
+/** Page geometry and page-level hashing shared by every stage. */
+import { createHash, hash } from 'node:crypto';
+import { xxh64 } from '@node-rs/xxhash';
+
+export const PAGE_SIZE = 4096;
+/** Strong content hash length: 128 bits of SHA-256, so a collision cannot forge a page in practice. */
+export const STRONG_HASH_BYTES = 16;
+/** Per-page end-to-end check: xxh64 of the page as the source saw it (catches pipeline bugs, not attacks). */
+export const CHECK_BYTES = 8;
+
+export const IMAGES = ['memory', 'disk'] as const;
+export type ImageName = (typeof IMAGES)[number];
+/** Index into IMAGES: 0 = memory, 1 = disk. */
+export type ImageId = 0 | 1;
+
+export function imageName(id: ImageId): ImageName {
+  return IMAGES[id];
+}
+
+export function strongHash(page: Uint8Array): Buffer {
+  return hash('sha256', page, 'buffer').subarray(0, STRONG_HASH_BYTES);
+}
+
+export function pageCheck(page: Uint8Array): bigint {
+  return xxh64(page);
+}
+
+export const ZERO_PAGE: Buffer = Buffer.alloc(PAGE_SIZE);
+export const ZERO_PAGE_HASH: Buffer = strongHash(ZERO_PAGE);
+
+/** SHA-256 of a whole image, fed block by block while it is read. */
+export function newImageHasher(): ReturnType<typeof createHash> {
+  return createHash('sha256');
+}
