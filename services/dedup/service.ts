@@ -1,0 +1,45 @@
+/** Dedup actor: one instance per hash partition; base index loaded once per base pair. */
+import { BaseMismatchError } from '../../shared/errors.js';
+import { loadBaseIndex } from '../../shared/base-index.js';
+import type { MigrationDescriptor } from '../../shared/migration.js';
+import { nextStage, type StageActor } from '../../shared/stage.js';
+import { HashLocationMap, addBaseIndex, dedupChunk } from './core.js';
+
+export function createDedupActor(partition: number): StageActor {
+  const baseMaps = new Map<string, Promise<HashLocationMap>>();
+  const sentMaps = new Map<string, HashLocationMap>();
+  const basesOf = new Map<string, string>();
+
+  const loadBases = async (d: MigrationDescriptor): Promise<HashLocationMap> => {
+    const map = new HashLocationMap();
+    const [memory, disk] = await Promise.all([loadBaseIndex(d.memory.base), loadBaseIndex(d.disk.base)]);
+    for (const [index, pair] of [[memory, d.memory], [disk, d.disk]] as const) {
+      if (index.contentHash !== pair.baseHash) {
+        throw new BaseMismatchError(`base ${pair.base} has content hash ${index.contentHash}, the migration expects ${pair.baseHash}`);
+      }
+    }
+    addBaseIndex(map, 0, memory.hashes);
+    addBaseIndex(map, 1, disk.hashes);
+    return map;
+  };
+
+  return {
+    name: 'dedup',
+    input: 'dedup',
+    partition,
+    async prepare(d, log) {
+      const key = `${d.memory.baseHash}:${d.disk.baseHash}`;
+      if (!baseMaps.has(key)) baseMaps.set(key, loadBases(d));
+      const map = await baseMaps.get(key)!;
+      basesOf.set(d.migrationId, key);
+      sentMaps.set(d.migrationId, new HashLocationMap());
+      log.info('base index loaded', { basePages: map.size });
+    },
+    async handle(chunk, ctx) {
+      const base = await baseMaps.get(basesOf.get(chunk.migrationId)!)!;
+      const sent = sentMaps.get(chunk.migrationId)!;
+      const { chunk: out, counts } = dedupChunk(chunk, base, sent);
+      return { outputs: [{ chunk: out, to: nextStage('dedup', ctx.mode) }], counts: { ...counts } };
+    },
+  };
+}

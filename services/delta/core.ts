@@ -1,0 +1,54 @@
+/** Delta's pure core: encode each raw page against the base page at the same index, when smaller. */
+import { PageKind, type Chunk } from '../../shared/chunk.js';
+import { xorEncode } from '../../shared/codecs/xor.js';
+import { ZstdDeltaEncoder } from '../../shared/codecs/zstd-delta.js';
+import type { DeltaAlgorithm } from '../../shared/mode.js';
+import type { ImageId } from '../../shared/pages.js';
+
+/** Reads page `index` of base image `image` (4096 bytes). */
+export type BasePageReader = (image: ImageId, index: number) => Uint8Array;
+
+export interface DeltaCounts {
+  encoded: number;
+  kept: number;
+}
+
+export class DeltaEncoder {
+  private readonly zstdDelta = new ZstdDeltaEncoder();
+
+  constructor(private readonly readBasePage: BasePageReader) {}
+
+  encode(chunk: Chunk, algorithm: DeltaAlgorithm): { chunk: Chunk; counts: DeltaCounts } {
+    if (chunk.mode.compressor !== 'none') throw new Error('delta takes uncompressed chunks only');
+    const counts: DeltaCounts = { encoded: 0, kept: 0 };
+    if (algorithm === 'none' || chunk.mode.delta !== 'none') return { chunk, counts };
+    const n = chunk.pageIndex.length;
+    const kind = new Uint8Array(chunk.kind);
+    const bodyLength = new Uint32Array(chunk.bodyLength);
+    const bodies: Uint8Array[] = [];
+    let offset = 0;
+    for (let i = 0; i < n; i++) {
+      const len = chunk.bodyLength[i]!;
+      const body = chunk.body.subarray(offset, offset + len);
+      offset += len;
+      if (chunk.kind[i] !== PageKind.Raw) continue;
+      const base = this.readBasePage(chunk.image, chunk.pageIndex[i]!);
+      const encoded = algorithm === 'xor' ? xorEncode(body, base) : this.zstdDelta.encode(body, base);
+      if (encoded) {
+        kind[i] = algorithm === 'xor' ? PageKind.Xor : PageKind.ZstdDelta;
+        bodyLength[i] = encoded.byteLength;
+        bodies.push(encoded);
+        counts.encoded++;
+      } else {
+        bodies.push(body);
+        counts.kept++;
+      }
+    }
+    const body = Buffer.concat(bodies);
+    return {
+      chunk: { ...chunk, mode: { ...chunk.mode, delta: algorithm }, kind, bodyLength, body, bodyRawLength: body.byteLength },
+      counts,
+    };
+  }
+}
+

@@ -1,0 +1,31 @@
+/** Delta actor: reads base pages at the same index from the base files on this cloudlet. */
+import { closeSync, openSync, readSync } from 'node:fs';
+import { PAGE_SIZE, type ImageId } from '../../shared/pages.js';
+import { nextStage, type StageActor } from '../../shared/stage.js';
+import { DeltaEncoder } from './core.js';
+
+export function createDeltaActor(): StageActor {
+  const encoders = new Map<string, { encoder: DeltaEncoder; fds: number[] }>();
+  return {
+    name: 'delta',
+    input: 'delta',
+    async prepare(d) {
+      const fds = [openSync(d.memory.base, 'r'), openSync(d.disk.base, 'r')];
+      const readBasePage = (image: ImageId, index: number): Uint8Array => {
+        const page = Buffer.allocUnsafe(PAGE_SIZE);
+        const n = readSync(fds[image]!, page, 0, PAGE_SIZE, index * PAGE_SIZE);
+        if (n !== PAGE_SIZE) throw new Error(`base ${image === 0 ? d.memory.base : d.disk.base}: page ${index} is past its end`);
+        return page;
+      };
+      encoders.set(d.migrationId, { encoder: new DeltaEncoder(readBasePage), fds });
+    },
+    handle(chunk, ctx) {
+      const { encoder } = encoders.get(chunk.migrationId)!;
+      const { chunk: out, counts } = encoder.encode(chunk, ctx.mode.delta);
+      return { outputs: [{ chunk: out, to: nextStage('delta', ctx.mode) }], counts: { ...counts } };
+    },
+    async close() {
+      for (const { fds } of encoders.values()) fds.forEach((fd) => closeSync(fd));
+    },
+  };
+}

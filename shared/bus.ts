@@ -1,0 +1,168 @@
+/**
+ * The bus: one NATS connection with JetStream, the streams and buckets every actor expects
+ * (created idempotently by whoever connects first), and publishing with backpressure.
+ */
+import {
+  AckPolicy,
+  DeliverPolicy,
+  DiscardPolicy,
+  jetstream,
+  jetstreamManager,
+  RetentionPolicy,
+  StorageType,
+  type JetStreamClient,
+  type JetStreamManager,
+  type JsMsg,
+} from '@nats-io/jetstream';
+import { Kvm, type KV } from '@nats-io/kv';
+import { connect, headers as natsHeaders, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
+import { BUCKETS, EVENTS_FILTER, STREAMS, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
+import { encodeEvent, type MigrationEvent } from './migration.js';
+
+export interface Bus {
+  nc: NatsConnection;
+  js: JetStreamClient;
+  jsm: JetStreamManager;
+  migrations: KV;
+  config: KV;
+  /** the server's max_payload: chunks must fit it, headers included */
+  maxPayloadBytes: number;
+  close(): Promise<void>;
+}
+
+/** Work-queue stream size: a full stream refuses publishes, which is the pipeline's backpressure. */
+const WORK_STREAM_MAX_BYTES = Number(process.env.HANDOFF_STREAM_MAX_BYTES ?? 256 * 1024 * 1024);
+const STORAGE = process.env.HANDOFF_STORAGE === 'memory' ? StorageType.Memory : StorageType.File;
+
+export async function connectBus(url: string, name: string): Promise<Bus> {
+  const nc = await connect({ servers: url, name, maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+  const jsm = await jetstreamManager(nc);
+  const js = jetstream(nc);
+  await ensureStreams(jsm);
+  const kvm = new Kvm(nc);
+  const migrations = await kvm.create(BUCKETS.migrations, { history: 1, storage: STORAGE });
+  const config = await kvm.create(BUCKETS.config, { history: 5, storage: STORAGE });
+  return {
+    nc,
+    js,
+    jsm,
+    migrations,
+    config,
+    maxPayloadBytes: nc.info?.max_payload ?? 1024 * 1024,
+    close: async () => {
+      if (!nc.isClosed()) await nc.drain().catch(() => nc.close());
+    },
+  };
+}
+
+async function ensureStream(jsm: JetStreamManager, name: string, config: Parameters<JetStreamManager['streams']['add']>[0]): Promise<void> {
+  try {
+    await jsm.streams.info(name);
+  } catch {
+    try {
+      await jsm.streams.add({ ...config, name });
+    } catch (err) {
+      // another actor created it in between
+      await jsm.streams.info(name).catch(() => {
+        throw err;
+      });
+    }
+  }
+}
+
+async function ensureStreams(jsm: JetStreamManager): Promise<void> {
+  const work: [string, WorkStage][] = [
+    [STREAMS.dedup, 'dedup'],
+    [STREAMS.delta, 'delta'],
+    [STREAMS.compress, 'compress'],
+    [STREAMS.wire, 'wire'],
+    [STREAMS.received, 'received'],
+  ];
+  for (const [name, stage] of work) {
+    await ensureStream(jsm, name, {
+      name,
+      subjects: [workFilter(stage)],
+      retention: RetentionPolicy.Workqueue,
+      storage: STORAGE,
+      max_bytes: WORK_STREAM_MAX_BYTES,
+      discard: DiscardPolicy.New,
+      duplicate_window: nanos(120_000),
+    });
+  }
+  await ensureStream(jsm, STREAMS.events, {
+    name: STREAMS.events,
+    subjects: [EVENTS_FILTER],
+    retention: RetentionPolicy.Limits,
+    storage: STORAGE,
+    max_age: nanos(24 * 3600_000),
+    max_bytes: 64 * 1024 * 1024,
+  });
+}
+
+export function streamOf(stage: WorkStage): string {
+  return STREAMS[stage];
+}
+
+/** Creates (or keeps) the durable pull consumer a stage's instances share. */
+export async function ensureWorkConsumer(bus: Bus, stage: WorkStage, partition: number | undefined, ackWaitMs: number): Promise<string> {
+  const durable = durableName(stage, partition);
+  await bus.jsm.consumers.add(streamOf(stage), {
+    durable_name: durable,
+    ack_policy: AckPolicy.Explicit,
+    filter_subject: workFilter(stage, partition),
+    ack_wait: nanos(ackWaitMs),
+    max_deliver: 20,
+    max_ack_pending: 64,
+    deliver_policy: DeliverPolicy.All,
+  });
+  return durable;
+}
+
+/** Durable consumer of one event type for one kind of actor: each event is handled by one instance. */
+export async function ensureEventConsumer(bus: Bus, actor: string, type: MigrationEvent['type']): Promise<string> {
+  const durable = `${actor}-on-${type}`;
+  await bus.jsm.consumers.add(STREAMS.events, {
+    durable_name: durable,
+    ack_policy: AckPolicy.Explicit,
+    filter_subject: eventSubject('*', type),
+    ack_wait: nanos(60_000),
+    deliver_policy: DeliverPolicy.New,
+  });
+  return durable;
+}
+
+export function isStreamFull(err: unknown): boolean {
+  const text = err instanceof Error ? `${err.message} ${String((err as { code?: unknown }).code ?? '')}` : String(err);
+  return /maximum (bytes|messages)|resource limits|10047|insufficient resources|no space/i.test(text);
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * Publishes to a work stream, waiting while the stream is full (backpressure). `msgId` makes a
+ * retried publish a no-op for JetStream's duplicate window.
+ */
+export async function publishWork(bus: Bus, subject: string, data: Uint8Array, msgId: string, headers?: MsgHdrs, onWait?: () => void): Promise<void> {
+  let delayMs = 5;
+  for (;;) {
+    try {
+      await bus.js.publish(subject, data, { msgID: msgId, headers, timeout: 30_000 });
+      return;
+    } catch (err) {
+      if (!isStreamFull(err)) throw err;
+      onWait?.();
+      await sleep(delayMs);
+      delayMs = Math.min(delayMs * 2, 200);
+    }
+  }
+}
+
+export async function publishEvent(bus: Bus, migrationId: string, event: MigrationEvent): Promise<void> {
+  await bus.js.publish(eventSubject(migrationId, event.type), encodeEvent(event));
+}
+
+export function newHeaders(): MsgHdrs {
+  return natsHeaders();
+}
+
+export type { JsMsg, MsgHdrs, NatsConnection };

@@ -1,0 +1,87 @@
+/**
+ * The embedded default: a private nats-server with JetStream on, a random port and a temporary
+ * store, started when a command is given no --nats URL and stopped when it ends.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+export interface EmbeddedNats {
+  url: string;
+  storeDir: string;
+  stop(): Promise<void>;
+}
+
+export interface EmbeddedNatsOptions {
+  /** largest message the server accepts; chunks are sized to fit it */
+  maxPayloadBytes?: number;
+  /** fixed port (e.g. to restart a server on the same address), default: a free one */
+  port?: number;
+  storeDir?: string;
+  host?: string;
+}
+
+export const NATS_SERVER_BIN = process.env.NATS_SERVER_BIN ?? 'nats-server';
+
+export async function startEmbeddedNats(options: EmbeddedNatsOptions = {}): Promise<EmbeddedNats> {
+  const ownStore = options.storeDir === undefined;
+  const storeDir = options.storeDir ?? (await mkdtemp(join(tmpdir(), 'handoff-nats-')));
+  const host = options.host ?? '127.0.0.1';
+  const config = join(storeDir, 'nats.conf');
+  await writeFile(
+    config,
+    [
+      `listen: "${host}:${options.port ?? -1}"`,
+      `max_payload: ${options.maxPayloadBytes ?? 8 * 1024 * 1024}`,
+      `jetstream { store_dir: "${join(storeDir, 'js')}" }`,
+      '',
+    ].join('\n'),
+  );
+  const child = spawn(NATS_SERVER_BIN, ['-c', config], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const url = await new Promise<string>((resolve, reject) => {
+    let log = '';
+    const timer = setTimeout(() => reject(new Error(`nats-server did not start within 10 s:\n${log}`)), 10_000);
+    child.once('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      reject(
+        err.code === 'ENOENT'
+          ? new Error(`${NATS_SERVER_BIN} not found: install it (apt-get install nats-server, or ./run setup) or pass --nats URL`)
+          : err,
+      );
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`nats-server exited with code ${code}:\n${log}`));
+    });
+    child.stderr!.setEncoding('utf8');
+    child.stderr!.on('data', (text: string) => {
+      log += text;
+      const m = /Listening for client connections on ([\d.:[\]a-f]+):(\d+)/.exec(log);
+      if (m && log.includes('Server is ready')) {
+        clearTimeout(timer);
+        child.removeAllListeners('exit');
+        resolve(`nats://${m[1]}:${m[2]}`);
+      }
+    });
+  });
+  child.stderr!.removeAllListeners('data');
+  child.stderr!.resume();
+  return {
+    url,
+    storeDir,
+    stop: async () => {
+      await stopChild(child);
+      if (ownStore) await rm(storeDir, { recursive: true, force: true });
+    },
+  };
+}
+
+async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 5_000);
+  await exited;
+  clearTimeout(timer);
+}

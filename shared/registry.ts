@@ -1,0 +1,79 @@
+/** Per-process views of the migrations bucket (descriptors) and the config bucket (wanted mode). */
+import type { KV } from '@nats-io/kv';
+import { isDescriptor, type MigrationDescriptor } from './migration.js';
+import { isMode, type Mode } from './mode.js';
+
+export class DescriptorCache {
+  private readonly cache = new Map<string, Promise<MigrationDescriptor>>();
+
+  constructor(private readonly bucket: KV) {}
+
+  get(migrationId: string): Promise<MigrationDescriptor> {
+    let found = this.cache.get(migrationId);
+    if (!found) {
+      found = this.load(migrationId);
+      this.cache.set(migrationId, found);
+      found.catch(() => this.cache.delete(migrationId));
+    }
+    return found;
+  }
+
+  private async load(migrationId: string): Promise<MigrationDescriptor> {
+    const entry = await this.bucket.get(migrationId);
+    if (!entry || entry.length === 0) throw new UnknownMigrationError(`unknown migration id ${migrationId}: no descriptor in the migrations bucket`);
+    const value: unknown = entry.json();
+    if (!isDescriptor(value)) throw new UnknownMigrationError(`migration ${migrationId}: descriptor is malformed`);
+    return value;
+  }
+
+  forget(migrationId: string): void {
+    this.cache.delete(migrationId);
+  }
+}
+
+export class UnknownMigrationError extends Error {
+  override name = 'UnknownMigrationError';
+}
+
+/**
+ * The mode each migration wants now, kept current by a watch on the config bucket: a stage applies
+ * a change from its next chunk on, and a stage that starts late still gets the latest value.
+ */
+export class ModeWatcher {
+  private readonly modes = new Map<string, Mode>();
+  private stopped = false;
+  private stopWatch: (() => void) | undefined;
+
+  private constructor() {}
+
+  static async start(bucket: KV): Promise<ModeWatcher> {
+    const watcher = new ModeWatcher();
+    const iter = await bucket.watch({ key: '>' });
+    watcher.stopWatch = () => iter.stop();
+    void (async () => {
+      for await (const entry of iter) {
+        if (watcher.stopped) break;
+        if (entry.operation !== 'PUT') {
+          watcher.modes.delete(entry.key);
+          continue;
+        }
+        try {
+          const value: unknown = entry.json();
+          if (isMode(value)) watcher.modes.set(entry.key, value);
+        } catch {
+          // a malformed config value is ignored: the last good mode stays in force
+        }
+      }
+    })();
+    return watcher;
+  }
+
+  get(migrationId: string, fallback: Mode): Mode {
+    return this.modes.get(migrationId) ?? fallback;
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.stopWatch?.();
+  }
+}

@@ -1,0 +1,183 @@
+/**
+ * The one shell every chunk actor runs in: a durable pull consumer shared by all instances of the
+ * stage, decode -> pure core -> publish outputs -> stats -> ack, and graceful shutdown on SIGTERM.
+ */
+import { hostname } from 'node:os';
+import { chunkKey, type Chunk } from './chunk.js';
+import { decodeChunk, encodeChunk } from './codec.js';
+import { connectBus, ensureWorkConsumer, publishEvent, publishWork, streamOf, type Bus, type JsMsg } from './bus.js';
+import { MalformedMessageError, errorMessage } from './errors.js';
+import { createLogger, type Logger } from './log.js';
+import type { MigrationDescriptor, StageStats } from './migration.js';
+import type { Mode } from './mode.js';
+import { DescriptorCache, ModeWatcher, UnknownMigrationError } from './registry.js';
+import { statsSubject, workSubject, type WorkStage } from './subjects.js';
+
+export interface StageOutput {
+  chunk: Chunk;
+  to: WorkStage;
+}
+
+export interface StageResult {
+  outputs: StageOutput[];
+  counts?: Record<string, number>;
+}
+
+export interface ChunkContext {
+  descriptor: MigrationDescriptor;
+  /** the mode the migration wants now */
+  mode: Mode;
+  log: Logger;
+}
+
+export interface StageActor {
+  /** actor name in logs, stats and message ids */
+  name: string;
+  input: WorkStage;
+  partition?: number;
+  /** chunks handled at once by one process (more than 1 when the core runs on worker threads) */
+  concurrency?: number;
+  ackWaitMs?: number;
+  /** called once per migration before its first chunk (load indexes, open files) */
+  prepare?(descriptor: MigrationDescriptor, log: Logger): Promise<void>;
+  handle(chunk: Chunk, ctx: ChunkContext): Promise<StageResult> | StageResult;
+  close?(): Promise<void>;
+}
+
+/** Where a chunk goes after `from`, given the mode: stages with nothing to do are skipped, saving a hop. */
+export function nextStage(from: 'dedup' | 'delta' | 'compress', mode: Mode): WorkStage {
+  if (from === 'dedup' && mode.delta !== 'none') return 'delta';
+  if (from !== 'compress' && mode.compressor !== 'none') return 'compress';
+  return 'wire';
+}
+
+/** Redeliveries before a failing chunk is given up on and its migration failed with the reason. */
+const MAX_ATTEMPTS = 5;
+
+export interface RunningStage {
+  bus: Bus;
+  done: Promise<void>;
+  stop(): Promise<void>;
+}
+
+export async function runStage(actor: StageActor, natsUrl: string): Promise<RunningStage> {
+  const instance = `${hostname()}:${process.pid}`;
+  const log = createLogger({ stage: actor.name, instance, ...(actor.partition !== undefined ? { partition: actor.partition } : {}) });
+  const bus = await connectBus(natsUrl, `handoff-${actor.name}`);
+  const descriptors = new DescriptorCache(bus.migrations);
+  const modes = await ModeWatcher.start(bus.config);
+  const prepared = new Map<string, Promise<void>>();
+  const durable = await ensureWorkConsumer(bus, actor.input, actor.partition, actor.ackWaitMs ?? 30_000);
+  const consumer = await bus.js.consumers.get(streamOf(actor.input), durable);
+  const concurrency = actor.concurrency ?? 1;
+  const messages = await consumer.consume({ max_messages: Math.max(2, concurrency * 2) });
+  log.info('ready', { consumer: durable });
+
+  const prepare = (descriptor: MigrationDescriptor, mlog: Logger): Promise<void> => {
+    let p = prepared.get(descriptor.migrationId);
+    if (!p) {
+      p = actor.prepare ? actor.prepare(descriptor, mlog) : Promise.resolve();
+      prepared.set(descriptor.migrationId, p);
+      p.catch(() => prepared.delete(descriptor.migrationId));
+    }
+    return p;
+  };
+
+  const failMigration = async (migrationId: string | undefined, reason: string): Promise<void> => {
+    if (!migrationId) return;
+    await publishEvent(bus, migrationId, { type: 'failed', stage: actor.name, reason }).catch(() => undefined);
+  };
+
+  const processOne = async (m: JsMsg): Promise<void> => {
+    let chunk: Chunk | undefined;
+    try {
+      chunk = decodeChunk(m.data);
+      const descriptor = await descriptors.get(chunk.migrationId);
+      const mlog = log.child({ migration: chunk.migrationId });
+      await prepare(descriptor, mlog);
+      const cpuStart = process.cpuUsage();
+      const wallStart = performance.now();
+      const mode = modes.get(chunk.migrationId, descriptor.mode);
+      const result = await actor.handle(chunk, { descriptor, mode, log: mlog });
+      const cpu = process.cpuUsage(cpuStart);
+      const wallMs = performance.now() - wallStart;
+      let bytesOut = 0;
+      let modeOut = chunk.mode;
+      for (const out of result.outputs) {
+        const data = encodeChunk(out.chunk);
+        bytesOut += out.chunk.body.byteLength;
+        modeOut = out.chunk.mode;
+        await publishWork(bus, workSubject(out.to, out.chunk.migrationId, out.to === 'dedup' ? out.chunk.part : 0), data, `${out.chunk.migrationId}.${actor.name}.${chunkKey(out.chunk)}`, undefined, () => m.working());
+      }
+      const stats: StageStats = {
+        stage: actor.name,
+        instance,
+        migrationId: chunk.migrationId,
+        round: chunk.round,
+        seq: chunk.seq,
+        part: chunk.part,
+        pages: chunk.pageIndex.length,
+        bytesIn: chunk.body.byteLength,
+        bytesOut,
+        cpuMs: (cpu.user + cpu.system) / 1000,
+        wallMs,
+        mode: modeOut,
+        ...(result.counts ? { counts: result.counts } : {}),
+      };
+      bus.nc.publish(statsSubject(chunk.migrationId, actor.name), JSON.stringify(stats));
+      m.ack();
+    } catch (err) {
+      const migrationId = chunk?.migrationId;
+      const reason = errorMessage(err);
+      if (err instanceof MalformedMessageError || err instanceof UnknownMigrationError) {
+        log.error('rejected message', { migration: migrationId, subject: m.subject, reason });
+        m.term(reason);
+        await failMigration(migrationId ?? m.subject.split('.')[3], reason);
+        return;
+      }
+      const attempt = m.info.deliveryCount;
+      log.warn('chunk failed', { migration: migrationId, attempt, reason });
+      if (attempt >= MAX_ATTEMPTS) {
+        m.term(reason);
+        await failMigration(migrationId, `${actor.name} gave up on a chunk after ${attempt} attempts: ${reason}`);
+      } else {
+        m.nak(500 * attempt);
+      }
+    }
+  };
+
+  const inFlight = new Set<Promise<void>>();
+  const done = (async () => {
+    for await (const m of messages) {
+      const p = processOne(m).finally(() => inFlight.delete(p));
+      inFlight.add(p);
+      if (inFlight.size >= concurrency) await Promise.race(inFlight);
+    }
+    await Promise.all(inFlight);
+  })();
+
+  let stopping: Promise<void> | undefined;
+  const stop = (): Promise<void> => {
+    stopping ??= (async () => {
+      log.info('stopping: finishing in-flight chunks');
+      messages.stop();
+      await done.catch(() => undefined);
+      modes.stop();
+      await actor.close?.();
+      await bus.close();
+    })();
+    return stopping;
+  };
+  return { bus, done, stop };
+}
+
+/** Process entry point for an actor: run until SIGTERM/SIGINT, then finish in-flight work and exit. */
+export async function runStageProcess(actor: StageActor, natsUrl: string): Promise<void> {
+  const running = await runStage(actor, natsUrl);
+  const shutdown = (): void => {
+    void running.stop().then(() => process.exit(0));
+  };
+  process.once('SIGTERM', shutdown);
+  process.once('SIGINT', shutdown);
+  await running.done;
+}

@@ -1,0 +1,46 @@
+/** Subjects, streams, consumers and buckets: named once, here. */
+
+/** Work-queue streams, one per stage input, so each stage has its own backpressure. */
+export const STREAMS = {
+  dedup: 'HANDOFF_DEDUP',
+  delta: 'HANDOFF_DELTA',
+  compress: 'HANDOFF_COMPRESS',
+  wire: 'HANDOFF_WIRE',
+  /** destination side: frames accepted from the WAN, waiting to be rebuilt */
+  received: 'HANDOFF_RECEIVED',
+  /** limits stream of control events, so a late subscriber still sees a migration's history */
+  events: 'HANDOFF_EVENTS',
+} as const;
+
+export type WorkStage = 'dedup' | 'delta' | 'compress' | 'wire' | 'received';
+
+/** `handoff.<stage>.<partition>.<migrationId>`; only dedup has more than partition 0. */
+export function workSubject(stage: WorkStage, migrationId: string, partition = 0): string {
+  return `handoff.${stage}.${partition}.${migrationId}`;
+}
+
+export function workFilter(stage: WorkStage, partition?: number): string {
+  return partition === undefined ? `handoff.${stage}.>` : `handoff.${stage}.${partition}.*`;
+}
+
+/** Durable consumer shared by every instance of a stage (and partition). */
+export function durableName(stage: WorkStage, partition?: number): string {
+  return partition === undefined ? `${stage}` : `${stage}-${partition}`;
+}
+
+export function eventSubject(migrationId: string, type: string): string {
+  return `handoff.events.${migrationId}.${type}`;
+}
+export const EVENTS_FILTER = 'handoff.events.>';
+
+/** per-chunk statistics; core NATS (lossy is fine: they feed summaries and the tuner) */
+export function statsSubject(migrationId: string, stage: string): string {
+  return `handoff.stats.${migrationId}.${stage}`;
+}
+
+export const BUCKETS = {
+  /** migrationId -> MigrationDescriptor */
+  migrations: 'handoff_migrations',
+  /** migrationId -> Mode currently wanted (the tuner writes it; stages apply it from their next chunk) */
+  config: 'handoff_config',
+} as const;
