@@ -39,6 +39,7 @@ export async function connectBus(url: string, name: string): Promise<Bus> {
   const jsm = await jetstreamManager(nc);
   const js = jetstream(nc);
   await ensureStreams(jsm);
+  for (const [actor, type] of EVENT_CONSUMERS) await ensureEventConsumer(jsm, actor, type);
   const kvm = new Kvm(nc);
   const migrations = await kvm.create(BUCKETS.migrations, { history: 1, storage: STORAGE });
   const config = await kvm.create(BUCKETS.config, { history: 5, storage: STORAGE });
@@ -118,10 +119,19 @@ export async function ensureWorkConsumer(bus: Bus, stage: WorkStage, partition: 
   return durable;
 }
 
-/** Durable consumer of one event type for one kind of actor: each event is handled by one instance. */
-export async function ensureEventConsumer(bus: Bus, actor: string, type: MigrationEvent['type']): Promise<string> {
+/**
+ * The events actors act on, each through a durable consumer so that every event is handled by one
+ * instance. Created by whoever connects first, so an event published before its actor started waits.
+ */
+const EVENT_CONSUMERS: [string, MigrationEvent['type']][] = [
+  ['sender', 'start'],
+  ['sender', 'captured'],
+  ['capture', 'accepted'],
+];
+
+export async function ensureEventConsumer(jsm: JetStreamManager, actor: string, type: MigrationEvent['type']): Promise<string> {
   const durable = `${actor}-on-${type}`;
-  await bus.jsm.consumers.add(STREAMS.events, {
+  await jsm.consumers.add(STREAMS.events, {
     durable_name: durable,
     ack_policy: AckPolicy.Explicit,
     filter_subject: eventSubject('*', type),

@@ -100,6 +100,8 @@ export interface StageStats {
   cpuMs: number;
   wallMs: number;
   mode: Mode;
+  /** where the output went (a chunk's mode is final when this is 'wire') */
+  next?: string;
   /** stage-specific counters (dedup kinds, delta kept, sender bandwidth ...) */
   counts?: Record<string, number>;
 }

@@ -103,7 +103,9 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
       const wallMs = performance.now() - wallStart;
       let bytesOut = 0;
       let modeOut = chunk.mode;
+      let next: string | undefined;
       for (const out of result.outputs) {
+        next = out.to;
         const data = encodeChunk(out.chunk);
         bytesOut += out.chunk.body.byteLength;
         modeOut = out.chunk.mode;
@@ -122,6 +124,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
         cpuMs: (cpu.user + cpu.system) / 1000,
         wallMs,
         mode: modeOut,
+        ...(next ? { next } : {}),
         ...(result.counts ? { counts: result.counts } : {}),
       };
       bus.nc.publish(statsSubject(chunk.migrationId, actor.name), JSON.stringify(stats));

@@ -5,6 +5,7 @@
  */
 import { crc32 } from 'node:zlib';
 import { MalformedMessageError } from './errors.js';
+import type { ImageDigests } from './migration.js';
 
 export const FrameType = {
   Hello: 1,
@@ -112,3 +113,25 @@ export class FrameReader {
     return this.bufferedBytes;
   }
 }
+
+/** HELLO: who the source is and which base it expects the destination to hold. */
+export interface Hello {
+  migrationId: string;
+  baseHashes: ImageDigests;
+  bytes: { memory: number; disk: number };
+}
+
+export interface Captured {
+  round: number;
+  slices: number;
+  imageHashes: ImageDigests;
+}
+
+/** `HOST:PORT` (IPv6 in brackets). */
+export function parseAddress(address: string): { host: string; port: number } {
+  const m = /^(.*):(\d+)$/.exec(address);
+  const port = Number(m?.[2]);
+  if (!m || !m[1] || !(port > 0 && port < 65536)) throw new Error(`bad address ${JSON.stringify(address)}: expected HOST:PORT`);
+  return { host: m[1].replace(/^\[|\]$/g, ''), port };
+}
+

@@ -5,21 +5,30 @@
 import { PageKind, type Chunk } from '../../shared/chunk.js';
 import { CHECK_BYTES, PAGE_SIZE, STRONG_HASH_BYTES, pageCheck, strongHash, type ImageId } from '../../shared/pages.js';
 
+export interface DirtyPage {
+  /** page index within the image */
+  index: number;
+  /** view into the block: copy before the block buffer is reused */
+  page: Uint8Array;
+  hash: Buffer;
+}
+
 /**
- * Indices (relative to the block) of pages in `current` that differ from `reference`.
- * Bytes are compared, not hashes: a hash collision here would silently drop a changed page.
+ * Pages of `block` (starting at page `firstIndex`) whose strong hash differs from the reference
+ * index (the base's in round 0, the previous round's later). 128-bit SHA-256: a collision that
+ * would hide a changed page is not a practical event, and the hash is needed for dedup anyway.
  */
-export function dirtyPagesOf(current: Uint8Array, reference: Uint8Array): number[] {
-  if (current.byteLength !== reference.byteLength || current.byteLength % PAGE_SIZE !== 0) {
-    throw new RangeError(`block sizes ${current.byteLength} and ${reference.byteLength} differ or are not whole pages`);
-  }
-  const cur = Buffer.from(current.buffer, current.byteOffset, current.byteLength);
-  const ref = Buffer.from(reference.buffer, reference.byteOffset, reference.byteLength);
-  const dirty: number[] = [];
-  const pages = current.byteLength / PAGE_SIZE;
+export function dirtyPagesOf(block: Uint8Array, firstIndex: number, referenceHashes: Uint8Array): DirtyPage[] {
+  if (block.byteLength % PAGE_SIZE !== 0) throw new RangeError(`block of ${block.byteLength} bytes is not whole pages`);
+  const ref = Buffer.from(referenceHashes.buffer, referenceHashes.byteOffset, referenceHashes.byteLength);
+  const dirty: DirtyPage[] = [];
+  const pages = block.byteLength / PAGE_SIZE;
   for (let p = 0; p < pages; p++) {
-    const start = p * PAGE_SIZE;
-    if (cur.compare(ref, start, start + PAGE_SIZE, start, start + PAGE_SIZE) !== 0) dirty.push(p);
+    const page = block.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+    const hash = strongHash(page);
+    const index = firstIndex + p;
+    const at = index * STRONG_HASH_BYTES;
+    if (at + STRONG_HASH_BYTES > ref.byteLength || hash.compare(ref, at, at + STRONG_HASH_BYTES) !== 0) dirty.push({ index, page, hash });
   }
   return dirty;
 }
@@ -40,6 +49,7 @@ export interface ChunkContext {
 export class ChunkBuilder {
   private readonly pages: Buffer[] = [];
   private readonly indices: number[] = [];
+  private readonly hashes: Buffer[] = [];
   private seq: number;
 
   constructor(
@@ -60,22 +70,24 @@ export class ChunkBuilder {
   }
 
   /** Adds a page (copied: the caller's read buffer is reused). Returns true when a chunk is full. */
-  add(pageIndex: number, page: Uint8Array): boolean {
+  add({ index, page, hash }: DirtyPage): boolean {
     this.pages.push(Buffer.from(page));
-    this.indices.push(pageIndex);
+    this.indices.push(index);
+    this.hashes.push(hash);
     return this.pages.length >= this.chunkPages;
   }
 
   /** Builds the `parts` slices of the pending pages (empty slices too: the receiver counts them). */
   take(): Chunk[] {
     const { parts } = this.ctx;
-    const hashes = this.pages.map((page) => strongHash(page));
+    const hashes = this.hashes;
     const members: number[][] = Array.from({ length: parts }, () => []);
     hashes.forEach((h, i) => members[partitionOf(h, parts)]!.push(i));
     const seq = this.seq++;
     const slices = members.map((which, part) => this.slice(seq, part, which, hashes));
     this.pages.length = 0;
     this.indices.length = 0;
+    this.hashes.length = 0;
     return slices;
   }
 

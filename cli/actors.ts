@@ -1,0 +1,74 @@
+/** Starting actors: in this process (`handoff actor NAME`) or as child processes of a command. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { runCaptureService } from '../services/capture/service.js';
+import { createCompressActor } from '../services/compress/service.js';
+import { createDedupActor } from '../services/dedup/service.js';
+import { createDeltaActor } from '../services/delta/service.js';
+import { runSenderService } from '../services/sender/service.js';
+import { runStage } from '../shared/stage.js';
+
+export const ACTOR_NAMES = ['capture', 'dedup', 'delta', 'compress', 'sender'] as const;
+export type ActorName = (typeof ACTOR_NAMES)[number];
+
+export interface RunningActor {
+  stop(): Promise<void>;
+  done: Promise<void>;
+}
+
+export async function runActor(name: ActorName, natsUrl: string, partition = 0): Promise<RunningActor> {
+  switch (name) {
+    case 'capture':
+      return runCaptureService(natsUrl);
+    case 'sender':
+      return runSenderService(natsUrl);
+    case 'dedup':
+      return runStage(createDedupActor(partition), natsUrl);
+    case 'delta':
+      return runStage(createDeltaActor(), natsUrl);
+    case 'compress':
+      return runStage(createCompressActor(), natsUrl);
+  }
+}
+
+/** `handoff actor NAME`: runs until SIGTERM/SIGINT, then finishes in-flight work and exits 0. */
+export async function actorMain(name: ActorName, natsUrl: string, partition: number): Promise<void> {
+  const actor = await runActor(name, natsUrl, partition);
+  const shutdown = (): void => {
+    void actor.stop().then(() => process.exit(0));
+  };
+  process.once('SIGTERM', shutdown);
+  process.once('SIGINT', shutdown);
+  await actor.done;
+}
+
+const MAIN = fileURLToPath(new URL('./main.js', import.meta.url));
+
+export interface ActorProcess {
+  name: string;
+  child: ChildProcess;
+}
+
+/** Spawns `handoff actor NAME` as its own process; its logs go to our stderr. */
+export function spawnActor(name: ActorName, natsUrl: string, options: { partition?: number; logLevel?: string } = {}): ActorProcess {
+  const args = [MAIN, 'actor', name, '--nats', natsUrl];
+  if (options.partition !== undefined) args.push('--partition', String(options.partition));
+  const child = spawn(process.execPath, args, {
+    stdio: ['ignore', 'inherit', 'inherit'],
+    env: { ...process.env, HANDOFF_LOG_LEVEL: options.logLevel ?? process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
+  });
+  return { name: options.partition !== undefined ? `${name}-${options.partition}` : name, child };
+}
+
+export async function stopActors(actors: ActorProcess[], graceMs = 10_000): Promise<void> {
+  await Promise.all(
+    actors.map(async ({ child }) => {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
+      await exited;
+      clearTimeout(timer);
+    }),
+  );
+}

@@ -1,0 +1,206 @@
+/** The `handoff` command line. */
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { errorMessage } from '../shared/errors.js';
+import { DEFAULT_MODE, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
+import { parseRateBps } from '../shared/units.js';
+import { ACTOR_NAMES, actorMain, type ActorName } from './actors.js';
+import { migrate } from './migrate.js';
+import { receiveOnce } from './receive.js';
+import { formatSummary } from './summary.js';
+
+const HELP: Record<string, string> = {
+  main: `handoff: VM handoff between edge cloudlets over NATS JetStream
+
+Usage:
+  handoff demo      [options]   both cloudlets on this machine, generated images, progress and summary
+  handoff migrate   [options]   hand a VM's images off to a destination receiver
+  handoff receive   [options]   be the destination: rebuild the images, verify, exit
+  handoff actor NAME --nats URL run one actor (${ACTOR_NAMES.join(', ')}) as a service
+
+Run 'handoff COMMAND --help' for a command's options. Without --nats, a command starts its own
+nats-server (JetStream on, a free port, a temporary store) and stops it when it ends.`,
+  migrate: `handoff migrate: hand off a VM given as image files
+
+  --base-memory F --memory F     base memory snapshot and current memory (same size, 4 KiB pages)
+  --base-disk F --disk F         base disk and current disk (same size, 4 KiB blocks)
+  --to HOST:PORT                 the destination's 'handoff receive'
+  --mode none|lz4|zstd:LEVEL     compression (default zstd:3)
+  --delta none|xor|zstd          delta against the base page at the same index (default xor)
+  --compress-workers N           compress processes sharing one work queue (default 2)
+  --dedup-instances N            dedup processes, each owning a partition of the hash space (default 1)
+  --bandwidth RATE               cap the WAN rate, e.g. 10mbit (default: no cap)
+  --nats URL                     use this NATS (JetStream on) instead of an embedded one
+  --external-actors              the actors run already as services on --nats: start none
+  --id ID                        migration id (default: generated)
+  --progress / --no-progress     progress bar with ETA on stderr (default: on a terminal)
+  --json                         print one JSON summary object on stdout
+Exit status: 0 when the destination verified both images, 1 otherwise.`,
+  receive: `handoff receive: the destination cloudlet
+
+  --listen HOST:PORT             where the source's sender connects (port 0: any free port)
+  --base-memory F --base-disk F  this cloudlet's copy of the base VM (refused if not the source's)
+  --out DIR                      writes DIR/memory.img and DIR/disk.img once verified
+  --nats URL                     use this NATS instead of an embedded one
+  --json                         print one JSON result object on stdout
+Exit status: 0 when the rebuilt images match the source's hashes, 1 otherwise.`,
+  demo: `handoff demo: a complete handoff on this machine
+
+Generates a realistic VM (base and current memory and disk), starts a destination cloudlet
+(its own nats-server and receiver) and a source cloudlet (its own nats-server and actors),
+hands the VM off over a rate-capped link with a progress bar, and prints a summary table.
+
+  --memory-size SIZE             memory image size (default 256MiB)
+  --disk-size SIZE               disk image size (default 256MiB)
+  --bandwidth RATE               WAN rate cap (default 50mbit)
+  --mode, --delta, --compress-workers, --dedup-instances   as for migrate
+  --dir DIR                      keep the images here (default: a temporary folder, removed after)
+  --json                         print one JSON summary object on stdout`,
+};
+
+const migrateFlags = {
+  mode: { type: 'string' },
+  delta: { type: 'string' },
+  'compress-workers': { type: 'string' },
+  'dedup-instances': { type: 'string' },
+  bandwidth: { type: 'string' },
+  nats: { type: 'string' },
+  json: { type: 'boolean' },
+  progress: { type: 'boolean' },
+  'no-progress': { type: 'boolean' },
+  help: { type: 'boolean', short: 'h' },
+} as const satisfies ParseArgsConfig['options'];
+
+function positiveInt(text: string | undefined, name: string, fallback: number): number {
+  if (text === undefined) return fallback;
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 1) throw new UsageError(`--${name} must be a whole number of at least 1, not ${JSON.stringify(text)}`);
+  return n;
+}
+
+class UsageError extends Error {}
+
+function need(values: Record<string, unknown>, names: string[], command: string): void {
+  const missing = names.filter((n) => typeof values[n] !== 'string');
+  if (missing.length) throw new UsageError(`${command}: missing ${missing.map((n) => `--${n}`).join(', ')} (see 'handoff ${command} --help')`);
+}
+
+export function modeFrom(values: { mode?: string; delta?: string }): Mode {
+  const compression = values.mode === undefined ? DEFAULT_MODE : parseCompression(values.mode);
+  return { delta: values.delta === undefined ? DEFAULT_MODE.delta : parseDelta(values.delta), compressor: compression.compressor, level: compression.level };
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (!command || command === '--help' || command === '-h' || command === 'help') {
+    console.log(HELP.main);
+    return command ? 0 : 2;
+  }
+  switch (command) {
+    case 'migrate': {
+      const { values } = parseArgs({
+        args: rest,
+        options: {
+          ...migrateFlags,
+          'base-memory': { type: 'string' },
+          memory: { type: 'string' },
+          'base-disk': { type: 'string' },
+          disk: { type: 'string' },
+          to: { type: 'string' },
+          'external-actors': { type: 'boolean' },
+          id: { type: 'string' },
+        },
+      });
+      if (values.help) return console.log(HELP.migrate), 0;
+      need(values, ['base-memory', 'memory', 'base-disk', 'disk', 'to'], 'migrate');
+      if (values['external-actors'] && !values.nats) throw new UsageError('migrate: --external-actors needs --nats (where the actors run)');
+      const summary = await migrate({
+        baseMemory: values['base-memory']!,
+        memory: values.memory!,
+        baseDisk: values['base-disk']!,
+        disk: values.disk!,
+        to: values.to!,
+        mode: modeFrom(values),
+        compressWorkers: positiveInt(values['compress-workers'], 'compress-workers', 2),
+        dedupInstances: positiveInt(values['dedup-instances'], 'dedup-instances', 1),
+        bandwidthCapBps: values.bandwidth ? parseRateBps(values.bandwidth) : 0,
+        ...(values.nats ? { natsUrl: values.nats } : {}),
+        ...(values.id ? { migrationId: values.id } : {}),
+        spawnActors: !values['external-actors'],
+        progress: values['no-progress'] ? false : (values.progress ?? Boolean(process.stderr.isTTY)),
+      });
+      if (values.json) console.log(JSON.stringify(summary));
+      else console.log(formatSummary(summary));
+      return summary.verified ? 0 : 1;
+    }
+    case 'receive': {
+      const { values } = parseArgs({
+        args: rest,
+        options: {
+          listen: { type: 'string' },
+          'base-memory': { type: 'string' },
+          'base-disk': { type: 'string' },
+          out: { type: 'string' },
+          nats: { type: 'string' },
+          json: { type: 'boolean' },
+          help: { type: 'boolean', short: 'h' },
+        },
+      });
+      if (values.help) return console.log(HELP.receive), 0;
+      need(values, ['listen', 'base-memory', 'base-disk', 'out'], 'receive');
+      const received = await receiveOnce({
+        listen: values.listen!,
+        baseMemory: values['base-memory']!,
+        baseDisk: values['base-disk']!,
+        outDir: values.out!,
+        ...(values.nats ? { natsUrl: values.nats } : {}),
+        onListening: (a) => process.stderr.write(`receiver listening on ${a.host}:${a.port}\n`),
+      });
+      if (values.json) console.log(JSON.stringify(received));
+      else console.log(`migration ${received.migrationId}: ${received.result.verified ? `verified, ${received.memoryPath} and ${received.diskPath} written` : `FAILED: ${received.result.reason}`}`);
+      return received.result.verified ? 0 : 1;
+    }
+    case 'demo': {
+      const { values } = parseArgs({
+        args: rest,
+        options: { ...migrateFlags, 'memory-size': { type: 'string' }, 'disk-size': { type: 'string' }, dir: { type: 'string' } },
+      });
+      if (values.help) return console.log(HELP.demo), 0;
+      const { demo } = await import('./demo.js');
+      return demo({
+        memorySize: values['memory-size'] ?? '256MiB',
+        diskSize: values['disk-size'] ?? '256MiB',
+        bandwidth: values.bandwidth ?? '50mbit',
+        mode: modeFrom(values),
+        compressWorkers: positiveInt(values['compress-workers'], 'compress-workers', 2),
+        dedupInstances: positiveInt(values['dedup-instances'], 'dedup-instances', 1),
+        json: values.json ?? false,
+        ...(values.dir ? { dir: values.dir } : {}),
+      });
+    }
+    case 'actor': {
+      const { values, positionals } = parseArgs({
+        args: rest,
+        allowPositionals: true,
+        options: { nats: { type: 'string' }, partition: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      });
+      const name = positionals[0] as ActorName | undefined;
+      if (values.help || !name) return console.log(HELP.main), values.help ? 0 : 2;
+      if (!(ACTOR_NAMES as readonly string[]).includes(name)) throw new UsageError(`unknown actor ${JSON.stringify(name)}: one of ${ACTOR_NAMES.join(', ')}`);
+      const natsUrl = values.nats ?? process.env.NATS_URL;
+      if (!natsUrl) throw new UsageError('actor: --nats URL (or NATS_URL) is required');
+      const partition = values.partition === undefined ? 0 : Number(values.partition);
+      await actorMain(name, natsUrl, partition);
+      return 0;
+    }
+    default:
+      throw new UsageError(`unknown command ${JSON.stringify(command)}: see 'handoff --help'`);
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    process.stderr.write(`handoff: ${errorMessage(err)}\n`);
+    process.exit(err instanceof UsageError || (err instanceof Error && 'code' in err && String(err.code).startsWith('ERR_PARSE_ARGS')) ? 2 : 1);
+  },
+);

@@ -1,0 +1,166 @@
+/**
+ * `handoff migrate`: the control path at the source. Checks the images, registers the migration,
+ * starts the actors (unless they run already as services), follows events and statistics, and
+ * returns the summary.
+ */
+import { randomBytes } from 'node:crypto';
+import { DeliverPolicy } from '@nats-io/jetstream';
+import { checkImage, loadBaseIndex } from '../shared/base-index.js';
+import { connectBus, publishEvent, type Bus } from '../shared/bus.js';
+import { BadImageError } from '../shared/errors.js';
+import { createLogger } from '../shared/log.js';
+import { parseEvent, type MigrationDescriptor, type MigrationEvent, type StageStats } from '../shared/migration.js';
+import type { Mode } from '../shared/mode.js';
+import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
+import { PAGE_SIZE } from '../shared/pages.js';
+import { STREAMS, eventSubject, statsSubject } from '../shared/subjects.js';
+import { spawnActor, stopActors, type ActorProcess } from './actors.js';
+import { ProgressBar } from './progress.js';
+import { StatsCollector, type MigrationSummary } from './summary.js';
+
+export interface MigrateOptions {
+  baseMemory: string;
+  memory: string;
+  baseDisk: string;
+  disk: string;
+  to: string;
+  mode: Mode;
+  compressWorkers: number;
+  dedupInstances: number;
+  bandwidthCapBps: number;
+  natsUrl?: string;
+  /** false: the actors already run as services on the bus */
+  spawnActors: boolean;
+  progress: boolean;
+  migrationId?: string;
+  /** largest dirty pages per capture chunk (default: what the server's max_payload allows, up to 256) */
+  chunkPages?: number;
+  /** called once the migration runs (tests change the mode mid-way through it) */
+  onStarted?: (ctl: { bus: Bus; migrationId: string; stats: StatsCollector }) => void;
+}
+
+/** Pages per chunk so that a capture chunk (pages + 38 bytes of columns each + header) fits max_payload. */
+export function chunkPagesFor(maxPayloadBytes: number, cap = 256): number {
+  return Math.max(1, Math.min(cap, Math.floor((maxPayloadBytes - 16 * 1024) / (PAGE_SIZE + 64))));
+}
+
+export function newMigrationId(): string {
+  return `m-${new Date().toISOString().replace(/[-:T.Z]/g, '').slice(0, 14)}-${randomBytes(3).toString('hex')}`;
+}
+
+async function checkPair(base: string, current: string, what: string): Promise<number> {
+  const [baseBytes, currentBytes] = await Promise.all([checkImage(base, `base ${what} image`), checkImage(current, `${what} image`)]);
+  if (baseBytes !== currentBytes) throw new BadImageError(`${what} image ${current} is ${currentBytes} bytes but its base ${base} is ${baseBytes}: sizes must match`);
+  return currentBytes;
+}
+
+export async function migrate(options: MigrateOptions): Promise<MigrationSummary> {
+  const migrationId = options.migrationId ?? newMigrationId();
+  const log = createLogger({ stage: 'control', migration: migrationId });
+  const [memoryBytes, diskBytes] = await Promise.all([checkPair(options.baseMemory, options.memory, 'memory'), checkPair(options.baseDisk, options.disk, 'disk')]);
+  const [memoryIndex, diskIndex] = await Promise.all([loadBaseIndex(options.baseMemory), loadBaseIndex(options.baseDisk)]);
+
+  let nats: EmbeddedNats | undefined;
+  let bus: Bus | undefined;
+  let actors: ActorProcess[] = [];
+  const started = performance.now();
+  try {
+    if (!options.natsUrl) nats = await startEmbeddedNats();
+    const natsUrl = options.natsUrl ?? nats!.url;
+    bus = await connectBus(natsUrl, 'handoff-control');
+    const descriptor: MigrationDescriptor = {
+      migrationId,
+      createdAtMs: Date.now(),
+      memory: { base: options.baseMemory, current: options.memory, baseHash: memoryIndex.contentHash, bytes: memoryBytes },
+      disk: { base: options.baseDisk, current: options.disk, baseHash: diskIndex.contentHash, bytes: diskBytes },
+      destination: options.to,
+      parts: options.dedupInstances,
+      chunkPages: options.chunkPages ?? chunkPagesFor(bus.maxPayloadBytes),
+      bandwidthCapBps: options.bandwidthCapBps,
+      mode: options.mode,
+    };
+    await bus.migrations.put(migrationId, JSON.stringify(descriptor));
+    await bus.config.put(migrationId, JSON.stringify(options.mode));
+    if (options.spawnActors) {
+      actors = [
+        spawnActor('capture', natsUrl),
+        ...Array.from({ length: options.dedupInstances }, (_, i) => spawnActor('dedup', natsUrl, { partition: i })),
+        spawnActor('delta', natsUrl),
+        ...Array.from({ length: options.compressWorkers }, () => spawnActor('compress', natsUrl)),
+        spawnActor('sender', natsUrl),
+      ];
+      for (const a of actors) {
+        a.child.once('exit', (code, signal) => {
+          if (code !== 0 && signal !== 'SIGTERM') log.warn('actor exited', { actor: a.name, code, signal });
+        });
+      }
+    }
+
+    const stats = new StatsCollector();
+    const statsSub = bus.nc.subscribe(statsSubject(migrationId, '*'), {
+      callback: (err, msg) => {
+        if (!err) stats.add(JSON.parse(msg.string()) as StageStats);
+      },
+    });
+    const events = await (await bus.js.consumers.get(STREAMS.events, { filter_subjects: eventSubject(migrationId, '*'), deliver_policy: DeliverPolicy.All })).consume();
+    await publishEvent(bus, migrationId, { type: 'start' });
+    log.info('started', { destination: options.to, mode: options.mode });
+    options.onStarted?.({ bus, migrationId, stats });
+
+    const bar = options.progress ? new ProgressBar(migrationId) : undefined;
+    let captured: Extract<MigrationEvent, { type: 'captured' }> | undefined;
+    const totalBytes = memoryBytes + diskBytes;
+    const ticker = setInterval(() => {
+      // before capture ends the slice total is estimated from how much of the images it has read
+      const scanned = stats.scannedBytes / totalBytes;
+      const totalSlices = captured ? captured.slices : scanned > 0 ? stats.emittedSlices / scanned : 0;
+      const fraction = totalSlices > 0 ? Math.min(0.99, (stats.stages.sender?.chunks ?? 0) / totalSlices) : 0;
+      bar?.update({ fraction, phase: captured ? 'sending' : 'capturing', wireBytes: stats.wireBytes, bandwidthBps: stats.measuredBandwidthBps });
+    }, 200);
+
+    let outcome: MigrationEvent | undefined;
+    try {
+      for await (const m of events) {
+        const event = parseEvent(m.data);
+        if (event.type === 'captured') captured = event;
+        if (event.type === 'result' || event.type === 'failed' || event.type === 'refused') {
+          outcome = event;
+          break;
+        }
+      }
+    } finally {
+      clearInterval(ticker);
+      bar?.done();
+    }
+    const handoffSeconds = (performance.now() - started) / 1000;
+    // statistics of the last chunks can trail the result by a moment
+    await bus.nc.flush();
+    await new Promise((r) => setTimeout(r, 100));
+    statsSub.unsubscribe();
+    const summary: MigrationSummary = {
+      migrationId,
+      verified: outcome?.type === 'result' && outcome.result.verified,
+      handoffSeconds,
+      inputBytes: (captured?.dirtyPages ?? 0) * PAGE_SIZE,
+      wireBytes: stats.wireBytes,
+      scannedBytes: captured?.scannedBytes ?? stats.scannedBytes,
+      dirtyPages: captured?.dirtyPages ?? 0,
+      effectiveBps: handoffSeconds > 0 ? (stats.wireBytes * 8) / handoffSeconds : 0,
+      measuredBandwidthBps: stats.measuredBandwidthBps,
+      modes: [...stats.modes],
+      stages: stats.stages,
+      ...(captured ? { sourceHashes: captured.imageHashes } : {}),
+    };
+    if (outcome?.type === 'result') {
+      summary.rebuild = outcome.result;
+      if (!outcome.result.verified) summary.reason = outcome.result.reason ?? 'destination could not verify the images';
+    } else if (outcome?.type === 'failed') summary.reason = `${outcome.stage}: ${outcome.reason}`;
+    else if (outcome?.type === 'refused') summary.reason = `destination refused: ${outcome.reason}`;
+    return summary;
+  } finally {
+    await stopActors(actors);
+    await bus?.migrations.delete(migrationId).catch(() => undefined);
+    await bus?.close();
+    await nats?.stop();
+  }
+}

@@ -1,0 +1,121 @@
+/** What a migration did, gathered from the stages' statistics and events; printed as a table or JSON. */
+import type { ImageDigests, RebuildResult, StageStats } from '../shared/migration.js';
+import { formatMode } from '../shared/mode.js';
+import { formatBytes, formatRate } from '../shared/units.js';
+
+export interface StageSummary {
+  chunks: number;
+  pages: number;
+  bytesIn: number;
+  bytesOut: number;
+  cpuMs: number;
+  wallMs: number;
+  instances: number;
+  counts: Record<string, number>;
+}
+
+export interface MigrationSummary {
+  migrationId: string;
+  verified: boolean;
+  reason?: string;
+  handoffSeconds: number;
+  /** dirty bytes captured */
+  inputBytes: number;
+  /** bytes on the WAN link */
+  wireBytes: number;
+  scannedBytes: number;
+  dirtyPages: number;
+  /** wireBytes * 8 / handoffSeconds */
+  effectiveBps: number;
+  /** the sender's last measured bandwidth from ACKs */
+  measuredBandwidthBps: number;
+  modes: string[];
+  stages: Record<string, StageSummary>;
+  sourceHashes?: ImageDigests;
+  rebuild?: RebuildResult;
+}
+
+export const STAGE_ORDER = ['capture', 'dedup', 'delta', 'compress', 'sender'] as const;
+
+export class StatsCollector {
+  readonly stages: Record<string, StageSummary> = {};
+  private readonly instances = new Map<string, Set<string>>();
+  readonly modes = new Set<string>();
+  scannedBytes = 0;
+  wireBytes = 0;
+  ackedChunks = 0;
+  emittedSlices = 0;
+  measuredBandwidthBps = 0;
+
+  add(s: StageStats): void {
+    const st = (this.stages[s.stage] ??= { chunks: 0, pages: 0, bytesIn: 0, bytesOut: 0, cpuMs: 0, wallMs: 0, instances: 0, counts: {} });
+    st.chunks++;
+    st.pages += s.pages;
+    st.bytesIn += s.bytesIn;
+    st.bytesOut += s.bytesOut;
+    st.cpuMs += s.cpuMs;
+    st.wallMs += s.wallMs;
+    let inst = this.instances.get(s.stage);
+    if (!inst) this.instances.set(s.stage, (inst = new Set()));
+    inst.add(s.instance);
+    st.instances = inst.size;
+    for (const [k, v] of Object.entries(s.counts ?? {})) {
+      if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'wireBytes') continue;
+      st.counts[k] = (st.counts[k] ?? 0) + v;
+    }
+    if (s.next === 'wire') this.modes.add(formatMode(s.mode));
+    if (s.stage === 'capture') {
+      this.scannedBytes = Math.max(this.scannedBytes, s.counts?.scannedBytes ?? 0);
+      this.emittedSlices += s.counts?.slices ?? 0;
+    }
+    if (s.stage === 'sender') {
+      this.wireBytes += s.bytesOut;
+      this.ackedChunks++;
+      if (s.counts?.bandwidthBps) this.measuredBandwidthBps = s.counts.bandwidthBps;
+    }
+  }
+}
+
+function pad(text: string, width: number, right = false): string {
+  return right ? text.padStart(width) : text.padEnd(width);
+}
+
+export function formatTable(rows: string[][], rightAlignFrom = 1): string {
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
+  return rows.map((r) => r.map((cell, c) => pad(cell, widths[c]!, c >= rightAlignFrom)).join('  ')).join('\n');
+}
+
+export function formatSummary(s: MigrationSummary): string {
+  const lines: string[] = [];
+  lines.push(`migration ${s.migrationId}: ${s.verified ? 'VERIFIED (images byte-identical)' : `FAILED: ${s.reason ?? 'unknown'}`}`);
+  lines.push(
+    `handoff ${s.handoffSeconds.toFixed(2)} s, dirty input ${formatBytes(s.inputBytes)} (${s.dirtyPages} pages of ${formatBytes(s.scannedBytes)} scanned), ` +
+      `wire ${formatBytes(s.wireBytes)} (${s.inputBytes ? ((100 * s.wireBytes) / s.inputBytes).toFixed(1) : '0'}% of input), ` +
+      `measured bandwidth ${formatRate(s.measuredBandwidthBps)}`,
+  );
+  lines.push(`modes: ${s.modes.join(', ') || 'none'}`);
+  const rows = [['stage', 'instances', 'chunks', 'in', 'out', 'out/in', 'cpu s', 'MB/s per cpu', 'details']];
+  for (const name of STAGE_ORDER) {
+    const st = s.stages[name];
+    if (!st) continue;
+    const details = Object.entries(st.counts)
+      .map(([k, v]) => `${k}=${v}`)
+      .join(' ');
+    rows.push([
+      name,
+      String(st.instances),
+      String(st.chunks),
+      formatBytes(st.bytesIn),
+      formatBytes(st.bytesOut),
+      st.bytesIn ? (st.bytesOut / st.bytesIn).toFixed(3) : '-',
+      (st.cpuMs / 1000).toFixed(2),
+      st.cpuMs > 0 ? (st.bytesIn / 1e6 / (st.cpuMs / 1000)).toFixed(0) : '-',
+      details,
+    ]);
+  }
+  lines.push(formatTable(rows));
+  if (s.rebuild) {
+    lines.push(`destination: ${s.rebuild.pagesWritten} pages written from ${s.rebuild.slices} chunk slices (${s.rebuild.duplicateSlices} duplicates ignored) in ${s.rebuild.rebuildSeconds.toFixed(2)} s`);
+  }
+  return lines.join('\n');
+}

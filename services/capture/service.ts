@@ -1,0 +1,142 @@
+/**
+ * Capture actor: when a destination has accepted a migration, read its current images page by page,
+ * emit the pages that differ from base as chunks into dedup's partitions, then announce the count.
+ */
+import { open } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { loadBaseIndex } from '../../shared/base-index.js';
+import { connectBus, ensureEventConsumer, publishEvent, publishWork, type Bus } from '../../shared/bus.js';
+import { chunkKey, type Chunk } from '../../shared/chunk.js';
+import { encodeChunk } from '../../shared/codec.js';
+import { BadImageError, BaseMismatchError, errorMessage } from '../../shared/errors.js';
+import { createLogger, type Logger } from '../../shared/log.js';
+import { parseEvent, type ImageDigests, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
+import { PAGE_SIZE, newImageHasher, type ImageId } from '../../shared/pages.js';
+import { DescriptorCache } from '../../shared/registry.js';
+import { STREAMS, statsSubject, workSubject } from '../../shared/subjects.js';
+import { ChunkBuilder, dirtyPagesOf } from './core.js';
+
+const READ_BLOCK_BYTES = 4 * 1024 * 1024;
+/** publishes awaiting their JetStream ack at once: overlaps reading with the bus */
+const MAX_PUBLISHES_IN_FLIGHT = 8;
+
+export interface CaptureResult {
+  slices: number;
+  dirtyPages: number;
+  scannedBytes: number;
+  imageHashes: ImageDigests;
+}
+
+export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Logger): Promise<CaptureResult> {
+  const instance = `${hostname()}:${process.pid}`;
+  const inFlight = new Set<Promise<void>>();
+  const publish = async (chunk: Chunk): Promise<void> => {
+    const p = publishWork(bus, workSubject('dedup', d.migrationId, chunk.part), encodeChunk(chunk), `${d.migrationId}.capture.${chunkKey(chunk)}`).finally(() =>
+      inFlight.delete(p),
+    );
+    inFlight.add(p);
+    if (inFlight.size >= MAX_PUBLISHES_IN_FLIGHT) await Promise.race(inFlight);
+  };
+  let seq = 0;
+  let dirtyPages = 0;
+  let scannedBytes = 0;
+  const imageHashes: ImageDigests = { memory: '', disk: '' };
+  for (const image of [0, 1] as ImageId[]) {
+    const pair = image === 0 ? d.memory : d.disk;
+    const name = image === 0 ? 'memory' : 'disk';
+    const base = await loadBaseIndex(pair.base);
+    if (base.contentHash !== pair.baseHash) throw new BaseMismatchError(`base ${name} ${pair.base} changed: content hash ${base.contentHash}, migration expects ${pair.baseHash}`);
+    const builder = new ChunkBuilder({ migrationId: d.migrationId, round: 0, image, parts: d.parts }, d.chunkPages, seq);
+    const hasher = newImageHasher();
+    const fh = await open(pair.current, 'r');
+    try {
+      const size = (await fh.stat()).size;
+      if (size !== pair.bytes) throw new BadImageError(`${name} image ${pair.current} is ${size} bytes now, ${pair.bytes} when the migration started`);
+      const block = Buffer.allocUnsafe(READ_BLOCK_BYTES);
+      const flush = async (): Promise<void> => {
+        const started = performance.now();
+        const cpu = process.cpuUsage();
+        const pages = builder.pending;
+        const slices = builder.take();
+        for (const slice of slices) await publish(slice);
+        const used = process.cpuUsage(cpu);
+        const stats: StageStats = {
+          stage: 'capture',
+          instance,
+          migrationId: d.migrationId,
+          round: 0,
+          seq: slices[0]!.seq,
+          part: 0,
+          pages,
+          bytesIn: pages * PAGE_SIZE,
+          bytesOut: pages * PAGE_SIZE,
+          cpuMs: (used.user + used.system) / 1000,
+          wallMs: performance.now() - started,
+          mode: slices[0]!.mode,
+          counts: { scannedBytes, slices: slices.length },
+        };
+        bus.nc.publish(statsSubject(d.migrationId, 'capture'), JSON.stringify(stats));
+      };
+      for (let offset = 0; offset < size; ) {
+        const want = Math.min(READ_BLOCK_BYTES, size - offset);
+        const { bytesRead } = await fh.read(block, 0, want, offset);
+        if (bytesRead !== want) throw new BadImageError(`${name} image ${pair.current} was truncated while it was read (at byte ${offset + bytesRead})`);
+        const data = block.subarray(0, bytesRead);
+        hasher.update(data);
+        for (const page of dirtyPagesOf(data, offset / PAGE_SIZE, base.hashes)) {
+          dirtyPages++;
+          if (builder.add(page)) await flush();
+        }
+        offset += bytesRead;
+        scannedBytes += bytesRead;
+      }
+      if (builder.pending > 0) await flush();
+    } finally {
+      await fh.close();
+    }
+    seq = builder.nextSeq;
+    imageHashes[name] = hasher.digest('hex');
+  }
+  await Promise.all(inFlight);
+  log.info('captured', { chunks: seq, dirtyPages, scannedBytes });
+  return { slices: seq * d.parts, dirtyPages, scannedBytes, imageHashes };
+}
+
+/** The capture process: takes `accepted` events (each by one instance) and captures that migration. */
+export async function runCaptureService(natsUrl: string): Promise<{ stop(): Promise<void>; done: Promise<void> }> {
+  const log = createLogger({ stage: 'capture', instance: `${hostname()}:${process.pid}` });
+  const bus = await connectBus(natsUrl, 'handoff-capture');
+  const descriptors = new DescriptorCache(bus.migrations);
+  const durable = await ensureEventConsumer(bus.jsm, 'capture', 'accepted');
+  const consumer = await bus.js.consumers.get(STREAMS.events, durable);
+  const messages = await consumer.consume({ max_messages: 1 });
+  log.info('ready', { consumer: durable });
+  const done = (async () => {
+    for await (const m of messages) {
+      const migrationId = m.subject.split('.')[2]!;
+      const mlog = log.child({ migration: migrationId });
+      const heartbeat = setInterval(() => m.working(), 10_000);
+      try {
+        parseEvent(m.data);
+        const d = await descriptors.get(migrationId);
+        mlog.info('capture started');
+        const result = await captureMigration(bus, d, mlog);
+        await publishEvent(bus, migrationId, { type: 'captured', round: 0, ...result });
+      } catch (err) {
+        mlog.error('capture failed', { reason: errorMessage(err) });
+        await publishEvent(bus, migrationId, { type: 'failed', stage: 'capture', reason: errorMessage(err) }).catch(() => undefined);
+      } finally {
+        clearInterval(heartbeat);
+        m.ack();
+      }
+    }
+  })();
+  return {
+    done,
+    stop: async () => {
+      messages.stop();
+      await done.catch(() => undefined);
+      await bus.close();
+    },
+  };
+}

@@ -1,0 +1,262 @@
+/**
+ * Receiver actor (destination cloudlet): accepts the WAN link after checking the source's base is
+ * ours, makes each chunk durable in the destination's JetStream before acknowledging it, rebuilds
+ * the images from that stream, verifies them by hash and reports the result back over the link.
+ */
+import { createHash } from 'node:crypto';
+import { mkdirSync, rmSync, createReadStream } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { hostname } from 'node:os';
+import { loadBaseIndex } from '../../shared/base-index.js';
+import { connectBus, ensureWorkConsumer, publishWork, streamOf, type Bus } from '../../shared/bus.js';
+import { decodeChunk, validateMigrationId } from '../../shared/codec.js';
+import { MalformedMessageError, errorMessage } from '../../shared/errors.js';
+import { createLogger, type Logger } from '../../shared/log.js';
+import type { ImageDigests, RebuildResult } from '../../shared/migration.js';
+import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, parseAddress, parseJsonPayload, splitChunkFrame, type Captured, type Frame, type Hello } from '../../shared/wire.js';
+import { workSubject } from '../../shared/subjects.js';
+import { Rebuilder } from './core.js';
+import { FilePageStore } from './store.js';
+
+export interface ReceiverOptions {
+  listen: string;
+  baseMemory: string;
+  baseDisk: string;
+  outDir: string;
+  natsUrl: string;
+  /** seconds to wait for the handshake of a new connection */
+  helloTimeoutMs?: number;
+}
+
+export interface ReceivedMigration {
+  migrationId: string;
+  result: RebuildResult;
+  memoryPath: string;
+  diskPath: string;
+}
+
+interface MigrationState {
+  migrationId: string;
+  log: Logger;
+  store: FilePageStore;
+  rebuilder: Rebuilder;
+  sourceHashes?: ImageDigests;
+  link?: Socket;
+  startedMs: number;
+  duplicates: number;
+  finished: boolean;
+}
+
+export interface RunningReceiver {
+  address: { host: string; port: number };
+  baseHashes: ImageDigests;
+  /** each migration's outcome, in order */
+  results: AsyncIterable<ReceivedMigration>;
+  /** resolves with the first migration that finishes (success or not) */
+  next(): Promise<ReceivedMigration>;
+  stop(): Promise<void>;
+}
+
+async function sha256File(path: string): Promise<string> {
+  const h = createHash('sha256');
+  for await (const data of createReadStream(path, { highWaterMark: 4 * 1024 * 1024 })) h.update(data as Buffer);
+  return h.digest('hex');
+}
+
+export async function startReceiver(options: ReceiverOptions): Promise<RunningReceiver> {
+  const log = createLogger({ stage: 'receiver', instance: `${hostname()}:${process.pid}` });
+  const [memoryIndex, diskIndex] = await Promise.all([loadBaseIndex(options.baseMemory), loadBaseIndex(options.baseDisk)]);
+  const baseHashes: ImageDigests = { memory: memoryIndex.contentHash, disk: diskIndex.contentHash };
+  mkdirSync(options.outDir, { recursive: true });
+  const bus: Bus = await connectBus(options.natsUrl, 'handoff-receiver');
+  const states = new Map<string, MigrationState>();
+  const finished: ReceivedMigration[] = [];
+  const waiters: ((r: ReceivedMigration) => void)[] = [];
+  const memoryPath = join(options.outDir, 'memory.img');
+  const diskPath = join(options.outDir, 'disk.img');
+
+  const report = (r: ReceivedMigration): void => {
+    const w = waiters.shift();
+    if (w) w(r);
+    else finished.push(r);
+  };
+
+  const finish = async (state: MigrationState, failure?: string): Promise<void> => {
+    if (state.finished) return;
+    state.finished = true;
+    let result: RebuildResult;
+    const base = { pagesWritten: state.rebuilder.pagesWritten, slices: state.rebuilder.receivedSlices, duplicateSlices: state.duplicates };
+    try {
+      state.store.close();
+      if (failure) throw new Error(failure);
+      const [memory, disk] = await Promise.all(state.store.partialPaths.map(sha256File));
+      const rebuiltHashes = { memory: memory!, disk: disk! };
+      const src = state.sourceHashes!;
+      const mismatch = (['memory', 'disk'] as const).filter((k) => rebuiltHashes[k] !== src[k]);
+      const rebuildSeconds = (performance.now() - state.startedMs) / 1000;
+      if (mismatch.length > 0) {
+        state.store.discard();
+        result = { verified: false, reason: `rebuilt ${mismatch.join(' and ')} image hash differs from the source's (${mismatch.map((k) => `${k}: source ${src[k]}, rebuilt ${rebuiltHashes[k]}`).join('; ')})`, rebuiltHashes, ...base, rebuildSeconds };
+      } else {
+        state.store.publish();
+        result = { verified: true, rebuiltHashes, ...base, rebuildSeconds };
+      }
+    } catch (err) {
+      state.store.discard();
+      result = { verified: false, reason: errorMessage(err), rebuiltHashes: { memory: '', disk: '' }, ...base, rebuildSeconds: (performance.now() - state.startedMs) / 1000 };
+    }
+    state.log.info(result.verified ? 'images rebuilt and verified' : 'rebuild failed', { verified: result.verified, reason: result.reason });
+    state.link?.write(encodeJsonFrame(FrameType.Result, result));
+    report({ migrationId: state.migrationId, result, memoryPath, diskPath });
+  };
+
+  const checkDone = (state: MigrationState): void => {
+    if (!state.finished && state.sourceHashes && state.rebuilder.complete) void finish(state);
+  };
+
+  // Rebuild: chunks come from the destination's own stream, so a receiver restart loses none.
+  const durable = await ensureWorkConsumer(bus, 'received', undefined, 60_000);
+  const messages = await (await bus.js.consumers.get(streamOf('received'), durable)).consume({ max_messages: 8 });
+  const rebuilding = (async () => {
+    for await (const m of messages) {
+      const migrationId = m.subject.split('.')[3]!;
+      const state = states.get(migrationId);
+      if (!state || state.finished) {
+        m.term(`no migration ${migrationId} in progress here`);
+        continue;
+      }
+      try {
+        const chunk = decodeChunk(m.data);
+        const r = state.rebuilder.apply(chunk);
+        if (r.duplicate) state.duplicates++;
+        m.ack();
+        checkDone(state);
+      } catch (err) {
+        m.term(errorMessage(err));
+        state.log.error('chunk rejected', { reason: errorMessage(err) });
+        await finish(state, errorMessage(err));
+      }
+    }
+  })();
+
+  const handleConnection = (socket: Socket): void => {
+    const reader = new FrameReader();
+    let state: MigrationState | undefined;
+    let clog = log.child({ peer: `${socket.remoteAddress}:${socket.remotePort}` });
+    const helloTimer = setTimeout(() => {
+      clog.warn('no handshake: closing');
+      socket.destroy();
+    }, options.helloTimeoutMs ?? 10_000);
+    const refuse = (reason: string): void => {
+      clog.warn('refused', { reason });
+      socket.end(encodeJsonFrame(FrameType.Refuse, { reason }));
+    };
+    const onHello = (frame: Frame): void => {
+      clearTimeout(helloTimer);
+      const hello = parseJsonPayload(frame) as Partial<Hello>;
+      const migrationId = validateMigrationId(hello.migrationId);
+      clog = clog.child({ migration: migrationId });
+      const src = hello.baseHashes;
+      if (!src || src.memory !== baseHashes.memory || src.disk !== baseHashes.disk) {
+        refuse(
+          `destination base differs from the source's: memory source ${src?.memory ?? '?'} destination ${baseHashes.memory}; disk source ${src?.disk ?? '?'} destination ${baseHashes.disk}`,
+        );
+        return;
+      }
+      if (hello.bytes?.memory !== memoryIndex.bytes || hello.bytes?.disk !== diskIndex.bytes) {
+        refuse(`image sizes differ: source memory ${hello.bytes?.memory} disk ${hello.bytes?.disk}, destination base memory ${memoryIndex.bytes} disk ${diskIndex.bytes}`);
+        return;
+      }
+      state = states.get(migrationId);
+      if (!state) {
+        rmSync(memoryPath, { force: true });
+        rmSync(diskPath, { force: true });
+        const store = new FilePageStore([
+          { base: options.baseMemory, out: memoryPath, bytes: memoryIndex.bytes },
+          { base: options.baseDisk, out: diskPath, bytes: diskIndex.bytes },
+        ]);
+        state = { migrationId, log: clog, store, rebuilder: new Rebuilder(store, migrationId), startedMs: performance.now(), duplicates: 0, finished: false };
+        states.set(migrationId, state);
+      }
+      state.link = socket;
+      clog.info('accepted');
+      socket.write(encodeJsonFrame(FrameType.Accept, { baseHashes }));
+    };
+    const onFrame = async (frame: Frame): Promise<void> => {
+      if (!state) {
+        if (frame.type !== FrameType.Hello) throw new MalformedMessageError(`first frame is type ${frame.type}, expected a handshake`);
+        onHello(frame);
+        return;
+      }
+      if (frame.type === FrameType.Chunk) {
+        const { frameNo, chunk } = splitChunkFrame(frame.payload);
+        await publishWork(bus, workSubject('received', state.migrationId), chunk, `${state.migrationId}.frame.${createHash('sha1').update(chunk).digest('hex')}`);
+        socket.write(encodeAckFrame(frameNo));
+      } else if (frame.type === FrameType.Captured) {
+        const captured = parseJsonPayload(frame) as Captured;
+        if (!Number.isInteger(captured.slices) || !Number.isInteger(captured.round) || typeof captured.imageHashes?.memory !== 'string') {
+          throw new MalformedMessageError('captured frame: bad fields');
+        }
+        state.sourceHashes = captured.imageHashes;
+        state.rebuilder.expect(captured.round, captured.slices);
+        checkDone(state);
+      } else {
+        throw new MalformedMessageError(`unexpected frame type ${frame.type}`);
+      }
+    };
+    // frames are handled in order: a chunk's ACK only after its durable publish
+    let queue = Promise.resolve();
+    socket.on('data', (data: Buffer) => {
+      let frames: Frame[];
+      try {
+        frames = reader.push(data);
+      } catch (err) {
+        clog.error('bad frame: closing link', { reason: errorMessage(err) });
+        socket.end(encodeJsonFrame(FrameType.Error, { reason: errorMessage(err) }));
+        socket.destroy();
+        return;
+      }
+      for (const frame of frames) {
+        queue = queue.then(() => onFrame(frame)).catch((err) => {
+          clog.error('bad frame: closing link', { reason: errorMessage(err) });
+          socket.end(encodeJsonFrame(FrameType.Error, { reason: errorMessage(err) }));
+        });
+      }
+    });
+    socket.on('error', (err) => clog.warn('link error', { reason: err.message }));
+    socket.on('close', () => clearTimeout(helloTimer));
+  };
+
+  const { host, port } = parseAddress(options.listen);
+  const server: Server = createServer(handleConnection);
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, resolve);
+  });
+  const addr = server.address();
+  const address = typeof addr === 'object' && addr ? { host: addr.address, port: addr.port } : { host, port };
+  log.info('listening', { address: `${address.host}:${address.port}`, baseMemory: baseHashes.memory.slice(0, 16), baseDisk: baseHashes.disk.slice(0, 16) });
+
+  const next = (): Promise<ReceivedMigration> => {
+    const r = finished.shift();
+    return r ? Promise.resolve(r) : new Promise((resolve) => waiters.push(resolve));
+  };
+  return {
+    address,
+    baseHashes,
+    next,
+    results: {
+      async *[Symbol.asyncIterator]() {
+        for (;;) yield await next();
+      },
+    },
+    stop: async () => {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      messages.stop();
+      await rebuilding.catch(() => undefined);
+      for (const s of states.values()) if (!s.finished) s.store.discard();
+      await bus.close();
+    },
+  };
+}

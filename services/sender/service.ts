@@ -1,0 +1,155 @@
+/**
+ * Sender actor (WAN): opens the link when a migration starts (the destination accepts or refuses
+ * before any page moves), streams the wire queue's chunks over it, and acks each JetStream message
+ * only when the receiver has acknowledged it, so nothing unacknowledged is ever dropped.
+ */
+import { hostname } from 'node:os';
+import { connectBus, ensureEventConsumer, ensureWorkConsumer, publishEvent, streamOf, type Bus, type JsMsg } from '../../shared/bus.js';
+import { BaseMismatchError, errorMessage } from '../../shared/errors.js';
+import { createLogger, type Logger } from '../../shared/log.js';
+import { parseEvent, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
+import { DescriptorCache } from '../../shared/registry.js';
+import { STREAMS, statsSubject } from '../../shared/subjects.js';
+import { WanLink } from './link.js';
+
+/** Unacknowledged bytes on the link at most: enough to fill a fast link's pipe, bounded memory. */
+const MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024;
+
+export async function runSenderService(natsUrl: string): Promise<{ stop(): Promise<void>; done: Promise<void> }> {
+  const instance = `${hostname()}:${process.pid}`;
+  const log = createLogger({ stage: 'sender', instance });
+  const bus = await connectBus(natsUrl, 'handoff-sender');
+  const descriptors = new DescriptorCache(bus.migrations);
+  const links = new Map<string, Promise<WanLink>>();
+
+  const openLink = (d: MigrationDescriptor, mlog: Logger): Promise<WanLink> => {
+    let p = links.get(d.migrationId);
+    if (p) return p;
+    p = (async () => {
+      const hello = {
+        migrationId: d.migrationId,
+        baseHashes: { memory: d.memory.baseHash, disk: d.disk.baseHash },
+        bytes: { memory: d.memory.bytes, disk: d.disk.bytes },
+      };
+      const { link, destinationBaseHashes } = await WanLink.open(d.destination, hello, d.bandwidthCapBps);
+      mlog.info('destination accepted', { destination: d.destination });
+      await publishEvent(bus, d.migrationId, { type: 'accepted', destinationBaseHashes });
+      link.result.then(
+        async (result) => {
+          mlog.info('destination result', { verified: result.verified });
+          await publishEvent(bus, d.migrationId, { type: 'result', result });
+          link.close();
+          links.delete(d.migrationId);
+        },
+        async (err: Error) => {
+          mlog.error('WAN link failed', { reason: err.message });
+          await publishEvent(bus, d.migrationId, { type: 'failed', stage: 'sender', reason: err.message }).catch(() => undefined);
+          links.delete(d.migrationId);
+        },
+      );
+      return link;
+    })();
+    links.set(d.migrationId, p);
+    p.catch(() => links.delete(d.migrationId));
+    return p;
+  };
+
+  const onEvents = async (type: 'start' | 'captured', handle: (m: JsMsg, d: MigrationDescriptor, mlog: Logger) => Promise<void>): Promise<{ stop(): void; done: Promise<void> }> => {
+    const durable = await ensureEventConsumer(bus.jsm, 'sender', type);
+    const messages = await (await bus.js.consumers.get(STREAMS.events, durable)).consume({ max_messages: 4 });
+    const done = (async () => {
+      for await (const m of messages) {
+        const migrationId = m.subject.split('.')[2]!;
+        const mlog = log.child({ migration: migrationId });
+        try {
+          const d = await descriptors.get(migrationId);
+          await handle(m, d, mlog);
+        } catch (err) {
+          const reason = errorMessage(err);
+          mlog.error(`${type} failed`, { reason });
+          if (err instanceof BaseMismatchError) await publishEvent(bus, migrationId, { type: 'refused', reason });
+          else await publishEvent(bus, migrationId, { type: 'failed', stage: 'sender', reason }).catch(() => undefined);
+        } finally {
+          m.ack();
+        }
+      }
+    })();
+    return { stop: () => messages.stop(), done };
+  };
+
+  const starts = await onEvents('start', async (_m, d, mlog) => {
+    await openLink(d, mlog);
+  });
+  const captures = await onEvents('captured', async (m, d, mlog) => {
+    const event = parseEvent(m.data);
+    if (event.type !== 'captured') return;
+    const link = await openLink(d, mlog);
+    await link.sendCaptured({ round: event.round, slices: event.slices, imageHashes: event.imageHashes });
+  });
+
+  const durable = await ensureWorkConsumer(bus, 'wire', undefined, 120_000);
+  const messages = await (await bus.js.consumers.get(streamOf('wire'), durable)).consume({ max_messages: 16 });
+  log.info('ready', { consumer: durable });
+  const inFlight = new Set<Promise<void>>();
+  let inFlightBytes = 0;
+  const done = (async () => {
+    for await (const m of messages) {
+      const migrationId = m.subject.split('.')[3]!;
+      const mlog = log.child({ migration: migrationId });
+      try {
+        const link = await openLink(await descriptors.get(migrationId), mlog);
+        const started = performance.now();
+        const wireBefore = link.wireBytes;
+        const size = m.data.byteLength;
+        const sent = link.sendChunk(m.data);
+        inFlightBytes += size;
+        const p = sent
+          .then(() => {
+            m.ack();
+            const stats: StageStats = {
+              stage: 'sender',
+              instance,
+              migrationId,
+              round: 0,
+              seq: m.seq,
+              part: 0,
+              pages: 0,
+              bytesIn: size,
+              bytesOut: link.wireBytes - wireBefore,
+              cpuMs: 0,
+              wallMs: performance.now() - started,
+              mode: { delta: 'none', compressor: 'none', level: 0 },
+              counts: { bandwidthBps: Math.round(link.bandwidth.bandwidthBps ?? 0), wireBytes: link.wireBytes },
+            };
+            bus.nc.publish(statsSubject(migrationId, 'sender'), JSON.stringify(stats));
+          })
+          .catch((err: Error) => {
+            mlog.warn('chunk not acknowledged, will be redelivered', { reason: err.message });
+            m.nak(1000);
+          })
+          .finally(() => {
+            inFlightBytes -= size;
+            inFlight.delete(p);
+          });
+        inFlight.add(p);
+        while (inFlightBytes > MAX_IN_FLIGHT_BYTES && inFlight.size > 0) await Promise.race(inFlight);
+      } catch (err) {
+        mlog.error('cannot send chunk', { reason: errorMessage(err) });
+        m.nak(2000);
+      }
+    }
+    await Promise.all(inFlight);
+  })();
+
+  return {
+    done,
+    stop: async () => {
+      starts.stop();
+      captures.stop();
+      messages.stop();
+      await Promise.all([done, starts.done, captures.done]).catch(() => undefined);
+      for (const p of links.values()) (await p.catch(() => undefined))?.close();
+      await bus.close();
+    },
+  };
+}
