@@ -6,6 +6,7 @@ import { createCompressActor } from '../services/compress/service.js';
 import { createDedupActor } from '../services/dedup/service.js';
 import { createDeltaActor } from '../services/delta/service.js';
 import { runSenderService } from '../services/sender/service.js';
+import { stopProcess } from '../shared/child.js';
 import { runStage } from '../shared/stage.js';
 
 export const ACTOR_NAMES = ['capture', 'dedup', 'delta', 'compress', 'sender'] as const;
@@ -61,14 +62,5 @@ export function spawnActor(name: ActorName, natsUrl: string, options: { partitio
 }
 
 export async function stopActors(actors: ActorProcess[], graceMs = 10_000): Promise<void> {
-  await Promise.all(
-    actors.map(async ({ child }) => {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
-      await exited;
-      clearTimeout(timer);
-    }),
-  );
+  await Promise.all(actors.map(({ child }) => stopProcess(child, graceMs)));
 }

@@ -119,9 +119,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     }, 200);
 
     let outcome: MigrationEvent | undefined;
+    let acceptedMs: number | undefined;
     try {
       for await (const m of events) {
         const event = parseEvent(m.data);
+        if (event.type === 'accepted') acceptedMs ??= performance.now();
         if (event.type === 'captured') captured = event;
         if (event.type === 'result' || event.type === 'failed' || event.type === 'refused') {
           outcome = event;
@@ -132,7 +134,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       clearInterval(ticker);
       bar?.done();
     }
-    const handoffSeconds = (performance.now() - started) / 1000;
+    const endMs = performance.now();
+    const handoffSeconds = (endMs - started) / 1000;
     // statistics of the last chunks can trail the result by a moment
     await bus.nc.flush();
     await new Promise((r) => setTimeout(r, 100));
@@ -141,6 +144,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       migrationId,
       verified: outcome?.type === 'result' && outcome.result.verified,
       handoffSeconds,
+      transferSeconds: acceptedMs === undefined ? 0 : (endMs - acceptedMs) / 1000,
       inputBytes: (captured?.dirtyPages ?? 0) * PAGE_SIZE,
       wireBytes: stats.wireBytes,
       scannedBytes: captured?.scannedBytes ?? stats.scannedBytes,

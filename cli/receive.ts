@@ -1,4 +1,6 @@
 /** `handoff receive`: the destination cloudlet for one migration; exits 0 when the images are verified. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { startReceiver, type ReceivedMigration, type RunningReceiver } from '../services/receiver/service.js';
 
@@ -24,4 +26,50 @@ export async function receiveOnce(options: ReceiveOptions): Promise<ReceivedMigr
     await receiver?.stop();
     await nats?.stop();
   }
+}
+
+export interface ReceiverProcess {
+  child: ChildProcess;
+  /** HOST:PORT it listens on */
+  address: string;
+  /** exit code and the JSON result it printed */
+  exited: Promise<{ code: number; result: ReceivedMigration | undefined }>;
+}
+
+/** `handoff receive --json` in its own process (own nats-server), as a destination cloudlet runs it. */
+export async function spawnReceiverProcess(baseMemory: string, baseDisk: string, outDir: string, forwardLogs = false): Promise<ReceiverProcess> {
+  const main = fileURLToPath(new URL('./main.js', import.meta.url));
+  const child = spawn(process.execPath, [main, 'receive', '--listen', '127.0.0.1:0', '--base-memory', baseMemory, '--base-disk', baseDisk, '--out', outDir, '--json'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
+  });
+  let stdout = '';
+  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  const exited = new Promise<{ code: number; result: ReceivedMigration | undefined }>((resolve) =>
+    child.once('exit', (code) => {
+      let result: ReceivedMigration | undefined;
+      try {
+        result = JSON.parse(stdout) as ReceivedMigration;
+      } catch {
+        result = undefined;
+      }
+      resolve({ code: code ?? 1, result });
+    }),
+  );
+  const address = await new Promise<string>((resolve, reject) => {
+    let log = '';
+    const onData = (d: Buffer): void => {
+      log += d.toString();
+      const m = /receiver listening on (\S+)/.exec(log);
+      if (m) {
+        child.stderr!.off('data', onData);
+        if (forwardLogs) child.stderr!.pipe(process.stderr);
+        else child.stderr!.resume();
+        resolve(m[1]!);
+      }
+    };
+    child.stderr!.on('data', onData);
+    child.once('exit', (code) => reject(new Error(`destination receiver exited (${code}) before listening:\n${log}`)));
+  });
+  return { child, address, exited };
 }

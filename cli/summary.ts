@@ -18,7 +18,10 @@ export interface MigrationSummary {
   migrationId: string;
   verified: boolean;
   reason?: string;
+  /** from the command's start (images checked, actors started) to the verified result */
   handoffSeconds: number;
+  /** from the destination's acceptance (capture starts) to the verified result: the pipeline's own time */
+  transferSeconds: number;
   /** dirty bytes captured */
   inputBytes: number;
   /** bytes on the WAN link */
@@ -89,7 +92,7 @@ export function formatSummary(s: MigrationSummary): string {
   const lines: string[] = [];
   lines.push(`migration ${s.migrationId}: ${s.verified ? 'VERIFIED (images byte-identical)' : `FAILED: ${s.reason ?? 'unknown'}`}`);
   lines.push(
-    `handoff ${s.handoffSeconds.toFixed(2)} s, dirty input ${formatBytes(s.inputBytes)} (${s.dirtyPages} pages of ${formatBytes(s.scannedBytes)} scanned), ` +
+    `handoff ${s.handoffSeconds.toFixed(2)} s (transfer ${s.transferSeconds.toFixed(2)} s), dirty input ${formatBytes(s.inputBytes)} (${s.dirtyPages} pages of ${formatBytes(s.scannedBytes)} scanned), ` +
       `wire ${formatBytes(s.wireBytes)} (${s.inputBytes ? ((100 * s.wireBytes) / s.inputBytes).toFixed(1) : '0'}% of input), ` +
       `measured bandwidth ${formatRate(s.measuredBandwidthBps)}`,
   );

@@ -2,10 +2,11 @@
  * The embedded default: a private nats-server with JetStream on, a random port and a temporary
  * store, started when a command is given no --nats URL and stopped when it ends.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { stopProcess } from './child.js';
 
 export interface EmbeddedNats {
   url: string;
@@ -71,17 +72,8 @@ export async function startEmbeddedNats(options: EmbeddedNatsOptions = {}): Prom
     url,
     storeDir,
     stop: async () => {
-      await stopChild(child);
+      await stopProcess(child, 5_000);
       if (ownStore) await rm(storeDir, { recursive: true, force: true });
     },
   };
-}
-
-async function stopChild(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 5_000);
-  await exited;
-  clearTimeout(timer);
 }

@@ -1,5 +1,6 @@
 /** Page geometry and page-level hashing shared by every stage. */
 import { createHash, hash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { xxh64 } from '@node-rs/xxhash';
 
 export const PAGE_SIZE = 4096;
@@ -31,4 +32,11 @@ export const ZERO_PAGE_HASH: Buffer = strongHash(ZERO_PAGE);
 /** SHA-256 of a whole image, fed block by block while it is read. */
 export function newImageHasher(): ReturnType<typeof createHash> {
   return createHash('sha256');
+}
+
+/** SHA-256 (hex) of a whole image file: what source and destination compare at the end. */
+export async function hashImageFile(path: string): Promise<string> {
+  const h = newImageHasher();
+  for await (const data of createReadStream(path, { highWaterMark: 4 * 1024 * 1024 })) h.update(data as Buffer);
+  return h.digest('hex');
 }

@@ -4,7 +4,7 @@
  * the images from that stream, verifies them by hash and reports the result back over the link.
  */
 import { createHash } from 'node:crypto';
-import { mkdirSync, rmSync, createReadStream } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { hostname } from 'node:os';
@@ -14,6 +14,7 @@ import { decodeChunk, validateMigrationId } from '../../shared/codec.js';
 import { MalformedMessageError, errorMessage } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult } from '../../shared/migration.js';
+import { hashImageFile } from '../../shared/pages.js';
 import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, parseAddress, parseJsonPayload, splitChunkFrame, type Captured, type Frame, type Hello } from '../../shared/wire.js';
 import { workSubject } from '../../shared/subjects.js';
 import { Rebuilder } from './core.js';
@@ -58,12 +59,6 @@ export interface RunningReceiver {
   stop(): Promise<void>;
 }
 
-async function sha256File(path: string): Promise<string> {
-  const h = createHash('sha256');
-  for await (const data of createReadStream(path, { highWaterMark: 4 * 1024 * 1024 })) h.update(data as Buffer);
-  return h.digest('hex');
-}
-
 export async function startReceiver(options: ReceiverOptions): Promise<RunningReceiver> {
   const log = createLogger({ stage: 'receiver', instance: `${hostname()}:${process.pid}` });
   const [memoryIndex, diskIndex] = await Promise.all([loadBaseIndex(options.baseMemory), loadBaseIndex(options.baseDisk)]);
@@ -90,7 +85,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     try {
       state.store.close();
       if (failure) throw new Error(failure);
-      const [memory, disk] = await Promise.all(state.store.partialPaths.map(sha256File));
+      const [memory, disk] = await Promise.all(state.store.partialPaths.map(hashImageFile));
       const rebuiltHashes = { memory: memory!, disk: disk! };
       const src = state.sourceHashes!;
       const mismatch = (['memory', 'disk'] as const).filter((k) => rebuiltHashes[k] !== src[k]);
@@ -207,21 +202,25 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     };
     // frames are handled in order: a chunk's ACK only after its durable publish
     let queue = Promise.resolve();
+    let closing = false;
+    const closeWithError = (err: unknown): void => {
+      if (closing) return;
+      closing = true;
+      clog.error('bad frame: closing link', { reason: errorMessage(err) });
+      socket.end(encodeJsonFrame(FrameType.Error, { reason: errorMessage(err) }));
+      setTimeout(() => socket.destroy(), 1000).unref();
+    };
     socket.on('data', (data: Buffer) => {
+      if (closing) return;
       let frames: Frame[];
       try {
         frames = reader.push(data);
       } catch (err) {
-        clog.error('bad frame: closing link', { reason: errorMessage(err) });
-        socket.end(encodeJsonFrame(FrameType.Error, { reason: errorMessage(err) }));
-        socket.destroy();
+        closeWithError(err);
         return;
       }
       for (const frame of frames) {
-        queue = queue.then(() => onFrame(frame)).catch((err) => {
-          clog.error('bad frame: closing link', { reason: errorMessage(err) });
-          socket.end(encodeJsonFrame(FrameType.Error, { reason: errorMessage(err) }));
-        });
+        queue = queue.then(() => (closing ? undefined : onFrame(frame))).catch(closeWithError);
       }
     });
     socket.on('error', (err) => clog.warn('link error', { reason: err.message }));

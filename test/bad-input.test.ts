@@ -1,0 +1,145 @@
+/** Bad input gets a clear error naming the cause, and never a wrong image. */
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { copyFile, truncate, writeFile } from 'node:fs/promises';
+import { connect } from 'node:net';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { migrate } from '../cli/migrate.js';
+import { createDedupActor } from '../services/dedup/service.js';
+import { connectBus, publishWork } from '../shared/bus.js';
+import { BadImageError } from '../shared/errors.js';
+import { loadBaseIndex } from '../shared/base-index.js';
+import { DEFAULT_MODE } from '../shared/mode.js';
+import type { MigrationDescriptor } from '../shared/migration.js';
+import { parseEvent } from '../shared/migration.js';
+import { startEmbeddedNats } from '../shared/nats-server.js';
+import { runStage } from '../shared/stage.js';
+import { STREAMS, eventSubject, workSubject } from '../shared/subjects.js';
+import { FrameReader, FrameType, encodeChunkFrame, encodeJsonFrame, parseJsonPayload, type Frame } from '../shared/wire.js';
+import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
+
+let ws: Workspace;
+before(async () => {
+  ws = await makeWorkspace(4 << 20, 4 << 20, 11);
+});
+after(() => ws.cleanup());
+
+/** Sends frames to a receiver and collects what it answers until it closes the link. */
+async function talk(address: string, frames: Buffer[]): Promise<Frame[]> {
+  const [host, port] = address.split(':');
+  const socket = connect({ host: host!, port: Number(port) });
+  const reader = new FrameReader();
+  const got: Frame[] = [];
+  socket.on('data', (d: Buffer) => got.push(...reader.push(d)));
+  await new Promise<void>((resolve) => socket.once('connect', resolve));
+  for (const f of frames) socket.write(f);
+  await new Promise<void>((resolve) => {
+    socket.once('close', () => resolve());
+    setTimeout(() => {
+      socket.destroy();
+      resolve();
+    }, 5000);
+  });
+  return got;
+}
+
+describe('bad input', { timeout: 120_000 }, () => {
+  test('missing image: names the file and the cause', async () => {
+    const opts = migrateOptions(ws, '127.0.0.1:1', { memory: join(ws.dir, 'nope.img') });
+    await assert.rejects(migrate(opts), (err: Error) => err instanceof BadImageError && /nope\.img cannot be read: ENOENT/.test(err.message));
+  });
+
+  test('truncated image (size not a multiple of 4 KiB)', async () => {
+    const truncated = join(ws.dir, 'truncated.img');
+    await copyFile(ws.images.disk, truncated);
+    await truncate(truncated, (4 << 20) - 100);
+    await assert.rejects(migrate(migrateOptions(ws, '127.0.0.1:1', { disk: truncated })), /truncated\.img is 4194204 bytes, not a multiple of 4096/);
+  });
+
+  test('current and base sizes differ', async () => {
+    const shorter = join(ws.dir, 'shorter.img');
+    await copyFile(ws.images.memory, shorter);
+    await truncate(shorter, 2 << 20);
+    await assert.rejects(migrate(migrateOptions(ws, '127.0.0.1:1', { memory: shorter })), /is 2097152 bytes but its base .* is 4194304: sizes must match/);
+  });
+
+  test('destination holds another base: refused before any page is sent, naming both hashes', async () => {
+    const otherBase = join(ws.dir, 'destination', 'other-base-memory.img');
+    await copyFile(ws.destBaseMemory, otherBase);
+    await writeFile(otherBase, Buffer.alloc(4096, 0x5a), { flag: 'r+' });
+    const dest = await startDestination(ws, 'refused', { memory: otherBase, disk: ws.destBaseDisk });
+    try {
+      const summary = await migrate(migrateOptions(ws, dest.address));
+      const sourceHash = (await loadBaseIndex(ws.images.baseMemory)).contentHash;
+      const destHash = (await loadBaseIndex(otherBase)).contentHash;
+      assert.equal(summary.verified, false);
+      assert.match(summary.reason!, /destination refused: destination base differs/);
+      assert.ok(summary.reason!.includes(sourceHash) && summary.reason!.includes(destHash), summary.reason);
+      assert.equal(summary.stages.capture, undefined, 'capture ran although the destination refused');
+      assert.equal(summary.stages.sender, undefined, 'pages were sent although the destination refused');
+      assert.equal(existsSync(join(dest.outDir, 'memory.img')), false);
+    } finally {
+      await dest.stop();
+    }
+  });
+
+  test('malformed chunk on the bus: the migration fails naming the cause', async () => {
+    const nats = await startEmbeddedNats();
+    const bus = await connectBus(nats.url, 'test');
+    const dedup = await runStage(createDedupActor(0), nats.url);
+    try {
+      const [m, d] = await Promise.all([loadBaseIndex(ws.images.baseMemory), loadBaseIndex(ws.images.baseDisk)]);
+      const descriptor: MigrationDescriptor = {
+        migrationId: 'bad-chunk',
+        createdAtMs: Date.now(),
+        memory: { base: ws.images.baseMemory, current: ws.images.memory, baseHash: m.contentHash, bytes: m.bytes },
+        disk: { base: ws.images.baseDisk, current: ws.images.disk, baseHash: d.contentHash, bytes: d.bytes },
+        destination: '127.0.0.1:1',
+        parts: 1,
+        chunkPages: 64,
+        bandwidthCapBps: 0,
+        mode: DEFAULT_MODE,
+      };
+      await bus.migrations.put('bad-chunk', JSON.stringify(descriptor));
+      const events = await (await bus.js.consumers.get(STREAMS.events, { filter_subjects: eventSubject('bad-chunk', 'failed') })).consume();
+      await publishWork(bus, workSubject('dedup', 'bad-chunk'), Buffer.from('definitely not a chunk'), 'garbage-1');
+      for await (const msg of events) {
+        const event = parseEvent(msg.data);
+        assert.equal(event.type, 'failed');
+        if (event.type === 'failed') {
+          assert.equal(event.stage, 'dedup');
+          assert.match(event.reason, /malformed chunk/);
+        }
+        break;
+      }
+    } finally {
+      await dedup.stop();
+      await bus.close();
+      await nats.stop();
+    }
+  });
+
+  test('receiver: garbage instead of a handshake, and a malformed chunk after one', async () => {
+    const dest = await startDestination(ws, 'garbage');
+    try {
+      const garbage = await talk(dest.address, [Buffer.from('GET / HTTP/1.1\r\n\r\n')]);
+      assert.equal(garbage[0]?.type, FrameType.Error);
+      assert.match(String((parseJsonPayload(garbage[0]!) as { reason: string }).reason), /bad magic/);
+
+      const hello = encodeJsonFrame(FrameType.Hello, { migrationId: 'mangled', baseHashes: dest.receiver.baseHashes, bytes: { memory: 4 << 20, disk: 4 << 20 } });
+      const resultP = dest.receiver.next();
+      const answers = talk(dest.address, [hello, encodeChunkFrame(0, Buffer.from([0x85, 0x01, 0x02]))]);
+      const received = await resultP;
+      assert.equal(received.result.verified, false);
+      assert.match(received.result.reason!, /malformed chunk/);
+      const frames = await answers;
+      assert.deepEqual(frames.map((f) => f.type).slice(0, 2), [FrameType.Accept, FrameType.Ack]);
+      assert.ok(frames.some((f) => f.type === FrameType.Result));
+      assert.equal(existsSync(join(dest.outDir, 'memory.img')), false, 'an image was left behind after a failure');
+      assert.equal(existsSync(join(dest.outDir, 'memory.img.partial')), false);
+    } finally {
+      await dest.stop();
+    }
+  });
+});
