@@ -1,5 +1,6 @@
 /** Starting actors: in this process (`handoff actor NAME`) or as child processes of a command. */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { runCaptureService } from '../services/capture/service.js';
 import { createCompressActor } from '../services/compress/service.js';
@@ -7,6 +8,7 @@ import { createDedupActor } from '../services/dedup/service.js';
 import { createDeltaActor } from '../services/delta/service.js';
 import { runSenderService } from '../services/sender/service.js';
 import { stopProcess } from '../shared/child.js';
+import { createLogger } from '../shared/log.js';
 import { runStage } from '../shared/stage.js';
 
 export const ACTOR_NAMES = ['capture', 'dedup', 'delta', 'compress', 'sender'] as const;
@@ -32,15 +34,22 @@ export async function runActor(name: ActorName, natsUrl: string, partition = 0):
   }
 }
 
-/** `handoff actor NAME`: runs until SIGTERM/SIGINT, then finishes in-flight work and exits 0. */
+/** `handoff actor NAME`: runs until SIGTERM/SIGINT, then finishes in-flight work and returns. */
 export async function actorMain(name: ActorName, natsUrl: string, partition: number): Promise<void> {
   const actor = await runActor(name, natsUrl, partition);
+  let stopping: Promise<void> | undefined;
   const shutdown = (): void => {
-    void actor.stop().then(() => process.exit(0));
+    stopping ??= actor.stop();
   };
   process.once('SIGTERM', shutdown);
   process.once('SIGINT', shutdown);
   await actor.done;
+  await stopping;
+  const cpu = process.cpuUsage();
+  createLogger({ stage: name, instance: `${hostname()}:${process.pid}` }).info('exit', {
+    cpuSeconds: Number(((cpu.user + cpu.system) / 1e6).toFixed(2)),
+    maxRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),
+  });
 }
 
 const MAIN = fileURLToPath(new URL('./main.js', import.meta.url));

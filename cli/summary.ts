@@ -30,7 +30,7 @@ export interface MigrationSummary {
   dirtyPages: number;
   /** wireBytes * 8 / handoffSeconds */
   effectiveBps: number;
-  /** the sender's last measured bandwidth from ACKs */
+  /** bandwidth measured from the receiver's ACKs, averaged over the transfer */
   measuredBandwidthBps: number;
   modes: string[];
   stages: Record<string, StageSummary>;
@@ -48,6 +48,9 @@ export class StatsCollector {
   wireBytes = 0;
   ackedChunks = 0;
   emittedSlices = 0;
+  /** the sender's bandwidth over its last ACKs (progress) */
+  currentBandwidthBps = 0;
+  /** the sender's average over the link's life (summary) */
   measuredBandwidthBps = 0;
 
   add(s: StageStats): void {
@@ -63,7 +66,7 @@ export class StatsCollector {
     inst.add(s.instance);
     st.instances = inst.size;
     for (const [k, v] of Object.entries(s.counts ?? {})) {
-      if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'wireBytes') continue;
+      if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'averageBandwidthBps') continue;
       st.counts[k] = (st.counts[k] ?? 0) + v;
     }
     if (s.next === 'wire') this.modes.add(formatMode(s.mode));
@@ -74,7 +77,8 @@ export class StatsCollector {
     if (s.stage === 'sender') {
       this.wireBytes += s.bytesOut;
       this.ackedChunks++;
-      if (s.counts?.bandwidthBps) this.measuredBandwidthBps = s.counts.bandwidthBps;
+      if (s.counts?.bandwidthBps) this.currentBandwidthBps = s.counts.bandwidthBps;
+      if (s.counts?.averageBandwidthBps) this.measuredBandwidthBps = s.counts.averageBandwidthBps;
     }
   }
 }

@@ -1,7 +1,7 @@
 /**
  * The base image's hash index: a 16-byte strong hash per page, built once per base image and cached
- * beside it (or in HANDOFF_CACHE_DIR when that folder is read-only). The base's content hash is the
- * SHA-256 of that index, so both cloudlets name a base the same way without shipping it.
+ * beside it (or in HANDOFF_CACHE_DIR when that folder is read-only). The base's content hash is its
+ * image digest (SHA-256 of that index), so both cloudlets name a base the same way without shipping it.
  */
 import { createHash } from 'node:crypto';
 import { constants } from 'node:fs';
@@ -9,13 +9,13 @@ import { access, mkdir, open, readFile, rename, stat, writeFile } from 'node:fs/
 import { homedir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { BadImageError } from './errors.js';
-import { PAGE_SIZE, STRONG_HASH_BYTES, strongHash } from './pages.js';
+import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, strongHash } from './pages.js';
 
 export interface BaseIndex {
   path: string;
   bytes: number;
   pages: number;
-  /** hex SHA-256 of `hashes` */
+  /** the image digest (see pages.ts): hex SHA-256 of `hashes` */
   contentHash: string;
   /** STRONG_HASH_BYTES per page */
   hashes: Uint8Array;
@@ -68,7 +68,7 @@ export async function loadBaseIndex(path: string): Promise<BaseIndex> {
   const cached = await readCache(cachePath, s.size, s.mtimeMs, s.ino);
   if (cached) return { path, bytes, pages: bytes / PAGE_SIZE, ...cached };
   const hashes = await hashPages(path, bytes);
-  const contentHash = createHash('sha256').update(hashes).digest('hex');
+  const contentHash = digestOfPageHashes(hashes);
   const header: CacheHeader = { magic: MAGIC, size: s.size, mtimeMs: s.mtimeMs, ino: s.ino, contentHash };
   const headerBytes = Buffer.from(`${JSON.stringify(header)}\n`);
   const tmp = `${cachePath}.${process.pid}.tmp`;
@@ -92,14 +92,15 @@ async function readCache(cachePath: string, size: number, mtimeMs: number, ino: 
     if (header.magic !== MAGIC || header.size !== size || header.mtimeMs !== mtimeMs || header.ino !== ino) return undefined;
     if (hashes.byteLength !== (size / PAGE_SIZE) * STRONG_HASH_BYTES) return undefined;
     // the stamp says unchanged; the content hash must still match what is cached
-    if (createHash('sha256').update(hashes).digest('hex') !== header.contentHash) return undefined;
+    if (digestOfPageHashes(hashes) !== header.contentHash) return undefined;
     return { contentHash: header.contentHash, hashes };
   } catch {
     return undefined;
   }
 }
 
-async function hashPages(path: string, bytes: number): Promise<Buffer> {
+/** Strong hash of every page of an image file. */
+export async function hashPages(path: string, bytes: number): Promise<Buffer> {
   const hashes = Buffer.alloc((bytes / PAGE_SIZE) * STRONG_HASH_BYTES);
   const fh = await open(path, 'r');
   try {
@@ -118,4 +119,9 @@ async function hashPages(path: string, bytes: number): Promise<Buffer> {
     await fh.close();
   }
   return hashes;
+}
+
+/** The image digest of any image file (tests and tools; the pipeline gets it without a second read). */
+export async function imageDigest(path: string): Promise<string> {
+  return digestOfPageHashes(await hashPages(path, await checkImage(path, 'image')));
 }

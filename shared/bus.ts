@@ -152,11 +152,11 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
  * Publishes to a work stream, waiting while the stream is full (backpressure). `msgId` makes a
  * retried publish a no-op for JetStream's duplicate window.
  */
-export async function publishWork(bus: Bus, subject: string, data: Uint8Array, msgId: string, headers?: MsgHdrs, onWait?: () => void): Promise<void> {
+export async function publishWork(bus: Bus, subject: string, data: Uint8Array, msgId?: string, headers?: MsgHdrs, onWait?: () => void): Promise<void> {
   let delayMs = 5;
   for (;;) {
     try {
-      await bus.js.publish(subject, data, { msgID: msgId, headers, timeout: 30_000 });
+      await bus.js.publish(subject, data, { ...(msgId ? { msgID: msgId } : {}), ...(headers ? { headers } : {}), timeout: 30_000 });
       return;
     } catch (err) {
       if (!isStreamFull(err)) throw err;

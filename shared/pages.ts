@@ -29,14 +29,22 @@ export function pageCheck(page: Uint8Array): bigint {
 export const ZERO_PAGE: Buffer = Buffer.alloc(PAGE_SIZE);
 export const ZERO_PAGE_HASH: Buffer = strongHash(ZERO_PAGE);
 
-/** SHA-256 of a whole image, fed block by block while it is read. */
-export function newImageHasher(): ReturnType<typeof createHash> {
+/**
+ * An image's digest: SHA-256 over its pages' strong hashes in order (a hash list). Capture gets it
+ * from the hashes it computes anyway, and the destination from its base index plus the pages it
+ * wrote, so neither reads a whole image a second time. It names a base image too.
+ */
+export function newImageDigest(): ReturnType<typeof createHash> {
   return createHash('sha256');
 }
 
-/** SHA-256 (hex) of a whole image file: what source and destination compare at the end. */
+export function digestOfPageHashes(hashes: Uint8Array): string {
+  return newImageDigest().update(hashes).digest('hex');
+}
+
+/** Plain SHA-256 (hex) of a whole file: tests and tools compare files with it, independently of the pipeline. */
 export async function hashImageFile(path: string): Promise<string> {
-  const h = newImageHasher();
+  const h = createHash('sha256');
   for await (const data of createReadStream(path, { highWaterMark: 4 * 1024 * 1024 })) h.update(data as Buffer);
   return h.digest('hex');
 }

@@ -173,14 +173,3 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
   };
   return { bus, done, stop };
 }
-
-/** Process entry point for an actor: run until SIGTERM/SIGINT, then finish in-flight work and exit. */
-export async function runStageProcess(actor: StageActor, natsUrl: string): Promise<void> {
-  const running = await runStage(actor, natsUrl);
-  const shutdown = (): void => {
-    void running.stop().then(() => process.exit(0));
-  };
-  process.once('SIGTERM', shutdown);
-  process.once('SIGINT', shutdown);
-  await running.done;
-}

@@ -17,8 +17,9 @@ export interface DirtyPage {
  * Pages of `block` (starting at page `firstIndex`) whose strong hash differs from the reference
  * index (the base's in round 0, the previous round's later). 128-bit SHA-256: a collision that
  * would hide a changed page is not a practical event, and the hash is needed for dedup anyway.
+ * Every page's hash goes into `digest` in order: the image digest, without a second pass.
  */
-export function dirtyPagesOf(block: Uint8Array, firstIndex: number, referenceHashes: Uint8Array): DirtyPage[] {
+export function dirtyPagesOf(block: Uint8Array, firstIndex: number, referenceHashes: Uint8Array, digest?: { update(data: Uint8Array): unknown }): DirtyPage[] {
   if (block.byteLength % PAGE_SIZE !== 0) throw new RangeError(`block of ${block.byteLength} bytes is not whole pages`);
   const ref = Buffer.from(referenceHashes.buffer, referenceHashes.byteOffset, referenceHashes.byteLength);
   const dirty: DirtyPage[] = [];
@@ -26,6 +27,7 @@ export function dirtyPagesOf(block: Uint8Array, firstIndex: number, referenceHas
   for (let p = 0; p < pages; p++) {
     const page = block.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
     const hash = strongHash(page);
+    digest?.update(hash);
     const index = firstIndex + p;
     const at = index * STRONG_HASH_BYTES;
     if (at + STRONG_HASH_BYTES > ref.byteLength || hash.compare(ref, at, at + STRONG_HASH_BYTES) !== 0) dirty.push({ index, page, hash });

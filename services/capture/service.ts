@@ -11,7 +11,7 @@ import { encodeChunk } from '../../shared/codec.js';
 import { BadImageError, BaseMismatchError, errorMessage } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { parseEvent, type ImageDigests, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
-import { PAGE_SIZE, newImageHasher, type ImageId } from '../../shared/pages.js';
+import { PAGE_SIZE, newImageDigest, type ImageId } from '../../shared/pages.js';
 import { DescriptorCache } from '../../shared/registry.js';
 import { STREAMS, statsSubject, workSubject } from '../../shared/subjects.js';
 import { ChunkBuilder, dirtyPagesOf } from './core.js';
@@ -47,7 +47,7 @@ export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Lo
     const base = await loadBaseIndex(pair.base);
     if (base.contentHash !== pair.baseHash) throw new BaseMismatchError(`base ${name} ${pair.base} changed: content hash ${base.contentHash}, migration expects ${pair.baseHash}`);
     const builder = new ChunkBuilder({ migrationId: d.migrationId, round: 0, image, parts: d.parts }, d.chunkPages, seq);
-    const hasher = newImageHasher();
+    const digest = newImageDigest();
     const fh = await open(pair.current, 'r');
     try {
       const size = (await fh.stat()).size;
@@ -82,8 +82,7 @@ export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Lo
         const { bytesRead } = await fh.read(block, 0, want, offset);
         if (bytesRead !== want) throw new BadImageError(`${name} image ${pair.current} was truncated while it was read (at byte ${offset + bytesRead})`);
         const data = block.subarray(0, bytesRead);
-        hasher.update(data);
-        for (const page of dirtyPagesOf(data, offset / PAGE_SIZE, base.hashes)) {
+        for (const page of dirtyPagesOf(data, offset / PAGE_SIZE, base.hashes, digest)) {
           dirtyPages++;
           if (builder.add(page)) await flush();
         }
@@ -95,7 +94,7 @@ export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Lo
       await fh.close();
     }
     seq = builder.nextSeq;
-    imageHashes[name] = hasher.digest('hex');
+    imageHashes[name] = digest.digest('hex');
   }
   await Promise.all(inFlight);
   log.info('captured', { chunks: seq, dirtyPages, scannedBytes });

@@ -8,7 +8,7 @@ import { BlockDecompressor } from '../../shared/codecs/block.js';
 import { xorDecode } from '../../shared/codecs/xor.js';
 import { ZstdDeltaDecoder } from '../../shared/codecs/zstd-delta.js';
 import { MalformedMessageError, VerificationError } from '../../shared/errors.js';
-import { CHECK_BYTES, IMAGES, PAGE_SIZE, ZERO_PAGE, pageCheck, type ImageId } from '../../shared/pages.js';
+import { CHECK_BYTES, IMAGES, PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE, digestOfPageHashes, pageCheck, strongHash, type ImageId } from '../../shared/pages.js';
 
 /** Where pages come from and go to; files in the service, memory in tests. */
 export interface PageStore {
@@ -41,13 +41,27 @@ export class Rebuilder {
   private readonly pending = new Map<string, PendingRef[]>();
   private pendingCount = 0;
   private readonly expected = new Map<number, number>();
+  /** per image: the strong hash of every page as rebuilt (base's where nothing was written) */
+  private readonly pageHashes: Buffer[];
   pagesWritten = 0;
 
+  /** `baseHashes`: the base images' hash indexes (see shared/base-index.ts), one per image. */
   constructor(
     private readonly store: PageStore,
     readonly migrationId: string,
+    baseHashes: [Uint8Array, Uint8Array],
   ) {
     this.writtenRound = [0, 1].map((image) => new Uint16Array(store.pageCount(image as ImageId)));
+    this.pageHashes = [0, 1].map((image) => {
+      const hashes = baseHashes[image]!;
+      if (hashes.byteLength !== store.pageCount(image as ImageId) * STRONG_HASH_BYTES) throw new RangeError(`base hash index of the ${IMAGES[image]} image does not match its size`);
+      return Buffer.from(hashes);
+    });
+  }
+
+  /** The rebuilt image's digest, comparable with the source's (hash list of its pages). */
+  imageDigest(image: ImageId): string {
+    return digestOfPageHashes(this.pageHashes[image]!);
   }
 
   /** The source says round `round` consists of `slices` chunk slices. */
@@ -153,6 +167,7 @@ export class Rebuilder {
       );
     }
     this.store.writeRebuilt(ref.image, ref.index, page);
+    strongHash(page).copy(this.pageHashes[ref.image]!, ref.index * STRONG_HASH_BYTES);
     rounds[ref.index] = ref.round + 1;
     this.pagesWritten++;
     const waiting = this.pending.get(`${ref.image}:${ref.index}`);

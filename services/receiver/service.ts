@@ -3,7 +3,6 @@
  * ours, makes each chunk durable in the destination's JetStream before acknowledging it, rebuilds
  * the images from that stream, verifies them by hash and reports the result back over the link.
  */
-import { createHash } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -14,7 +13,6 @@ import { decodeChunk, validateMigrationId } from '../../shared/codec.js';
 import { MalformedMessageError, errorMessage } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult } from '../../shared/migration.js';
-import { hashImageFile } from '../../shared/pages.js';
 import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, parseAddress, parseJsonPayload, splitChunkFrame, type Captured, type Frame, type Hello } from '../../shared/wire.js';
 import { workSubject } from '../../shared/subjects.js';
 import { Rebuilder } from './core.js';
@@ -85,8 +83,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     try {
       state.store.close();
       if (failure) throw new Error(failure);
-      const [memory, disk] = await Promise.all(state.store.partialPaths.map(hashImageFile));
-      const rebuiltHashes = { memory: memory!, disk: disk! };
+      const rebuiltHashes = { memory: state.rebuilder.imageDigest(0), disk: state.rebuilder.imageDigest(1) };
       const src = state.sourceHashes!;
       const mismatch = (['memory', 'disk'] as const).filter((k) => rebuiltHashes[k] !== src[k]);
       const rebuildSeconds = (performance.now() - state.startedMs) / 1000;
@@ -171,7 +168,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
           { base: options.baseMemory, out: memoryPath, bytes: memoryIndex.bytes },
           { base: options.baseDisk, out: diskPath, bytes: diskIndex.bytes },
         ]);
-        state = { migrationId, log: clog, store, rebuilder: new Rebuilder(store, migrationId), startedMs: performance.now(), duplicates: 0, finished: false };
+        state = { migrationId, log: clog, store, rebuilder: new Rebuilder(store, migrationId, [memoryIndex.hashes, diskIndex.hashes]), startedMs: performance.now(), duplicates: 0, finished: false };
         states.set(migrationId, state);
       }
       state.link = socket;
@@ -186,7 +183,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       }
       if (frame.type === FrameType.Chunk) {
         const { frameNo, chunk } = splitChunkFrame(frame.payload);
-        await publishWork(bus, workSubject('received', state.migrationId), chunk, `${state.migrationId}.frame.${createHash('sha1').update(chunk).digest('hex')}`);
+        // no message id: a chunk that arrives twice (resent after a drop) is ignored by the rebuilder
+        await publishWork(bus, workSubject('received', state.migrationId), chunk);
         socket.write(encodeAckFrame(frameNo));
       } else if (frame.type === FrameType.Captured) {
         const captured = parseJsonPayload(frame) as Captured;

@@ -1,7 +1,9 @@
 /** File-backed PageStore: base images read-only, rebuilt images written at `<out>.partial` until verified. */
-import { closeSync, copyFileSync, fsyncSync, openSync, readSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, fsyncSync, openSync, readSync, renameSync, rmSync, writevSync } from 'node:fs';
 import { PAGE_SIZE, type ImageId } from '../../shared/pages.js';
 import type { PageStore } from './core.js';
+
+const MAX_RUN_PAGES = 256;
 
 export interface ImageFiles {
   base: string;
@@ -37,11 +39,37 @@ export class FilePageStore implements PageStore {
   }
 
   readRebuilt(image: ImageId, index: number): Uint8Array {
+    this.flush();
     return this.read(this.outFds[image]!, index);
   }
 
+  /** Consecutive pages are gathered and written with one writev: chunks come in page order. */
+  private run: { image: ImageId; first: number; pages: Uint8Array[] } | undefined;
+
   writeRebuilt(image: ImageId, index: number, page: Uint8Array): void {
-    writeSync(this.outFds[image]!, page, 0, PAGE_SIZE, index * PAGE_SIZE);
+    const run = this.run;
+    if (run && run.image === image && run.first + run.pages.length === index && run.pages.length < MAX_RUN_PAGES) {
+      run.pages.push(page);
+      return;
+    }
+    this.flush();
+    this.run = { image, first: index, pages: [page] };
+  }
+
+  private flush(): void {
+    const run = this.run;
+    if (!run) return;
+    this.run = undefined;
+    let position = run.first * PAGE_SIZE;
+    let pages = run.pages;
+    while (pages.length > 0) {
+      const written = writevSync(this.outFds[run.image]!, pages, position);
+      position += written;
+      // a short write: carry on from where it stopped (whole pages only in practice)
+      const whole = Math.floor(written / PAGE_SIZE);
+      pages = pages.slice(whole);
+      if (written % PAGE_SIZE !== 0) throw new Error(`short write of a page at byte ${position}`);
+    }
   }
 
   /** Paths of the rebuilt images while they are unverified. */
@@ -50,6 +78,7 @@ export class FilePageStore implements PageStore {
   }
 
   close(): void {
+    this.flush();
     for (const fd of this.outFds) {
       fsyncSync(fd);
       closeSync(fd);

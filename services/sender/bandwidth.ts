@@ -5,12 +5,14 @@
 export class BandwidthEstimator {
   private readonly acks: { atMs: number; bytes: number }[] = [];
   totalAckedBytes = 0;
+  lastAckMs: number | undefined;
 
   constructor(private readonly windowMs = 2000) {}
 
   ack(bytes: number, atMs = performance.now()): void {
     this.acks.push({ atMs, bytes });
     this.totalAckedBytes += bytes;
+    this.lastAckMs = atMs;
     while (this.acks.length > 2 && this.acks[0]!.atMs < atMs - this.windowMs) this.acks.shift();
   }
 

@@ -9,6 +9,7 @@ import { RateLimiter } from './rate.js';
 export class WanLink {
   readonly bandwidth = new BandwidthEstimator();
   wireBytes = 0;
+  private firstSendMs: number | undefined;
   private frameNo = 0;
   private readonly waiting = new Map<number, { bytes: number; resolve: () => void; reject: (e: Error) => void }>();
   private readonly limiter: RateLimiter | undefined;
@@ -125,15 +126,24 @@ export class WanLink {
     });
   }
 
-  /** Sends one encoded chunk; resolves when the receiver has it durably (its ACK). */
-  async sendChunk(chunk: Uint8Array): Promise<void> {
+  /** Sends one encoded chunk; resolves with the frame's size on the wire when the receiver has it durably (its ACK). */
+  async sendChunk(chunk: Uint8Array): Promise<number> {
     if (this.failure) throw this.failure;
     const frameNo = this.frameNo++;
     const frame = encodeChunkFrame(frameNo, chunk);
     await this.limiter?.take(frame.byteLength);
     const acked = new Promise<void>((resolve, reject) => this.waiting.set(frameNo, { bytes: frame.byteLength, resolve, reject }));
+    this.firstSendMs ??= performance.now();
     await this.write(frame);
-    return acked;
+    await acked;
+    return frame.byteLength;
+  }
+
+  /** Average over the link's life: bytes acknowledged / time from the first chunk sent to the last ACK. */
+  get averageBandwidthBps(): number {
+    const last = this.bandwidth.lastAckMs;
+    if (this.firstSendMs === undefined || last === undefined || last <= this.firstSendMs) return 0;
+    return (this.bandwidth.totalAckedBytes * 8 * 1000) / (last - this.firstSendMs);
   }
 
   async sendCaptured(captured: Captured): Promise<void> {

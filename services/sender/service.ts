@@ -99,12 +99,11 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
       try {
         const link = await openLink(await descriptors.get(migrationId), mlog);
         const started = performance.now();
-        const wireBefore = link.wireBytes;
         const size = m.data.byteLength;
         const sent = link.sendChunk(m.data);
         inFlightBytes += size;
         const p = sent
-          .then(() => {
+          .then((frameBytes) => {
             m.ack();
             const stats: StageStats = {
               stage: 'sender',
@@ -115,11 +114,11 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
               part: 0,
               pages: 0,
               bytesIn: size,
-              bytesOut: link.wireBytes - wireBefore,
+              bytesOut: frameBytes,
               cpuMs: 0,
               wallMs: performance.now() - started,
               mode: { delta: 'none', compressor: 'none', level: 0 },
-              counts: { bandwidthBps: Math.round(link.bandwidth.bandwidthBps ?? 0), wireBytes: link.wireBytes },
+              counts: { bandwidthBps: Math.round(link.bandwidth.bandwidthBps ?? 0), averageBandwidthBps: Math.round(link.averageBandwidthBps) },
             };
             bus.nc.publish(statsSubject(migrationId, 'sender'), JSON.stringify(stats));
           })
