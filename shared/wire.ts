@@ -127,11 +127,11 @@ export interface Captured {
   imageHashes: ImageDigests;
 }
 
-/** `HOST:PORT` (IPv6 in brackets). */
-export function parseAddress(address: string): { host: string; port: number } {
+/** `HOST:PORT` (IPv6 in brackets); port 0 only where `listening` (any free port). */
+export function parseAddress(address: string, listening = false): { host: string; port: number } {
   const m = /^(.*):(\d+)$/.exec(address);
   const port = Number(m?.[2]);
-  if (!m || !m[1] || !(port > 0 && port < 65536)) throw new Error(`bad address ${JSON.stringify(address)}: expected HOST:PORT`);
+  if (!m || !m[1] || !(port >= (listening ? 0 : 1) && port < 65536)) throw new Error(`bad address ${JSON.stringify(address)}: expected HOST:PORT`);
   return { host: m[1].replace(/^\[|\]$/g, ''), port };
 }
 

@@ -225,7 +225,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     socket.on('close', () => clearTimeout(helloTimer));
   };
 
-  const { host, port } = parseAddress(options.listen);
+  const { host, port } = parseAddress(options.listen, true);
   const server: Server = createServer(handleConnection);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);

@@ -45,6 +45,9 @@ export async function startDestination(ws: Workspace, name = 'rebuilt', bases?: 
     baseDisk: bases?.disk ?? ws.destBaseDisk,
     outDir,
     natsUrl: nats.url,
+  }).catch(async (err: unknown) => {
+    await nats.stop();
+    throw err;
   });
   return {
     receiver,
