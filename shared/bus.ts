@@ -77,7 +77,6 @@ async function ensureStreams(jsm: JetStreamManager): Promise<void> {
     [STREAMS.delta, 'delta'],
     [STREAMS.compress, 'compress'],
     [STREAMS.wire, 'wire'],
-    [STREAMS.received, 'received'],
   ];
   for (const [name, stage] of work) {
     await ensureStream(jsm, name, {

@@ -6,13 +6,11 @@ export const STREAMS = {
   delta: 'HANDOFF_DELTA',
   compress: 'HANDOFF_COMPRESS',
   wire: 'HANDOFF_WIRE',
-  /** destination side: frames accepted from the WAN, waiting to be rebuilt */
-  received: 'HANDOFF_RECEIVED',
   /** limits stream of control events, so a late subscriber still sees a migration's history */
   events: 'HANDOFF_EVENTS',
 } as const;
 
-export type WorkStage = 'dedup' | 'delta' | 'compress' | 'wire' | 'received';
+export type WorkStage = 'dedup' | 'delta' | 'compress' | 'wire';
 
 /** `handoff.<stage>.<partition>.<migrationId>`; only dedup has more than partition 0. */
 export function workSubject(stage: WorkStage, migrationId: string, partition = 0): string {

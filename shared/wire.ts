@@ -46,11 +46,20 @@ export function encodeJsonFrame(type: FrameType, value: unknown): Buffer {
   return encodeFrame(type, Buffer.from(JSON.stringify(value)));
 }
 
-/** CHUNK payload: [frame number u32][encoded chunk]; the receiver ACKs the number. */
-export function encodeChunkFrame(frameNo: number, chunk: Uint8Array): Buffer {
-  const no = Buffer.allocUnsafe(4);
-  no.writeUInt32LE(frameNo, 0);
-  return encodeFrame(FrameType.Chunk, Buffer.concat([no, chunk]));
+/**
+ * CHUNK payload: [frame number u32][encoded chunk]; the receiver ACKs the number. Returned as two
+ * pieces (header with number, and the chunk as it is) so a large chunk is not copied to be framed.
+ */
+export function encodeChunkFrame(frameNo: number, chunk: Uint8Array): [Buffer, Uint8Array] {
+  const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES + 4);
+  head[0] = MAGIC0;
+  head[1] = MAGIC1;
+  head[2] = VERSION;
+  head[3] = FrameType.Chunk;
+  head.writeUInt32LE(chunk.byteLength + 4, 4);
+  head.writeUInt32LE(frameNo, FRAME_HEADER_BYTES);
+  head.writeUInt32LE(crc32(chunk, crc32(head.subarray(FRAME_HEADER_BYTES))), 8);
+  return [head, chunk];
 }
 
 export function splitChunkFrame(payload: Buffer): { frameNo: number; chunk: Buffer } {
@@ -76,36 +85,46 @@ const KNOWN_TYPES = new Set<number>(Object.values(FrameType));
 
 /** Incremental frame parser for a byte stream. */
 export class FrameReader {
-  private buffered: Buffer[] = [];
+  private pieces: Buffer[] = [];
   private bufferedBytes = 0;
+  /** header + payload bytes of the frame being read, once its header is known */
+  private needed = FRAME_HEADER_BYTES;
   frames = 0;
 
   /** Feeds bytes; returns the complete frames they finish. Throws on the first bad frame. */
   push(data: Buffer): Frame[] {
-    this.buffered.push(data);
+    this.pieces.push(data);
     this.bufferedBytes += data.byteLength;
     const out: Frame[] = [];
-    for (;;) {
-      if (this.bufferedBytes < FRAME_HEADER_BYTES) break;
-      const all = this.buffered.length === 1 ? this.buffered[0]! : Buffer.concat(this.buffered);
-      this.buffered = [all];
-      if (all[0] !== MAGIC0 || all[1] !== MAGIC1) throw new MalformedMessageError(`frame ${this.frames}: bad magic (not a handoff peer?)`);
-      if (all[2] !== VERSION) throw new MalformedMessageError(`frame ${this.frames}: protocol version ${all[2]}, expected ${VERSION}`);
-      const type = all[3]!;
-      if (!KNOWN_TYPES.has(type)) throw new MalformedMessageError(`frame ${this.frames}: unknown type ${type}`);
-      const length = all.readUInt32LE(4);
-      if (length > MAX_FRAME_PAYLOAD) throw new MalformedMessageError(`frame ${this.frames}: payload of ${length} bytes exceeds ${MAX_FRAME_PAYLOAD}`);
-      if (all.byteLength < FRAME_HEADER_BYTES + length) break;
-      const payload = all.subarray(FRAME_HEADER_BYTES, FRAME_HEADER_BYTES + length);
-      const expected = all.readUInt32LE(8);
-      if (crc32(payload) !== expected) throw new MalformedMessageError(`frame ${this.frames}: checksum mismatch (corrupted in transit)`);
-      out.push({ type: type as FrameType, payload: Buffer.from(payload) });
+    // pieces are joined only when a whole header or frame is there: a 1 MiB frame arriving in
+    // 64 KiB reads is copied once, not once per read
+    while (this.bufferedBytes >= this.needed) {
+      const all = this.pieces.length === 1 ? this.pieces[0]! : Buffer.concat(this.pieces, this.bufferedBytes);
+      this.pieces = [all];
+      if (this.needed === FRAME_HEADER_BYTES) {
+        this.needed = FRAME_HEADER_BYTES + this.checkHeader(all);
+        continue;
+      }
+      const payload = all.subarray(FRAME_HEADER_BYTES, this.needed);
+      if (crc32(payload) !== all.readUInt32LE(8)) throw new MalformedMessageError(`frame ${this.frames}: checksum mismatch (corrupted in transit)`);
+      out.push({ type: all[3] as FrameType, payload });
       this.frames++;
-      const rest = all.subarray(FRAME_HEADER_BYTES + length);
-      this.buffered = rest.byteLength ? [rest] : [];
+      const rest = all.subarray(this.needed);
+      this.pieces = rest.byteLength ? [rest] : [];
       this.bufferedBytes = rest.byteLength;
+      this.needed = FRAME_HEADER_BYTES;
     }
     return out;
+  }
+
+  /** Validates a frame header; returns its payload length. */
+  private checkHeader(header: Buffer): number {
+    if (header[0] !== MAGIC0 || header[1] !== MAGIC1) throw new MalformedMessageError(`frame ${this.frames}: bad magic (not a handoff peer?)`);
+    if (header[2] !== VERSION) throw new MalformedMessageError(`frame ${this.frames}: protocol version ${header[2]}, expected ${VERSION}`);
+    if (!KNOWN_TYPES.has(header[3]!)) throw new MalformedMessageError(`frame ${this.frames}: unknown type ${header[3]}`);
+    const length = header.readUInt32LE(4);
+    if (length > MAX_FRAME_PAYLOAD) throw new MalformedMessageError(`frame ${this.frames}: payload of ${length} bytes exceeds ${MAX_FRAME_PAYLOAD}`);
+    return length;
   }
 
   /** Bytes of an unfinished frame left when the stream ended (a truncated frame if not 0). */

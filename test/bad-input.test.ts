@@ -129,7 +129,7 @@ describe('bad input', { timeout: 120_000 }, () => {
 
       const hello = encodeJsonFrame(FrameType.Hello, { migrationId: 'mangled', baseHashes: dest.receiver.baseHashes, bytes: { memory: 4 << 20, disk: 4 << 20 } });
       const resultP = dest.receiver.next();
-      const answers = talk(dest.address, [hello, encodeChunkFrame(0, Buffer.from([0x85, 0x01, 0x02]))]);
+      const answers = talk(dest.address, [hello, Buffer.concat(encodeChunkFrame(0, Buffer.from([0x85, 0x01, 0x02])))]);
       const received = await resultP;
       assert.equal(received.result.verified, false);
       assert.match(received.result.reason!, /malformed chunk/);

@@ -1,20 +1,21 @@
 /**
  * Receiver actor (destination cloudlet): accepts the WAN link after checking the source's base is
- * ours, makes each chunk durable in the destination's JetStream before acknowledging it, rebuilds
- * the images from that stream, verifies them by hash and reports the result back over the link.
+ * ours, applies each chunk to the rebuilt images before acknowledging it, verifies the images by
+ * hash and reports the result back over the link and on the destination's bus (stats, result).
  */
 import { mkdirSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { hostname } from 'node:os';
 import { loadBaseIndex } from '../../shared/base-index.js';
-import { connectBus, ensureWorkConsumer, publishWork, streamOf, type Bus } from '../../shared/bus.js';
+import { connectBus, publishEvent, type Bus } from '../../shared/bus.js';
 import { decodeChunk, validateMigrationId } from '../../shared/codec.js';
 import { MalformedMessageError, errorMessage } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
-import type { ImageDigests, RebuildResult } from '../../shared/migration.js';
+import type { ImageDigests, RebuildResult, StageStats } from '../../shared/migration.js';
+import { PAGE_SIZE } from '../../shared/pages.js';
 import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, parseAddress, parseJsonPayload, splitChunkFrame, type Captured, type Frame, type Hello } from '../../shared/wire.js';
-import { workSubject } from '../../shared/subjects.js';
+import { statsSubject } from '../../shared/subjects.js';
 import { Rebuilder } from './core.js';
 import { FilePageStore } from './store.js';
 
@@ -58,7 +59,8 @@ export interface RunningReceiver {
 }
 
 export async function startReceiver(options: ReceiverOptions): Promise<RunningReceiver> {
-  const log = createLogger({ stage: 'receiver', instance: `${hostname()}:${process.pid}` });
+  const instance = `${hostname()}:${process.pid}`;
+  const log = createLogger({ stage: 'receiver', instance });
   const [memoryIndex, diskIndex] = await Promise.all([loadBaseIndex(options.baseMemory), loadBaseIndex(options.baseDisk)]);
   const baseHashes: ImageDigests = { memory: memoryIndex.contentHash, disk: diskIndex.contentHash };
   mkdirSync(options.outDir, { recursive: true });
@@ -100,6 +102,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     }
     state.log.info(result.verified ? 'images rebuilt and verified' : 'rebuild failed', { verified: result.verified, reason: result.reason });
     state.link?.write(encodeJsonFrame(FrameType.Result, result));
+    await publishEvent(bus, state.migrationId, { type: 'result', result }).catch(() => undefined);
     report({ migrationId: state.migrationId, result, memoryPath, diskPath });
   };
 
@@ -107,30 +110,41 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     if (!state.finished && state.sourceHashes && state.rebuilder.complete) void finish(state);
   };
 
-  // Rebuild: chunks come from the destination's own stream, so a receiver restart loses none.
-  const durable = await ensureWorkConsumer(bus, 'received', undefined, 60_000);
-  const messages = await (await bus.js.consumers.get(streamOf('received'), durable)).consume({ max_messages: 8 });
-  const rebuilding = (async () => {
-    for await (const m of messages) {
-      const migrationId = m.subject.split('.')[3]!;
-      const state = states.get(migrationId);
-      if (!state || state.finished) {
-        m.term(`no migration ${migrationId} in progress here`);
-        continue;
-      }
-      try {
-        const chunk = decodeChunk(m.data);
-        const r = state.rebuilder.apply(chunk);
-        if (r.duplicate) state.duplicates++;
-        m.ack();
-        checkDone(state);
-      } catch (err) {
-        m.term(errorMessage(err));
-        state.log.error('chunk rejected', { reason: errorMessage(err) });
-        await finish(state, errorMessage(err));
-      }
+  /**
+   * Chunks are applied as they come off the link, with no bus hop: the rebuilt images are the
+   * destination's state, and a chunk not acknowledged is still in the source's wire queue.
+   */
+  const applyChunk = (state: MigrationState, bytes: Uint8Array): void => {
+    if (state.finished) return;
+    const started = performance.now();
+    const cpu = process.cpuUsage();
+    try {
+      const chunk = decodeChunk(bytes);
+      const r = state.rebuilder.apply(chunk);
+      if (r.duplicate) state.duplicates++;
+      const used = process.cpuUsage(cpu);
+      const stats: StageStats = {
+        stage: 'receiver',
+        instance,
+        migrationId: state.migrationId,
+        round: chunk.round,
+        seq: chunk.seq,
+        part: chunk.part,
+        pages: chunk.pageIndex.length,
+        bytesIn: bytes.byteLength,
+        bytesOut: r.pagesWritten * PAGE_SIZE,
+        cpuMs: (used.user + used.system) / 1000,
+        wallMs: performance.now() - started,
+        mode: chunk.mode,
+        counts: { pagesWritten: r.pagesWritten, pagesDeferred: r.pagesDeferred },
+      };
+      bus.nc.publish(statsSubject(state.migrationId, 'receiver'), JSON.stringify(stats));
+      checkDone(state);
+    } catch (err) {
+      state.log.error('chunk rejected', { reason: errorMessage(err) });
+      void finish(state, errorMessage(err));
     }
-  })();
+  };
 
   const handleConnection = (socket: Socket): void => {
     const reader = new FrameReader();
@@ -183,8 +197,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       }
       if (frame.type === FrameType.Chunk) {
         const { frameNo, chunk } = splitChunkFrame(frame.payload);
-        // no message id: a chunk that arrives twice (resent after a drop) is ignored by the rebuilder
-        await publishWork(bus, workSubject('received', state.migrationId), chunk);
+        applyChunk(state, chunk);
+        // acknowledged once applied: the sender acks its JetStream message only then
         socket.write(encodeAckFrame(frameNo));
       } else if (frame.type === FrameType.Captured) {
         const captured = parseJsonPayload(frame) as Captured;
@@ -249,9 +263,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       },
     },
     stop: async () => {
+      for (const s of states.values()) s.link?.destroy();
       await new Promise<void>((resolve) => server.close(() => resolve()));
-      messages.stop();
-      await rebuilding.catch(() => undefined);
       for (const s of states.values()) if (!s.finished) s.store.discard();
       await bus.close();
     },

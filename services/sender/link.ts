@@ -111,19 +111,37 @@ export class WanLink {
     this.waiting.clear();
     this.resultHandlers?.reject(err);
     this.socket.destroy();
+    this.releaseDrain?.(); // a destroyed socket never drains: let waiting writers see the failure
   }
 
   get failed(): Error | undefined {
     return this.failure;
   }
 
-  private write(frame: Buffer): Promise<void> {
-    this.wireBytes += frame.byteLength;
-    return new Promise((resolve, reject) => {
-      const flushed = this.socket.write(frame, (err) => (err ? reject(err) : undefined));
-      if (flushed) resolve();
-      else this.socket.once('drain', resolve);
-    });
+  /** set while the socket's buffer is full: writers wait for one shared 'drain' */
+  private drained: Promise<void> | undefined;
+  private releaseDrain: (() => void) | undefined;
+
+  private async write(frame: Buffer | readonly Uint8Array[]): Promise<void> {
+    while (this.drained) await this.drained;
+    const pieces = Buffer.isBuffer(frame) ? [frame] : frame;
+    this.socket.cork();
+    let flushed = true;
+    for (const piece of pieces) {
+      this.wireBytes += piece.byteLength;
+      flushed = this.socket.write(piece);
+    }
+    this.socket.uncork();
+    if (!flushed) {
+      this.drained = new Promise((resolve) => {
+        this.releaseDrain = () => {
+          this.drained = undefined;
+          this.releaseDrain = undefined;
+          resolve();
+        };
+        this.socket.once('drain', this.releaseDrain);
+      });
+    }
   }
 
   /** Sends one encoded chunk; resolves with the frame's size on the wire when the receiver has it durably (its ACK). */
@@ -131,12 +149,13 @@ export class WanLink {
     if (this.failure) throw this.failure;
     const frameNo = this.frameNo++;
     const frame = encodeChunkFrame(frameNo, chunk);
-    await this.limiter?.take(frame.byteLength);
-    const acked = new Promise<void>((resolve, reject) => this.waiting.set(frameNo, { bytes: frame.byteLength, resolve, reject }));
+    const frameBytes = frame[0].byteLength + frame[1].byteLength;
+    await this.limiter?.take(frameBytes);
+    const acked = new Promise<void>((resolve, reject) => this.waiting.set(frameNo, { bytes: frameBytes, resolve, reject }));
     this.firstSendMs ??= performance.now();
     await this.write(frame);
     await acked;
-    return frame.byteLength;
+    return frameBytes;
   }
 
   /** Average over the link's life: bytes acknowledged / time from the first chunk sent to the last ACK. */

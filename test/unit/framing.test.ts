@@ -6,7 +6,7 @@ import { MalformedMessageError } from '../../shared/errors.js';
 import { FRAME_HEADER_BYTES, FrameReader, FrameType, MAX_FRAME_PAYLOAD, encodeAckFrame, encodeChunkFrame, encodeJsonFrame, parseAddress, splitChunkFrame } from '../../shared/wire.js';
 
 describe('frames', () => {
-  const frames = [encodeJsonFrame(FrameType.Hello, { migrationId: 'x' }), encodeChunkFrame(7, randomBytes(3000)), encodeAckFrame(7), encodeJsonFrame(FrameType.Result, { verified: true })];
+  const frames = [encodeJsonFrame(FrameType.Hello, { migrationId: 'x' }), Buffer.concat(encodeChunkFrame(7, randomBytes(3000))), encodeAckFrame(7), encodeJsonFrame(FrameType.Result, { verified: true })];
   const stream = Buffer.concat(frames);
 
   test('all at once, and one byte at a time, give the same frames', () => {
