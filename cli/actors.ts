@@ -61,7 +61,9 @@ export interface ActorProcess {
 
 /** Spawns `handoff actor NAME` as its own process; its logs go to our stderr. */
 export function spawnActor(name: ActorName, natsUrl: string, options: { partition?: number; logLevel?: string } = {}): ActorProcess {
-  const args = [MAIN, 'actor', name, '--nats', natsUrl];
+  // HANDOFF_ACTOR_NODE_ARGS: node flags for actor processes (e.g. --cpu-prof), which NODE_OPTIONS refuses
+  const nodeArgs = (process.env.HANDOFF_ACTOR_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  const args = [...nodeArgs, MAIN, 'actor', name, '--nats', natsUrl];
   if (options.partition !== undefined) args.push('--partition', String(options.partition));
   const child = spawn(process.execPath, args, {
     stdio: ['ignore', 'inherit', 'inherit'],
