@@ -44,8 +44,12 @@ export interface StageActor {
   close?(): Promise<void>;
 }
 
-/** Where a chunk goes after `from`, given the mode: stages with nothing to do are skipped, saving a hop. */
-export function nextStage(from: 'dedup' | 'delta' | 'compress', mode: Mode): WorkStage {
+/**
+ * Where a chunk goes after `from`, given the mode: stages with nothing to do are skipped, saving a
+ * hop (a mode without delta or compression, or a chunk that dedup turned into references only).
+ */
+export function nextStage(from: 'dedup' | 'delta' | 'compress', mode: Mode, chunk: Chunk): WorkStage {
+  if (chunk.bodyRawLength === 0) return 'wire';
   if (from === 'dedup' && mode.delta !== 'none') return 'delta';
   if (from !== 'compress' && mode.compressor !== 'none') return 'compress';
   return 'wire';

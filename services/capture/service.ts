@@ -53,13 +53,15 @@ export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Lo
       const size = (await fh.stat()).size;
       if (size !== pair.bytes) throw new BadImageError(`${name} image ${pair.current} is ${size} bytes now, ${pair.bytes} when the migration started`);
       const block = Buffer.allocUnsafe(READ_BLOCK_BYTES);
+      // a chunk's cost is everything since the previous one: reading and hashing its pages too
+      let since = { wallMs: performance.now(), cpu: process.cpuUsage() };
       const flush = async (): Promise<void> => {
-        const started = performance.now();
-        const cpu = process.cpuUsage();
         const pages = builder.pending;
         const slices = builder.take();
         for (const slice of slices) await publish(slice);
-        const used = process.cpuUsage(cpu);
+        const used = process.cpuUsage(since.cpu);
+        const started = since.wallMs;
+        since = { wallMs: performance.now(), cpu: process.cpuUsage() };
         const stats: StageStats = {
           stage: 'capture',
           instance,

@@ -17,7 +17,7 @@ export function createCompressActor(threads = 1): StageActor {
     concurrency: threads + 1,
     async handle(chunk, ctx) {
       const out = await pool.run({ chunk, mode: ctx.mode });
-      return { outputs: [{ chunk: out, to: nextStage('compress', ctx.mode) }] };
+      return { outputs: [{ chunk: out, to: nextStage('compress', ctx.mode, out) }] };
     },
     async close() {
       await pool.destroy();

@@ -39,7 +39,7 @@ export function createDedupActor(partition: number): StageActor {
       const base = await baseMaps.get(basesOf.get(chunk.migrationId)!)!;
       const sent = sentMaps.get(chunk.migrationId)!;
       const { chunk: out, counts } = dedupChunk(chunk, base, sent);
-      return { outputs: [{ chunk: out, to: nextStage('dedup', ctx.mode) }], counts: { ...counts } };
+      return { outputs: [{ chunk: out, to: nextStage('dedup', ctx.mode, out) }], counts: { ...counts } };
     },
   };
 }

@@ -22,7 +22,7 @@ export function createDeltaActor(): StageActor {
     handle(chunk, ctx) {
       const { encoder } = encoders.get(chunk.migrationId)!;
       const { chunk: out, counts } = encoder.encode(chunk, ctx.mode.delta);
-      return { outputs: [{ chunk: out, to: nextStage('delta', ctx.mode) }], counts: { ...counts } };
+      return { outputs: [{ chunk: out, to: nextStage('delta', ctx.mode, out) }], counts: { ...counts } };
     },
     async close() {
       for (const { fds } of encoders.values()) fds.forEach((fd) => closeSync(fd));

@@ -66,6 +66,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
   mkdirSync(options.outDir, { recursive: true });
   const bus: Bus = await connectBus(options.natsUrl, 'handoff-receiver');
   const states = new Map<string, MigrationState>();
+  const finishedIds = new Set<string>();
   const finished: ReceivedMigration[] = [];
   const waiters: ((r: ReceivedMigration) => void)[] = [];
   const memoryPath = join(options.outDir, 'memory.img');
@@ -104,6 +105,9 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     state.link?.write(encodeJsonFrame(FrameType.Result, result));
     await publishEvent(bus, state.migrationId, { type: 'result', result }).catch(() => undefined);
     report({ migrationId: state.migrationId, result, memoryPath, diskPath });
+    // a long-running receiver keeps only the id of a finished migration, not its page maps
+    states.delete(state.migrationId);
+    finishedIds.add(state.migrationId);
   };
 
   const checkDone = (state: MigrationState): void => {
@@ -146,7 +150,10 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     }
   };
 
+  const sockets = new Set<Socket>();
   const handleConnection = (socket: Socket): void => {
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
     const reader = new FrameReader();
     let state: MigrationState | undefined;
     let clog = log.child({ peer: `${socket.remoteAddress}:${socket.remotePort}` });
@@ -172,6 +179,10 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       }
       if (hello.bytes?.memory !== memoryIndex.bytes || hello.bytes?.disk !== diskIndex.bytes) {
         refuse(`image sizes differ: source memory ${hello.bytes?.memory} disk ${hello.bytes?.disk}, destination base memory ${memoryIndex.bytes} disk ${diskIndex.bytes}`);
+        return;
+      }
+      if (finishedIds.has(migrationId)) {
+        refuse(`migration ${migrationId} has already finished here`);
         return;
       }
       state = states.get(migrationId);
@@ -263,7 +274,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       },
     },
     stop: async () => {
-      for (const s of states.values()) s.link?.destroy();
+      for (const socket of sockets) socket.destroy();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       for (const s of states.values()) if (!s.finished) s.store.discard();
       await bus.close();
