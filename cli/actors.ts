@@ -7,11 +7,12 @@ import { createCompressActor } from '../services/compress/service.js';
 import { createDedupActor } from '../services/dedup/service.js';
 import { createDeltaActor } from '../services/delta/service.js';
 import { runSenderService } from '../services/sender/service.js';
+import { runTunerService } from '../services/tuner/service.js';
 import { stopProcess } from '../shared/child.js';
 import { createLogger } from '../shared/log.js';
 import { runStage } from '../shared/stage.js';
 
-export const ACTOR_NAMES = ['capture', 'dedup', 'delta', 'compress', 'sender'] as const;
+export const ACTOR_NAMES = ['capture', 'dedup', 'delta', 'compress', 'sender', 'tuner'] as const;
 export type ActorName = (typeof ACTOR_NAMES)[number];
 
 export interface RunningActor {
@@ -31,6 +32,8 @@ export async function runActor(name: ActorName, natsUrl: string, partition = 0):
       return runStage(createDeltaActor(), natsUrl);
     case 'compress':
       return runStage(createCompressActor(), natsUrl);
+    case 'tuner':
+      return runTunerService(natsUrl, process.env.HANDOFF_PROFILE);
   }
 }
 

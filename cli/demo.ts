@@ -16,6 +16,7 @@ export interface DemoOptions {
   diskSize: string;
   bandwidth: string;
   mode: Mode;
+  adaptive: boolean;
   compressWorkers: number;
   dedupInstances: number;
   json: boolean;
@@ -43,7 +44,7 @@ export async function demo(o: DemoOptions): Promise<number> {
 
     const outDir = join(destDir, 'rebuilt');
     const receiver = await spawnReceiverProcess(destBaseMemory, destBaseDisk, outDir, true);
-    say(`destination cloudlet listening on ${receiver.address}; handing off at ${o.bandwidth}, ${formatMode(o.mode)}, ${o.compressWorkers} compress workers`);
+    say(`destination cloudlet listening on ${receiver.address}; handing off at ${o.bandwidth}, ${o.adaptive ? 'adaptive mode' : formatMode(o.mode)}, ${o.compressWorkers} compress workers`);
 
     const summary = await migrate({
       baseMemory: images.baseMemory,
@@ -52,6 +53,7 @@ export async function demo(o: DemoOptions): Promise<number> {
       disk: images.disk,
       to: receiver.address,
       mode: o.mode,
+      adaptive: o.adaptive,
       compressWorkers: o.compressWorkers,
       dedupInstances: o.dedupInstances,
       bandwidthCapBps: parseRateBps(o.bandwidth),

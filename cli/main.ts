@@ -2,7 +2,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { errorMessage } from '../shared/errors.js';
 import { DEFAULT_MODE, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
-import { parseRateBps } from '../shared/units.js';
+import { parseRateBps, parseSizeBytes } from '../shared/units.js';
 import { ACTOR_NAMES, actorMain, type ActorName } from './actors.js';
 import { migrate } from './migrate.js';
 import { receiveOnce } from './receive.js';
@@ -15,6 +15,7 @@ Usage:
   handoff demo      [options]   both cloudlets on this machine, generated images, progress and summary
   handoff migrate   [options]   hand a VM's images off to a destination receiver
   handoff receive   [options]   be the destination: rebuild the images, verify, exit
+  handoff profile   [options]   measure every mode's cost and ratio: the tuner's profile
   handoff actor NAME --nats URL run one actor (${ACTOR_NAMES.join(', ')}) as a service
 
 Run 'handoff COMMAND --help' for a command's options. Without --nats, a command starts its own
@@ -24,8 +25,11 @@ nats-server (JetStream on, a free port, a temporary store) and stops it when it 
   --base-memory F --memory F     base memory snapshot and current memory (same size, 4 KiB pages)
   --base-disk F --disk F         base disk and current disk (same size, 4 KiB blocks)
   --to HOST:PORT                 the destination's 'handoff receive'
-  --mode none|lz4|zstd:LEVEL     compression (default zstd:3)
-  --delta none|xor|zstd          delta against the base page at the same index (default xor)
+  --mode adaptive|none|lz4|zstd:LEVEL
+                                 adaptive (default): the tuner picks delta, compressor and level as
+                                 bandwidth and spare CPU change; otherwise a fixed compression
+  --delta none|xor|zstd          delta against the base page at the same index (default xor; with
+                                 adaptive, where it starts)
   --compress-workers N           compress processes sharing one work queue (default 2)
   --dedup-instances N            dedup processes, each owning a partition of the hash space (default 1)
   --bandwidth RATE               cap the WAN rate, e.g. 10mbit (default: no cap)
@@ -43,6 +47,15 @@ Exit status: 0 when the destination verified both images, 1 otherwise.`,
   --nats URL                     use this NATS instead of an embedded one
   --json                         print one JSON result object on stdout
 Exit status: 0 when the rebuilt images match the source's hashes, 1 otherwise.`,
+  profile: `handoff profile: measure each mode's CPU cost per block and output ratio
+
+Generates a workload (a realistic VM), runs the real delta and compress cores on its dedup output
+for every mode, and writes the profile the adaptive tuner starts from (HANDOFF_PROFILE=FILE makes
+the tuner use another one; 'npm run profile' regenerates the shipped default).
+
+  --out FILE                     where to write it (default: print to stdout)
+  --memory-size SIZE             workload memory size (default 64MiB)
+  --disk-size SIZE               workload disk size (default 64MiB)`,
   demo: `handoff demo: a complete handoff on this machine
 
 Generates a realistic VM (base and current memory and disk), starts a destination cloudlet
@@ -84,9 +97,12 @@ function need(values: Record<string, unknown>, names: string[], command: string)
   if (missing.length) throw new UsageError(`${command}: missing ${missing.map((n) => `--${n}`).join(', ')} (see 'handoff ${command} --help')`);
 }
 
-export function modeFrom(values: { mode?: string; delta?: string }): Mode {
-  const compression = values.mode === undefined ? DEFAULT_MODE : parseCompression(values.mode);
-  return { delta: values.delta === undefined ? DEFAULT_MODE.delta : parseDelta(values.delta), compressor: compression.compressor, level: compression.level };
+/** `--mode adaptive` (the default) starts from the default mode and lets the tuner choose. */
+export function modeFrom(values: { mode?: string; delta?: string }): { mode: Mode; adaptive: boolean } {
+  const adaptive = values.mode === undefined || values.mode === 'adaptive';
+  const compression = adaptive ? DEFAULT_MODE : parseCompression(values.mode!);
+  const delta = values.delta === undefined ? DEFAULT_MODE.delta : parseDelta(values.delta);
+  return { mode: { delta, compressor: compression.compressor, level: compression.level }, adaptive };
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -119,7 +135,7 @@ async function main(argv: string[]): Promise<number> {
         baseDisk: values['base-disk']!,
         disk: values.disk!,
         to: values.to!,
-        mode: modeFrom(values),
+        ...modeFrom(values),
         compressWorkers: positiveInt(values['compress-workers'], 'compress-workers', 2),
         dedupInstances: positiveInt(values['dedup-instances'], 'dedup-instances', 1),
         bandwidthCapBps: values.bandwidth ? parseRateBps(values.bandwidth) : 0,
@@ -170,12 +186,28 @@ async function main(argv: string[]): Promise<number> {
         memorySize: values['memory-size'] ?? '256MiB',
         diskSize: values['disk-size'] ?? '256MiB',
         bandwidth: values.bandwidth ?? '50mbit',
-        mode: modeFrom(values),
+        ...modeFrom(values),
         compressWorkers: positiveInt(values['compress-workers'], 'compress-workers', 2),
         dedupInstances: positiveInt(values['dedup-instances'], 'dedup-instances', 1),
         json: values.json ?? false,
         ...(values.dir ? { dir: values.dir } : {}),
       });
+    }
+    case 'profile': {
+      const { values } = parseArgs({
+        args: rest,
+        options: { out: { type: 'string' }, 'memory-size': { type: 'string' }, 'disk-size': { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      });
+      if (values.help) return console.log(HELP.profile), 0;
+      const { profileGenerated } = await import('../services/tuner/profile.js');
+      const profile = await profileGenerated(parseSizeBytes(values['memory-size'] ?? '64MiB'), parseSizeBytes(values['disk-size'] ?? '64MiB'));
+      const text = `${JSON.stringify(profile, null, 1)}\n`;
+      if (values.out) {
+        const { writeFile } = await import('node:fs/promises');
+        await writeFile(values.out, text);
+        process.stderr.write(`profile of ${profile.modes.length} modes written to ${values.out}\n`);
+      } else process.stdout.write(text);
+      return 0;
     }
     case 'actor': {
       const { values, positionals } = parseArgs({

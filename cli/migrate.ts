@@ -9,7 +9,7 @@ import { checkImage, loadBaseIndex } from '../shared/base-index.js';
 import { connectBus, publishEvent, type Bus } from '../shared/bus.js';
 import { BadImageError } from '../shared/errors.js';
 import { createLogger } from '../shared/log.js';
-import { parseEvent, type MigrationDescriptor, type MigrationEvent, type StageStats } from '../shared/migration.js';
+import { parseEvent, type MigrationDescriptor, type MigrationEvent, type StageStats, type TunerDecision } from '../shared/migration.js';
 import type { Mode } from '../shared/mode.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { PAGE_SIZE } from '../shared/pages.js';
@@ -25,6 +25,8 @@ export interface MigrateOptions {
   disk: string;
   to: string;
   mode: Mode;
+  /** the tuner chooses the mode as the migration runs, starting from `mode` */
+  adaptive?: boolean;
   compressWorkers: number;
   dedupInstances: number;
   bandwidthCapBps: number;
@@ -78,6 +80,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       chunkPages: options.chunkPages ?? chunkPagesFor(bus.maxPayloadBytes),
       bandwidthCapBps: options.bandwidthCapBps,
       mode: options.mode,
+      adaptive: options.adaptive ?? false,
     };
     await bus.migrations.put(migrationId, JSON.stringify(descriptor));
     await bus.config.put(migrationId, JSON.stringify(options.mode));
@@ -88,6 +91,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
         spawnActor('delta', natsUrl),
         ...Array.from({ length: options.compressWorkers }, () => spawnActor('compress', natsUrl)),
         spawnActor('sender', natsUrl),
+        ...(options.adaptive ? [spawnActor('tuner', natsUrl)] : []),
       ];
       for (const a of actors) {
         a.child.once('exit', (code, signal) => {
@@ -120,11 +124,13 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
 
     let outcome: MigrationEvent | undefined;
     let acceptedMs: number | undefined;
+    const decisions: TunerDecision[] = [];
     try {
       for await (const m of events) {
         const event = parseEvent(m.data);
         if (event.type === 'accepted') acceptedMs ??= performance.now();
         if (event.type === 'captured') captured = event;
+        if (event.type === 'tuned') decisions.push(event.decision);
         if (event.type === 'result' || event.type === 'failed' || event.type === 'refused') {
           outcome = event;
           break;
@@ -152,6 +158,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       effectiveBps: handoffSeconds > 0 ? (stats.wireBytes * 8) / handoffSeconds : 0,
       measuredBandwidthBps: stats.measuredBandwidthBps,
       modes: [...stats.modes],
+      adaptive: options.adaptive ?? false,
+      decisions,
       stages: stats.stages,
       ...(captured ? { sourceHashes: captured.imageHashes } : {}),
     };

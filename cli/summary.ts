@@ -1,5 +1,5 @@
 /** What a migration did, gathered from the stages' statistics and events; printed as a table or JSON. */
-import type { ImageDigests, RebuildResult, StageStats } from '../shared/migration.js';
+import type { ImageDigests, RebuildResult, StageStats, TunerDecision } from '../shared/migration.js';
 import { formatMode } from '../shared/mode.js';
 import { formatBytes, formatRate } from '../shared/units.js';
 
@@ -33,6 +33,9 @@ export interface MigrationSummary {
   /** bandwidth measured from the receiver's ACKs, averaged over the transfer */
   measuredBandwidthBps: number;
   modes: string[];
+  adaptive: boolean;
+  /** the tuner's switches, with what it measured and predicted */
+  decisions: TunerDecision[];
   stages: Record<string, StageSummary>;
   sourceHashes?: ImageDigests;
   rebuild?: RebuildResult;
@@ -66,7 +69,7 @@ export class StatsCollector {
     inst.add(s.instance);
     st.instances = inst.size;
     for (const [k, v] of Object.entries(s.counts ?? {})) {
-      if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'averageBandwidthBps') continue;
+      if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'averageBandwidthBps' || k === 'blocks') continue;
       st.counts[k] = (st.counts[k] ?? 0) + v;
     }
     if (s.next === 'wire') this.modes.add(formatMode(s.mode));
@@ -100,7 +103,12 @@ export function formatSummary(s: MigrationSummary): string {
       `wire ${formatBytes(s.wireBytes)} (${s.inputBytes ? ((100 * s.wireBytes) / s.inputBytes).toFixed(1) : '0'}% of input), ` +
       `measured bandwidth ${formatRate(s.measuredBandwidthBps)}`,
   );
-  lines.push(`modes: ${s.modes.join(', ') || 'none'}`);
+  lines.push(`modes: ${s.modes.join(', ') || 'none'}${s.adaptive ? ` (adaptive, ${s.decisions.length} switches)` : ''}`);
+  for (const d of s.decisions) {
+    lines.push(
+      `  at ${d.atSeconds.toFixed(1)} s: ${d.from} -> ${d.to} (bandwidth ${formatRate(d.bandwidthBps)}, ${d.spareCores} spare cores, ${d.compressWorkers} compress workers; predicted ${d.predictedCurrentBlocksPerSec} -> ${d.predictedChosenBlocksPerSec} blocks/s)`,
+    );
+  }
   const rows = [['stage', 'instances', 'chunks', 'in', 'out', 'out/in', 'cpu s', 'MB/s per cpu', 'details']];
   for (const name of STAGE_ORDER) {
     const st = s.stages[name];

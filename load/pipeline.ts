@@ -44,7 +44,7 @@ const MODES: { name: string; mode: Mode }[] = [
 const MB = 1e6;
 
 interface StagedResult {
-  stageMBps: Partial<Record<'capture' | 'dedup' | 'delta' | 'compress' | 'sender', number>>;
+  stageMBps: Partial<Record<ActorName, number>>;
 }
 
 interface Row {

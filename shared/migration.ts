@@ -25,6 +25,8 @@ export interface MigrationDescriptor {
   bandwidthCapBps: number;
   /** the mode the migration starts in */
   mode: Mode;
+  /** the tuner chooses the mode while it runs */
+  adaptive?: boolean;
 }
 
 export function isDescriptor(value: unknown): value is MigrationDescriptor {
@@ -68,11 +70,25 @@ export type MigrationEvent =
   /** capture finished round `round`: `slices` chunk slices in all, source image hashes at stop */
   | { type: 'captured'; round: number; slices: number; imageHashes: ImageDigests; dirtyPages: number; scannedBytes: number }
   | { type: 'result'; result: RebuildResult }
+  /** the tuner switched mode: what it measured and predicted */
+  | { type: 'tuned'; decision: TunerDecision }
   | { type: 'failed'; stage: string; reason: string };
 
 export type MigrationEventType = MigrationEvent['type'];
 
-const EVENT_TYPES: readonly string[] = ['start', 'accepted', 'refused', 'captured', 'result', 'failed'];
+/** A tuner decision as it travels in events and summaries (blocks/s are 4 KiB blocks of dedup output). */
+export interface TunerDecision {
+  atSeconds: number;
+  from: string;
+  to: string;
+  bandwidthBps: number;
+  spareCores: number;
+  compressWorkers: number;
+  predictedCurrentBlocksPerSec: number;
+  predictedChosenBlocksPerSec: number;
+}
+
+const EVENT_TYPES: readonly string[] = ['start', 'accepted', 'refused', 'captured', 'result', 'failed', 'tuned'];
 
 export function parseEvent(bytes: Uint8Array): MigrationEvent {
   const value: unknown = JSON.parse(Buffer.from(bytes).toString('utf8'));

@@ -108,8 +108,10 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
       let bytesOut = 0;
       let modeOut = chunk.mode;
       let next: string | undefined;
+      let blocks = 0;
       for (const out of result.outputs) {
         next = out.to;
+        for (const len of out.chunk.bodyLength) if (len > 0) blocks++;
         const data = encodeChunk(out.chunk);
         bytesOut += out.chunk.body.byteLength;
         modeOut = out.chunk.mode;
@@ -129,7 +131,8 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
         wallMs,
         mode: modeOut,
         ...(next ? { next } : {}),
-        ...(result.counts ? { counts: result.counts } : {}),
+        // blocks: pages that carry a body (dedup's survivors), the unit of the tuner's costs
+        counts: { ...result.counts, blocks },
       };
       bus.nc.publish(statsSubject(chunk.migrationId, actor.name), JSON.stringify(stats));
       m.ack();

@@ -1,0 +1,161 @@
+/**
+ * The tuner's pure core: learns each mode's cost and ratio from the running pipeline's statistics
+ * (the profile scaled by measured/profiled until a mode has measurements of its own), and decides
+ * when another mode's predicted throughput beats the current one by enough, for long enough.
+ */
+import type { StageStats } from '../../shared/migration.js';
+import type { Mode } from '../../shared/mode.js';
+import { PAGE_SIZE } from '../../shared/pages.js';
+import { modeKey, predict, rank, type Conditions, type ModeCost, type Prediction, type Profile } from './model.js';
+
+/** Exponentially weighted mean that also counts its samples. */
+class Ewma {
+  value = 0;
+  weight = 0;
+  constructor(private readonly alpha: number) {}
+  add(sample: number, weight = 1): void {
+    if (!Number.isFinite(sample)) return;
+    const a = 1 - (1 - this.alpha) ** weight;
+    this.value = this.weight === 0 ? sample : this.value + a * (sample - this.value);
+    this.weight += weight;
+  }
+}
+
+export interface TunerOptions {
+  /** a switch needs a predicted gain of at least this share (noise must not cause flapping) */
+  hysteresis: number;
+  /** ... seen in this many consecutive decisions */
+  confirmations: number;
+  /** blocks of measurement before a mode's own figures replace its scaled profile */
+  minBlocks: number;
+  alpha: number;
+}
+
+export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, confirmations: 2, minBlocks: 64, alpha: 0.2 };
+
+export interface Decision {
+  atMs: number;
+  from: Mode;
+  to: Mode;
+  conditions: Conditions;
+  /** predicted blocks/s of the current and the chosen mode */
+  currentBlocksPerSec: number;
+  chosenBlocksPerSec: number;
+  top: Prediction[];
+}
+
+export class Tuner {
+  private readonly options: TunerOptions;
+  private readonly profiled = new Map<string, ModeCost>();
+  private readonly deltaCost = new Map<string, Ewma>();
+  private readonly compressCost = new Map<string, Ewma>();
+  private readonly ratio = new Map<string, Ewma>();
+  private readonly fixedCost: Ewma;
+  private lastMeasured: Mode | undefined;
+  private pending: { key: string; count: number } | undefined;
+  readonly decisions: Decision[] = [];
+
+  constructor(
+    private readonly profile: Profile,
+    options: Partial<TunerOptions> = {},
+  ) {
+    this.options = { ...DEFAULT_TUNER_OPTIONS, ...options };
+    for (const m of profile.modes) this.profiled.set(modeKey(m.mode), m);
+    this.fixedCost = new Ewma(this.options.alpha);
+  }
+
+  private ewma(map: Map<string, Ewma>, key: string): Ewma {
+    let e = map.get(key);
+    if (!e) map.set(key, (e = new Ewma(this.options.alpha)));
+    return e;
+  }
+
+  /** Feeds one chunk's statistics. `blocks`: pages that carried a body (dedup's output). */
+  observe(s: StageStats): void {
+    const blocks = s.counts?.blocks ?? 0;
+    if (s.stage === 'capture' || s.stage === 'dedup') {
+      if (s.pages > 0) this.fixedCost.add(s.cpuMs / s.pages, s.pages / 64);
+    }
+    if (blocks <= 0) return;
+    const w = blocks / 64;
+    if (s.stage === 'delta') this.ewma(this.deltaCost, s.mode.delta).add(s.cpuMs / blocks, w);
+    if (s.stage === 'compress') this.ewma(this.compressCost, modeKey(s.mode)).add(s.cpuMs / blocks, w);
+    if (s.next === 'wire' && s.stage !== 'capture') {
+      this.ewma(this.ratio, modeKey(s.mode)).add(s.bytesOut / (blocks * PAGE_SIZE), w);
+      this.lastMeasured = s.mode;
+    }
+  }
+
+  private measured(map: Map<string, Ewma>, key: string): number | undefined {
+    const e = map.get(key);
+    return e && e.weight * 64 >= this.options.minBlocks ? e.value : undefined;
+  }
+
+  /** measured / profiled of the most recently measured mode, per figure (1 where unknown) */
+  private scales(): { delta: number; compress: number; ratio: number } {
+    const m = this.lastMeasured;
+    const p = m && this.profiled.get(modeKey(m));
+    if (!m || !p) return { delta: 1, compress: 1, ratio: 1 };
+    const scale = (measured: number | undefined, profiled: number): number => (measured !== undefined && profiled > 0 ? measured / profiled : 1);
+    return {
+      delta: scale(this.measured(this.deltaCost, m.delta), p.deltaCpuMsPerBlock),
+      compress: scale(this.measured(this.compressCost, modeKey(m)), p.compressCpuMsPerBlock),
+      ratio: scale(this.measured(this.ratio, modeKey(m)), p.ratio),
+    };
+  }
+
+  /**
+   * Every profiled mode's cost as it looks now: its own measurements, else its profile scaled by
+   * measured/profiled of the last measured mode. A ratio is scaled only within its family (compressed
+   * or not): how well this workload compresses says nothing about a mode that does not compress.
+   */
+  costs(): ModeCost[] {
+    const k = this.scales();
+    const compressedFamily = this.lastMeasured !== undefined && this.lastMeasured.compressor !== 'none';
+    return this.profile.modes.map((p) => {
+      const key = modeKey(p.mode);
+      const sameFamily = (p.mode.compressor !== 'none') === compressedFamily && !(p.mode.compressor === 'none' && p.mode.delta === 'none');
+      return {
+        mode: p.mode,
+        deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
+        compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress),
+        ratio: this.measured(this.ratio, key) ?? p.ratio * (sameFamily ? k.ratio : 1),
+      };
+    });
+  }
+
+  get fixedCpuMsPerBlock(): number {
+    return this.fixedCost.weight > 0 ? this.fixedCost.value : this.profile.fixedCpuMsPerBlock;
+  }
+
+  /** A decision to switch away from `current`, or undefined to stay. */
+  decide(current: Mode, conditions: Conditions, nowMs: number): Decision | undefined {
+    const costs = this.costs();
+    const ranked = rank(costs, this.fixedCpuMsPerBlock, conditions);
+    const best = ranked[0];
+    if (!best) return undefined;
+    const currentCost = costs.find((c) => modeKey(c.mode) === modeKey(current));
+    const currentPrediction = currentCost ? predict(currentCost, this.fixedCpuMsPerBlock, conditions) : undefined;
+    const currentRate = currentPrediction?.blocksPerSec ?? 0;
+    const bestKey = modeKey(best.mode);
+    if (bestKey === modeKey(current) || best.blocksPerSec <= currentRate * (1 + this.options.hysteresis)) {
+      this.pending = undefined;
+      return undefined;
+    }
+    // the same better mode in consecutive decisions, so one noisy sample does not switch
+    this.pending = this.pending?.key === bestKey ? { key: bestKey, count: this.pending.count + 1 } : { key: bestKey, count: 1 };
+    if (this.pending.count < this.options.confirmations) return undefined;
+    this.pending = undefined;
+    const decision: Decision = {
+      atMs: nowMs,
+      from: current,
+      to: best.mode,
+      conditions,
+      currentBlocksPerSec: currentRate,
+      chosenBlocksPerSec: best.blocksPerSec,
+      top: ranked.slice(0, 3),
+    };
+    this.decisions.push(decision);
+    return decision;
+  }
+}

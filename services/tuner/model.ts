@@ -1,0 +1,69 @@
+/**
+ * The throughput model (Elijah's, extended): for each mode, predict processing throughput from CPU
+ * cost per block and the cores and workers there are, network throughput from output ratio and
+ * bandwidth, and take the mode whose min(processing, network) is highest.
+ */
+import { formatMode, type Mode } from '../../shared/mode.js';
+import { PAGE_SIZE } from '../../shared/pages.js';
+
+/** One mode's costs, per 4 KiB block of dedup output (the input the mode-dependent stages see). */
+export interface ModeCost {
+  mode: Mode;
+  /** delta stage CPU ms per block */
+  deltaCpuMsPerBlock: number;
+  /** compress stage CPU ms per block */
+  compressCpuMsPerBlock: number;
+  /** wire bytes / input bytes after delta and compression */
+  ratio: number;
+}
+
+export interface Profile {
+  /** what was profiled, when, on what */
+  workload: string;
+  createdAt: string;
+  /** mode-independent costs per block of dirty input: capture+dedup (+ sender) */
+  fixedCpuMsPerBlock: number;
+  modes: ModeCost[];
+}
+
+export interface Conditions {
+  bandwidthBps: number;
+  /** cores the pipeline may use now: the machine's minus what other work takes */
+  spareCores: number;
+  /** compress worker processes running */
+  compressWorkers: number;
+}
+
+export interface Prediction {
+  mode: Mode;
+  processingBlocksPerSec: number;
+  networkBlocksPerSec: number;
+  blocksPerSec: number;
+}
+
+const BLOCK_BITS = PAGE_SIZE * 8;
+
+export function modeKey(mode: Mode): string {
+  return formatMode(mode);
+}
+
+/**
+ * Blocks per second a mode achieves. Stages run in their own processes, so each bounds throughput
+ * alone (delta has one instance, compress has `compressWorkers`), and together they share the spare
+ * cores: processing = min(1/P_delta, N/P_compress, cores/P_total).
+ */
+export function predict(cost: ModeCost, fixedCpuMsPerBlock: number, c: Conditions): Prediction {
+  const perSec = (cpuMs: number, cores: number): number => (cpuMs > 0 ? (cores * 1000) / cpuMs : Number.POSITIVE_INFINITY);
+  const total = fixedCpuMsPerBlock + cost.deltaCpuMsPerBlock + cost.compressCpuMsPerBlock;
+  const processing = Math.min(
+    perSec(cost.deltaCpuMsPerBlock, 1),
+    perSec(cost.compressCpuMsPerBlock, Math.max(1, c.compressWorkers)),
+    perSec(total, Math.max(0.05, c.spareCores)),
+  );
+  const network = c.bandwidthBps > 0 ? c.bandwidthBps / (Math.max(cost.ratio, 1e-6) * BLOCK_BITS) : Number.POSITIVE_INFINITY;
+  return { mode: cost.mode, processingBlocksPerSec: processing, networkBlocksPerSec: network, blocksPerSec: Math.min(processing, network) };
+}
+
+export function rank(costs: ModeCost[], fixedCpuMsPerBlock: number, c: Conditions): Prediction[] {
+  return costs.map((m) => predict(m, fixedCpuMsPerBlock, c)).sort((a, b) => b.blocksPerSec - a.blocksPerSec);
+}

@@ -1,0 +1,134 @@
+/** The tuner's decisions on given measurements. */
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { Tuner } from '../../services/tuner/core.js';
+import { modeKey, predict, rank, type Conditions, type Profile } from '../../services/tuner/model.js';
+import { loadProfile } from '../../services/tuner/profile.js';
+import type { StageStats } from '../../shared/migration.js';
+import type { Mode } from '../../shared/mode.js';
+
+const NONE: Mode = { delta: 'none', compressor: 'none', level: 0 };
+const LZ4: Mode = { delta: 'none', compressor: 'lz4', level: 0 };
+const ZSTD3: Mode = { delta: 'xor', compressor: 'zstd', level: 3 };
+const ZSTD19: Mode = { delta: 'xor', compressor: 'zstd', level: 19 };
+
+/** Costs in the shape real ones have: stronger compression costs more CPU for a smaller ratio. */
+const PROFILE: Profile = {
+  workload: 'synthetic',
+  createdAt: '2026-11-25',
+  fixedCpuMsPerBlock: 0.004,
+  modes: [
+    { mode: NONE, deltaCpuMsPerBlock: 0, compressCpuMsPerBlock: 0, ratio: 1 },
+    { mode: LZ4, deltaCpuMsPerBlock: 0, compressCpuMsPerBlock: 0.006, ratio: 0.6 },
+    { mode: ZSTD3, deltaCpuMsPerBlock: 0.01, compressCpuMsPerBlock: 0.015, ratio: 0.35 },
+    { mode: ZSTD19, deltaCpuMsPerBlock: 0.01, compressCpuMsPerBlock: 0.4, ratio: 0.3 },
+  ],
+};
+
+const at = (bandwidthMbit: number, spareCores = 2, compressWorkers = 2): Conditions => ({ bandwidthBps: bandwidthMbit * 1e6, spareCores, compressWorkers });
+const best = (c: Conditions, profile = PROFILE): string => modeKey(rank(profile.modes, profile.fixedCpuMsPerBlock, c)[0]!.mode);
+
+describe('model', () => {
+  test('throughput is the smaller of processing and network', () => {
+    const p = predict(PROFILE.modes[2]!, PROFILE.fixedCpuMsPerBlock, at(10));
+    assert.equal(p.blocksPerSec, Math.min(p.processingBlocksPerSec, p.networkBlocksPerSec));
+    assert.ok(Math.abs(p.networkBlocksPerSec - 10e6 / (0.35 * 4096 * 8)) < 1e-6);
+  });
+  test('low bandwidth picks strong compression, high bandwidth a fast mode', () => {
+    assert.equal(best(at(1)), modeKey(ZSTD19));
+    assert.equal(best(at(5)), modeKey(ZSTD19));
+    assert.equal(best(at(100)), modeKey(ZSTD3));
+    assert.equal(best(at(10_000)), modeKey(NONE));
+  });
+  test('a starved CPU picks cheaper modes', () => {
+    assert.equal(best(at(5, 2)), modeKey(ZSTD19));
+    assert.equal(best(at(5, 0.1, 1)), modeKey(ZSTD3));
+    assert.equal(best(at(100, 0.1, 1)), modeKey(LZ4));
+  });
+  test('more compress workers make compression cheaper to choose', () => {
+    const few = predict(PROFILE.modes[3]!, PROFILE.fixedCpuMsPerBlock, at(5, 8, 1));
+    const many = predict(PROFILE.modes[3]!, PROFILE.fixedCpuMsPerBlock, at(5, 8, 4));
+    assert.ok(many.processingBlocksPerSec > few.processingBlocksPerSec * 3);
+  });
+  test('the shipped profile: slow links compress hard, fast links do not', async () => {
+    const profile = await loadProfile();
+    const level = (m: string): number => (m.includes('zstd:') ? Number(/zstd:(\d+)/.exec(m)![1]) : 0);
+    const slow = best(at(5), profile);
+    const fast = best(at(10_000), profile);
+    assert.ok(level(slow) >= 3, `at 5 Mbit/s: ${slow}`);
+    assert.ok(level(fast) <= 1 && !fast.includes('delta=zstd'), `at 10 Gbit/s: ${fast}`);
+  });
+});
+
+function stats(stage: string, mode: Mode, blocks: number, cpuMs: number, bytesOut: number, next?: string): StageStats {
+  return { stage, instance: 'i', migrationId: 'm', round: 0, seq: 0, part: 0, pages: blocks, bytesIn: blocks * 4096, bytesOut, cpuMs, wallMs: cpuMs, mode, ...(next ? { next } : {}), counts: { blocks } };
+}
+
+describe('tuner', () => {
+  test('switches to the better mode after confirmation, and not back on the same conditions', () => {
+    const t = new Tuner(PROFILE);
+    assert.equal(t.decide(ZSTD3, at(2), 0), undefined, 'switched on the first look');
+    const d = t.decide(ZSTD3, at(2), 500);
+    assert.ok(d);
+    assert.equal(modeKey(d.to), modeKey(ZSTD19));
+    assert.ok(d.chosenBlocksPerSec > d.currentBlocksPerSec);
+    assert.equal(t.decide(ZSTD19, at(2), 1000), undefined);
+    assert.equal(t.decide(ZSTD19, at(2), 1500), undefined);
+  });
+
+  test('noisy bandwidth around a crossover causes no flapping', () => {
+    const t = new Tuner(PROFILE);
+    // find the bandwidth where ZSTD3 and ZSTD19 are predicted equal, and wobble around it by 5%
+    let lo = 1;
+    let hi = 100;
+    for (let i = 0; i < 50; i++) {
+      const mid = (lo + hi) / 2;
+      if (best(at(mid)) === modeKey(ZSTD19)) lo = mid;
+      else hi = mid;
+    }
+    let current = ZSTD3;
+    let switches = 0;
+    for (let i = 0; i < 200; i++) {
+      const noisy = lo * (1 + 0.05 * Math.sin(i * 1.7));
+      const d = t.decide(current, at(noisy), i * 500);
+      if (d) {
+        switches++;
+        current = d.to;
+      }
+    }
+    assert.ok(switches <= 1, `${switches} switches on noise`);
+  });
+
+  test('a profile from another workload is corrected by measurements', () => {
+    // the profile believes zstd3 shrinks data to 35%; the running workload does not compress at all
+    const t = new Tuner(PROFILE);
+    for (let i = 0; i < 20; i++) {
+      t.observe(stats('delta', { ...ZSTD3, compressor: 'none', level: 0 }, 256, 256 * 0.01, 256 * 4096));
+      t.observe(stats('compress', ZSTD3, 256, 256 * 0.015, 256 * 4096 * 0.99, 'wire'));
+    }
+    const costs = new Map(t.costs().map((c) => [modeKey(c.mode), c]));
+    assert.ok(Math.abs(costs.get(modeKey(ZSTD3))!.ratio - 0.99) < 0.01);
+    // an unmeasured compressing mode is scaled by measured/profiled of the current one; no compression stays 1
+    assert.ok(Math.abs(costs.get(modeKey(ZSTD19))!.ratio - 0.3 * (0.99 / 0.35)) < 0.01);
+    assert.equal(costs.get(modeKey(NONE))!.ratio, 1);
+  });
+
+  test('a mode that costs more here than profiled is left when it becomes the bottleneck', () => {
+    // by the profile zstd19 is best at 25 Mbit/s; here it costs 10x the CPU
+    assert.equal(best(at(25)), modeKey(ZSTD19));
+    const t = new Tuner(PROFILE);
+    for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD19, 256, 256 * 4, 256 * 4096 * 0.3, 'wire'));
+    const d = t.decide(ZSTD19, at(25), 0) ?? t.decide(ZSTD19, at(25), 500);
+    assert.ok(d, 'stayed on a mode that cannot keep up');
+    assert.equal(modeKey(d.to), modeKey(ZSTD3));
+  });
+
+  test('measured CPU cost feeds the processing estimate', () => {
+    const t = new Tuner(PROFILE);
+    for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD3, 256, 256 * 0.15, 256 * 4096 * 0.35, 'wire'));
+    const zstd3 = t.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD3))!;
+    assert.ok(Math.abs(zstd3.compressCpuMsPerBlock - 0.15) < 1e-9);
+    const zstd19 = t.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD19))!;
+    assert.ok(Math.abs(zstd19.compressCpuMsPerBlock - 4) < 1e-9, 'unmeasured mode not scaled by 10x');
+  });
+});
