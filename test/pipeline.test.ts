@@ -93,4 +93,18 @@ describe('handoff pipeline over NATS JetStream', { timeout: 300_000 }, () => {
     assert.ok(summary.modes.includes('delta=xor zstd:3'), `modes ${summary.modes}`);
     assert.ok(summary.modes.includes('delta=none lz4'), `modes ${summary.modes}`);
   });
+
+  test('adaptive: started uncompressed on a slow link, the tuner switches to compression mid-way', async () => {
+    const { summary, dest } = await handoff(ws, { adaptive: true, mode: { delta: 'none', compressor: 'none', level: 0 }, bandwidthCapBps: 4e6 });
+    await assertIdentical(summary, dest.outDir);
+    assert.equal(summary.adaptive, true);
+    assert.ok(summary.decisions.length >= 1, 'the tuner never switched');
+    const first = summary.decisions[0]!;
+    assert.equal(first.from, 'delta=none none');
+    assert.notEqual(first.to, 'delta=none none');
+    assert.ok(first.predictedChosenBlocksPerSec > first.predictedCurrentBlocksPerSec);
+    assert.ok(first.bandwidthBps > 2e6 && first.bandwidthBps < 8e6, `measured ${first.bandwidthBps}`);
+    // chunks really went out in the chosen mode, not only the config
+    assert.ok(summary.modes.includes('delta=none none') && summary.modes.includes(first.to), `modes ${summary.modes}`);
+  });
 });

@@ -12,8 +12,16 @@ import { DescriptorCache } from '../../shared/registry.js';
 import { STREAMS, statsSubject } from '../../shared/subjects.js';
 import { WanLink } from './link.js';
 
-/** Unacknowledged bytes on the link at most: enough to fill a fast link's pipe, bounded memory. */
+/**
+ * Unacknowledged bytes on the link: about a second of the measured bandwidth, enough to keep the
+ * pipe full without running far ahead of it (a chunk in flight can no longer change mode).
+ */
+const MIN_IN_FLIGHT_BYTES = 1024 * 1024;
 const MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024;
+function inFlightLimit(bandwidthBps: number | undefined): number {
+  if (!bandwidthBps) return MIN_IN_FLIGHT_BYTES * 2;
+  return Math.min(MAX_IN_FLIGHT_BYTES, Math.max(MIN_IN_FLIGHT_BYTES, bandwidthBps / 8));
+}
 
 export async function runSenderService(natsUrl: string): Promise<{ stop(): Promise<void>; done: Promise<void> }> {
   const instance = `${hostname()}:${process.pid}`;
@@ -131,7 +139,7 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
             inFlight.delete(p);
           });
         inFlight.add(p);
-        while (inFlightBytes > MAX_IN_FLIGHT_BYTES && inFlight.size > 0) await Promise.race(inFlight);
+        while (inFlightBytes > inFlightLimit(link.bandwidth.bandwidthBps) && inFlight.size > 0) await Promise.race(inFlight);
       } catch (err) {
         mlog.error('cannot send chunk', { reason: errorMessage(err) });
         m.nak(2000);

@@ -106,20 +106,20 @@ export class Tuner {
 
   /**
    * Every profiled mode's cost as it looks now: its own measurements, else its profile scaled by
-   * measured/profiled of the last measured mode. A ratio is scaled only within its family (compressed
-   * or not): how well this workload compresses says nothing about a mode that does not compress.
+   * measured/profiled of the last measured mode (modes keep their relative cost and ratio across
+   * workloads). No encoding makes data larger (pages are kept raw when delta does not pay), so a
+   * scaled ratio stops at 1, and sending pages as they are is 1 by definition.
    */
   costs(): ModeCost[] {
     const k = this.scales();
-    const compressedFamily = this.lastMeasured !== undefined && this.lastMeasured.compressor !== 'none';
     return this.profile.modes.map((p) => {
       const key = modeKey(p.mode);
-      const sameFamily = (p.mode.compressor !== 'none') === compressedFamily && !(p.mode.compressor === 'none' && p.mode.delta === 'none');
+      const plain = p.mode.compressor === 'none' && p.mode.delta === 'none';
       return {
         mode: p.mode,
         deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
         compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress),
-        ratio: this.measured(this.ratio, key) ?? p.ratio * (sameFamily ? k.ratio : 1),
+        ratio: this.measured(this.ratio, key) ?? (plain ? 1 : Math.min(1, p.ratio * k.ratio)),
       };
     });
   }
