@@ -43,7 +43,7 @@ export async function demo(o: DemoOptions): Promise<number> {
     await copyFile(images.baseDisk, destBaseDisk);
 
     const outDir = join(destDir, 'rebuilt');
-    const receiver = await spawnReceiverProcess(destBaseMemory, destBaseDisk, outDir, true);
+    const receiver = await spawnReceiverProcess({ baseMemory: destBaseMemory, baseDisk: destBaseDisk, outDir, forwardLogs: true });
     say(`destination cloudlet listening on ${receiver.address}; handing off at ${o.bandwidth}, ${o.adaptive ? 'adaptive mode' : formatMode(o.mode)}, ${o.compressWorkers} compress workers`);
 
     const summary = await migrate({

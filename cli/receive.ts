@@ -36,10 +36,24 @@ export interface ReceiverProcess {
   exited: Promise<{ code: number; result: ReceivedMigration | undefined }>;
 }
 
+export interface ReceiverProcessOptions {
+  baseMemory: string;
+  baseDisk: string;
+  outDir: string;
+  /** default 127.0.0.1:0 (any free port) */
+  listen?: string;
+  /** its logs to our stderr once it listens */
+  forwardLogs?: boolean;
+  /** a command the receiver runs under, e.g. ['ip', 'netns', 'exec', NS] for another host */
+  prefix?: string[];
+}
+
 /** `handoff receive --json` in its own process (own nats-server), as a destination cloudlet runs it. */
-export async function spawnReceiverProcess(baseMemory: string, baseDisk: string, outDir: string, forwardLogs = false): Promise<ReceiverProcess> {
+export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<ReceiverProcess> {
   const main = fileURLToPath(new URL('./main.js', import.meta.url));
-  const child = spawn(process.execPath, [main, 'receive', '--listen', '127.0.0.1:0', '--base-memory', baseMemory, '--base-disk', baseDisk, '--out', outDir, '--json'], {
+  const args = [main, 'receive', '--listen', o.listen ?? '127.0.0.1:0', '--base-memory', o.baseMemory, '--base-disk', o.baseDisk, '--out', o.outDir, '--json'];
+  const [command, ...prefixArgs] = o.prefix?.length ? [...o.prefix, process.execPath] : [process.execPath];
+  const child = spawn(command!, [...prefixArgs, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
   });
@@ -63,7 +77,7 @@ export async function spawnReceiverProcess(baseMemory: string, baseDisk: string,
       const m = /receiver listening on (\S+)/.exec(log);
       if (m) {
         child.stderr!.off('data', onData);
-        if (forwardLogs) child.stderr!.pipe(process.stderr);
+        if (o.forwardLogs) child.stderr!.pipe(process.stderr);
         else child.stderr!.resume();
         resolve(m[1]!);
       }

@@ -78,7 +78,7 @@ async function staged(images: ImageSet, mode: Mode, inputBytes: number, compress
   const nats = await startEmbeddedNats();
   const bus = await connectBus(nats.url, 'bench');
   const dir = await mkdtemp(join(tmpdir(), 'bench-dest-'));
-  const receiver = await spawnReceiverProcess(images.baseMemory, images.baseDisk, join(dir, 'out'));
+  const receiver = await spawnReceiverProcess({ baseMemory: images.baseMemory, baseDisk: images.baseDisk, outDir: join(dir, 'out') });
   const migrationId = `bench-${Date.now()}`;
   const [mi, di] = await Promise.all([loadBaseIndex(images.baseMemory), loadBaseIndex(images.baseDisk)]);
   const descriptor: MigrationDescriptor = {
@@ -143,7 +143,7 @@ async function staged(images: ImageSet, mode: Mode, inputBytes: number, compress
 
 async function whole(images: ImageSet, mode: Mode, compressWorkers: number): Promise<Omit<Row, 'name' | 'mode' | 'staged'>> {
   const dir = await mkdtemp(join(tmpdir(), 'bench-dest-'));
-  const receiver = await spawnReceiverProcess(images.baseMemory, images.baseDisk, join(dir, 'out'));
+  const receiver = await spawnReceiverProcess({ baseMemory: images.baseMemory, baseDisk: images.baseDisk, outDir: join(dir, 'out') });
   try {
     const s = await migrate({
       baseMemory: images.baseMemory,

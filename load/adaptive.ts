@@ -1,0 +1,183 @@
+/**
+ * npm run load:adaptive — handoff time of static modes and of adaptive over a real shaped link (two
+ * network namespaces, `tc tbf` on the source side), at fixed bandwidths, with the bandwidth changing
+ * mid-handoff (5 -> 35 -> 5 Mbit/s), and with another process taking a core mid-handoff.
+ * Prints a table, writes an SVG plot of handoff time against bandwidth, `--json` prints every run.
+ * Needs root (namespaces and tc); it sets up and removes its own namespaces.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { spawnReceiverProcess } from '../cli/receive.js';
+import { formatTable, type MigrationSummary } from '../cli/summary.js';
+import { generateImageSet, type ImageSet } from '../shared/testdata/images.js';
+import { parseSizeBytes } from '../shared/units.js';
+import { createShapedLink, type ShapedLink } from './lib/wan.js';
+
+const MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
+
+interface Candidate {
+  name: string;
+  args: string[];
+}
+
+const CANDIDATES: Candidate[] = [
+  { name: 'raw', args: ['--mode', 'none', '--delta', 'none'] },
+  { name: 'lz4', args: ['--mode', 'lz4', '--delta', 'none'] },
+  { name: 'xor+zstd3', args: ['--mode', 'zstd:3', '--delta', 'xor'] },
+  { name: 'xor+zstd19', args: ['--mode', 'zstd:19', '--delta', 'xor'] },
+  { name: 'adaptive', args: ['--mode', 'adaptive'] },
+];
+
+interface Run {
+  scenario: string;
+  mode: string;
+  bandwidthMbit: number | null;
+  handoffSeconds: number;
+  wireBytes: number;
+  verified: boolean;
+  switches: number;
+}
+
+interface Scenario {
+  name: string;
+  startMbit: number;
+  /** [seconds after start, Mbit/s] */
+  changes?: [number, number][];
+  /** seconds after start when a CPU hog starts */
+  hogAfterSeconds?: number;
+}
+
+async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario): Promise<Run> {
+  link.setRate(s.startMbit * 1e6);
+  const receiver = await spawnReceiverProcess({
+    baseMemory: images.baseMemory,
+    baseDisk: images.baseDisk,
+    outDir: join(dir, 'out'),
+    listen: `${link.destIp}:7300`,
+    prefix: ['ip', 'netns', 'exec', link.destNs],
+  });
+  const timers: NodeJS.Timeout[] = [];
+  let hog: ChildProcess | undefined;
+  try {
+    const child = spawn(
+      'ip',
+      ['netns', 'exec', link.sourceNs, process.execPath, MAIN, 'migrate', '--base-memory', images.baseMemory, '--memory', images.memory, '--base-disk', images.baseDisk, '--disk', images.disk, '--to', receiver.address, '--json', '--no-progress', ...c.args],
+      { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HANDOFF_LOG_LEVEL: 'warn' } },
+    );
+    for (const [atSeconds, mbit] of s.changes ?? []) timers.push(setTimeout(() => link.setRate(mbit * 1e6), atSeconds * 1000));
+    if (s.hogAfterSeconds !== undefined) {
+      timers.push(setTimeout(() => (hog = spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' })), s.hogAfterSeconds * 1000));
+    }
+    let out = '';
+    child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    await new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    const summary = JSON.parse(out) as MigrationSummary;
+    return {
+      scenario: s.name,
+      mode: c.name,
+      bandwidthMbit: s.changes ? null : s.startMbit,
+      handoffSeconds: summary.handoffSeconds,
+      wireBytes: summary.wireBytes,
+      verified: summary.verified,
+      switches: summary.decisions.length,
+    };
+  } finally {
+    timers.forEach(clearTimeout);
+    hog?.kill('SIGKILL');
+    receiver.child.kill('SIGTERM');
+    await receiver.exited;
+  }
+}
+
+function svgPlot(runs: Run[], bandwidths: number[]): string {
+  const W = 720;
+  const H = 420;
+  const left = 70;
+  const bottom = 50;
+  const fixed = runs.filter((r) => r.bandwidthMbit !== null);
+  const maxT = Math.max(...fixed.map((r) => r.handoffSeconds)) * 1.1;
+  const logMin = Math.log10(Math.min(...bandwidths));
+  const logMax = Math.log10(Math.max(...bandwidths));
+  const x = (mbit: number): number => left + ((Math.log10(mbit) - logMin) / (logMax - logMin || 1)) * (W - left - 30);
+  const y = (t: number): number => H - bottom - (t / maxT) * (H - bottom - 30);
+  const colors = ['#888', '#e67e22', '#2980b9', '#8e44ad', '#c0392b'];
+  const parts = [`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`, `<rect width="${W}" height="${H}" fill="white"/>`];
+  parts.push(`<line x1="${left}" y1="${H - bottom}" x2="${W - 20}" y2="${H - bottom}" stroke="black"/><line x1="${left}" y1="20" x2="${left}" y2="${H - bottom}" stroke="black"/>`);
+  for (const b of bandwidths) parts.push(`<text x="${x(b)}" y="${H - bottom + 18}" text-anchor="middle">${b}</text>`);
+  for (let i = 0; i <= 5; i++) {
+    const t = (maxT * i) / 5;
+    parts.push(`<text x="${left - 8}" y="${y(t) + 4}" text-anchor="end">${t.toFixed(0)}</text><line x1="${left}" y1="${y(t)}" x2="${W - 20}" y2="${y(t)}" stroke="#eee"/>`);
+  }
+  parts.push(`<text x="${(W + left) / 2}" y="${H - 10}" text-anchor="middle">bandwidth (Mbit/s, log scale)</text>`);
+  parts.push(`<text x="16" y="${H / 2}" transform="rotate(-90 16 ${H / 2})" text-anchor="middle">handoff time (s)</text>`);
+  CANDIDATES.forEach((c, i) => {
+    const pts = fixed.filter((r) => r.mode === c.name).sort((a, b) => a.bandwidthMbit! - b.bandwidthMbit!);
+    const color = colors[i % colors.length]!;
+    parts.push(`<polyline fill="none" stroke="${color}" stroke-width="${c.name === 'adaptive' ? 3 : 1.5}" points="${pts.map((r) => `${x(r.bandwidthMbit!)},${y(r.handoffSeconds)}`).join(' ')}"/>`);
+    parts.push(`<text x="${W - 150}" y="${30 + i * 16}" fill="${color}">${c.name}</text>`);
+  });
+  parts.push('</svg>');
+  return parts.join('\n');
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      'memory-size': { type: 'string', default: '32MiB' },
+      'disk-size': { type: 'string', default: '32MiB' },
+      bandwidths: { type: 'string', default: '5,10,25,100,1000' },
+      svg: { type: 'string', default: 'load/adaptive.svg' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  if (process.getuid?.() !== 0) throw new Error('load:adaptive needs root for network namespaces and tc');
+  const bandwidths = values.bandwidths!.split(',').map(Number);
+  const dir = await mkdtemp(join(tmpdir(), 'bench-adaptive-'));
+  const link = createShapedLink(bandwidths[0]! * 1e6);
+  const stop = (): void => {
+    link.destroy();
+    process.exit(130);
+  };
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  try {
+    const images = await generateImageSet({ dir: join(dir, 'vm'), memoryBytes: parseSizeBytes(values['memory-size']!), diskBytes: parseSizeBytes(values['disk-size']!) });
+    const scenarios: Scenario[] = [
+      ...bandwidths.map((b) => ({ name: `${b} Mbit/s`, startMbit: b })),
+      { name: '5->35->5 Mbit/s', startMbit: 5, changes: [[4, 35], [9, 5]] },
+      { name: 'CPU hog at 100 Mbit/s', startMbit: 100, hogAfterSeconds: 1.5 },
+    ];
+    const runs: Run[] = [];
+    for (const s of scenarios) {
+      for (const c of CANDIDATES) {
+        const r = await handoff(link, images, dir, c, s);
+        runs.push(r);
+        process.stderr.write(`${s.name} ${c.name}: ${r.handoffSeconds.toFixed(2)} s, wire ${(r.wireBytes / 1e6).toFixed(2)} MB${r.switches ? `, ${r.switches} switches` : ''}${r.verified ? '' : ' NOT VERIFIED'}\n`);
+      }
+    }
+    await writeFile(values.svg!, svgPlot(runs, bandwidths));
+    const rows = [['scenario', ...CANDIDATES.map((c) => c.name), 'best static', 'adaptive / best']];
+    for (const s of scenarios) {
+      const these = runs.filter((r) => r.scenario === s.name);
+      const statics = these.filter((r) => r.mode !== 'adaptive');
+      const bestStatic = statics.reduce((a, b) => (b.handoffSeconds < a.handoffSeconds ? b : a));
+      const adaptive = these.find((r) => r.mode === 'adaptive')!;
+      rows.push([s.name, ...CANDIDATES.map((c) => these.find((r) => r.mode === c.name)!.handoffSeconds.toFixed(2)), bestStatic.mode, (adaptive.handoffSeconds / bestStatic.handoffSeconds).toFixed(3)]);
+    }
+    if (values.json) console.log(JSON.stringify({ runs }));
+    else {
+      console.log('handoff time in seconds (shaped link between two network namespaces)');
+      console.log(formatTable(rows));
+      console.log(`plot: ${values.svg}`);
+    }
+  } finally {
+    link.destroy();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();

@@ -1,0 +1,72 @@
+/**
+ * A real shaped WAN on one machine: two network namespaces (source and destination cloudlet) joined
+ * by a veth pair, the source side shaped with `tc tbf`. Needs root and iproute2; uses only addresses
+ * inside its own namespaces, and removes everything it made.
+ */
+import { execFileSync, spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+
+export interface ShapedLink {
+  sourceNs: string;
+  destNs: string;
+  sourceIp: string;
+  destIp: string;
+  setRate(rateBps: number): void;
+  /** runs a command inside a namespace */
+  spawnIn(ns: string, command: string, args: string[], options?: SpawnOptions): ChildProcess;
+  destroy(): void;
+}
+
+function run(cmd: string, args: string[]): void {
+  execFileSync(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+}
+
+function tbfArgs(rateBps: number): string[] {
+  // a burst of ~10 ms of the rate (at least 32 kbit), as tbf needs rate/HZ at high rates
+  const burstBytes = Math.max(4096, Math.round(rateBps / 8 / 100));
+  return ['tbf', 'rate', `${Math.round(rateBps)}bit`, 'burst', `${burstBytes}b`, 'latency', '400ms'];
+}
+
+export function createShapedLink(rateBps: number, tag = String(process.pid % 100000)): ShapedLink {
+  const sourceNs = `ho-src-${tag}`;
+  const destNs = `ho-dst-${tag}`;
+  const sourceIf = `hos${tag}`;
+  const destIf = `hod${tag}`;
+  const sourceIp = '10.213.77.1';
+  const destIp = '10.213.77.2';
+  const destroy = (): void => {
+    for (const ns of [sourceNs, destNs]) {
+      try {
+        run('ip', ['netns', 'del', ns]);
+      } catch {
+        // not there
+      }
+    }
+  };
+  destroy();
+  try {
+    run('ip', ['netns', 'add', sourceNs]);
+    run('ip', ['netns', 'add', destNs]);
+    run('ip', ['link', 'add', sourceIf, 'type', 'veth', 'peer', 'name', destIf]);
+    run('ip', ['link', 'set', sourceIf, 'netns', sourceNs]);
+    run('ip', ['link', 'set', destIf, 'netns', destNs]);
+    for (const [ns, ifname, ip] of [[sourceNs, sourceIf, sourceIp], [destNs, destIf, destIp]] as const) {
+      run('ip', ['-n', ns, 'addr', 'add', `${ip}/30`, 'dev', ifname]);
+      run('ip', ['-n', ns, 'link', 'set', ifname, 'up']);
+      run('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
+    }
+    run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'add', 'dev', sourceIf, 'root', ...tbfArgs(rateBps)]);
+  } catch (err) {
+    destroy();
+    const stderr = (err as { stderr?: Buffer }).stderr?.toString().trim();
+    throw new Error(`cannot set up the shaped link (needs root, iproute2 and tc): ${stderr || (err as Error).message}`);
+  }
+  return {
+    sourceNs,
+    destNs,
+    sourceIp,
+    destIp,
+    setRate: (bps) => run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'change', 'dev', sourceIf, 'root', ...tbfArgs(bps)]),
+    spawnIn: (ns, command, args, options = {}) => spawn('ip', ['netns', 'exec', ns, command, ...args], options),
+    destroy,
+  };
+}
