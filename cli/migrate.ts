@@ -14,6 +14,7 @@ import type { Mode } from '../shared/mode.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { PAGE_SIZE } from '../shared/pages.js';
 import { STREAMS, eventSubject, statsSubject } from '../shared/subjects.js';
+import { runTunerService } from '../services/tuner/service.js';
 import { spawnActor, stopActors, type ActorProcess } from './actors.js';
 import { ProgressBar } from './progress.js';
 import { StatsCollector, type MigrationSummary } from './summary.js';
@@ -65,6 +66,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
   let nats: EmbeddedNats | undefined;
   let bus: Bus | undefined;
   let actors: ActorProcess[] = [];
+  let tuner: { stop(): Promise<void> } | undefined;
   const started = performance.now();
   try {
     if (!options.natsUrl) nats = await startEmbeddedNats();
@@ -91,8 +93,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
         spawnActor('delta', natsUrl),
         ...Array.from({ length: options.compressWorkers }, () => spawnActor('compress', natsUrl)),
         spawnActor('sender', natsUrl),
-        ...(options.adaptive ? [spawnActor('tuner', natsUrl)] : []),
       ];
+      // the tuner is light: it runs in this process, saving a process start on a short handoff
+      if (options.adaptive) tuner = await runTunerService(natsUrl, process.env.HANDOFF_PROFILE);
       for (const a of actors) {
         a.child.once('exit', (code, signal) => {
           if (code !== 0 && signal !== 'SIGTERM') log.warn('actor exited', { actor: a.name, code, signal });
@@ -170,6 +173,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     else if (outcome?.type === 'refused') summary.reason = `destination refused: ${outcome.reason}`;
     return summary;
   } finally {
+    await tuner?.stop();
     await stopActors(actors);
     await bus?.migrations.delete(migrationId).catch(() => undefined);
     await bus?.close();

@@ -127,8 +127,8 @@ function svgPlot(runs: Run[], bandwidths: number[]): string {
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
-      'memory-size': { type: 'string', default: '32MiB' },
-      'disk-size': { type: 'string', default: '32MiB' },
+      'memory-size': { type: 'string', default: '64MiB' },
+      'disk-size': { type: 'string', default: '64MiB' },
       bandwidths: { type: 'string', default: '5,10,25,100,1000' },
       svg: { type: 'string', default: 'load/adaptive.svg' },
       json: { type: 'boolean', default: false },
@@ -148,7 +148,7 @@ async function main(): Promise<void> {
     const images = await generateImageSet({ dir: join(dir, 'vm'), memoryBytes: parseSizeBytes(values['memory-size']!), diskBytes: parseSizeBytes(values['disk-size']!) });
     const scenarios: Scenario[] = [
       ...bandwidths.map((b) => ({ name: `${b} Mbit/s`, startMbit: b })),
-      { name: '5->35->5 Mbit/s', startMbit: 5, changes: [[4, 35], [9, 5]] },
+      { name: '5->35->5 Mbit/s', startMbit: 5, changes: [[3, 35], [7, 5]] },
       { name: 'CPU hog at 100 Mbit/s', startMbit: 100, hogAfterSeconds: 1.5 },
     ];
     const runs: Run[] = [];

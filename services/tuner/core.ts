@@ -142,9 +142,10 @@ export class Tuner {
       this.pending = undefined;
       return undefined;
     }
-    // the same better mode in consecutive decisions, so one noisy sample does not switch
+    // the same better mode in consecutive decisions, so one noisy sample does not switch back and
+    // forth; the first switch needs no confirmation (the start mode is a guess, not a measurement)
     this.pending = this.pending?.key === bestKey ? { key: bestKey, count: this.pending.count + 1 } : { key: bestKey, count: 1 };
-    if (this.pending.count < this.options.confirmations) return undefined;
+    if (this.decisions.length > 0 && this.pending.count < this.options.confirmations) return undefined;
     this.pending = undefined;
     const decision: Decision = {
       atMs: nowMs,
