@@ -69,7 +69,7 @@ export class StatsCollector {
     inst.add(s.instance);
     st.instances = inst.size;
     for (const [k, v] of Object.entries(s.counts ?? {})) {
-      if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'averageBandwidthBps' || k === 'blocks') continue;
+      if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'averageBandwidthBps' || k === 'blocks' || k === 'linkBoundPct') continue;
       st.counts[k] = (st.counts[k] ?? 0) + v;
     }
     if (s.next === 'wire') this.modes.add(formatMode(s.mode));

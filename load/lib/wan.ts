@@ -21,8 +21,10 @@ function run(cmd: string, args: string[]): void {
 }
 
 function tbfArgs(rateBps: number): string[] {
-  // a burst of ~10 ms of the rate (at least 32 kbit), as tbf needs rate/HZ at high rates
-  const burstBytes = Math.max(4096, Math.round(rateBps / 8 / 100));
+  // tbf never sends a packet larger than its burst, and veth passes GSO packets of up to 64 KiB
+  // (TCP makes them large at high rates and keeps them after a rate change): the burst must hold
+  // one; at high rates ~10 ms of the rate
+  const burstBytes = Math.max(65536 + 1514, Math.round(rateBps / 8 / 100));
   return ['tbf', 'rate', `${Math.round(rateBps)}bit`, 'burst', `${burstBytes}b`, 'latency', '400ms'];
 }
 

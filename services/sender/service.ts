@@ -23,6 +23,40 @@ function inFlightLimit(bandwidthBps: number | undefined): number {
   return Math.min(MAX_IN_FLIGHT_BYTES, Math.max(MIN_IN_FLIGHT_BYTES, bandwidthBps / 8));
 }
 
+/** Share of recent time the sender waited on the link rather than on the pipeline (decays over ~2 s). */
+class Saturation {
+  private state: 'idle' | 'link' | 'busy' = 'busy';
+  private since = performance.now();
+  private linkMs = 0;
+  private idleMs = 0;
+
+  private switchTo(state: 'idle' | 'link' | 'busy'): void {
+    const now = performance.now();
+    const spent = now - this.since;
+    const decay = Math.exp(-spent / 2000);
+    this.linkMs = this.linkMs * decay + (this.state === 'link' ? spent : 0);
+    this.idleMs = this.idleMs * decay + (this.state === 'idle' ? spent : 0);
+    this.state = state;
+    this.since = now;
+  }
+
+  idle(): void {
+    this.switchTo('idle');
+  }
+  busy(): void {
+    this.switchTo('busy');
+  }
+  linkBound(): void {
+    this.switchTo('link');
+  }
+
+  get linkBoundShare(): number {
+    this.switchTo(this.state);
+    const total = this.linkMs + this.idleMs;
+    return total > 0 ? this.linkMs / total : 1;
+  }
+}
+
 export async function runSenderService(natsUrl: string): Promise<{ stop(): Promise<void>; done: Promise<void> }> {
   const instance = `${hostname()}:${process.pid}`;
   const log = createLogger({ stage: 'sender', instance });
@@ -100,8 +134,14 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
   log.info('ready', { consumer: durable });
   const inFlight = new Set<Promise<void>>();
   let inFlightBytes = 0;
+  // Is the link the bottleneck? Time spent waiting for ACKs with the window full (link-bound)
+  // against time spent waiting for chunks (pipeline-bound): ACKs measure the link's capacity only
+  // in the first case, else only a lower bound of it.
+  const saturation = new Saturation();
   const done = (async () => {
+    saturation.idle();
     for await (const m of messages) {
+      saturation.busy();
       const migrationId = m.subject.split('.')[3]!;
       const mlog = log.child({ migration: migrationId });
       try {
@@ -126,7 +166,11 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
               cpuMs: 0,
               wallMs: performance.now() - started,
               mode: { delta: 'none', compressor: 'none', level: 0 },
-              counts: { bandwidthBps: Math.round(link.bandwidth.bandwidthBps ?? 0), averageBandwidthBps: Math.round(link.averageBandwidthBps) },
+              counts: {
+                bandwidthBps: Math.round(link.bandwidth.bandwidthBps ?? 0),
+                averageBandwidthBps: Math.round(link.averageBandwidthBps),
+                linkBoundPct: Math.round(saturation.linkBoundShare * 100),
+              },
             };
             bus.nc.publish(statsSubject(migrationId, 'sender'), JSON.stringify(stats));
           })
@@ -139,11 +183,14 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
             inFlight.delete(p);
           });
         inFlight.add(p);
+        saturation.linkBound();
         while (inFlightBytes > inFlightLimit(link.bandwidth.bandwidthBps) && inFlight.size > 0) await Promise.race(inFlight);
+        saturation.idle();
       } catch (err) {
         mlog.error('cannot send chunk', { reason: errorMessage(err) });
         m.nak(2000);
       }
+      saturation.idle();
     }
     await Promise.all(inFlight);
   })();

@@ -65,7 +65,12 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         if (!f) return;
         f.lastStatsMs = performance.now();
         f.tuner.observe(s);
-        if (s.stage === 'sender' && s.counts?.bandwidthBps) f.bandwidthBps = s.counts.bandwidthBps;
+        if (s.stage === 'sender' && s.counts?.bandwidthBps) {
+          // ACKs measure the link only while it is the bottleneck; otherwise the link can carry at
+          // least this much more (up to 4x is assumed), so less compression is not ruled out
+          const linkBound = Math.max(0.25, (s.counts.linkBoundPct ?? 100) / 100);
+          f.bandwidthBps = linkBound >= 0.5 ? s.counts.bandwidthBps : s.counts.bandwidthBps / linkBound;
+        }
         if (s.stage === 'compress') f.workers.set(s.instance, performance.now());
       });
     },
