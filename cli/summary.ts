@@ -106,7 +106,7 @@ export function formatSummary(s: MigrationSummary): string {
   lines.push(`modes: ${s.modes.join(', ') || 'none'}${s.adaptive ? ` (adaptive, ${s.decisions.length} switches)` : ''}`);
   for (const d of s.decisions) {
     lines.push(
-      `  at ${d.atSeconds.toFixed(1)} s: ${d.from} -> ${d.to} (bandwidth ${formatRate(d.bandwidthBps)}, ${d.spareCores} spare cores, ${d.compressWorkers} compress workers; predicted ${d.predictedCurrentBlocksPerSec} -> ${d.predictedChosenBlocksPerSec} blocks/s)`,
+      `  at ${d.atSeconds.toFixed(1)} s: ${d.from} -> ${d.to} (bandwidth ${formatRate(d.measuredBandwidthBps)} measured, ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores, ${d.compressWorkers} compress workers; predicted ${d.predictedCurrentBlocksPerSec} -> ${d.predictedChosenBlocksPerSec} blocks/s)`,
     );
   }
   const rows = [['stage', 'instances', 'chunks', 'in', 'out', 'out/in', 'cpu s', 'MB/s per cpu', 'details']];

@@ -79,7 +79,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     return {
       scenario: s.name,
       mode: c.name,
-      bandwidthMbit: s.changes ? null : s.startMbit,
+      bandwidthMbit: s.changes || s.hogAfterSeconds !== undefined ? null : s.startMbit,
       handoffSeconds: summary.handoffSeconds,
       wireBytes: summary.wireBytes,
       verified: summary.verified,

@@ -166,7 +166,9 @@ export async function publishWork(bus: Bus, subject: string, data: Uint8Array, m
       if (!isStreamFull(err)) throw err;
       onWait?.();
       await sleep(delayMs);
-      delayMs = Math.min(delayMs * 2, 200);
+      // short waits: a full queue frees up as soon as its consumer acks, and a publisher asleep
+      // then leaves the consumer idle (the wire queue is short on purpose)
+      delayMs = Math.min(delayMs * 2, 20);
     }
   }
 }

@@ -81,7 +81,10 @@ export interface TunerDecision {
   atSeconds: number;
   from: string;
   to: string;
+  /** bandwidth the prediction assumed: the measured one, raised when the link was not the bottleneck */
   bandwidthBps: number;
+  /** bandwidth measured from the receiver's ACKs */
+  measuredBandwidthBps: number;
   spareCores: number;
   compressWorkers: number;
   predictedCurrentBlocksPerSec: number;

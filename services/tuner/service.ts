@@ -22,6 +22,7 @@ interface Followed {
   tuner: Tuner;
   startedMs: number;
   bandwidthBps: number;
+  measuredBandwidthBps: number;
   workers: Map<string, number>;
   lastStatsMs: number;
 }
@@ -46,7 +47,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       ignored.add(migrationId);
       return undefined;
     }
-    f = { tuner: new Tuner(profile), startedMs: performance.now(), bandwidthBps: 0, workers: new Map(), lastStatsMs: performance.now() };
+    f = { tuner: new Tuner(profile), startedMs: performance.now(), bandwidthBps: 0, measuredBandwidthBps: 0, workers: new Map(), lastStatsMs: performance.now() };
     followed.set(migrationId, f);
     log.info('following', { migration: migrationId, profile: profile.workload });
     return f;
@@ -66,10 +67,12 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         f.lastStatsMs = performance.now();
         f.tuner.observe(s);
         if (s.stage === 'sender' && s.counts?.bandwidthBps) {
-          // ACKs measure the link only while it is the bottleneck; otherwise the link can carry at
-          // least this much more (up to 4x is assumed), so less compression is not ruled out
-          const linkBound = Math.max(0.25, (s.counts.linkBoundPct ?? 100) / 100);
-          f.bandwidthBps = linkBound >= 0.5 ? s.counts.bandwidthBps : s.counts.bandwidthBps / linkBound;
+          // ACKs measure the link only while it is the bottleneck; otherwise the link can carry
+          // more (up to 2x is assumed, no more: an overestimate switches to modes the link then
+          // cannot carry), so less compression is not ruled out
+          const linkBound = Math.max(0.5, (s.counts.linkBoundPct ?? 100) / 100);
+          f.bandwidthBps = s.counts.bandwidthBps / linkBound;
+          f.measuredBandwidthBps = s.counts.bandwidthBps;
         }
         if (s.stage === 'compress') f.workers.set(s.instance, performance.now());
       });
@@ -98,6 +101,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
             from: formatMode(decision.from),
             to: formatMode(decision.to),
             bandwidthBps: Math.round(conditions.bandwidthBps),
+            measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
             spareCores: Number(conditions.spareCores.toFixed(2)),
             compressWorkers: conditions.compressWorkers,
             predictedCurrentBlocksPerSec: Math.round(decision.currentBlocksPerSec),
