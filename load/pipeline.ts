@@ -214,6 +214,7 @@ async function main(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'bench-pipeline-'));
   // stages queue everything for the next one: streams must hold a whole migration
   process.env.HANDOFF_STREAM_MAX_BYTES ??= String(8 * 1024 ** 3);
+  process.env.HANDOFF_WIRE_STREAM_MAX_BYTES ??= String(8 * 1024 ** 3);
   try {
     const images = await generateImageSet({ dir, memoryBytes: parseSizeBytes(values['memory-size']!), diskBytes: parseSizeBytes(values['disk-size']!), dirtyFraction: Number(values.dirty) });
     const reference = await zstd19OfSurvivors(images, dir);
