@@ -75,6 +75,10 @@ function waitEvent(bus: Bus, migrationId: string, types: MigrationEvent['type'][
 
 /** Each stage alone: start it, wait until it has drained its input, stop it, start the next. */
 async function staged(images: ImageSet, mode: Mode, inputBytes: number, compressWorkers: number): Promise<StagedResult> {
+  // each stage queues everything for the next one: here the streams must hold a whole migration
+  // (set before the first connection creates them; the whole-pipeline run keeps the defaults)
+  process.env.HANDOFF_STREAM_MAX_BYTES = String(8 * 1024 ** 3);
+  process.env.HANDOFF_WIRE_STREAM_MAX_BYTES = String(8 * 1024 ** 3);
   const nats = await startEmbeddedNats();
   const bus = await connectBus(nats.url, 'bench');
   const dir = await mkdtemp(join(tmpdir(), 'bench-dest-'));
@@ -132,6 +136,8 @@ async function staged(images: ImageSet, mode: Mode, inputBytes: number, compress
     });
     return result;
   } finally {
+    delete process.env.HANDOFF_STREAM_MAX_BYTES;
+    delete process.env.HANDOFF_WIRE_STREAM_MAX_BYTES;
     sub.unsubscribe();
     receiver.child.kill('SIGTERM');
     await receiver.exited;
@@ -212,9 +218,6 @@ async function main(): Promise<void> {
   const compressWorkers = Number(values['compress-workers']);
   const modes = values.modes ? MODES.filter((m) => values.modes!.split(',').includes(m.name)) : MODES;
   const dir = await mkdtemp(join(tmpdir(), 'bench-pipeline-'));
-  // stages queue everything for the next one: streams must hold a whole migration
-  process.env.HANDOFF_STREAM_MAX_BYTES ??= String(8 * 1024 ** 3);
-  process.env.HANDOFF_WIRE_STREAM_MAX_BYTES ??= String(8 * 1024 ** 3);
   try {
     const images = await generateImageSet({ dir, memoryBytes: parseSizeBytes(values['memory-size']!), diskBytes: parseSizeBytes(values['disk-size']!), dirtyFraction: Number(values.dirty) });
     const reference = await zstd19OfSurvivors(images, dir);

@@ -31,12 +31,12 @@ export interface Bus {
 }
 
 /** Work-queue stream size: a full stream refuses publishes, which is the pipeline's backpressure. */
-const WORK_STREAM_MAX_BYTES = Number(process.env.HANDOFF_STREAM_MAX_BYTES ?? 256 * 1024 * 1024);
-/**
- * The wire queue is kept short: chunks waiting for a slow WAN should wait unprocessed, upstream, so
- * that a mode the tuner chooses now applies to them (a long wire queue would be encoded already).
- */
-const WIRE_STREAM_MAX_BYTES = Number(process.env.HANDOFF_WIRE_STREAM_MAX_BYTES ?? 2 * 1024 * 1024);
+function workStreamMaxBytes(stage: WorkStage): number {
+  // The wire queue is kept short: chunks waiting for a slow WAN should wait unprocessed, upstream,
+  // so that a mode the tuner chooses now applies to them (a long wire queue is encoded already).
+  if (stage === 'wire') return Number(process.env.HANDOFF_WIRE_STREAM_MAX_BYTES ?? 2 * 1024 * 1024);
+  return Number(process.env.HANDOFF_STREAM_MAX_BYTES ?? 256 * 1024 * 1024);
+}
 const STORAGE = process.env.HANDOFF_STORAGE === 'memory' ? StorageType.Memory : StorageType.File;
 
 export async function connectBus(url: string, name: string): Promise<Bus> {
@@ -89,7 +89,7 @@ async function ensureStreams(jsm: JetStreamManager): Promise<void> {
       subjects: [workFilter(stage)],
       retention: RetentionPolicy.Workqueue,
       storage: STORAGE,
-      max_bytes: stage === 'wire' ? WIRE_STREAM_MAX_BYTES : WORK_STREAM_MAX_BYTES,
+      max_bytes: workStreamMaxBytes(stage),
       discard: DiscardPolicy.New,
       duplicate_window: nanos(120_000),
     });
