@@ -3,6 +3,7 @@
  * store, started when a command is given no --nats URL and stopped when it ends.
  */
 import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -23,7 +24,12 @@ export interface EmbeddedNatsOptions {
   host?: string;
 }
 
-export const NATS_SERVER_BIN = process.env.NATS_SERVER_BIN ?? 'nats-server';
+/** NATS_SERVER_BIN, else nats-server on PATH, else where Debian's package puts it (/usr/sbin, not on every user's PATH). */
+export const NATS_SERVER_BIN =
+  process.env.NATS_SERVER_BIN ??
+  ((process.env.PATH ?? '').split(':').some((dir) => dir && existsSync(join(dir, 'nats-server')))
+    ? 'nats-server'
+    : (['/usr/sbin/nats-server', '/usr/bin/nats-server'].find((p) => existsSync(p)) ?? 'nats-server'));
 
 export async function startEmbeddedNats(options: EmbeddedNatsOptions = {}): Promise<EmbeddedNats> {
   const ownStore = options.storeDir === undefined;
