@@ -31,10 +31,21 @@ export interface Bus {
 }
 
 /** Work-queue stream size: a full stream refuses publishes, which is the pipeline's backpressure. */
+export const WIRE_QUEUE_MIN_BYTES = 2 * 1024 * 1024;
+export const WIRE_QUEUE_MAX_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Resizes the wire queue (the sender sizes it to about a second of the measured bandwidth: long
+ * enough to keep a fast link busy, short enough that chunks for a slow one wait unencoded).
+ */
+export async function resizeWireQueue(bus: Bus, maxBytes: number): Promise<void> {
+  await bus.jsm.streams.update(STREAMS.wire, { max_bytes: Math.round(maxBytes) });
+}
+
 function workStreamMaxBytes(stage: WorkStage): number {
   // The wire queue is kept short: chunks waiting for a slow WAN should wait unprocessed, upstream,
   // so that a mode the tuner chooses now applies to them (a long wire queue is encoded already).
-  if (stage === 'wire') return Number(process.env.HANDOFF_WIRE_STREAM_MAX_BYTES ?? 2 * 1024 * 1024);
+  if (stage === 'wire') return Number(process.env.HANDOFF_WIRE_STREAM_MAX_BYTES ?? WIRE_QUEUE_MIN_BYTES);
   return Number(process.env.HANDOFF_STREAM_MAX_BYTES ?? 256 * 1024 * 1024);
 }
 const STORAGE = process.env.HANDOFF_STORAGE === 'memory' ? StorageType.Memory : StorageType.File;

@@ -4,7 +4,7 @@
  * only when the receiver has acknowledged it, so nothing unacknowledged is ever dropped.
  */
 import { hostname } from 'node:os';
-import { connectBus, ensureEventConsumer, ensureWorkConsumer, publishEvent, streamOf, type Bus, type JsMsg } from '../../shared/bus.js';
+import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, connectBus, ensureEventConsumer, ensureWorkConsumer, publishEvent, resizeWireQueue, streamOf, type Bus, type JsMsg } from '../../shared/bus.js';
 import { BaseMismatchError, errorMessage } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { parseEvent, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
@@ -129,6 +129,23 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
     await link.sendCaptured({ round: event.round, slices: event.slices, imageHashes: event.imageHashes });
   });
 
+  // the wire queue follows the bandwidth: ~1 s of it (unless fixed by HANDOFF_WIRE_STREAM_MAX_BYTES)
+  let wireQueueBytes = WIRE_QUEUE_MIN_BYTES;
+  const sizer = setInterval(() => {
+    if (process.env.HANDOFF_WIRE_STREAM_MAX_BYTES) return;
+    void (async () => {
+      let bps = 0;
+      for (const p of links.values()) bps += (await p.catch(() => undefined))?.bandwidth.bandwidthBps ?? 0;
+      if (bps <= 0) return;
+      const target = Math.min(WIRE_QUEUE_MAX_BYTES, Math.max(WIRE_QUEUE_MIN_BYTES, bps / 8));
+      if (target > wireQueueBytes * 1.5 || target < wireQueueBytes / 1.5) {
+        wireQueueBytes = target;
+        await resizeWireQueue(bus, target);
+        log.debug('wire queue resized', { maxBytes: Math.round(target), bandwidthBps: Math.round(bps) });
+      }
+    })().catch((err: unknown) => log.warn('cannot resize the wire queue', { reason: errorMessage(err) }));
+  }, 1000);
+
   const durable = await ensureWorkConsumer(bus, 'wire', undefined, 120_000);
   const messages = await (await bus.js.consumers.get(streamOf('wire'), durable)).consume({ max_messages: 16 });
   log.info('ready', { consumer: durable });
@@ -198,6 +215,7 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
   return {
     done,
     stop: async () => {
+      clearInterval(sizer);
       starts.stop();
       captures.stop();
       messages.stop();
