@@ -15,7 +15,7 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
-import { connect, headers as natsHeaders, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
+import { connect, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
 import { BUCKETS, EVENTS_FILTER, STREAMS, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
 import { encodeEvent, type MigrationEvent } from './migration.js';
 
@@ -186,10 +186,6 @@ export async function publishWork(bus: Bus, subject: string, data: Uint8Array, m
 
 export async function publishEvent(bus: Bus, migrationId: string, event: MigrationEvent): Promise<void> {
   await bus.js.publish(eventSubject(migrationId, event.type), encodeEvent(event));
-}
-
-export function newHeaders(): MsgHdrs {
-  return natsHeaders();
 }
 
 export type { JsMsg, MsgHdrs, NatsConnection };

@@ -51,10 +51,6 @@ export interface Chunk {
   bodyRawLength: number;
 }
 
-export function pageCount(chunk: Chunk): number {
-  return chunk.pageIndex.length;
-}
-
 /** Stable key of a chunk slice within its migration and round. */
 export function chunkKey(chunk: Pick<Chunk, 'round' | 'seq' | 'part'>): string {
   return `${chunk.round}.${chunk.seq}.${chunk.part}`;
