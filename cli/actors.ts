@@ -10,6 +10,7 @@ import { runSenderService } from '../services/sender/service.js';
 import { runTunerService } from '../services/tuner/service.js';
 import { stopProcess } from '../shared/child.js';
 import { createLogger } from '../shared/log.js';
+import { natsChildEnv } from '../shared/nats-auth.js';
 import { runStage } from '../shared/stage.js';
 
 export const ACTOR_NAMES = ['capture', 'dedup', 'delta', 'compress', 'sender', 'tuner'] as const;
@@ -66,11 +67,12 @@ export interface ActorProcess {
 export function spawnActor(name: ActorName, natsUrl: string, options: { partition?: number; logLevel?: string } = {}): ActorProcess {
   // HANDOFF_ACTOR_NODE_ARGS: node flags for actor processes (e.g. --cpu-prof), which NODE_OPTIONS refuses
   const nodeArgs = (process.env.HANDOFF_ACTOR_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const args = [...nodeArgs, MAIN, 'actor', name, '--nats', natsUrl];
+  const nats = natsChildEnv(natsUrl);
+  const args = [...nodeArgs, MAIN, 'actor', name, '--nats', nats.url];
   if (options.partition !== undefined) args.push('--partition', String(options.partition));
   const child = spawn(process.execPath, args, {
     stdio: ['ignore', 'inherit', 'inherit'],
-    env: { ...process.env, HANDOFF_LOG_LEVEL: options.logLevel ?? process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
+    env: { ...nats.env, HANDOFF_LOG_LEVEL: options.logLevel ?? process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
   });
   return { name: options.partition !== undefined ? `${name}-${options.partition}` : name, child };
 }

@@ -19,7 +19,17 @@ Usage:
   handoff actor NAME --nats URL run one actor (${ACTOR_NAMES.join(', ')}) as a service
 
 Run 'handoff COMMAND --help' for a command's options. Without --nats, a command starts its own
-nats-server (JetStream on, a free port, a temporary store) and stops it when it ends.`,
+nats-server (JetStream on, a free port, a temporary store, a generated password) and stops it when
+it ends.
+
+The WAN link is TLS 1.3, authenticated at both ends; both sides read the same variables:
+  HANDOFF_LINK_PSK (or HANDOFF_LINK_PSK_FILE)   a pre-shared key, 64+ hex digits (openssl rand -hex 32)
+  HANDOFF_LINK_CERT, HANDOFF_LINK_KEY, HANDOFF_LINK_CA
+                                                mutual TLS: PEM files (or PEM text) from one CA
+  HANDOFF_LINK_INSECURE=1                       plain TCP (a trusted network only)
+'handoff demo' makes a key for its run. NATS credentials: user:password in the --nats URL, or
+HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or an nkey seed in HANDOFF_NATS_NKEY_SEED (each also as
+*_FILE).`,
   migrate: `handoff migrate: hand off a VM given as image files
 
   --base-memory F --memory F     base memory snapshot and current memory (same size, 4 KiB pages)
@@ -36,6 +46,9 @@ nats-server (JetStream on, a free port, a temporary store) and stops it when it 
   --nats URL                     use this NATS (JetStream on) instead of an embedded one
   --external-actors              the actors run already as services on --nats: start none
   --id ID                        migration id (default: generated)
+  --link-deadline SECONDS        how long a lost WAN link may take to come back before the
+                                 migration fails (default 60); until then the sender reconnects
+                                 and resends what the destination has not acknowledged
   --progress / --no-progress     progress bar with ETA on stderr (default: on a terminal)
   --json                         print one JSON summary object on stdout
 Exit status: 0 when the destination verified both images, 1 otherwise.`,
@@ -46,6 +59,8 @@ Exit status: 0 when the destination verified both images, 1 otherwise.`,
   --out DIR                      writes DIR/memory.img and DIR/disk.img once verified
   --nats URL                     use this NATS instead of an embedded one
   --json                         print one JSON result object on stdout
+The link's credentials come from HANDOFF_LINK_PSK or HANDOFF_LINK_CERT/KEY/CA (see 'handoff --help');
+a source without them is refused before any page moves.
 Exit status: 0 when the rebuilt images match the source's hashes, 1 otherwise.`,
   profile: `handoff profile: measure each mode's CPU cost per block and output ratio
 
@@ -124,6 +139,7 @@ async function main(argv: string[]): Promise<number> {
           to: { type: 'string' },
           'external-actors': { type: 'boolean' },
           id: { type: 'string' },
+          'link-deadline': { type: 'string' },
         },
       });
       if (values.help) return console.log(HELP.migrate), 0;
@@ -141,6 +157,7 @@ async function main(argv: string[]): Promise<number> {
         bandwidthCapBps: values.bandwidth ? parseRateBps(values.bandwidth) : 0,
         ...(values.nats ? { natsUrl: values.nats } : {}),
         ...(values.id ? { migrationId: values.id } : {}),
+        ...(values['link-deadline'] ? { linkDeadlineMs: positiveInt(values['link-deadline'], 'link-deadline', 60) * 1000 } : {}),
         spawnActors: !values['external-actors'],
         progress: values['no-progress'] ? false : (values.progress ?? Boolean(process.stderr.isTTY)),
       });

@@ -8,6 +8,7 @@ import { DeliverPolicy } from '@nats-io/jetstream';
 import { checkImage, loadBaseIndex } from '../shared/base-index.js';
 import { connectBus, publishEvent, type Bus } from '../shared/bus.js';
 import { BadImageError } from '../shared/errors.js';
+import { linkSecurityFromEnv } from '../shared/link-security.js';
 import { createLogger } from '../shared/log.js';
 import { parseEvent, type MigrationDescriptor, type MigrationEvent, type StageStats, type TunerDecision } from '../shared/migration.js';
 import type { Mode } from '../shared/mode.js';
@@ -38,6 +39,8 @@ export interface MigrateOptions {
   migrationId?: string;
   /** largest dirty pages per capture chunk (default: what the server's max_payload allows, up to 256) */
   chunkPages?: number;
+  /** how long a lost WAN link may take to come back (default 60 s) */
+  linkDeadlineMs?: number;
   /** called once the migration runs (tests change the mode mid-way through it) */
   onStarted?: (ctl: { bus: Bus; migrationId: string; stats: StatsCollector }) => void;
 }
@@ -61,6 +64,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
   const migrationId = options.migrationId ?? newMigrationId();
   const log = createLogger({ stage: 'control', migration: migrationId });
   const [memoryBytes, diskBytes] = await Promise.all([checkPair(options.baseMemory, options.memory, 'memory'), checkPair(options.baseDisk, options.disk, 'disk')]);
+  // the sender we start reads the link's credentials from our environment: a missing one is said now
+  if (options.spawnActors) linkSecurityFromEnv();
   const [memoryIndex, diskIndex] = await Promise.all([loadBaseIndex(options.baseMemory), loadBaseIndex(options.baseDisk)]);
 
   let nats: EmbeddedNats | undefined;
@@ -83,6 +88,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       bandwidthCapBps: options.bandwidthCapBps,
       mode: options.mode,
       adaptive: options.adaptive ?? false,
+      ...(options.linkDeadlineMs ? { linkDeadlineMs: options.linkDeadlineMs } : {}),
     };
     await bus.migrations.put(migrationId, JSON.stringify(descriptor));
     await bus.config.put(migrationId, JSON.stringify(options.mode));

@@ -1,6 +1,7 @@
 /** `handoff receive`: the destination cloudlet for one migration; exits 0 when the images are verified. */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { ensureLocalLinkKey } from '../shared/link-security.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { startReceiver, type ReceivedMigration, type RunningReceiver } from '../services/receiver/service.js';
 
@@ -48,8 +49,13 @@ export interface ReceiverProcessOptions {
   prefix?: string[];
 }
 
-/** `handoff receive --json` in its own process (own nats-server), as a destination cloudlet runs it. */
+/**
+ * `handoff receive --json` in its own process (own nats-server), as a destination cloudlet runs it.
+ * Both ends run from here: without configured link credentials, a fresh key is made for this run
+ * (into our environment, which the source's actors inherit).
+ */
 export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<ReceiverProcess> {
+  ensureLocalLinkKey();
   const main = fileURLToPath(new URL('./main.js', import.meta.url));
   const args = [main, 'receive', '--listen', o.listen ?? '127.0.0.1:0', '--base-memory', o.baseMemory, '--base-disk', o.baseDisk, '--out', o.outDir, '--json'];
   const [command, ...prefixArgs] = o.prefix?.length ? [...o.prefix, process.execPath] : [process.execPath];

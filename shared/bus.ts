@@ -18,6 +18,7 @@ import { Kvm, type KV } from '@nats-io/kv';
 import { connect, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
 import { BUCKETS, EVENTS_FILTER, STREAMS, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
 import { encodeEvent, type MigrationEvent } from './migration.js';
+import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
 
 export interface Bus {
   nc: NatsConnection;
@@ -51,7 +52,12 @@ function workStreamMaxBytes(stage: WorkStage): number {
 const STORAGE = process.env.HANDOFF_STORAGE === 'memory' ? StorageType.Memory : StorageType.File;
 
 export async function connectBus(url: string, name: string): Promise<Bus> {
-  const nc = await connect({ servers: url, name, maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+  const { servers, auth } = natsAuthFor(url);
+  const nc = await connect({ servers, name, maxReconnectAttempts: -1, reconnectTimeWait: 250, ...natsConnectOptions(auth) }).catch((err: unknown) => {
+    const text = err instanceof Error ? err.message : String(err);
+    const hint = /authori[sz]ation|auth/i.test(text) ? ' (credentials: user:password in the URL, HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or HANDOFF_NATS_NKEY_SEED)' : '';
+    throw new Error(`cannot connect to NATS at ${redactNatsUrl(url)}: ${text}${hint}`);
+  });
   const jsm = await jetstreamManager(nc);
   const js = jetstream(nc);
   await ensureStreams(jsm);

@@ -27,6 +27,8 @@ export interface MigrationDescriptor {
   mode: Mode;
   /** the tuner chooses the mode while it runs */
   adaptive?: boolean;
+  /** how long the WAN link may stay lost before the migration fails (default 60 s) */
+  linkDeadlineMs?: number;
 }
 
 export function isDescriptor(value: unknown): value is MigrationDescriptor {

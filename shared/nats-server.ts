@@ -7,6 +7,7 @@ import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
 import { stopProcess } from './child.js';
 
 export interface EmbeddedNats {
@@ -22,6 +23,11 @@ export interface EmbeddedNatsOptions {
   port?: number;
   storeDir?: string;
   host?: string;
+  /**
+   * Who may connect: default a generated user and password (put into the returned URL, which
+   * connectBus splits again); an nkey's public key; or false for none (tests of refusal).
+   */
+  auth?: { user: string; password: string } | { nkey: string } | false;
 }
 
 /** NATS_SERVER_BIN, else nats-server on PATH, else where Debian's package puts it (/usr/sbin, not on every user's PATH). */
@@ -36,14 +42,22 @@ export async function startEmbeddedNats(options: EmbeddedNatsOptions = {}): Prom
   const storeDir = options.storeDir ?? (await mkdtemp(join(tmpdir(), 'handoff-nats-')));
   const host = options.host ?? '127.0.0.1';
   const config = join(storeDir, 'nats.conf');
+  const auth = options.auth ?? { user: 'handoff', password: randomBytes(18).toString('base64url') };
+  const authorization = !auth
+    ? []
+    : 'nkey' in auth
+      ? [`authorization { users: [ { nkey: "${auth.nkey}" } ] }`]
+      : [`authorization { user: "${auth.user}", password: "${auth.password}" }`];
   await writeFile(
     config,
     [
       `listen: "${host}:${options.port ?? -1}"`,
       `max_payload: ${options.maxPayloadBytes ?? 8 * 1024 * 1024}`,
       `jetstream { store_dir: "${join(storeDir, 'js')}" }`,
+      ...authorization,
       '',
     ].join('\n'),
+    { mode: 0o600 },
   );
   const child = spawn(NATS_SERVER_BIN, ['-c', config], { stdio: ['ignore', 'ignore', 'pipe'] });
   const url = await new Promise<string>((resolve, reject) => {
@@ -68,7 +82,8 @@ export async function startEmbeddedNats(options: EmbeddedNatsOptions = {}): Prom
       if (m && log.includes('Server is ready')) {
         clearTimeout(timer);
         child.removeAllListeners('exit');
-        resolve(`nats://${m[1]}:${m[2]}`);
+        const credentials = auth && 'user' in auth ? `${encodeURIComponent(auth.user)}:${encodeURIComponent(auth.password)}@` : '';
+        resolve(`nats://${credentials}${m[1]}:${m[2]}`);
       }
     });
   });

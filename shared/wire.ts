@@ -5,7 +5,8 @@
  */
 import { crc32 } from 'node:zlib';
 import { MalformedMessageError } from './errors.js';
-import type { ImageDigests } from './migration.js';
+import type { ImageDigests, RebuildResult } from './migration.js';
+import { validateMigrationId } from './codec.js';
 
 export const FrameType = {
   Hello: 1,
@@ -16,6 +17,8 @@ export const FrameType = {
   Captured: 6,
   Result: 7,
   Error: 8,
+  /** receiver -> sender, every second: bytes received on this connection (the link is alive) */
+  Progress: 9,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
@@ -140,6 +143,23 @@ export interface Hello {
   bytes: { memory: number; disk: number };
 }
 
+/** ERROR: why the receiver closes the link; `resumable` when a new connection may carry on (transit corruption). */
+export interface LinkError {
+  reason: string;
+  resumable: boolean;
+}
+
+export function encodeProgressFrame(receivedBytes: number): Buffer {
+  const b = Buffer.allocUnsafe(8);
+  b.writeBigUInt64LE(BigInt(receivedBytes), 0);
+  return encodeFrame(FrameType.Progress, b);
+}
+
+export function parseProgressFrame(payload: Buffer): number {
+  if (payload.byteLength !== 8) throw new MalformedMessageError(`progress frame: ${payload.byteLength} bytes, expected 8`);
+  return Number(payload.readBigUInt64LE(0));
+}
+
 export interface Captured {
   round: number;
   slices: number;
@@ -154,3 +174,77 @@ export function parseAddress(address: string, listening = false): { host: string
   return { host: m[1].replace(/^\[|\]$/g, ''), port };
 }
 
+
+// Validated readers of the JSON frames: a peer's frame is checked field by field before use.
+
+function object(frame: Frame, what: string): Record<string, unknown> {
+  const v = parseJsonPayload(frame);
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new MalformedMessageError(`${what} frame: not an object`);
+  return v as Record<string, unknown>;
+}
+
+const HASH = /^[0-9a-f]{16,128}$/;
+function digests(v: unknown, what: string): ImageDigests {
+  const d = v as Partial<ImageDigests> | null;
+  if (typeof d !== 'object' || d === null || typeof d.memory !== 'string' || typeof d.disk !== 'string' || !HASH.test(d.memory) || !HASH.test(d.disk)) {
+    throw new MalformedMessageError(`${what}: image hashes missing or not hex`);
+  }
+  return { memory: d.memory, disk: d.disk };
+}
+
+function count(v: unknown, what: string, max = Number.MAX_SAFE_INTEGER): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > max) throw new MalformedMessageError(`${what}: ${JSON.stringify(v)} is not a whole number in 0..${max}`);
+  return v;
+}
+
+function text(v: unknown, what: string, maxLength = 4096): string {
+  if (typeof v !== 'string' || v.length > maxLength) throw new MalformedMessageError(`${what}: not a string of at most ${maxLength} characters`);
+  return v;
+}
+
+export function parseHello(frame: Frame): Hello {
+  const o = object(frame, 'hello');
+  const bytes = o.bytes as Record<string, unknown> | null;
+  if (typeof bytes !== 'object' || bytes === null) throw new MalformedMessageError('hello frame: image sizes missing');
+  return {
+    migrationId: validateMigrationId(o.migrationId),
+    baseHashes: digests(o.baseHashes, 'hello frame'),
+    bytes: { memory: count(bytes.memory, 'hello frame: memory size'), disk: count(bytes.disk, 'hello frame: disk size') },
+  };
+}
+
+export function parseCaptured(frame: Frame): Captured {
+  const o = object(frame, 'captured');
+  return { round: count(o.round, 'captured frame: round', 65534), slices: count(o.slices, 'captured frame: slices', 2 ** 32), imageHashes: digests(o.imageHashes, 'captured frame') };
+}
+
+export function parseAccept(frame: Frame): ImageDigests {
+  return digests(object(frame, 'accept').baseHashes, 'accept frame');
+}
+
+export function parseReason(frame: Frame, what: string): string {
+  return text(object(frame, what).reason, `${what} frame: reason`);
+}
+
+export function parseLinkError(frame: Frame): LinkError {
+  const o = object(frame, 'error');
+  return { reason: text(o.reason, 'error frame: reason'), resumable: o.resumable === true };
+}
+
+export function parseResult(frame: Frame): RebuildResult {
+  const o = object(frame, 'result');
+  if (typeof o.verified !== 'boolean') throw new MalformedMessageError('result frame: verified is not a boolean');
+  const rebuilt = o.rebuiltHashes as Partial<ImageDigests> | null;
+  if (typeof rebuilt !== 'object' || rebuilt === null || typeof rebuilt.memory !== 'string' || typeof rebuilt.disk !== 'string') throw new MalformedMessageError('result frame: rebuilt hashes missing');
+  const seconds = o.rebuildSeconds;
+  if (typeof seconds !== 'number' || !Number.isFinite(seconds) || seconds < 0) throw new MalformedMessageError('result frame: rebuildSeconds is not a duration');
+  return {
+    verified: o.verified,
+    ...(o.reason !== undefined ? { reason: text(o.reason, 'result frame: reason') } : {}),
+    rebuiltHashes: { memory: text(rebuilt.memory, 'result frame: memory hash', 128), disk: text(rebuilt.disk, 'result frame: disk hash', 128) },
+    pagesWritten: count(o.pagesWritten, 'result frame: pagesWritten'),
+    slices: count(o.slices, 'result frame: slices'),
+    duplicateSlices: count(o.duplicateSlices, 'result frame: duplicateSlices'),
+    rebuildSeconds: seconds,
+  };
+}

@@ -4,17 +4,18 @@
  * hash and reports the result back over the link and on the destination's bus (stats, result).
  */
 import { mkdirSync, rmSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
+import type { Server, Socket } from 'node:net';
 import { join } from 'node:path';
 import { hostname } from 'node:os';
 import { loadBaseIndex } from '../../shared/base-index.js';
 import { connectBus, publishEvent, type Bus } from '../../shared/bus.js';
 import { decodeChunk, validateMigrationId } from '../../shared/codec.js';
 import { MalformedMessageError, errorMessage } from '../../shared/errors.js';
+import { createLinkServer, linkSecurityFromEnv, type LinkSecurity } from '../../shared/link-security.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult, StageStats } from '../../shared/migration.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
-import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, parseAddress, parseJsonPayload, splitChunkFrame, type Captured, type Frame, type Hello } from '../../shared/wire.js';
+import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, type Frame, type LinkError } from '../../shared/wire.js';
 import { statsSubject } from '../../shared/subjects.js';
 import { Rebuilder } from './core.js';
 import { FilePageStore } from './store.js';
@@ -25,8 +26,12 @@ export interface ReceiverOptions {
   baseDisk: string;
   outDir: string;
   natsUrl: string;
-  /** seconds to wait for the handshake of a new connection */
+  /** milliseconds to wait for the handshake of a new connection */
   helloTimeoutMs?: number;
+  /** the link's credentials (default: from the environment, see shared/link-security.ts) */
+  security?: LinkSecurity;
+  /** a connection that brings nothing for this long is closed (default 120 s) */
+  idleTimeoutMs?: number;
 }
 
 export interface ReceivedMigration {
@@ -66,7 +71,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
   mkdirSync(options.outDir, { recursive: true });
   const bus: Bus = await connectBus(options.natsUrl, 'handoff-receiver');
   const states = new Map<string, MigrationState>();
-  const finishedIds = new Set<string>();
+  /** finished migrations' results, for a source that reconnects after the result was sent (bounded) */
+  const finishedResults = new Map<string, RebuildResult>();
   const finished: ReceivedMigration[] = [];
   const waiters: ((r: ReceivedMigration) => void)[] = [];
   const memoryPath = join(options.outDir, 'memory.img');
@@ -105,9 +111,10 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     state.link?.write(encodeJsonFrame(FrameType.Result, result));
     await publishEvent(bus, state.migrationId, { type: 'result', result }).catch(() => undefined);
     report({ migrationId: state.migrationId, result, memoryPath, diskPath });
-    // a long-running receiver keeps only the id of a finished migration, not its page maps
+    // a long-running receiver keeps only the result of a finished migration, not its page maps
     states.delete(state.migrationId);
-    finishedIds.add(state.migrationId);
+    finishedResults.set(state.migrationId, result);
+    if (finishedResults.size > 256) finishedResults.delete(finishedResults.keys().next().value!);
   };
 
   const checkDone = (state: MigrationState): void => {
@@ -153,7 +160,6 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
   const sockets = new Set<Socket>();
   const handleConnection = (socket: Socket): void => {
     sockets.add(socket);
-    socket.once('close', () => sockets.delete(socket));
     const reader = new FrameReader();
     let state: MigrationState | undefined;
     let clog = log.child({ peer: `${socket.remoteAddress}:${socket.remotePort}` });
@@ -161,28 +167,49 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       clog.warn('no handshake: closing');
       socket.destroy();
     }, options.helloTimeoutMs ?? 10_000);
+    // tells the source every second how much arrived, so it can tell a slow link from a dead one
+    let receivedBytes = 0;
+    let lastReported = -1;
+    let idleSince = performance.now();
+    const progress = setInterval(() => {
+      if (receivedBytes !== lastReported) {
+        lastReported = receivedBytes;
+        idleSince = performance.now();
+        if (state) socket.write(encodeProgressFrame(receivedBytes));
+      } else if (performance.now() - idleSince > (options.idleTimeoutMs ?? 120_000)) {
+        clog.warn('link idle: closing');
+        socket.destroy();
+      }
+    }, 1000);
+    socket.once('close', () => {
+      sockets.delete(socket);
+      clearInterval(progress);
+      clearTimeout(helloTimer);
+    });
     const refuse = (reason: string): void => {
       clog.warn('refused', { reason });
       socket.end(encodeJsonFrame(FrameType.Refuse, { reason }));
     };
     const onHello = (frame: Frame): void => {
       clearTimeout(helloTimer);
-      const hello = parseJsonPayload(frame) as Partial<Hello>;
-      const migrationId = validateMigrationId(hello.migrationId);
+      const hello = parseHello(frame);
+      const migrationId = hello.migrationId;
       clog = clog.child({ migration: migrationId });
       const src = hello.baseHashes;
-      if (!src || src.memory !== baseHashes.memory || src.disk !== baseHashes.disk) {
-        refuse(
-          `destination base differs from the source's: memory source ${src?.memory ?? '?'} destination ${baseHashes.memory}; disk source ${src?.disk ?? '?'} destination ${baseHashes.disk}`,
-        );
+      if (src.memory !== baseHashes.memory || src.disk !== baseHashes.disk) {
+        refuse(`destination base differs from the source's: memory source ${src.memory} destination ${baseHashes.memory}; disk source ${src.disk} destination ${baseHashes.disk}`);
         return;
       }
-      if (hello.bytes?.memory !== memoryIndex.bytes || hello.bytes?.disk !== diskIndex.bytes) {
-        refuse(`image sizes differ: source memory ${hello.bytes?.memory} disk ${hello.bytes?.disk}, destination base memory ${memoryIndex.bytes} disk ${diskIndex.bytes}`);
+      if (hello.bytes.memory !== memoryIndex.bytes || hello.bytes.disk !== diskIndex.bytes) {
+        refuse(`image sizes differ: source memory ${hello.bytes.memory} disk ${hello.bytes.disk}, destination base memory ${memoryIndex.bytes} disk ${diskIndex.bytes}`);
         return;
       }
-      if (finishedIds.has(migrationId)) {
-        refuse(`migration ${migrationId} has already finished here`);
+      const done = finishedResults.get(migrationId);
+      if (done) {
+        // the source lost the link after we finished: it gets the result again
+        clog.info('reconnected after the result: sending it again');
+        socket.write(encodeJsonFrame(FrameType.Accept, { baseHashes }));
+        socket.write(encodeJsonFrame(FrameType.Result, done));
         return;
       }
       state = states.get(migrationId);
@@ -195,9 +222,13 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         ]);
         state = { migrationId, log: clog, store, rebuilder: new Rebuilder(store, migrationId, [memoryIndex.hashes, diskIndex.hashes]), startedMs: performance.now(), duplicates: 0, finished: false };
         states.set(migrationId, state);
+        clog.info('accepted');
+      } else {
+        // the source resumes after a drop: the new connection replaces the old one
+        if (state.link && state.link !== socket) state.link.destroy();
+        clog.info('source reconnected: resuming', { slicesApplied: state.rebuilder.receivedSlices });
       }
       state.link = socket;
-      clog.info('accepted');
       socket.write(encodeJsonFrame(FrameType.Accept, { baseHashes }));
     };
     const onFrame = async (frame: Frame): Promise<void> => {
@@ -209,13 +240,10 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       if (frame.type === FrameType.Chunk) {
         const { frameNo, chunk } = splitChunkFrame(frame.payload);
         applyChunk(state, chunk);
-        // acknowledged once applied: the sender acks its JetStream message only then
+        // acknowledged once applied (or found applied already): the sender acks its JetStream message only then
         socket.write(encodeAckFrame(frameNo));
       } else if (frame.type === FrameType.Captured) {
-        const captured = parseJsonPayload(frame) as Captured;
-        if (!Number.isInteger(captured.slices) || !Number.isInteger(captured.round) || typeof captured.imageHashes?.memory !== 'string') {
-          throw new MalformedMessageError('captured frame: bad fields');
-        }
+        const captured = parseCaptured(frame);
         state.sourceHashes = captured.imageHashes;
         state.rebuilder.expect(captured.round, captured.slices);
         checkDone(state);
@@ -223,42 +251,46 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         throw new MalformedMessageError(`unexpected frame type ${frame.type}`);
       }
     };
-    // frames are handled in order: a chunk's ACK only after its durable publish
+    // frames are handled in order: a chunk's ACK only after it is applied
     let queue = Promise.resolve();
     let closing = false;
-    const closeWithError = (err: unknown): void => {
+    const closeWithError = (err: unknown, resumable: boolean): void => {
       if (closing) return;
       closing = true;
-      clog.error('bad frame: closing link', { reason: errorMessage(err) });
-      socket.end(encodeJsonFrame(FrameType.Error, { reason: errorMessage(err) }));
+      const reason = errorMessage(err);
+      clog.error(resumable ? 'corrupted frame: closing link, the source resends' : 'bad frame: closing link', { reason });
+      const e: LinkError = { reason, resumable };
+      socket.end(encodeJsonFrame(FrameType.Error, e));
       setTimeout(() => socket.destroy(), 1000).unref();
     };
     socket.on('data', (data: Buffer) => {
       if (closing) return;
+      receivedBytes += data.byteLength;
       let frames: Frame[];
       try {
         frames = reader.push(data);
       } catch (err) {
-        closeWithError(err);
+        // framing or checksum: damaged in transit (or not a handoff peer); a source resumes and resends
+        closeWithError(err, state !== undefined);
         return;
       }
       for (const frame of frames) {
-        queue = queue.then(() => (closing ? undefined : onFrame(frame))).catch(closeWithError);
+        queue = queue.then(() => (closing ? undefined : onFrame(frame))).catch((err: unknown) => closeWithError(err, false));
       }
     });
     socket.on('error', (err) => clog.warn('link error', { reason: err.message }));
-    socket.on('close', () => clearTimeout(helloTimer));
   };
 
   const { host, port } = parseAddress(options.listen, true);
-  const server: Server = createServer(handleConnection);
+  const security = options.security ?? linkSecurityFromEnv();
+  const server: Server = createLinkServer(security, handleConnection, (peer, reason) => log.warn('peer refused', { peer, reason }));
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, resolve);
   });
   const addr = server.address();
   const address = typeof addr === 'object' && addr ? { host: addr.address, port: addr.port } : { host, port };
-  log.info('listening', { address: `${address.host}:${address.port}`, baseMemory: baseHashes.memory.slice(0, 16), baseDisk: baseHashes.disk.slice(0, 16) });
+  log.info('listening', { address: `${address.host}:${address.port}`, link: security.kind, baseMemory: baseHashes.memory.slice(0, 16), baseDisk: baseHashes.disk.slice(0, 16) });
 
   const next = (): Promise<ReceivedMigration> => {
     const r = finished.shift();

@@ -1,116 +1,320 @@
-/** The source end of the WAN link: handshake, paced chunk frames acknowledged by the receiver, result. */
-import { connect, type Socket } from 'node:net';
-import { BaseMismatchError, MalformedMessageError } from '../../shared/errors.js';
+/**
+ * The source end of the WAN link: an authenticated connection, paced chunk frames the receiver
+ * acknowledges, and the result. Resumable: when the connection drops, or carries nothing back for
+ * a while, or the receiver reports a corrupted frame, the link reconnects with backoff and sends
+ * again every frame not yet acknowledged (the receiver ignores what it has already applied), until
+ * a give-up deadline.
+ */
+import type { Socket } from 'node:net';
+import { BaseMismatchError, MalformedMessageError, errorMessage } from '../../shared/errors.js';
+import { dialLink, type LinkSecurity } from '../../shared/link-security.js';
+import type { Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult } from '../../shared/migration.js';
-import { FrameReader, FrameType, encodeChunkFrame, encodeJsonFrame, parseAddress, parseJsonPayload, splitChunkFrame, type Captured, type Frame, type Hello } from '../../shared/wire.js';
+import {
+  FrameReader,
+  FrameType,
+  encodeChunkFrame,
+  encodeJsonFrame,
+  parseAccept,
+  parseAddress,
+  parseLinkError,
+  parseProgressFrame,
+  parseReason,
+  parseResult,
+  splitChunkFrame,
+  type Captured,
+  type Frame,
+  type Hello,
+} from '../../shared/wire.js';
 import { BandwidthEstimator } from './bandwidth.js';
 import { RateLimiter } from './rate.js';
 
+export interface LinkOptions {
+  address: string;
+  hello: Hello;
+  security: LinkSecurity;
+  /** sender's rate cap, 0 = none */
+  rateCapBps: number;
+  /** how long a lost link may take to come back before the migration fails */
+  deadlineMs?: number;
+  /** unacknowledged frames and nothing heard from the receiver for this long: the link is dead */
+  silenceMs?: number;
+  handshakeTimeoutMs?: number;
+  log?: Logger;
+}
+
+/** A link failure that no reconnection can mend (refused, not authenticated, a bad peer). */
+class FatalLinkError extends Error {}
+
+interface PendingFrame {
+  pieces: [Buffer, Uint8Array];
+  bytes: number;
+  /** times written to a connection */
+  sends: number;
+  /** the connection it was last written to (a resume sends again what went to an older one) */
+  sentOn: Connection | undefined;
+  resolve: (sent: SentChunk) => void;
+  reject: (e: Error) => void;
+}
+
+export interface SentChunk {
+  /** size of one copy of the frame */
+  frameBytes: number;
+  /** copies written (more than 1 after a drop or a corrupted frame) */
+  sends: number;
+}
+
+interface Connection {
+  socket: Socket;
+  /** when the receiver last showed progress (an ACK, or more bytes received) */
+  lastProgressMs: number;
+  receivedBytes: number;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
 export class WanLink {
   readonly bandwidth = new BandwidthEstimator();
+  /** bytes written to the network, resends included */
   wireBytes = 0;
+  /** bytes of chunk frames written more than once */
+  resentBytes = 0;
+  reconnects = 0;
+  private reportedReconnects = 0;
   private firstSendMs: number | undefined;
   private frameNo = 0;
-  private readonly waiting = new Map<number, { bytes: number; resolve: () => void; reject: (e: Error) => void }>();
+  private readonly pending = new Map<number, PendingFrame>();
+  private readonly capturedFrames: Buffer[] = [];
   private readonly limiter: RateLimiter | undefined;
+  private readonly deadlineMs: number;
+  private readonly silenceMs: number;
+  private readonly handshakeTimeoutMs: number;
+  private conn: Connection | undefined;
+  /** resolves when a connection is up again after a drop */
+  private reconnected: Promise<void> | undefined;
+  private resuming = false;
   private failure: Error | undefined;
+  private closed = false;
   private resultHandlers: { resolve: (r: RebuildResult) => void; reject: (e: Error) => void } | undefined;
   readonly result: Promise<RebuildResult>;
+  private readonly watchdog: NodeJS.Timeout;
 
-  private constructor(
-    private readonly socket: Socket,
-    readonly migrationId: string,
-    rateCapBps: number,
-  ) {
-    this.limiter = rateCapBps > 0 ? new RateLimiter(rateCapBps) : undefined;
+  private constructor(private readonly options: LinkOptions) {
+    this.limiter = options.rateCapBps > 0 ? new RateLimiter(options.rateCapBps) : undefined;
+    this.deadlineMs = options.deadlineMs ?? 60_000;
+    this.silenceMs = options.silenceMs ?? 4_000;
+    this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 15_000;
     this.result = new Promise((resolve, reject) => {
       this.resultHandlers = { resolve, reject };
     });
     this.result.catch(() => undefined);
+    this.watchdog = setInterval(() => this.checkAlive(), 250);
+    this.watchdog.unref();
+  }
+
+  get migrationId(): string {
+    return this.options.hello.migrationId;
   }
 
   /** Connects and shakes hands; rejects with BaseMismatchError when the destination refuses. */
-  static async open(address: string, hello: Hello, rateCapBps: number, timeoutMs = 15_000): Promise<{ link: WanLink; destinationBaseHashes: ImageDigests }> {
-    const { host, port } = parseAddress(address);
-    const socket = connect({ host, port, noDelay: true });
-    const link = new WanLink(socket, hello.migrationId, rateCapBps);
-    const reader = new FrameReader();
-    let accept: ((v: ImageDigests) => void) | undefined;
-    let refuse: ((e: Error) => void) | undefined;
-    const accepted = new Promise<ImageDigests>((resolve, reject) => {
-      accept = resolve;
-      refuse = reject;
-    });
-    const timer = setTimeout(() => refuse?.(new Error(`destination ${address} did not answer the handshake within ${timeoutMs / 1000} s`)), timeoutMs);
-    socket.on('data', (data: Buffer) => {
-      let frames: Frame[];
-      try {
-        frames = reader.push(data);
-      } catch (err) {
-        link.fail(err as Error);
-        refuse?.(err as Error);
-        return;
-      }
-      for (const frame of frames) {
-        if (frame.type === FrameType.Accept) accept?.((parseJsonPayload(frame) as { baseHashes: ImageDigests }).baseHashes);
-        else if (frame.type === FrameType.Refuse) refuse?.(new BaseMismatchError(String((parseJsonPayload(frame) as { reason: string }).reason)));
-        else link.onFrame(frame);
-      }
-    });
-    socket.on('error', (err) => {
-      const e = new Error(`WAN link to ${address}: ${err.message}`);
-      refuse?.(e);
-      link.fail(e);
-    });
-    socket.on('close', () => link.fail(new Error(`WAN link to ${address} closed by the destination`)));
-    await new Promise<void>((resolve, reject) => {
-      socket.once('connect', resolve);
-      socket.once('error', reject);
-    }).catch((err: Error) => {
-      clearTimeout(timer);
-      throw new Error(`cannot reach destination ${address}: ${err.message}`);
-    });
-    link.write(encodeJsonFrame(FrameType.Hello, hello));
+  static async open(options: LinkOptions): Promise<{ link: WanLink; destinationBaseHashes: ImageDigests }> {
+    const link = new WanLink(options);
     try {
-      const destinationBaseHashes = await accepted;
+      const { conn, destinationBaseHashes } = await link.connect();
+      link.conn = conn;
       return { link, destinationBaseHashes };
     } catch (err) {
-      socket.destroy();
-      throw err;
-    } finally {
-      clearTimeout(timer);
+      clearInterval(link.watchdog);
+      link.closed = true;
+      throw err instanceof FatalLinkError || err instanceof BaseMismatchError ? err : new Error(`cannot reach destination ${options.address}: ${errorMessage(err)}`);
     }
   }
 
-  private onFrame(frame: Frame): void {
+  /** One connection: dial, authenticate, HELLO, wait for ACCEPT (or REFUSE). */
+  private async connect(): Promise<{ conn: Connection; destinationBaseHashes: ImageDigests }> {
+    const { host, port } = parseAddress(this.options.address);
+    let socket: Socket;
+    try {
+      socket = await dialLink(host, port, this.options.security, this.handshakeTimeoutMs);
+    } catch (err) {
+      const reason = errorMessage(err);
+      throw /^authentication failed/.test(reason) ? new FatalLinkError(`WAN link to ${this.options.address}: ${reason}`) : err;
+    }
+    const conn: Connection = { socket, lastProgressMs: performance.now(), receivedBytes: 0 };
+    const reader = new FrameReader();
+    return new Promise((resolve, reject) => {
+      let accepted = false;
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new Error(`destination ${this.options.address} did not answer the handshake within ${this.handshakeTimeoutMs / 1000} s`));
+      }, this.handshakeTimeoutMs);
+      const lost = (err: Error): void => {
+        clearTimeout(timer);
+        if (!accepted) {
+          socket.destroy();
+          reject(err);
+        } else this.onDrop(conn, err);
+      };
+      socket.on('data', (data: Buffer) => {
+        let frames: Frame[];
+        try {
+          frames = reader.push(data);
+        } catch (err) {
+          // the destination's own frames arrive corrupted: treat as a drop, the next connection resends
+          lost(err as Error);
+          return;
+        }
+        for (const frame of frames) {
+          try {
+            if (!accepted) {
+              if (frame.type === FrameType.Accept) {
+                accepted = true;
+                clearTimeout(timer);
+                resolve({ conn, destinationBaseHashes: parseAccept(frame) });
+              } else if (frame.type === FrameType.Refuse) {
+                const reason = parseReason(frame, 'refuse');
+                clearTimeout(timer);
+                socket.destroy();
+                reject(/base differs|sizes differ/.test(reason) ? new BaseMismatchError(reason) : new FatalLinkError(`destination refused: ${reason}`));
+                return;
+              } else if (frame.type === FrameType.Error) {
+                const e = parseLinkError(frame);
+                lost(e.resumable ? new Error(`destination: ${e.reason}`) : new FatalLinkError(`destination: ${e.reason}`));
+                return;
+              } else throw new MalformedMessageError(`frame type ${frame.type} before the handshake's answer`);
+            } else this.onFrame(conn, frame);
+          } catch (err) {
+            lost(err instanceof FatalLinkError ? err : new FatalLinkError(`destination sent a bad frame: ${errorMessage(err)}`));
+            return;
+          }
+        }
+      });
+      socket.on('error', (err) => lost(new Error(`WAN link to ${this.options.address}: ${err.message}`)));
+      socket.on('close', () => {
+        // TLS 1.3 completes the client's side before the server checks its certificate: a refusal
+        // then shows only as a close before ACCEPT
+        const why = !accepted && this.options.security.kind !== 'insecure' ? ' before accepting the handshake: authentication failed? (the destination did not accept our link credentials)' : '';
+        lost(new Error(`WAN link to ${this.options.address} closed${why}`));
+      });
+      socket.write(encodeJsonFrame(FrameType.Hello, this.options.hello));
+    });
+  }
+
+  private onFrame(conn: Connection, frame: Frame): void {
     switch (frame.type) {
       case FrameType.Ack: {
         const { frameNo } = splitChunkFrame(frame.payload);
-        const w = this.waiting.get(frameNo);
-        if (!w) return; // an ACK for a frame resent or unknown: harmless
-        this.waiting.delete(frameNo);
-        this.bandwidth.ack(w.bytes);
-        w.resolve();
+        conn.lastProgressMs = performance.now();
+        const p = this.pending.get(frameNo);
+        if (!p) return; // the ACK of a copy already acknowledged: harmless
+        this.pending.delete(frameNo);
+        this.bandwidth.ack(p.bytes);
+        p.resolve({ frameBytes: p.bytes, sends: p.sends });
+        return;
+      }
+      case FrameType.Progress: {
+        const received = parseProgressFrame(frame.payload);
+        if (received > conn.receivedBytes) {
+          conn.receivedBytes = received;
+          conn.lastProgressMs = performance.now();
+        }
         return;
       }
       case FrameType.Result:
-        this.resultHandlers?.resolve(parseJsonPayload(frame) as RebuildResult);
+        this.resultHandlers?.resolve(parseResult(frame));
         return;
-      case FrameType.Error:
-        this.fail(new Error(`destination: ${String((parseJsonPayload(frame) as { reason: string }).reason)}`));
+      case FrameType.Error: {
+        const e = parseLinkError(frame);
+        if (e.resumable) this.onDrop(conn, new Error(`destination: ${e.reason}`));
+        else this.fail(new FatalLinkError(`destination: ${e.reason}`));
         return;
+      }
       default:
-        this.fail(new MalformedMessageError(`unexpected frame type ${frame.type} from the destination`));
+        throw new MalformedMessageError(`unexpected frame type ${frame.type} from the destination`);
     }
+  }
+
+  /** A silent link with frames outstanding is dead even if TCP has not noticed (a cut cable). */
+  private checkAlive(): void {
+    const conn = this.conn;
+    if (!conn || this.pending.size === 0) return;
+    if (performance.now() - conn.lastProgressMs > this.silenceMs) {
+      this.onDrop(conn, new Error(`nothing heard from the destination for ${this.silenceMs / 1000} s with frames outstanding`));
+    }
+  }
+
+  private onDrop(conn: Connection, err: Error): void {
+    if (this.conn !== conn) return; // an old connection's late news
+    this.conn = undefined;
+    conn.socket.destroy();
+    this.releaseDrain?.();
+    if (this.closed || this.failure) return;
+    if (err instanceof FatalLinkError) {
+      this.fail(err);
+      return;
+    }
+    if (this.resuming) return; // the resume under way notices: its writes fail and it dials again
+    this.options.log?.warn('WAN link lost: reconnecting', { reason: err.message, unacknowledgedFrames: this.pending.size });
+    this.resuming = true;
+    this.reconnected = this.resume(err).finally(() => {
+      this.resuming = false;
+      this.reconnected = undefined;
+    });
+  }
+
+  /** Reconnects with backoff, then sends again what went to a lost connection unacknowledged. */
+  private async resume(cause: Error): Promise<void> {
+    const lostAt = performance.now();
+    let lastError = cause;
+    for (let attempt = 0; ; attempt++) {
+      await sleep(Math.min(2000, 100 * 2 ** attempt));
+      if (this.closed || this.failure) return;
+      if (performance.now() - lostAt > this.deadlineMs) {
+        this.fail(new Error(`WAN link to ${this.options.address} lost and not back within ${this.deadlineMs / 1000} s (last error: ${lastError.message})`));
+        return;
+      }
+      try {
+        const { conn } = await this.connect();
+        this.conn = conn;
+        this.reconnects++;
+        const frames = [...this.pending.values()].filter((f) => f.sentOn !== undefined && f.sentOn !== conn);
+        this.options.log?.info('WAN link back: resending unacknowledged frames', { attempt: attempt + 1, frames: frames.length, downSeconds: Number(((performance.now() - lostAt) / 1000).toFixed(1)) });
+        for (const f of this.capturedFrames) await this.writeNow(conn, f);
+        for (const f of frames) {
+          if (!this.pending.has(this.frameNoOf(f))) continue; // acknowledged meanwhile
+          await this.limiter?.take(f.bytes);
+          f.sentOn = conn;
+          f.sends++;
+          this.resentBytes += f.bytes;
+          await this.writeNow(conn, f.pieces);
+        }
+        return;
+      } catch (err) {
+        lastError = err as Error;
+        if (err instanceof FatalLinkError || err instanceof BaseMismatchError) {
+          this.fail(err);
+          return;
+        }
+        const conn = this.conn;
+        this.conn = undefined;
+        conn?.socket.destroy();
+      }
+    }
+  }
+
+  private frameNoOf(f: PendingFrame): number {
+    return f.pieces[0].readUInt32LE(12);
   }
 
   private fail(err: Error): void {
     if (this.failure) return;
     this.failure = err;
-    for (const w of this.waiting.values()) w.reject(err);
-    this.waiting.clear();
+    clearInterval(this.watchdog);
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
     this.resultHandlers?.reject(err);
-    this.socket.destroy();
+    this.conn?.socket.destroy();
+    this.conn = undefined;
     this.releaseDrain?.(); // a destroyed socket never drains: let waiting writers see the failure
   }
 
@@ -122,40 +326,72 @@ export class WanLink {
   private drained: Promise<void> | undefined;
   private releaseDrain: (() => void) | undefined;
 
+  /** The current connection, once one is up again if it is being re-established. */
+  private async connection(): Promise<Connection> {
+    while (this.reconnected) await this.reconnected;
+    if (this.failure) throw this.failure;
+    if (!this.conn) throw new Error('WAN link closed');
+    return this.conn;
+  }
+
+  /** Writes a control frame to the current connection. */
   private async write(frame: Buffer | readonly Uint8Array[]): Promise<void> {
+    await this.writeNow(await this.connection(), frame);
+  }
+
+  private async writeNow(conn: Connection, frame: Buffer | readonly Uint8Array[]): Promise<void> {
     while (this.drained) await this.drained;
+    if (this.conn !== conn) throw new Error('WAN link dropped while writing');
     const pieces = Buffer.isBuffer(frame) ? [frame] : frame;
-    this.socket.cork();
+    conn.socket.cork();
     let flushed = true;
     for (const piece of pieces) {
       this.wireBytes += piece.byteLength;
-      flushed = this.socket.write(piece);
+      flushed = conn.socket.write(piece);
     }
-    this.socket.uncork();
+    conn.socket.uncork();
     if (!flushed) {
       this.drained = new Promise((resolve) => {
         this.releaseDrain = () => {
+          conn.socket.off('drain', this.releaseDrain!);
           this.drained = undefined;
           this.releaseDrain = undefined;
           resolve();
         };
-        this.socket.once('drain', this.releaseDrain);
+        conn.socket.once('drain', this.releaseDrain);
       });
     }
   }
 
-  /** Sends one encoded chunk; resolves with the frame's size on the wire when the receiver has it durably (its ACK). */
-  async sendChunk(chunk: Uint8Array): Promise<number> {
+  /** Sends one encoded chunk; resolves when the receiver has applied it (its ACK), however many copies that took. */
+  async sendChunk(chunk: Uint8Array): Promise<SentChunk> {
     if (this.failure) throw this.failure;
     const frameNo = this.frameNo++;
-    const frame = encodeChunkFrame(frameNo, chunk);
-    const frameBytes = frame[0].byteLength + frame[1].byteLength;
-    await this.limiter?.take(frameBytes);
-    const acked = new Promise<void>((resolve, reject) => this.waiting.set(frameNo, { bytes: frameBytes, resolve, reject }));
+    const pieces = encodeChunkFrame(frameNo, chunk);
+    const bytes = pieces[0].byteLength + pieces[1].byteLength;
+    await this.limiter?.take(bytes);
+    let frame: PendingFrame | undefined;
+    const acked = new Promise<SentChunk>((resolve, reject) => {
+      frame = { pieces, bytes, sends: 0, sentOn: undefined, resolve, reject };
+      this.pending.set(frameNo, frame);
+    });
     this.firstSendMs ??= performance.now();
-    await this.write(frame);
-    await acked;
-    return frameBytes;
+    const conn = await this.connection();
+    // unless a resume sent it already (or it was acknowledged): a write cut short by a drop is left
+    // to the resume, which sends again what went to the lost connection
+    if (frame!.sentOn !== conn && this.pending.has(frameNo)) {
+      frame!.sentOn = conn;
+      frame!.sends++;
+      await this.writeNow(conn, pieces).catch(() => undefined);
+    }
+    return acked;
+  }
+
+  /** Reconnections since the last call (each is counted once in the statistics). */
+  takeReconnects(): number {
+    const n = this.reconnects - this.reportedReconnects;
+    this.reportedReconnects = this.reconnects;
+    return n;
   }
 
   /** Average over the link's life: bytes acknowledged / time from the first chunk sent to the last ACK. */
@@ -165,12 +401,20 @@ export class WanLink {
     return (this.bandwidth.totalAckedBytes * 8 * 1000) / (last - this.firstSendMs);
   }
 
+  /** The end of a capture round; kept and sent again after a reconnection (the receiver takes it twice harmlessly). */
   async sendCaptured(captured: Captured): Promise<void> {
     if (this.failure) throw this.failure;
-    await this.write(encodeJsonFrame(FrameType.Captured, captured));
+    const frame = encodeJsonFrame(FrameType.Captured, captured);
+    this.capturedFrames.push(frame);
+    await this.write(frame).catch((err: unknown) => {
+      if (this.failure) throw this.failure;
+      this.options.log?.debug('captured frame write interrupted', { reason: errorMessage(err) });
+    });
   }
 
   close(): void {
-    this.socket.end();
+    this.closed = true;
+    clearInterval(this.watchdog);
+    this.conn?.socket.end();
   }
 }

@@ -10,6 +10,7 @@ import { createLogger, type Logger } from '../../shared/log.js';
 import { parseEvent, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
 import { DescriptorCache } from '../../shared/registry.js';
 import { STREAMS, statsSubject } from '../../shared/subjects.js';
+import { linkSecurityFromEnv } from '../../shared/link-security.js';
 import { WanLink } from './link.js';
 
 /**
@@ -60,6 +61,8 @@ class Saturation {
 export async function runSenderService(natsUrl: string): Promise<{ stop(): Promise<void>; done: Promise<void> }> {
   const instance = `${hostname()}:${process.pid}`;
   const log = createLogger({ stage: 'sender', instance });
+  // the link's credentials are this process's own (environment or files), never on the bus
+  const security = linkSecurityFromEnv();
   const bus = await connectBus(natsUrl, 'handoff-sender');
   const descriptors = new DescriptorCache(bus.migrations);
   const links = new Map<string, Promise<WanLink>>();
@@ -73,7 +76,14 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
         baseHashes: { memory: d.memory.baseHash, disk: d.disk.baseHash },
         bytes: { memory: d.memory.bytes, disk: d.disk.bytes },
       };
-      const { link, destinationBaseHashes } = await WanLink.open(d.destination, hello, d.bandwidthCapBps);
+      const { link, destinationBaseHashes } = await WanLink.open({
+        address: d.destination,
+        hello,
+        security,
+        rateCapBps: d.bandwidthCapBps,
+        ...(d.linkDeadlineMs ? { deadlineMs: d.linkDeadlineMs } : {}),
+        log: mlog,
+      });
       mlog.info('destination accepted', { destination: d.destination });
       await publishEvent(bus, d.migrationId, { type: 'accepted', destinationBaseHashes });
       link.result.then(
@@ -168,7 +178,7 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
         const sent = link.sendChunk(m.data);
         inFlightBytes += size;
         const p = sent
-          .then((frameBytes) => {
+          .then(({ frameBytes, sends }) => {
             m.ack();
             const stats: StageStats = {
               stage: 'sender',
@@ -187,6 +197,9 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
                 bandwidthBps: Math.round(link.bandwidth.bandwidthBps ?? 0),
                 averageBandwidthBps: Math.round(link.averageBandwidthBps),
                 linkBoundPct: Math.round(saturation.linkBoundShare * 100),
+                // bytes this chunk cost beyond one copy (resent after a drop or a corrupted frame)
+                resentBytes: (sends - 1) * frameBytes,
+                reconnects: link.takeReconnects(),
               },
             };
             bus.nc.publish(statsSubject(migrationId, 'sender'), JSON.stringify(stats));

@@ -5,9 +5,13 @@ import { join } from 'node:path';
 import { migrate, type MigrateOptions } from '../../cli/migrate.js';
 import type { MigrationSummary } from '../../cli/summary.js';
 import { startReceiver, type ReceivedMigration, type RunningReceiver } from '../../services/receiver/service.js';
+import { ensureLocalLinkKey, type LinkSecurity } from '../../shared/link-security.js';
 import { DEFAULT_MODE } from '../../shared/mode.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../../shared/nats-server.js';
 import { generateImageSet, type ImageSet } from '../../shared/testdata/images.js';
+
+// both cloudlets of a test share one fresh link key (the sender actor inherits it)
+ensureLocalLinkKey();
 
 export interface Workspace {
   dir: string;
@@ -36,7 +40,7 @@ export interface Destination {
   stop(): Promise<void>;
 }
 
-export async function startDestination(ws: Workspace, name = 'rebuilt', bases?: { memory: string; disk: string }): Promise<Destination> {
+export async function startDestination(ws: Workspace, name = 'rebuilt', bases?: { memory: string; disk: string }, security?: LinkSecurity): Promise<Destination> {
   const nats = await startEmbeddedNats();
   const outDir = join(ws.dir, 'destination', name);
   const receiver = await startReceiver({
@@ -45,6 +49,7 @@ export async function startDestination(ws: Workspace, name = 'rebuilt', bases?: 
     baseDisk: bases?.disk ?? ws.destBaseDisk,
     outDir,
     natsUrl: nats.url,
+    ...(security ? { security } : {}),
   }).catch(async (err: unknown) => {
     await nats.stop();
     throw err;
