@@ -42,7 +42,7 @@ export interface MigrateOptions {
   /** how long a lost WAN link may take to come back (default 60 s) */
   linkDeadlineMs?: number;
   /** called once the migration runs (tests change the mode mid-way through it) */
-  onStarted?: (ctl: { bus: Bus; migrationId: string; stats: StatsCollector }) => void;
+  onStarted?: (ctl: { bus: Bus; migrationId: string; stats: StatsCollector; actors: readonly ActorProcess[] }) => void;
 }
 
 /** Pages per chunk so that a capture chunk (pages + 38 bytes of columns each + header) fits max_payload. */
@@ -118,7 +118,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     const events = await (await bus.js.consumers.get(STREAMS.events, { filter_subjects: eventSubject(migrationId, '*'), deliver_policy: DeliverPolicy.All })).consume();
     await publishEvent(bus, migrationId, { type: 'start' });
     log.info('started', { destination: options.to, mode: options.mode });
-    options.onStarted?.({ bus, migrationId, stats });
+    options.onStarted?.({ bus, migrationId, stats, actors });
 
     const bar = options.progress ? new ProgressBar(migrationId) : undefined;
     let captured: Extract<MigrationEvent, { type: 'captured' }> | undefined;

@@ -15,8 +15,8 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
-import { connect, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
-import { BUCKETS, EVENTS_FILTER, STREAMS, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
+import { connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
+import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
 import { encodeEvent, type MigrationEvent } from './migration.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
 
@@ -119,6 +119,25 @@ async function ensureStreams(jsm: JetStreamManager): Promise<void> {
     max_age: nanos(24 * 3600_000),
     max_bytes: 64 * 1024 * 1024,
   });
+  await ensureStream(jsm, STREAMS.dead, {
+    name: STREAMS.dead,
+    subjects: [DEAD_FILTER],
+    retention: RetentionPolicy.Limits,
+    storage: STORAGE,
+    max_age: nanos(7 * 24 * 3600_000),
+    max_bytes: 256 * 1024 * 1024,
+    discard: DiscardPolicy.Old,
+  });
+}
+
+/** Keeps a message a stage gives up on, with the reason, for an operator to inspect (`nats stream view HANDOFF_DEAD`). */
+export async function publishDeadLetter(bus: Bus, stage: string, migrationId: string, m: JsMsg, reason: string): Promise<void> {
+  const h = headers();
+  h.set(DEAD_HEADERS.reason, reason.replace(/[\r\n]+/g, ' ').slice(0, 1024));
+  h.set(DEAD_HEADERS.subject, m.subject);
+  h.set(DEAD_HEADERS.deliveries, String(m.info.deliveryCount));
+  const data = m.data.byteLength + 4096 <= bus.maxPayloadBytes ? m.data : m.data.subarray(0, bus.maxPayloadBytes - 4096);
+  await bus.js.publish(deadLetterSubject(stage, migrationId), data, { headers: h });
 }
 
 export function streamOf(stage: WorkStage): string {
@@ -169,29 +188,54 @@ export function isStreamFull(err: unknown): boolean {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** The server is away for a moment (restarting, reconnecting): worth trying again. */
+export function isTransient(err: unknown): boolean {
+  const text = err instanceof Error ? `${err.name} ${err.message} ${String((err as { code?: unknown }).code ?? '')}` : String(err);
+  return /timeout|timed out|disconnect|reconnect|no responders|503|connection closed|jetstream not enabled|stream not found|leadership/i.test(text);
+}
+
+/** How long a publish keeps trying while the server is away before the error is reported. */
+const OUTAGE_BUDGET_MS = Number(process.env.HANDOFF_BUS_OUTAGE_MS ?? 60_000);
+
 /**
- * Publishes to a work stream, waiting while the stream is full (backpressure). `msgId` makes a
- * retried publish a no-op for JetStream's duplicate window.
+ * Publishes to a work stream, waiting while the stream is full (backpressure) and, for a while,
+ * while the server is away. `msgId` makes a retried publish a no-op for JetStream's duplicate window.
  */
 export async function publishWork(bus: Bus, subject: string, data: Uint8Array, msgId?: string, headers?: MsgHdrs, onWait?: () => void): Promise<void> {
   let delayMs = 5;
+  let outageSince: number | undefined;
   for (;;) {
     try {
-      await bus.js.publish(subject, data, { ...(msgId ? { msgID: msgId } : {}), ...(headers ? { headers } : {}), timeout: 30_000 });
+      await bus.js.publish(subject, data, { ...(msgId ? { msgID: msgId } : {}), ...(headers ? { headers } : {}), timeout: 10_000 });
       return;
     } catch (err) {
-      if (!isStreamFull(err)) throw err;
       onWait?.();
-      await sleep(delayMs);
-      // short waits: a full queue frees up as soon as its consumer acks, and a publisher asleep
-      // then leaves the consumer idle (the wire queue is short on purpose)
-      delayMs = Math.min(delayMs * 2, 20);
+      if (isStreamFull(err)) {
+        outageSince = undefined;
+        await sleep(delayMs);
+        // short waits: a full queue frees up as soon as its consumer acks, and a publisher asleep
+        // then leaves the consumer idle (the wire queue is short on purpose)
+        delayMs = Math.min(delayMs * 2, 20);
+      } else if (isTransient(err) && (outageSince ??= performance.now()) > performance.now() - OUTAGE_BUDGET_MS) {
+        await sleep(250);
+      } else {
+        throw outageSince === undefined ? err : new Error(`NATS unavailable for ${Math.round(OUTAGE_BUDGET_MS / 1000)} s: ${(err as Error).message}`);
+      }
     }
   }
 }
 
 export async function publishEvent(bus: Bus, migrationId: string, event: MigrationEvent): Promise<void> {
-  await bus.js.publish(eventSubject(migrationId, event.type), encodeEvent(event));
+  const outageSince = performance.now();
+  for (;;) {
+    try {
+      await bus.js.publish(eventSubject(migrationId, event.type), encodeEvent(event));
+      return;
+    } catch (err) {
+      if (!isTransient(err) || performance.now() - outageSince > OUTAGE_BUDGET_MS) throw err;
+      await sleep(250);
+    }
+  }
 }
 
 export type { JsMsg, MsgHdrs, NatsConnection };

@@ -5,7 +5,7 @@
 import { hostname } from 'node:os';
 import { chunkKey, type Chunk } from './chunk.js';
 import { decodeChunk, encodeChunk } from './codec.js';
-import { connectBus, ensureWorkConsumer, publishEvent, publishWork, streamOf, type Bus, type JsMsg } from './bus.js';
+import { connectBus, ensureWorkConsumer, publishDeadLetter, publishEvent, publishWork, streamOf, type Bus, type JsMsg } from './bus.js';
 import { MalformedMessageError, errorMessage } from './errors.js';
 import { createLogger, type Logger } from './log.js';
 import type { MigrationDescriptor, StageStats } from './migration.js';
@@ -71,7 +71,9 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
   const descriptors = new DescriptorCache(bus.migrations);
   const modes = await ModeWatcher.start(bus.config);
   const prepared = new Map<string, Promise<void>>();
-  const durable = await ensureWorkConsumer(bus, actor.input, actor.partition, actor.ackWaitMs ?? 30_000);
+  // a short ack wait, kept alive while a chunk is worked on: a killed instance's chunks go to another soon
+  const ackWaitMs = actor.ackWaitMs ?? 10_000;
+  const durable = await ensureWorkConsumer(bus, actor.input, actor.partition, ackWaitMs);
   const consumer = await bus.js.consumers.get(streamOf(actor.input), durable);
   const concurrency = actor.concurrency ?? 1;
   const messages = await consumer.consume({ max_messages: Math.max(2, concurrency * 2) });
@@ -87,13 +89,16 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
     return p;
   };
 
-  const failMigration = async (migrationId: string | undefined, reason: string): Promise<void> => {
-    if (!migrationId) return;
+  /** Gives up on a message: kept as a dead letter with the reason, its migration failed naming it. */
+  const giveUp = async (m: JsMsg, migrationId: string, reason: string): Promise<void> => {
+    await publishDeadLetter(bus, actor.name, migrationId, m, reason).catch((err: unknown) => log.warn('cannot keep the dead letter', { reason: errorMessage(err) }));
+    m.term(reason);
     await publishEvent(bus, migrationId, { type: 'failed', stage: actor.name, reason }).catch(() => undefined);
   };
 
   const processOne = async (m: JsMsg): Promise<void> => {
     let chunk: Chunk | undefined;
+    const alive = setInterval(() => m.working(), ackWaitMs / 3);
     try {
       chunk = decodeChunk(m.data);
       const descriptor = await descriptors.get(chunk.migrationId);
@@ -137,22 +142,20 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
       bus.nc.publish(statsSubject(chunk.migrationId, actor.name), JSON.stringify(stats));
       m.ack();
     } catch (err) {
-      const migrationId = chunk?.migrationId;
+      // the subject names the migration even when the message does not decode
+      const migrationId = chunk?.migrationId ?? m.subject.split('.')[3] ?? 'unknown';
       const reason = errorMessage(err);
       if (err instanceof MalformedMessageError || err instanceof UnknownMigrationError) {
         log.error('rejected message', { migration: migrationId, subject: m.subject, reason });
-        m.term(reason);
-        await failMigration(migrationId ?? m.subject.split('.')[3], reason);
+        await giveUp(m, migrationId, reason);
         return;
       }
       const attempt = m.info.deliveryCount;
       log.warn('chunk failed', { migration: migrationId, attempt, reason });
-      if (attempt >= MAX_ATTEMPTS) {
-        m.term(reason);
-        await failMigration(migrationId, `${actor.name} gave up on a chunk after ${attempt} attempts: ${reason}`);
-      } else {
-        m.nak(500 * attempt);
-      }
+      if (attempt >= MAX_ATTEMPTS) await giveUp(m, migrationId, `${actor.name} gave up on a chunk after ${attempt} attempts: ${reason}`);
+      else m.nak(500 * attempt);
+    } finally {
+      clearInterval(alive);
     }
   };
 

@@ -8,6 +8,8 @@ export const STREAMS = {
   wire: 'HANDOFF_WIRE',
   /** limits stream of control events, so a late subscriber still sees a migration's history */
   events: 'HANDOFF_EVENTS',
+  /** limits stream of messages given up on (malformed, or failing every attempt), each with its reason */
+  dead: 'HANDOFF_DEAD',
 } as const;
 
 export type WorkStage = 'dedup' | 'delta' | 'compress' | 'wire';
@@ -30,6 +32,15 @@ export function eventSubject(migrationId: string, type: string): string {
   return `handoff.events.${migrationId}.${type}`;
 }
 export const EVENTS_FILTER = 'handoff.events.>';
+
+/** `handoff.dead.<stage>.<migrationId>`: where a stage puts a message it gives up on */
+export function deadLetterSubject(stage: string, migrationId: string): string {
+  return `handoff.dead.${stage}.${migrationId}`;
+}
+export const DEAD_FILTER = 'handoff.dead.>';
+
+/** headers of a dead letter: why, from where, after how many deliveries */
+export const DEAD_HEADERS = { reason: 'Handoff-Reason', subject: 'Handoff-Subject', deliveries: 'Handoff-Deliveries' } as const;
 
 /** per-chunk statistics; core NATS (lossy is fine: they feed summaries and the tuner) */
 export function statsSubject(migrationId: string, stage: string): string {

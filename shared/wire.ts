@@ -141,6 +141,8 @@ export interface Hello {
   migrationId: string;
   baseHashes: ImageDigests;
   bytes: { memory: number; disk: number };
+  /** random per sender link: frame numbers mean something only within one */
+  linkId?: string;
 }
 
 /** ERROR: why the receiver closes the link; `resumable` when a new connection may carry on (transit corruption). */
@@ -206,10 +208,12 @@ export function parseHello(frame: Frame): Hello {
   const o = object(frame, 'hello');
   const bytes = o.bytes as Record<string, unknown> | null;
   if (typeof bytes !== 'object' || bytes === null) throw new MalformedMessageError('hello frame: image sizes missing');
+  if (o.linkId !== undefined && (typeof o.linkId !== 'string' || !/^[0-9a-f]{8,64}$/.test(o.linkId))) throw new MalformedMessageError('hello frame: linkId is not hex');
   return {
     migrationId: validateMigrationId(o.migrationId),
     baseHashes: digests(o.baseHashes, 'hello frame'),
     bytes: { memory: count(bytes.memory, 'hello frame: memory size'), disk: count(bytes.disk, 'hello frame: disk size') },
+    ...(o.linkId ? { linkId: o.linkId as string } : {}),
   };
 }
 
@@ -218,8 +222,23 @@ export function parseCaptured(frame: Frame): Captured {
   return { round: count(o.round, 'captured frame: round', 65534), slices: count(o.slices, 'captured frame: slices', 2 ** 32), imageHashes: digests(o.imageHashes, 'captured frame') };
 }
 
-export function parseAccept(frame: Frame): ImageDigests {
-  return digests(object(frame, 'accept').baseHashes, 'accept frame');
+/** ACCEPT: the destination's base, and on a resumed link the frames it applied whose ACK may have been lost. */
+export interface Accept {
+  baseHashes: ImageDigests;
+  appliedFrames?: number[];
+}
+
+/** Most frame numbers an ACCEPT lists (the newest): a window's worth. */
+export const MAX_APPLIED_FRAMES = 4096;
+
+export function parseAccept(frame: Frame): Accept {
+  const o = object(frame, 'accept');
+  const applied = o.appliedFrames;
+  if (applied !== undefined && (!Array.isArray(applied) || applied.length > MAX_APPLIED_FRAMES)) throw new MalformedMessageError('accept frame: appliedFrames is not a list of frame numbers');
+  return {
+    baseHashes: digests(o.baseHashes, 'accept frame'),
+    ...(applied ? { appliedFrames: applied.map((n) => count(n, 'accept frame: applied frame', 2 ** 32 - 1)) } : {}),
+  };
 }
 
 export function parseReason(frame: Frame, what: string): string {

@@ -2,7 +2,6 @@
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { copyFile, truncate, writeFile } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { migrate } from '../cli/migrate.js';
@@ -15,8 +14,7 @@ import type { MigrationDescriptor } from '../shared/migration.js';
 import { parseEvent } from '../shared/migration.js';
 import { startEmbeddedNats } from '../shared/nats-server.js';
 import { runStage } from '../shared/stage.js';
-import { STREAMS, eventSubject, workSubject } from '../shared/subjects.js';
-import { FrameReader, FrameType, encodeChunkFrame, encodeJsonFrame, parseJsonPayload, type Frame } from '../shared/wire.js';
+import { DEAD_HEADERS, STREAMS, deadLetterSubject, eventSubject, workSubject } from '../shared/subjects.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
 
 let ws: Workspace;
@@ -94,6 +92,12 @@ describe('bad input', { timeout: 120_000 }, () => {
         }
         break;
       }
+      // the message itself is kept as a dead letter, with the reason
+      const dead = await bus.jsm.streams.getMessage(STREAMS.dead, { last_by_subj: deadLetterSubject('dedup', 'bad-chunk') });
+      assert.ok(dead, 'no dead letter');
+      assert.equal(Buffer.from(dead.data).toString(), 'definitely not a chunk');
+      assert.match(dead.header.get(DEAD_HEADERS.reason), /malformed chunk/);
+      assert.equal(dead.header.get(DEAD_HEADERS.subject), workSubject('dedup', 'bad-chunk'));
     } finally {
       await dedup.stop();
       await bus.close();

@@ -11,6 +11,8 @@ export interface ShapedLink {
   sourceIp: string;
   destIp: string;
   setRate(rateBps: number): void;
+  /** takes the source's end of the link down (a cut cable) or up again */
+  setUp(up: boolean): void;
   /** runs a command inside a namespace */
   spawnIn(ns: string, command: string, args: string[], options?: SpawnOptions): ChildProcess;
   destroy(): void;
@@ -68,6 +70,7 @@ export function createShapedLink(rateBps: number, tag = String(process.pid % 100
     sourceIp,
     destIp,
     setRate: (bps) => run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'change', 'dev', sourceIf, 'root', ...tbfArgs(bps)]),
+    setUp: (up) => run('ip', ['-n', sourceNs, 'link', 'set', sourceIf, up ? 'up' : 'down']),
     spawnIn: (ns, command, args, options = {}) => spawn('ip', ['netns', 'exec', ns, command, ...args], options),
     destroy,
   };

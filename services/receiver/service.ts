@@ -15,7 +15,7 @@ import { createLinkServer, linkSecurityFromEnv, type LinkSecurity } from '../../
 import { createLogger, type Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult, StageStats } from '../../shared/migration.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
-import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, type Frame, type LinkError } from '../../shared/wire.js';
+import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError } from '../../shared/wire.js';
 import { statsSubject } from '../../shared/subjects.js';
 import { Rebuilder } from './core.js';
 import { FilePageStore } from './store.js';
@@ -51,6 +51,9 @@ interface MigrationState {
   startedMs: number;
   duplicates: number;
   finished: boolean;
+  /** the sender link's id and the frame numbers applied on it (newest last), for a resume */
+  linkId?: string;
+  appliedFrames: number[];
 }
 
 export interface RunningReceiver {
@@ -220,7 +223,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
           { base: options.baseMemory, out: memoryPath, bytes: memoryIndex.bytes },
           { base: options.baseDisk, out: diskPath, bytes: diskIndex.bytes },
         ]);
-        state = { migrationId, log: clog, store, rebuilder: new Rebuilder(store, migrationId, [memoryIndex.hashes, diskIndex.hashes]), startedMs: performance.now(), duplicates: 0, finished: false };
+        state = { migrationId, log: clog, store, rebuilder: new Rebuilder(store, migrationId, [memoryIndex.hashes, diskIndex.hashes]), startedMs: performance.now(), duplicates: 0, finished: false, appliedFrames: [] };
         states.set(migrationId, state);
         clog.info('accepted');
       } else {
@@ -229,7 +232,12 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         clog.info('source reconnected: resuming', { slicesApplied: state.rebuilder.receivedSlices });
       }
       state.link = socket;
-      socket.write(encodeJsonFrame(FrameType.Accept, { baseHashes }));
+      // the same sender link resuming learns which of its frames were applied already
+      const sameLink = hello.linkId !== undefined && hello.linkId === state.linkId;
+      if (!sameLink) state.appliedFrames = [];
+      state.linkId = hello.linkId;
+      const accept: Accept = { baseHashes, ...(sameLink ? { appliedFrames: state.appliedFrames } : {}) };
+      socket.write(encodeJsonFrame(FrameType.Accept, accept));
     };
     const onFrame = async (frame: Frame): Promise<void> => {
       if (!state) {
@@ -240,6 +248,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       if (frame.type === FrameType.Chunk) {
         const { frameNo, chunk } = splitChunkFrame(frame.payload);
         applyChunk(state, chunk);
+        state.appliedFrames.push(frameNo);
+        if (state.appliedFrames.length > MAX_APPLIED_FRAMES) state.appliedFrames.splice(0, state.appliedFrames.length - MAX_APPLIED_FRAMES);
         // acknowledged once applied (or found applied already): the sender acks its JetStream message only then
         socket.write(encodeAckFrame(frameNo));
       } else if (frame.type === FrameType.Captured) {

@@ -5,6 +5,7 @@
  * again every frame not yet acknowledged (the receiver ignores what it has already applied), until
  * a give-up deadline.
  */
+import { randomBytes } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { BaseMismatchError, MalformedMessageError, errorMessage } from '../../shared/errors.js';
 import { dialLink, type LinkSecurity } from '../../shared/link-security.js';
@@ -99,7 +100,10 @@ export class WanLink {
   readonly result: Promise<RebuildResult>;
   private readonly watchdog: NodeJS.Timeout;
 
+  private readonly hello: Hello;
+
   private constructor(private readonly options: LinkOptions) {
+    this.hello = { ...options.hello, linkId: randomBytes(8).toString('hex') };
     this.limiter = options.rateCapBps > 0 ? new RateLimiter(options.rateCapBps) : undefined;
     this.deadlineMs = options.deadlineMs ?? 60_000;
     this.silenceMs = options.silenceMs ?? 4_000;
@@ -131,7 +135,7 @@ export class WanLink {
   }
 
   /** One connection: dial, authenticate, HELLO, wait for ACCEPT (or REFUSE). */
-  private async connect(): Promise<{ conn: Connection; destinationBaseHashes: ImageDigests }> {
+  private async connect(): Promise<{ conn: Connection; destinationBaseHashes: ImageDigests; appliedFrames: number[] }> {
     const { host, port } = parseAddress(this.options.address);
     let socket: Socket;
     try {
@@ -170,7 +174,8 @@ export class WanLink {
               if (frame.type === FrameType.Accept) {
                 accepted = true;
                 clearTimeout(timer);
-                resolve({ conn, destinationBaseHashes: parseAccept(frame) });
+                const accept = parseAccept(frame);
+                resolve({ conn, destinationBaseHashes: accept.baseHashes, appliedFrames: accept.appliedFrames ?? [] });
               } else if (frame.type === FrameType.Refuse) {
                 const reason = parseReason(frame, 'refuse');
                 clearTimeout(timer);
@@ -196,7 +201,7 @@ export class WanLink {
         const why = !accepted && this.options.security.kind !== 'insecure' ? ' before accepting the handshake: authentication failed? (the destination did not accept our link credentials)' : '';
         lost(new Error(`WAN link to ${this.options.address} closed${why}`));
       });
-      socket.write(encodeJsonFrame(FrameType.Hello, this.options.hello));
+      socket.write(encodeJsonFrame(FrameType.Hello, this.hello));
     });
   }
 
@@ -274,9 +279,16 @@ export class WanLink {
         return;
       }
       try {
-        const { conn } = await this.connect();
+        const { conn, appliedFrames } = await this.connect();
         this.conn = conn;
         this.reconnects++;
+        // applied before the drop, their ACKs lost with it: done, nothing to resend
+        for (const frameNo of appliedFrames) {
+          const p = this.pending.get(frameNo);
+          if (!p) continue;
+          this.pending.delete(frameNo);
+          p.resolve({ frameBytes: p.bytes, sends: p.sends });
+        }
         const frames = [...this.pending.values()].filter((f) => f.sentOn !== undefined && f.sentOn !== conn);
         this.options.log?.info('WAN link back: resending unacknowledged frames', { attempt: attempt + 1, frames: frames.length, downSeconds: Number(((performance.now() - lostAt) / 1000).toFixed(1)) });
         for (const f of this.capturedFrames) await this.writeNow(conn, f);
