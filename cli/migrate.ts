@@ -7,10 +7,10 @@ import { randomBytes } from 'node:crypto';
 import { DeliverPolicy } from '@nats-io/jetstream';
 import { checkImage, loadBaseIndex } from '../shared/base-index.js';
 import { connectBus, publishEvent, type Bus } from '../shared/bus.js';
-import { BadImageError } from '../shared/errors.js';
+import { BadImageError, errorMessage } from '../shared/errors.js';
 import { linkSecurityFromEnv } from '../shared/link-security.js';
 import { createLogger } from '../shared/log.js';
-import { parseEvent, type MigrationDescriptor, type MigrationEvent, type StageStats, type TunerDecision } from '../shared/migration.js';
+import { parseEvent, parseStats, type MigrationDescriptor, type MigrationEvent, type TunerDecision } from '../shared/migration.js';
 import type { Mode } from '../shared/mode.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { PAGE_SIZE } from '../shared/pages.js';
@@ -112,7 +112,12 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     const stats = new StatsCollector();
     const statsSub = bus.nc.subscribe(statsSubject(migrationId, '*'), {
       callback: (err, msg) => {
-        if (!err) stats.add(JSON.parse(msg.string()) as StageStats);
+        if (err) return;
+        try {
+          stats.add(parseStats(msg.data));
+        } catch (e) {
+          log.warn('malformed statistics ignored', { reason: errorMessage(e) });
+        }
       },
     });
     const events = await (await bus.js.consumers.get(STREAMS.events, { filter_subjects: eventSubject(migrationId, '*'), deliver_policy: DeliverPolicy.All })).consume();
@@ -136,7 +141,13 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     const decisions: TunerDecision[] = [];
     try {
       for await (const m of events) {
-        const event = parseEvent(m.data);
+        let event: MigrationEvent;
+        try {
+          event = parseEvent(m.data);
+        } catch (err) {
+          log.warn('malformed event ignored', { subject: m.subject, reason: errorMessage(err) });
+          continue;
+        }
         if (event.type === 'accepted') acceptedMs ??= performance.now();
         if (event.type === 'captured') captured = event;
         if (event.type === 'tuned') decisions.push(event.decision);

@@ -1,5 +1,7 @@
 /** What a migration is (its descriptor) and what happens to it (its events), shared by all actors. */
+import { MalformedMessageError } from './errors.js';
 import { isMode, type Mode } from './mode.js';
+import { amount, count, counters, digests, object, parseJson, text } from './validate.js';
 
 export interface ImagePair {
   /** path of the base image on the source cloudlet */
@@ -31,6 +33,10 @@ export interface MigrationDescriptor {
   linkDeadlineMs?: number;
 }
 
+/** most dedup partitions and pages per chunk a descriptor may ask for */
+export const MAX_PARTS = 64;
+export const MAX_CHUNK_PAGES = 4096;
+
 export function isDescriptor(value: unknown): value is MigrationDescriptor {
   if (typeof value !== 'object' || value === null) return false;
   const d = value as Record<string, unknown>;
@@ -41,9 +47,15 @@ export function isDescriptor(value: unknown): value is MigrationDescriptor {
     pair(d.memory) &&
     pair(d.disk) &&
     typeof d.destination === 'string' &&
-    typeof d.parts === 'number' &&
-    typeof d.chunkPages === 'number' &&
+    // bounded: capture and dedup size their work by these
+    Number.isInteger(d.parts) &&
+    (d.parts as number) >= 1 &&
+    (d.parts as number) <= MAX_PARTS &&
+    Number.isInteger(d.chunkPages) &&
+    (d.chunkPages as number) >= 1 &&
+    (d.chunkPages as number) <= MAX_CHUNK_PAGES &&
     typeof d.bandwidthCapBps === 'number' &&
+    d.bandwidthCapBps >= 0 &&
     isMode(d.mode)
   );
 }
@@ -93,14 +105,89 @@ export interface TunerDecision {
   predictedChosenBlocksPerSec: number;
 }
 
-const EVENT_TYPES: readonly string[] = ['start', 'accepted', 'refused', 'captured', 'result', 'failed', 'tuned'];
+/** A rebuild result from a peer or the bus, checked field by field. */
+export function parseRebuildResult(value: unknown, what: string): RebuildResult {
+  const o = object(value, what);
+  if (typeof o.verified !== 'boolean') throw new MalformedMessageError(`${what}: verified is not a boolean`);
+  const rebuilt = object(o.rebuiltHashes, `${what}: rebuiltHashes`);
+  return {
+    verified: o.verified,
+    ...(o.reason !== undefined ? { reason: text(o.reason, `${what}: reason`) } : {}),
+    rebuiltHashes: { memory: text(rebuilt.memory, `${what}: memory hash`, 128), disk: text(rebuilt.disk, `${what}: disk hash`, 128) },
+    pagesWritten: count(o.pagesWritten, `${what}: pagesWritten`),
+    slices: count(o.slices, `${what}: slices`),
+    duplicateSlices: count(o.duplicateSlices, `${what}: duplicateSlices`),
+    rebuildSeconds: amount(o.rebuildSeconds, `${what}: rebuildSeconds`),
+  };
+}
 
+function parseDecision(value: unknown): TunerDecision {
+  const o = object(value, 'tuned event: decision');
+  const n = (k: keyof TunerDecision): number => amount(o[k], `tuned event: ${k}`);
+  return {
+    atSeconds: n('atSeconds'),
+    from: text(o.from, 'tuned event: from', 64),
+    to: text(o.to, 'tuned event: to', 64),
+    bandwidthBps: n('bandwidthBps'),
+    measuredBandwidthBps: n('measuredBandwidthBps'),
+    spareCores: n('spareCores'),
+    compressWorkers: n('compressWorkers'),
+    predictedCurrentBlocksPerSec: n('predictedCurrentBlocksPerSec'),
+    predictedChosenBlocksPerSec: n('predictedChosenBlocksPerSec'),
+  };
+}
+
+/** An event off the bus, checked field by field for its type. */
 export function parseEvent(bytes: Uint8Array): MigrationEvent {
-  const value: unknown = JSON.parse(Buffer.from(bytes).toString('utf8'));
-  if (typeof value !== 'object' || value === null || !EVENT_TYPES.includes((value as { type: string }).type)) {
-    throw new Error('not a migration event');
+  const o = object(parseJson(Buffer.from(bytes).toString('utf8'), 'migration event'), 'migration event');
+  switch (o.type) {
+    case 'start':
+      return { type: 'start' };
+    case 'accepted':
+      return { type: 'accepted', destinationBaseHashes: digests(o.destinationBaseHashes, 'accepted event') };
+    case 'refused':
+      return { type: 'refused', reason: text(o.reason, 'refused event: reason') };
+    case 'captured':
+      return {
+        type: 'captured',
+        round: count(o.round, 'captured event: round', 65534),
+        slices: count(o.slices, 'captured event: slices'),
+        imageHashes: digests(o.imageHashes, 'captured event'),
+        dirtyPages: count(o.dirtyPages, 'captured event: dirtyPages'),
+        scannedBytes: count(o.scannedBytes, 'captured event: scannedBytes'),
+      };
+    case 'result':
+      return { type: 'result', result: parseRebuildResult(o.result, 'result event') };
+    case 'tuned':
+      return { type: 'tuned', decision: parseDecision(o.decision) };
+    case 'failed':
+      return { type: 'failed', stage: text(o.stage, 'failed event: stage', 64), reason: text(o.reason, 'failed event: reason') };
+    default:
+      throw new MalformedMessageError(`migration event: unknown type ${JSON.stringify(o.type)?.slice(0, 40)}`);
   }
-  return value as MigrationEvent;
+}
+
+/** Statistics off the bus, checked field by field (they feed summaries and the tuner). */
+export function parseStats(bytes: Uint8Array | string): StageStats {
+  const o = object(parseJson(typeof bytes === 'string' ? bytes : Buffer.from(bytes).toString('utf8'), 'stage statistics'), 'stage statistics');
+  if (!isMode(o.mode)) throw new MalformedMessageError('stage statistics: mode is not a mode');
+  const n = (k: 'round' | 'seq' | 'part' | 'pages' | 'bytesIn' | 'bytesOut'): number => count(o[k], `stage statistics: ${k}`);
+  return {
+    stage: text(o.stage, 'stage statistics: stage', 64),
+    instance: text(o.instance, 'stage statistics: instance', 256),
+    migrationId: text(o.migrationId, 'stage statistics: migrationId', 128),
+    round: n('round'),
+    seq: n('seq'),
+    part: n('part'),
+    pages: n('pages'),
+    bytesIn: n('bytesIn'),
+    bytesOut: n('bytesOut'),
+    cpuMs: amount(o.cpuMs, 'stage statistics: cpuMs'),
+    wallMs: amount(o.wallMs, 'stage statistics: wallMs'),
+    mode: o.mode,
+    ...(o.next !== undefined ? { next: text(o.next, 'stage statistics: next', 64) } : {}),
+    ...(o.counts !== undefined ? { counts: counters(o.counts, 'stage statistics: counts') } : {}),
+  };
 }
 
 export function encodeEvent(event: MigrationEvent): Uint8Array {

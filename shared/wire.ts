@@ -5,7 +5,8 @@
  */
 import { crc32 } from 'node:zlib';
 import { MalformedMessageError } from './errors.js';
-import type { ImageDigests, RebuildResult } from './migration.js';
+import { parseRebuildResult, type ImageDigests, type RebuildResult } from './migration.js';
+import { count, digests, object, text } from './validate.js';
 import { validateMigrationId } from './codec.js';
 
 export const FrameType = {
@@ -92,6 +93,8 @@ export class FrameReader {
   private bufferedBytes = 0;
   /** header + payload bytes of the frame being read, once its header is known */
   private needed = FRAME_HEADER_BYTES;
+  /** whether `needed` covers a known header's payload (an empty payload makes the sizes equal) */
+  private headerKnown = false;
   frames = 0;
 
   /** Feeds bytes; returns the complete frames they finish. Throws on the first bad frame. */
@@ -104,8 +107,9 @@ export class FrameReader {
     while (this.bufferedBytes >= this.needed) {
       const all = this.pieces.length === 1 ? this.pieces[0]! : Buffer.concat(this.pieces, this.bufferedBytes);
       this.pieces = [all];
-      if (this.needed === FRAME_HEADER_BYTES) {
+      if (!this.headerKnown) {
         this.needed = FRAME_HEADER_BYTES + this.checkHeader(all);
+        this.headerKnown = true;
         continue;
       }
       const payload = all.subarray(FRAME_HEADER_BYTES, this.needed);
@@ -116,6 +120,7 @@ export class FrameReader {
       this.pieces = rest.byteLength ? [rest] : [];
       this.bufferedBytes = rest.byteLength;
       this.needed = FRAME_HEADER_BYTES;
+      this.headerKnown = false;
     }
     return out;
   }
@@ -179,33 +184,12 @@ export function parseAddress(address: string, listening = false): { host: string
 
 // Validated readers of the JSON frames: a peer's frame is checked field by field before use.
 
-function object(frame: Frame, what: string): Record<string, unknown> {
-  const v = parseJsonPayload(frame);
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new MalformedMessageError(`${what} frame: not an object`);
-  return v as Record<string, unknown>;
-}
-
-const HASH = /^[0-9a-f]{16,128}$/;
-function digests(v: unknown, what: string): ImageDigests {
-  const d = v as Partial<ImageDigests> | null;
-  if (typeof d !== 'object' || d === null || typeof d.memory !== 'string' || typeof d.disk !== 'string' || !HASH.test(d.memory) || !HASH.test(d.disk)) {
-    throw new MalformedMessageError(`${what}: image hashes missing or not hex`);
-  }
-  return { memory: d.memory, disk: d.disk };
-}
-
-function count(v: unknown, what: string, max = Number.MAX_SAFE_INTEGER): number {
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > max) throw new MalformedMessageError(`${what}: ${JSON.stringify(v)} is not a whole number in 0..${max}`);
-  return v;
-}
-
-function text(v: unknown, what: string, maxLength = 4096): string {
-  if (typeof v !== 'string' || v.length > maxLength) throw new MalformedMessageError(`${what}: not a string of at most ${maxLength} characters`);
-  return v;
+function frameObject(frame: Frame, what: string): Record<string, unknown> {
+  return object(parseJsonPayload(frame), `${what} frame`);
 }
 
 export function parseHello(frame: Frame): Hello {
-  const o = object(frame, 'hello');
+  const o = frameObject(frame, 'hello');
   const bytes = o.bytes as Record<string, unknown> | null;
   if (typeof bytes !== 'object' || bytes === null) throw new MalformedMessageError('hello frame: image sizes missing');
   if (o.linkId !== undefined && (typeof o.linkId !== 'string' || !/^[0-9a-f]{8,64}$/.test(o.linkId))) throw new MalformedMessageError('hello frame: linkId is not hex');
@@ -218,7 +202,7 @@ export function parseHello(frame: Frame): Hello {
 }
 
 export function parseCaptured(frame: Frame): Captured {
-  const o = object(frame, 'captured');
+  const o = frameObject(frame, 'captured');
   return { round: count(o.round, 'captured frame: round', 65534), slices: count(o.slices, 'captured frame: slices', 2 ** 32), imageHashes: digests(o.imageHashes, 'captured frame') };
 }
 
@@ -232,7 +216,7 @@ export interface Accept {
 export const MAX_APPLIED_FRAMES = 4096;
 
 export function parseAccept(frame: Frame): Accept {
-  const o = object(frame, 'accept');
+  const o = frameObject(frame, 'accept');
   const applied = o.appliedFrames;
   if (applied !== undefined && (!Array.isArray(applied) || applied.length > MAX_APPLIED_FRAMES)) throw new MalformedMessageError('accept frame: appliedFrames is not a list of frame numbers');
   return {
@@ -242,28 +226,14 @@ export function parseAccept(frame: Frame): Accept {
 }
 
 export function parseReason(frame: Frame, what: string): string {
-  return text(object(frame, what).reason, `${what} frame: reason`);
+  return text(frameObject(frame, what).reason, `${what} frame: reason`);
 }
 
 export function parseLinkError(frame: Frame): LinkError {
-  const o = object(frame, 'error');
+  const o = frameObject(frame, 'error');
   return { reason: text(o.reason, 'error frame: reason'), resumable: o.resumable === true };
 }
 
 export function parseResult(frame: Frame): RebuildResult {
-  const o = object(frame, 'result');
-  if (typeof o.verified !== 'boolean') throw new MalformedMessageError('result frame: verified is not a boolean');
-  const rebuilt = o.rebuiltHashes as Partial<ImageDigests> | null;
-  if (typeof rebuilt !== 'object' || rebuilt === null || typeof rebuilt.memory !== 'string' || typeof rebuilt.disk !== 'string') throw new MalformedMessageError('result frame: rebuilt hashes missing');
-  const seconds = o.rebuildSeconds;
-  if (typeof seconds !== 'number' || !Number.isFinite(seconds) || seconds < 0) throw new MalformedMessageError('result frame: rebuildSeconds is not a duration');
-  return {
-    verified: o.verified,
-    ...(o.reason !== undefined ? { reason: text(o.reason, 'result frame: reason') } : {}),
-    rebuiltHashes: { memory: text(rebuilt.memory, 'result frame: memory hash', 128), disk: text(rebuilt.disk, 'result frame: disk hash', 128) },
-    pagesWritten: count(o.pagesWritten, 'result frame: pagesWritten'),
-    slices: count(o.slices, 'result frame: slices'),
-    duplicateSlices: count(o.duplicateSlices, 'result frame: duplicateSlices'),
-    rebuildSeconds: seconds,
-  };
+  return parseRebuildResult(parseJsonPayload(frame), 'result frame');
 }

@@ -7,7 +7,7 @@ import { hostname } from 'node:os';
 import { connectBus, publishEvent } from '../../shared/bus.js';
 import { errorMessage } from '../../shared/errors.js';
 import { createLogger } from '../../shared/log.js';
-import type { StageStats, TunerDecision } from '../../shared/migration.js';
+import { parseStats, type StageStats, type TunerDecision } from '../../shared/migration.js';
 import { formatMode, type Mode } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { CpuSampler } from './cpu.js';
@@ -58,7 +58,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       if (err) return;
       let s: StageStats;
       try {
-        s = JSON.parse(msg.string()) as StageStats;
+        s = parseStats(msg.data);
       } catch {
         return;
       }

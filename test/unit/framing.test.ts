@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
 import { MalformedMessageError } from '../../shared/errors.js';
-import { FRAME_HEADER_BYTES, FrameReader, FrameType, MAX_FRAME_PAYLOAD, encodeAckFrame, encodeChunkFrame, encodeJsonFrame, parseAddress, splitChunkFrame } from '../../shared/wire.js';
+import { FRAME_HEADER_BYTES, FrameReader, FrameType, MAX_FRAME_PAYLOAD, encodeAckFrame, encodeChunkFrame, encodeFrame, encodeJsonFrame, parseAddress, splitChunkFrame } from '../../shared/wire.js';
 
 describe('frames', () => {
   const frames = [encodeJsonFrame(FrameType.Hello, { migrationId: 'x' }), Buffer.concat(encodeChunkFrame(7, randomBytes(3000))), encodeAckFrame(7), encodeJsonFrame(FrameType.Result, { verified: true })];
@@ -51,6 +51,14 @@ describe('frames', () => {
 
   test('a chunk frame shorter than its number is refused', () => {
     assert.throws(() => splitChunkFrame(Buffer.alloc(2)), MalformedMessageError);
+  });
+
+  test('a frame with an empty payload is read (it once made the reader loop forever)', () => {
+    const reader = new FrameReader();
+    const empty = encodeFrame(FrameType.Ack, Buffer.alloc(0));
+    const frames = reader.push(Buffer.concat([empty, encodeAckFrame(7)]));
+    assert.deepEqual(frames.map((f) => [f.type, f.payload.byteLength]), [[FrameType.Ack, 0], [FrameType.Ack, 4]]);
+    assert.equal(reader.pendingBytes, 0);
   });
 
   test('fuzz: random bytes never crash the reader', () => {
