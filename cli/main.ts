@@ -5,7 +5,8 @@ import { DEFAULT_MODE, parseCompression, parseDelta, type Mode } from '../shared
 import { parseRateBps, parseSizeBytes } from '../shared/units.js';
 import { ACTOR_NAMES, actorMain, type ActorName } from './actors.js';
 import { migrate } from './migrate.js';
-import { receiveOnce } from './receive.js';
+import { receiveOnce, serveReceiver } from './receive.js';
+import type { ReceivedMigration } from '../services/receiver/service.js';
 import { formatSummary } from './summary.js';
 
 const HELP: Record<string, string> = {
@@ -59,6 +60,8 @@ Exit status: 0 when the destination verified both images, 1 otherwise.`,
   --out DIR                      writes DIR/memory.img and DIR/disk.img once verified
   --nats URL                     use this NATS instead of an embedded one
   --json                         print one JSON result object on stdout
+  --serve                        keep receiving migrations until SIGTERM, each into DIR/<migrationId>/
+                                 (one result line each; with --json one JSON object per line)
 The link's credentials come from HANDOFF_LINK_PSK or HANDOFF_LINK_CERT/KEY/CA (see 'handoff --help');
 a source without them is refused before any page moves.
 Exit status: 0 when the rebuilt images match the source's hashes, 1 otherwise.`,
@@ -175,19 +178,29 @@ async function main(argv: string[]): Promise<number> {
           out: { type: 'string' },
           nats: { type: 'string' },
           json: { type: 'boolean' },
+          serve: { type: 'boolean' },
           help: { type: 'boolean', short: 'h' },
         },
       });
       if (values.help) return console.log(HELP.receive), 0;
       need(values, ['listen', 'base-memory', 'base-disk', 'out'], 'receive');
-      const received = await receiveOnce({
+      const receiveOptions = {
         listen: values.listen!,
         baseMemory: values['base-memory']!,
         baseDisk: values['base-disk']!,
         outDir: values.out!,
         ...(values.nats ? { natsUrl: values.nats } : {}),
-        onListening: (a) => process.stderr.write(`receiver listening on ${a.host}:${a.port}\n`),
-      });
+        onListening: (a: { host: string; port: number }) => process.stderr.write(`receiver listening on ${a.host}:${a.port}\n`),
+      };
+      if (values.serve) {
+        const stop = new AbortController();
+        process.once('SIGTERM', () => stop.abort());
+        process.once('SIGINT', () => stop.abort());
+        const describe = (r: ReceivedMigration): string => `migration ${r.migrationId}: ${r.result.verified ? `verified, ${r.memoryPath} and ${r.diskPath} written` : `FAILED: ${r.result.reason}`}`;
+        await serveReceiver(receiveOptions, (r) => console.log(values.json ? JSON.stringify(r) : describe(r)), stop.signal);
+        return 0;
+      }
+      const received = await receiveOnce(receiveOptions);
       if (values.json) console.log(JSON.stringify(received));
       else console.log(`migration ${received.migrationId}: ${received.result.verified ? `verified, ${received.memoryPath} and ${received.diskPath} written` : `FAILED: ${received.result.reason}`}`);
       return received.result.verified ? 0 : 1;

@@ -29,6 +29,29 @@ export async function receiveOnce(options: ReceiveOptions): Promise<ReceivedMigr
   }
 }
 
+/**
+ * `handoff receive --serve`: a destination cloudlet's long-running receiver. Each migration's images
+ * go to OUT/<migrationId>/; `onResult` sees each outcome; runs until `signal` aborts.
+ */
+export async function serveReceiver(options: ReceiveOptions, onResult: (r: ReceivedMigration) => void, signal: AbortSignal): Promise<void> {
+  let nats: EmbeddedNats | undefined;
+  let receiver: RunningReceiver | undefined;
+  try {
+    if (!options.natsUrl) nats = await startEmbeddedNats();
+    receiver = await startReceiver({ ...options, natsUrl: options.natsUrl ?? nats!.url, perMigrationDirs: true });
+    options.onListening?.(receiver.address);
+    const stopped = new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+    for (;;) {
+      const r = await Promise.race([receiver.next(), stopped]);
+      if (!r) break;
+      onResult(r);
+    }
+  } finally {
+    await receiver?.stop();
+    await nats?.stop();
+  }
+}
+
 export interface ReceiverProcess {
   child: ChildProcess;
   /** HOST:PORT it listens on */
@@ -47,6 +70,8 @@ export interface ReceiverProcessOptions {
   forwardLogs?: boolean;
   /** a command the receiver runs under, e.g. ['ip', 'netns', 'exec', NS] for another host */
   prefix?: string[];
+  /** keep receiving migrations (`receive --serve`), one JSON line each on stdout */
+  serve?: boolean;
 }
 
 /**
@@ -57,7 +82,7 @@ export interface ReceiverProcessOptions {
 export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<ReceiverProcess> {
   ensureLocalLinkKey();
   const main = fileURLToPath(new URL('./main.js', import.meta.url));
-  const args = [main, 'receive', '--listen', o.listen ?? '127.0.0.1:0', '--base-memory', o.baseMemory, '--base-disk', o.baseDisk, '--out', o.outDir, '--json'];
+  const args = [main, 'receive', '--listen', o.listen ?? '127.0.0.1:0', '--base-memory', o.baseMemory, '--base-disk', o.baseDisk, '--out', o.outDir, '--json', ...(o.serve ? ['--serve'] : [])];
   const [command, ...prefixArgs] = o.prefix?.length ? [...o.prefix, process.execPath] : [process.execPath];
   const child = spawn(command!, [...prefixArgs, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],

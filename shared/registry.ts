@@ -1,12 +1,35 @@
 /** Per-process views of the migrations bucket (descriptors) and the config bucket (wanted mode). */
-import type { KV } from '@nats-io/kv';
+import { KvWatchInclude, type KV } from '@nats-io/kv';
 import { isDescriptor, type MigrationDescriptor } from './migration.js';
 import { isMode, type Mode } from './mode.js';
 
 export class DescriptorCache {
   private readonly cache = new Map<string, Promise<MigrationDescriptor>>();
+  private stopWatch: (() => void) | undefined;
 
   constructor(private readonly bucket: KV) {}
+
+  /**
+   * Also follows the end of migrations (their descriptor deleted when the control path finishes):
+   * forgets them and calls `onEnd`, so a long-running actor drops per-migration state.
+   */
+  static async following(bucket: KV, onEnd: (migrationId: string) => void): Promise<DescriptorCache> {
+    const cache = new DescriptorCache(bucket);
+    const iter = await bucket.watch({ key: '>', include: KvWatchInclude.UpdatesOnly });
+    cache.stopWatch = () => iter.stop();
+    void (async () => {
+      for await (const entry of iter) {
+        if (entry.operation === 'PUT') continue;
+        cache.forget(entry.key);
+        onEnd(entry.key);
+      }
+    })().catch(() => undefined);
+    return cache;
+  }
+
+  stop(): void {
+    this.stopWatch?.();
+  }
 
   get(migrationId: string): Promise<MigrationDescriptor> {
     let found = this.cache.get(migrationId);

@@ -41,6 +41,8 @@ export interface StageActor {
   /** called once per migration before its first chunk (load indexes, open files) */
   prepare?(descriptor: MigrationDescriptor, log: Logger): Promise<void>;
   handle(chunk: Chunk, ctx: ChunkContext): Promise<StageResult> | StageResult;
+  /** the migration has ended: drop what `prepare` made for it */
+  forget?(migrationId: string): void;
   close?(): Promise<void>;
 }
 
@@ -68,9 +70,15 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
   const instance = `${hostname()}:${process.pid}`;
   const log = createLogger({ stage: actor.name, instance, ...(actor.partition !== undefined ? { partition: actor.partition } : {}) });
   const bus = await connectBus(natsUrl, `handoff-${actor.name}`);
-  const descriptors = new DescriptorCache(bus.migrations);
-  const modes = await ModeWatcher.start(bus.config);
   const prepared = new Map<string, Promise<void>>();
+  const descriptors = await DescriptorCache.following(bus.migrations, (migrationId) => {
+    const p = prepared.get(migrationId);
+    if (!p) return;
+    prepared.delete(migrationId);
+    void p.then(() => actor.forget?.(migrationId)).catch(() => undefined);
+    log.debug('migration ended: state dropped', { migration: migrationId });
+  });
+  const modes = await ModeWatcher.start(bus.config);
   // a short ack wait, kept alive while a chunk is worked on: a killed instance's chunks go to another soon
   const ackWaitMs = actor.ackWaitMs ?? 10_000;
   const durable = await ensureWorkConsumer(bus, actor.input, actor.partition, ackWaitMs);
@@ -176,6 +184,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
       messages.stop();
       await done.catch(() => undefined);
       modes.stop();
+      descriptors.stop();
       await actor.close?.();
       await bus.close();
     })();

@@ -107,7 +107,8 @@ export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Lo
 export async function runCaptureService(natsUrl: string): Promise<{ stop(): Promise<void>; done: Promise<void> }> {
   const log = createLogger({ stage: 'capture', instance: `${hostname()}:${process.pid}` });
   const bus = await connectBus(natsUrl, 'handoff-capture');
-  const descriptors = new DescriptorCache(bus.migrations);
+  // descriptors of ended migrations are dropped: a long-running actor does not grow
+  const descriptors = await DescriptorCache.following(bus.migrations, () => undefined);
   const durable = await ensureEventConsumer(bus.jsm, 'capture', 'accepted');
   const consumer = await bus.js.consumers.get(STREAMS.events, durable);
   const messages = await consumer.consume({ max_messages: 1 });
@@ -137,6 +138,7 @@ export async function runCaptureService(natsUrl: string): Promise<{ stop(): Prom
     stop: async () => {
       messages.stop();
       await done.catch(() => undefined);
+      descriptors.stop();
       await bus.close();
     },
   };

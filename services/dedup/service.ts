@@ -41,5 +41,10 @@ export function createDedupActor(partition: number): StageActor {
       const { chunk: out, counts } = dedupChunk(chunk, base, sent);
       return { outputs: [{ chunk: out, to: nextStage('dedup', ctx.mode, out) }], counts: { ...counts } };
     },
+    forget(migrationId) {
+      // the base maps stay: the next migration from the same base reuses them
+      sentMaps.delete(migrationId);
+      basesOf.delete(migrationId);
+    },
   };
 }

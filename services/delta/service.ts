@@ -24,6 +24,10 @@ export function createDeltaActor(): StageActor {
       const { chunk: out, counts } = encoder.encode(chunk, ctx.mode.delta);
       return { outputs: [{ chunk: out, to: nextStage('delta', ctx.mode, out) }], counts: { ...counts } };
     },
+    forget(migrationId) {
+      encoders.get(migrationId)?.fds.forEach((fd) => closeSync(fd));
+      encoders.delete(migrationId);
+    },
     async close() {
       for (const { fds } of encoders.values()) fds.forEach((fd) => closeSync(fd));
     },

@@ -5,7 +5,7 @@
  */
 import { mkdirSync, rmSync } from 'node:fs';
 import type { Server, Socket } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { hostname } from 'node:os';
 import { loadBaseIndex } from '../../shared/base-index.js';
 import { connectBus, publishEvent, type Bus } from '../../shared/bus.js';
@@ -30,6 +30,8 @@ export interface ReceiverOptions {
   helloTimeoutMs?: number;
   /** the link's credentials (default: from the environment, see shared/link-security.ts) */
   security?: LinkSecurity;
+  /** each migration's images in OUT/<migrationId>/ (a receiver serving many), else OUT/ */
+  perMigrationDirs?: boolean;
   /** a connection that brings nothing for this long is closed (default 120 s) */
   idleTimeoutMs?: number;
 }
@@ -78,8 +80,11 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
   const finishedResults = new Map<string, RebuildResult>();
   const finished: ReceivedMigration[] = [];
   const waiters: ((r: ReceivedMigration) => void)[] = [];
-  const memoryPath = join(options.outDir, 'memory.img');
-  const diskPath = join(options.outDir, 'disk.img');
+  /** where a migration's images go: OUT/ for one-shot use, OUT/<migrationId>/ for a serving receiver */
+  const pathsOf = (migrationId: string): { memoryPath: string; diskPath: string } => {
+    const dir = options.perMigrationDirs ? join(options.outDir, migrationId) : options.outDir;
+    return { memoryPath: join(dir, 'memory.img'), diskPath: join(dir, 'disk.img') };
+  };
 
   const report = (r: ReceivedMigration): void => {
     const w = waiters.shift();
@@ -113,7 +118,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     state.log.info(result.verified ? 'images rebuilt and verified' : 'rebuild failed', { verified: result.verified, reason: result.reason });
     state.link?.write(encodeJsonFrame(FrameType.Result, result));
     await publishEvent(bus, state.migrationId, { type: 'result', result }).catch(() => undefined);
-    report({ migrationId: state.migrationId, result, memoryPath, diskPath });
+    report({ migrationId: state.migrationId, result, ...pathsOf(state.migrationId) });
     // a long-running receiver keeps only the result of a finished migration, not its page maps
     states.delete(state.migrationId);
     finishedResults.set(state.migrationId, result);
@@ -217,6 +222,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       }
       state = states.get(migrationId);
       if (!state) {
+        const { memoryPath, diskPath } = pathsOf(migrationId);
+        mkdirSync(dirname(memoryPath), { recursive: true });
         rmSync(memoryPath, { force: true });
         rmSync(diskPath, { force: true });
         const store = new FilePageStore([

@@ -64,7 +64,8 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
   // the link's credentials are this process's own (environment or files), never on the bus
   const security = linkSecurityFromEnv();
   const bus = await connectBus(natsUrl, 'handoff-sender');
-  const descriptors = new DescriptorCache(bus.migrations);
+  // descriptors of ended migrations are dropped: a long-running actor does not grow
+  const descriptors = await DescriptorCache.following(bus.migrations, () => undefined);
   const links = new Map<string, Promise<WanLink>>();
 
   const openLink = (d: MigrationDescriptor, mlog: Logger): Promise<WanLink> => {
@@ -234,6 +235,7 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
       messages.stop();
       await Promise.all([done, starts.done, captures.done]).catch(() => undefined);
       for (const p of links.values()) (await p.catch(() => undefined))?.close();
+      descriptors.stop();
       await bus.close();
     },
   };

@@ -31,11 +31,14 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   const log = createLogger({ stage: 'tuner', instance: `${hostname()}:${process.pid}` });
   const profile = await loadProfile(profilePath);
   const bus = await connectBus(natsUrl, 'handoff-tuner');
-  const descriptors = new DescriptorCache(bus.migrations);
-  const modes = await ModeWatcher.start(bus.config);
-  const cpu = new CpuSampler();
   const followed = new Map<string, Followed>();
   const ignored = new Set<string>();
+  const descriptors = await DescriptorCache.following(bus.migrations, (migrationId) => {
+    followed.delete(migrationId);
+    ignored.delete(migrationId);
+  });
+  const modes = await ModeWatcher.start(bus.config);
+  const cpu = new CpuSampler();
   let spareCores = cpu.sample();
 
   const follow = async (migrationId: string): Promise<Followed | undefined> => {
@@ -124,6 +127,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       clearInterval(timer);
       sub.unsubscribe();
       modes.stop();
+      descriptors.stop();
       await bus.close();
       resolveDone();
     },

@@ -1,0 +1,117 @@
+/**
+ * Soak: many handoffs back to back through one set of long-running actors and one serving
+ * receiver, as a cloudlet runs them. Prints the resident memory (RSS) of every process after the
+ * first and the last handoff: it should stay flat. `--json`: one object with every figure.
+ *
+ *   npm run load:soak -- [--count 30] [--memory-size 32MiB] [--disk-size 32MiB] [--json]
+ */
+import { readFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { spawnActor, stopActors, type ActorProcess } from '../cli/actors.js';
+import { migrate } from '../cli/migrate.js';
+import { spawnReceiverProcess } from '../cli/receive.js';
+import { formatTable } from '../cli/summary.js';
+import { stopProcess } from '../shared/child.js';
+import { DEFAULT_MODE } from '../shared/mode.js';
+import { startEmbeddedNats } from '../shared/nats-server.js';
+import { generateImageSet } from '../shared/testdata/images.js';
+import { parseSizeBytes } from '../shared/units.js';
+
+const { values } = parseArgs({
+  options: { count: { type: 'string' }, 'memory-size': { type: 'string' }, 'disk-size': { type: 'string' }, json: { type: 'boolean' } },
+});
+const count = Number(values.count ?? 30);
+
+/** Resident set of a process in MiB, from /proc (0 when it is gone). */
+function rssMiB(pid: number | undefined): number {
+  if (!pid) return 0;
+  try {
+    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) / 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
+
+interface Tracked {
+  name: string;
+  pid: number | undefined;
+  samples: number[];
+}
+
+const dir = await mkdtemp(join(tmpdir(), 'handoff-soak-'));
+const images = await generateImageSet({ dir: join(dir, 'source'), memoryBytes: parseSizeBytes(values['memory-size'] ?? '32MiB'), diskBytes: parseSizeBytes(values['disk-size'] ?? '32MiB'), seed: 5 });
+const nats = await startEmbeddedNats();
+const receiver = await spawnReceiverProcess({ baseMemory: images.baseMemory, baseDisk: images.baseDisk, outDir: join(dir, 'out'), serve: true });
+const actors: ActorProcess[] = [
+  spawnActor('capture', nats.url),
+  spawnActor('dedup', nats.url, { partition: 0 }),
+  spawnActor('delta', nats.url),
+  spawnActor('compress', nats.url),
+  spawnActor('compress', nats.url),
+  spawnActor('sender', nats.url),
+  spawnActor('tuner', nats.url),
+];
+const tracked: Tracked[] = [
+  ...actors.map((a, i) => ({ name: a.name === 'compress' ? `compress-${i - 3}` : a.name, pid: a.child.pid, samples: [] as number[] })),
+  { name: 'receiver', pid: receiver.child.pid, samples: [] },
+  { name: 'control (this process)', pid: process.pid, samples: [] },
+];
+
+const seconds: number[] = [];
+let verified = 0;
+try {
+  for (let i = 0; i < count; i++) {
+    const summary = await migrate({
+      baseMemory: images.baseMemory,
+      memory: images.memory,
+      baseDisk: images.baseDisk,
+      disk: images.disk,
+      to: receiver.address,
+      mode: DEFAULT_MODE,
+      adaptive: true,
+      compressWorkers: 2,
+      dedupInstances: 1,
+      bandwidthCapBps: 0,
+      natsUrl: nats.url,
+      spawnActors: false,
+      progress: false,
+    });
+    if (summary.verified) verified++;
+    else process.stderr.write(`handoff ${i + 1} failed: ${summary.reason}\n`);
+    seconds.push(summary.handoffSeconds);
+    await rm(join(dir, 'out', summary.migrationId), { recursive: true, force: true });
+    for (const t of tracked) t.samples.push(rssMiB(t.pid));
+    if (!values.json) process.stderr.write(`\rhandoff ${i + 1}/${count}: ${summary.handoffSeconds.toFixed(2)} s, ${summary.verified ? 'verified' : 'FAILED'}   `);
+  }
+} finally {
+  if (!values.json) process.stderr.write('\n');
+  await stopActors(actors);
+  await stopProcess(receiver.child, 10_000);
+  await nats.stop();
+  await rm(dir, { recursive: true, force: true });
+}
+
+/** Flat: the last sample within 25% + 16 MiB of the first (a warmed-up heap may still settle). */
+const flat = (s: number[]): boolean => s.at(-1)! <= s[0]! * 1.25 + 16;
+const report = {
+  handoffs: count,
+  verified,
+  firstHandoffSeconds: seconds[0],
+  lastHandoffSeconds: seconds.at(-1),
+  rssMiB: Object.fromEntries(tracked.map((t) => [t.name, { first: Number(t.samples[0]!.toFixed(1)), last: Number(t.samples.at(-1)!.toFixed(1)), max: Number(Math.max(...t.samples).toFixed(1)), flat: flat(t.samples) }])),
+};
+if (values.json) console.log(JSON.stringify(report));
+else {
+  console.log(`${verified} of ${count} handoffs verified; handoff ${seconds[0]!.toFixed(2)} s first, ${seconds.at(-1)!.toFixed(2)} s last\n`);
+  console.log(
+    formatTable([
+      ['process', 'RSS MiB after 1st', `after ${count}th`, 'max', 'last/first', 'flat'],
+      ...tracked.map((t) => [t.name, t.samples[0]!.toFixed(1), t.samples.at(-1)!.toFixed(1), Math.max(...t.samples).toFixed(1), (t.samples.at(-1)! / t.samples[0]!).toFixed(2), flat(t.samples) ? 'yes' : 'NO']),
+    ]),
+  );
+}
+process.exit(verified === count ? 0 : 1);
