@@ -95,22 +95,48 @@ try {
   await rm(dir, { recursive: true, force: true });
 }
 
-/** Flat: the last sample within 25% + 16 MiB of the first (a warmed-up heap may still settle). */
-const flat = (s: number[]): boolean => s.at(-1)! <= s[0]! * 1.25 + 16;
+/**
+ * MiB per handoff over the second half (least squares): a heap that settles levels off after its
+ * high-water marks (zstd contexts, V8's old space), a leak keeps climbing.
+ */
+function trend(s: number[]): number {
+  const tail = s.slice(Math.floor(s.length / 2));
+  const n = tail.length;
+  if (n < 2) return 0;
+  const mx = (n - 1) / 2;
+  const my = tail.reduce((a, b) => a + b, 0) / n;
+  let num = 0;
+  let den = 0;
+  tail.forEach((y, x) => {
+    num += (x - mx) * (y - my);
+    den += (x - mx) ** 2;
+  });
+  return num / den;
+}
+/** Flat: grows by less than 0.5 MiB per handoff over the second half. */
+const flat = (s: number[]): boolean => trend(s) < 0.5;
 const report = {
   handoffs: count,
   verified,
   firstHandoffSeconds: seconds[0],
   lastHandoffSeconds: seconds.at(-1),
-  rssMiB: Object.fromEntries(tracked.map((t) => [t.name, { first: Number(t.samples[0]!.toFixed(1)), last: Number(t.samples.at(-1)!.toFixed(1)), max: Number(Math.max(...t.samples).toFixed(1)), flat: flat(t.samples) }])),
+  rssMiB: Object.fromEntries(tracked.map((t) => [t.name, { first: Number(t.samples[0]!.toFixed(1)), last: Number(t.samples.at(-1)!.toFixed(1)), max: Number(Math.max(...t.samples).toFixed(1)), trendMiBPerHandoff: Number(trend(t.samples).toFixed(2)), flat: flat(t.samples), samples: t.samples.map((x) => Number(x.toFixed(1))) }])),
 };
 if (values.json) console.log(JSON.stringify(report));
 else {
   console.log(`${verified} of ${count} handoffs verified; handoff ${seconds[0]!.toFixed(2)} s first, ${seconds.at(-1)!.toFixed(2)} s last\n`);
   console.log(
     formatTable([
-      ['process', 'RSS MiB after 1st', `after ${count}th`, 'max', 'last/first', 'flat'],
-      ...tracked.map((t) => [t.name, t.samples[0]!.toFixed(1), t.samples.at(-1)!.toFixed(1), Math.max(...t.samples).toFixed(1), (t.samples.at(-1)! / t.samples[0]!).toFixed(2), flat(t.samples) ? 'yes' : 'NO']),
+      ['process', 'RSS MiB after 1st', `after ${Math.ceil(count / 2)}th`, `after ${count}th`, 'max', 'MiB/handoff, 2nd half', 'flat'],
+      ...tracked.map((t) => [
+        t.name,
+        t.samples[0]!.toFixed(1),
+        t.samples[Math.ceil(count / 2) - 1]!.toFixed(1),
+        t.samples.at(-1)!.toFixed(1),
+        Math.max(...t.samples).toFixed(1),
+        trend(t.samples).toFixed(2),
+        flat(t.samples) ? 'yes' : 'NO',
+      ]),
     ]),
   );
 }
