@@ -1,6 +1,7 @@
 /** The `handoff` command line. */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { errorMessage } from '../shared/errors.js';
+import { startTelemetry } from '../shared/telemetry.js';
 import { DEFAULT_MODE, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
 import { parseRateBps, parseSizeBytes } from '../shared/units.js';
 import { ACTOR_NAMES, actorMain, type ActorName } from './actors.js';
@@ -259,10 +260,18 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
-  (err: unknown) => {
+// each process is one service in the trace: the actor's name, or the command's role
+const argv = process.argv.slice(2);
+const ROLES: Record<string, string> = { migrate: 'control', receive: 'receiver' };
+const telemetry = await startTelemetry(argv[0] === 'actor' ? (argv[1] ?? 'actor') : (ROLES[argv[0] ?? ''] ?? argv[0] ?? 'cli'));
+main(argv).then(
+  async (code) => {
+    await telemetry.shutdown();
+    process.exit(code);
+  },
+  async (err: unknown) => {
     process.stderr.write(`handoff: ${errorMessage(err)}\n`);
+    await telemetry.shutdown();
     process.exit(err instanceof UsageError || (err instanceof Error && 'code' in err && String(err.code).startsWith('ERR_PARSE_ARGS')) ? 2 : 1);
   },
 );

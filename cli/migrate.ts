@@ -16,6 +16,8 @@ import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { PAGE_SIZE } from '../shared/pages.js';
 import { STREAMS, eventSubject, statsSubject } from '../shared/subjects.js';
 import { runTunerService } from '../services/tuner/service.js';
+import type { Span } from '@opentelemetry/api';
+import { startSpan, traceparentOf } from '../shared/telemetry.js';
 import { spawnActor, stopActors, type ActorProcess } from './actors.js';
 import { ProgressBar } from './progress.js';
 import { StatsCollector, type MigrationSummary } from './summary.js';
@@ -72,11 +74,18 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
   let bus: Bus | undefined;
   let actors: ActorProcess[] = [];
   let tuner: { stop(): Promise<void> } | undefined;
+  let rootSpan: Span | undefined;
   const started = performance.now();
   try {
     if (!options.natsUrl) nats = await startEmbeddedNats();
     const natsUrl = options.natsUrl ?? nats!.url;
     bus = await connectBus(natsUrl, 'handoff-control');
+    const chunkPages = options.chunkPages ?? chunkPagesFor(bus.maxPayloadBytes);
+    // the migration's trace is rooted here; actors find its context in the descriptor
+    rootSpan = startSpan('handoff', undefined, { 'handoff.migration': migrationId, 'handoff.destination': options.to, 'handoff.actor': 'control' });
+    const rootTraceparent = rootSpan.isRecording() ? traceparentOf(rootSpan) : undefined;
+    /** about 64 traced chunks per migration, whatever its size (a span per chunk would swamp a trace) */
+    const traceEvery = (imageBytes: number): number => Math.max(1, Math.floor(imageBytes / PAGE_SIZE / chunkPages / 64));
     const descriptor: MigrationDescriptor = {
       migrationId,
       createdAtMs: Date.now(),
@@ -84,11 +93,12 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       disk: { base: options.baseDisk, current: options.disk, baseHash: diskIndex.contentHash, bytes: diskBytes },
       destination: options.to,
       parts: options.dedupInstances,
-      chunkPages: options.chunkPages ?? chunkPagesFor(bus.maxPayloadBytes),
+      chunkPages,
       bandwidthCapBps: options.bandwidthCapBps,
       mode: options.mode,
       adaptive: options.adaptive ?? false,
       ...(options.linkDeadlineMs ? { linkDeadlineMs: options.linkDeadlineMs } : {}),
+      ...(rootTraceparent ? { traceparent: rootTraceparent, traceEveryChunks: traceEvery(memoryBytes + diskBytes) } : {}),
     };
     await bus.migrations.put(migrationId, JSON.stringify(descriptor));
     await bus.config.put(migrationId, JSON.stringify(options.mode));
@@ -183,6 +193,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       stages: stats.stages,
       ...(captured ? { sourceHashes: captured.imageHashes } : {}),
     };
+    rootSpan.setAttributes({ 'handoff.verified': summary.verified, 'handoff.wire_bytes': summary.wireBytes, 'handoff.seconds': handoffSeconds });
     if (outcome?.type === 'result') {
       summary.rebuild = outcome.result;
       if (!outcome.result.verified) summary.reason = outcome.result.reason ?? 'destination could not verify the images';
@@ -190,6 +201,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     else if (outcome?.type === 'refused') summary.reason = `destination refused: ${outcome.reason}`;
     return summary;
   } finally {
+    rootSpan?.end();
     await tuner?.stop();
     await stopActors(actors);
     await bus?.migrations.delete(migrationId).catch(() => undefined);

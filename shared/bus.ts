@@ -16,8 +16,9 @@ import {
 } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
 import { connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
-import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
-import { encodeEvent, type MigrationEvent } from './migration.js';
+import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
+import { encodeEvent, type MigrationEvent, type StageStats } from './migration.js';
+import { recordStats } from './telemetry.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
 
 export interface Bus {
@@ -223,6 +224,12 @@ export async function publishWork(bus: Bus, subject: string, data: Uint8Array, m
       }
     }
   }
+}
+
+/** A chunk's statistics: to this process's metrics, and on the bus for summaries and the tuner (core NATS: lossy is fine). */
+export function publishStats(bus: Bus, stats: StageStats): void {
+  recordStats(stats);
+  bus.nc.publish(statsSubject(stats.migrationId, stats.stage), JSON.stringify(stats));
 }
 
 export async function publishEvent(bus: Bus, migrationId: string, event: MigrationEvent): Promise<void> {

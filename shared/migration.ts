@@ -31,6 +31,10 @@ export interface MigrationDescriptor {
   adaptive?: boolean;
   /** how long the WAN link may stay lost before the migration fails (default 60 s) */
   linkDeadlineMs?: number;
+  /** W3C traceparent of the migration's root span: every actor's spans join its trace */
+  traceparent?: string;
+  /** chunks whose seq is a multiple of this get spans at every stage (the rest none) */
+  traceEveryChunks?: number;
 }
 
 /** most dedup partitions and pages per chunk a descriptor may ask for */

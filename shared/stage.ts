@@ -5,13 +5,14 @@
 import { hostname } from 'node:os';
 import { chunkKey, type Chunk } from './chunk.js';
 import { decodeChunk, encodeChunk } from './codec.js';
-import { connectBus, ensureWorkConsumer, publishDeadLetter, publishEvent, publishWork, streamOf, type Bus, type JsMsg } from './bus.js';
+import { connectBus, ensureWorkConsumer, publishDeadLetter, publishEvent, publishStats, publishWork, streamOf, type Bus, type JsMsg } from './bus.js';
 import { MalformedMessageError, errorMessage } from './errors.js';
 import { createLogger, type Logger } from './log.js';
 import type { MigrationDescriptor, StageStats } from './migration.js';
 import type { Mode } from './mode.js';
 import { DescriptorCache, ModeWatcher, UnknownMigrationError } from './registry.js';
-import { statsSubject, workSubject, type WorkStage } from './subjects.js';
+import { workSubject, type WorkStage } from './subjects.js';
+import { chunkTraced, headersFor, startSpan, traceparentFrom, traceparentOf } from './telemetry.js';
 
 export interface StageOutput {
   chunk: Chunk;
@@ -115,7 +116,13 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
       const cpuStart = process.cpuUsage();
       const wallStart = performance.now();
       const mode = modes.get(chunk.migrationId, descriptor.mode);
+      // a traced chunk (capture decided, by seq) gets this stage's span, child of the previous stage's
+      const parent = traceparentFrom(m.headers);
+      const span = parent && chunkTraced(chunk.seq, descriptor.traceEveryChunks) ? startSpan(`${actor.name} chunk`, parent, { 'handoff.actor': actor.name, 'handoff.seq': chunk.seq, 'handoff.part': chunk.part, 'handoff.instance': instance }) : undefined;
       const result = await actor.handle(chunk, { descriptor, mode, log: mlog });
+      span?.setAttributes({ 'handoff.mode': `${mode.delta}+${mode.compressor}:${mode.level}`, 'handoff.bytes_in': chunk.body.byteLength });
+      span?.end();
+      const outHeaders = headersFor(span ? traceparentOf(span) : undefined);
       const cpu = process.cpuUsage(cpuStart);
       const wallMs = performance.now() - wallStart;
       let bytesOut = 0;
@@ -128,7 +135,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
         const data = encodeChunk(out.chunk);
         bytesOut += out.chunk.body.byteLength;
         modeOut = out.chunk.mode;
-        await publishWork(bus, workSubject(out.to, out.chunk.migrationId, out.to === 'dedup' ? out.chunk.part : 0), data, `${out.chunk.migrationId}.${actor.name}.${chunkKey(out.chunk)}`, undefined, () => m.working());
+        await publishWork(bus, workSubject(out.to, out.chunk.migrationId, out.to === 'dedup' ? out.chunk.part : 0), data, `${out.chunk.migrationId}.${actor.name}.${chunkKey(out.chunk)}`, outHeaders, () => m.working());
       }
       const stats: StageStats = {
         stage: actor.name,
@@ -147,7 +154,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
         // blocks: pages that carry a body (dedup's survivors), the unit of the tuner's costs
         counts: { ...result.counts, blocks },
       };
-      bus.nc.publish(statsSubject(chunk.migrationId, actor.name), JSON.stringify(stats));
+      publishStats(bus, stats);
       m.ack();
     } catch (err) {
       // the subject names the migration even when the message does not decode

@@ -148,6 +148,10 @@ export interface Hello {
   bytes: { memory: number; disk: number };
   /** random per sender link: frame numbers mean something only within one */
   linkId?: string;
+  /** the sender link span's W3C traceparent: the destination's spans join the migration's trace */
+  traceparent?: string;
+  /** which chunks are traced (see shared/telemetry.ts) */
+  traceEveryChunks?: number;
 }
 
 /** ERROR: why the receiver closes the link; `resumable` when a new connection may carry on (transit corruption). */
@@ -184,6 +188,12 @@ export function parseAddress(address: string, listening = false): { host: string
 
 // Validated readers of the JSON frames: a peer's frame is checked field by field before use.
 
+const TRACEPARENT = /^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$/;
+function traceparent(v: unknown): string {
+  if (typeof v !== 'string' || !TRACEPARENT.test(v)) throw new MalformedMessageError('hello frame: traceparent is not a W3C traceparent');
+  return v;
+}
+
 function frameObject(frame: Frame, what: string): Record<string, unknown> {
   return object(parseJsonPayload(frame), `${what} frame`);
 }
@@ -198,6 +208,8 @@ export function parseHello(frame: Frame): Hello {
     baseHashes: digests(o.baseHashes, 'hello frame'),
     bytes: { memory: count(bytes.memory, 'hello frame: memory size'), disk: count(bytes.disk, 'hello frame: disk size') },
     ...(o.linkId ? { linkId: o.linkId as string } : {}),
+    ...(o.traceparent !== undefined ? { traceparent: traceparent(o.traceparent) } : {}),
+    ...(o.traceEveryChunks !== undefined ? { traceEveryChunks: count(o.traceEveryChunks, 'hello frame: traceEveryChunks', 2 ** 32) } : {}),
   };
 }
 

@@ -5,7 +5,7 @@
 import { open } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { loadBaseIndex } from '../../shared/base-index.js';
-import { connectBus, ensureEventConsumer, publishEvent, publishWork, type Bus } from '../../shared/bus.js';
+import { connectBus, ensureEventConsumer, publishEvent, publishStats, publishWork, type Bus } from '../../shared/bus.js';
 import { chunkKey, type Chunk } from '../../shared/chunk.js';
 import { encodeChunk } from '../../shared/codec.js';
 import { BadImageError, BaseMismatchError, errorMessage } from '../../shared/errors.js';
@@ -13,7 +13,8 @@ import { createLogger, type Logger } from '../../shared/log.js';
 import { parseEvent, type ImageDigests, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
 import { PAGE_SIZE, newImageDigest, type ImageId } from '../../shared/pages.js';
 import { DescriptorCache } from '../../shared/registry.js';
-import { STREAMS, statsSubject, workSubject } from '../../shared/subjects.js';
+import { STREAMS, workSubject } from '../../shared/subjects.js';
+import { chunkTraced, headersFor, startSpan, traceparentOf } from '../../shared/telemetry.js';
 import { ChunkBuilder, dirtyPagesOf } from './core.js';
 
 const READ_BLOCK_BYTES = 4 * 1024 * 1024;
@@ -30,8 +31,16 @@ export interface CaptureResult {
 export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Logger): Promise<CaptureResult> {
   const instance = `${hostname()}:${process.pid}`;
   const inFlight = new Set<Promise<void>>();
+  const span = startSpan('capture', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture' });
   const publish = async (chunk: Chunk): Promise<void> => {
-    const p = publishWork(bus, workSubject('dedup', d.migrationId, chunk.part), encodeChunk(chunk), `${d.migrationId}.capture.${chunkKey(chunk)}`).finally(() =>
+    // a traced chunk starts its chain of spans here (one per stage it passes)
+    let traceparent: string | undefined;
+    if (d.traceparent && chunkTraced(chunk.seq, d.traceEveryChunks)) {
+      const chunkSpan = startSpan('capture chunk', traceparentOf(span), { 'handoff.seq': chunk.seq, 'handoff.part': chunk.part, 'handoff.pages': chunk.pageIndex.length, 'handoff.actor': 'capture' });
+      traceparent = traceparentOf(chunkSpan);
+      chunkSpan.end();
+    }
+    const p = publishWork(bus, workSubject('dedup', d.migrationId, chunk.part), encodeChunk(chunk), `${d.migrationId}.capture.${chunkKey(chunk)}`, headersFor(traceparent)).finally(() =>
       inFlight.delete(p),
     );
     inFlight.add(p);
@@ -77,7 +86,7 @@ export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Lo
           mode: slices[0]!.mode,
           counts: { scannedBytes, slices: slices.length },
         };
-        bus.nc.publish(statsSubject(d.migrationId, 'capture'), JSON.stringify(stats));
+        publishStats(bus, stats);
       };
       for (let offset = 0; offset < size; ) {
         const want = Math.min(READ_BLOCK_BYTES, size - offset);
@@ -99,6 +108,8 @@ export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Lo
     imageHashes[name] = digest.digest('hex');
   }
   await Promise.all(inFlight);
+  span.setAttributes({ 'handoff.dirty_pages': dirtyPages, 'handoff.scanned_bytes': scannedBytes });
+  span.end();
   log.info('captured', { chunks: seq, dirtyPages, scannedBytes });
   return { slices: seq * d.parts, dirtyPages, scannedBytes, imageHashes };
 }

@@ -8,7 +8,8 @@ import type { Server, Socket } from 'node:net';
 import { dirname, join } from 'node:path';
 import { hostname } from 'node:os';
 import { loadBaseIndex } from '../../shared/base-index.js';
-import { connectBus, publishEvent, type Bus } from '../../shared/bus.js';
+import { SpanStatusCode, type Span } from '@opentelemetry/api';
+import { connectBus, publishEvent, publishStats, type Bus } from '../../shared/bus.js';
 import { decodeChunk, validateMigrationId } from '../../shared/codec.js';
 import { MalformedMessageError, errorMessage } from '../../shared/errors.js';
 import { createLinkServer, linkSecurityFromEnv, type LinkSecurity } from '../../shared/link-security.js';
@@ -16,7 +17,7 @@ import { createLogger, type Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult, StageStats } from '../../shared/migration.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
 import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError } from '../../shared/wire.js';
-import { statsSubject } from '../../shared/subjects.js';
+import { chunkTraced, startSpan, traceparentOf } from '../../shared/telemetry.js';
 import { Rebuilder } from './core.js';
 import { FilePageStore } from './store.js';
 
@@ -56,6 +57,9 @@ interface MigrationState {
   /** the sender link's id and the frame numbers applied on it (newest last), for a resume */
   linkId?: string;
   appliedFrames: number[];
+  /** the rebuild's span (a child of the sender's link span) and which chunks get their own */
+  span: Span;
+  traceEveryChunks: number | undefined;
 }
 
 export interface RunningReceiver {
@@ -116,6 +120,9 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       result = { verified: false, reason: errorMessage(err), rebuiltHashes: { memory: '', disk: '' }, ...base, rebuildSeconds: (performance.now() - state.startedMs) / 1000 };
     }
     state.log.info(result.verified ? 'images rebuilt and verified' : 'rebuild failed', { verified: result.verified, reason: result.reason });
+    state.span.setAttributes({ 'handoff.verified': result.verified, 'handoff.pages_written': result.pagesWritten, 'handoff.duplicate_slices': result.duplicateSlices });
+    if (!result.verified) state.span.setStatus({ code: SpanStatusCode.ERROR, message: result.reason ?? 'not verified' });
+    state.span.end();
     state.link?.write(encodeJsonFrame(FrameType.Result, result));
     await publishEvent(bus, state.migrationId, { type: 'result', result }).catch(() => undefined);
     report({ migrationId: state.migrationId, result, ...pathsOf(state.migrationId) });
@@ -139,7 +146,9 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     const cpu = process.cpuUsage();
     try {
       const chunk = decodeChunk(bytes);
+      const span = chunkTraced(chunk.seq, state.traceEveryChunks) && state.span.isRecording() ? startSpan('apply chunk', traceparentOf(state.span), { 'handoff.actor': 'receiver', 'handoff.seq': chunk.seq, 'handoff.part': chunk.part }) : undefined;
       const r = state.rebuilder.apply(chunk);
+      span?.end();
       if (r.duplicate) state.duplicates++;
       const used = process.cpuUsage(cpu);
       const stats: StageStats = {
@@ -157,7 +166,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         mode: chunk.mode,
         counts: { pagesWritten: r.pagesWritten, pagesDeferred: r.pagesDeferred },
       };
-      bus.nc.publish(statsSubject(state.migrationId, 'receiver'), JSON.stringify(stats));
+      publishStats(bus, stats);
       checkDone(state);
     } catch (err) {
       state.log.error('chunk rejected', { reason: errorMessage(err) });
@@ -230,7 +239,10 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
           { base: options.baseMemory, out: memoryPath, bytes: memoryIndex.bytes },
           { base: options.baseDisk, out: diskPath, bytes: diskIndex.bytes },
         ]);
-        state = { migrationId, log: clog, store, rebuilder: new Rebuilder(store, migrationId, [memoryIndex.hashes, diskIndex.hashes]), startedMs: performance.now(), duplicates: 0, finished: false, appliedFrames: [] };
+        state = { migrationId, log: clog, store, rebuilder: new Rebuilder(store, migrationId, [memoryIndex.hashes, diskIndex.hashes]), startedMs: performance.now(), duplicates: 0, finished: false, appliedFrames: [],
+          span: startSpan('receive', hello.traceparent, { 'handoff.actor': 'receiver', 'handoff.migration': migrationId }),
+          traceEveryChunks: hello.traceEveryChunks,
+        };
         states.set(migrationId, state);
         clog.info('accepted');
       } else {

@@ -4,12 +4,15 @@
  * only when the receiver has acknowledged it, so nothing unacknowledged is ever dropped.
  */
 import { hostname } from 'node:os';
-import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, connectBus, ensureEventConsumer, ensureWorkConsumer, publishEvent, resizeWireQueue, streamOf, type Bus, type JsMsg } from '../../shared/bus.js';
+import { SpanStatusCode } from '@opentelemetry/api';
+import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, connectBus, ensureEventConsumer, ensureWorkConsumer, publishEvent, publishStats, resizeWireQueue, streamOf, type Bus, type JsMsg } from '../../shared/bus.js';
 import { BaseMismatchError, errorMessage } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { parseEvent, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
 import { DescriptorCache } from '../../shared/registry.js';
-import { STREAMS, statsSubject } from '../../shared/subjects.js';
+import { STREAMS } from '../../shared/subjects.js';
+import { startSpan, traceparentFrom, traceparentOf } from '../../shared/telemetry.js';
+import type { Hello } from '../../shared/wire.js';
 import { linkSecurityFromEnv } from '../../shared/link-security.js';
 import { WanLink } from './link.js';
 
@@ -72,10 +75,14 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
     let p = links.get(d.migrationId);
     if (p) return p;
     p = (async () => {
-      const hello = {
+      // the link's span: child of the migration's root; the destination's spans hang under it
+      const span = startSpan('wan link', d.traceparent, { 'handoff.actor': 'sender', 'handoff.migration': d.migrationId, 'handoff.destination': d.destination });
+      const linkTraceparent = d.traceparent ? traceparentOf(span) : undefined;
+      const hello: Hello = {
         migrationId: d.migrationId,
         baseHashes: { memory: d.memory.baseHash, disk: d.disk.baseHash },
         bytes: { memory: d.memory.bytes, disk: d.disk.bytes },
+        ...(linkTraceparent ? { traceparent: linkTraceparent, traceEveryChunks: d.traceEveryChunks ?? 1 } : {}),
       };
       const { link, destinationBaseHashes } = await WanLink.open({
         address: d.destination,
@@ -89,12 +96,16 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
       await publishEvent(bus, d.migrationId, { type: 'accepted', destinationBaseHashes });
       link.result.then(
         async (result) => {
+          span.setAttributes({ 'handoff.verified': result.verified, 'handoff.wire_bytes': link.wireBytes, 'handoff.resent_bytes': link.resentBytes, 'handoff.reconnects': link.reconnects });
+          span.end();
           mlog.info('destination result', { verified: result.verified });
           await publishEvent(bus, d.migrationId, { type: 'result', result });
           link.close();
           links.delete(d.migrationId);
         },
         async (err: Error) => {
+          span.setStatus({ code: SpanStatusCode.ERROR, message: err.message });
+          span.end();
           mlog.error('WAN link failed', { reason: err.message });
           await publishEvent(bus, d.migrationId, { type: 'failed', stage: 'sender', reason: err.message }).catch(() => undefined);
           links.delete(d.migrationId);
@@ -176,11 +187,16 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
         const link = await openLink(await descriptors.get(migrationId), mlog);
         const started = performance.now();
         const size = m.data.byteLength;
+        // only traced chunks carry a traceparent (capture chose them)
+        const parent = traceparentFrom(m.headers);
+        const chunkSpan = parent ? startSpan('send chunk', parent, { 'handoff.actor': 'sender', 'handoff.bytes': size }) : undefined;
         const sent = link.sendChunk(m.data);
         inFlightBytes += size;
         const p = sent
           .then(({ frameBytes, sends }) => {
             m.ack();
+            chunkSpan?.setAttributes({ 'handoff.frame_bytes': frameBytes, 'handoff.sends': sends });
+            chunkSpan?.end();
             const stats: StageStats = {
               stage: 'sender',
               instance,
@@ -203,9 +219,11 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
                 reconnects: link.takeReconnects(),
               },
             };
-            bus.nc.publish(statsSubject(migrationId, 'sender'), JSON.stringify(stats));
+            publishStats(bus, stats);
           })
           .catch((err: Error) => {
+            chunkSpan?.setStatus({ code: SpanStatusCode.ERROR, message: err.message });
+            chunkSpan?.end();
             mlog.warn('chunk not acknowledged, will be redelivered', { reason: err.message });
             m.nak(1000);
           })

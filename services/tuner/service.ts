@@ -8,6 +8,7 @@ import { connectBus, publishEvent } from '../../shared/bus.js';
 import { errorMessage } from '../../shared/errors.js';
 import { createLogger } from '../../shared/log.js';
 import { parseStats, type StageStats, type TunerDecision } from '../../shared/migration.js';
+import { startSpan } from '../../shared/telemetry.js';
 import { formatMode, type Mode } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { CpuSampler } from './cpu.js';
@@ -111,6 +112,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
             predictedChosenBlocksPerSec: Math.round(decision.chosenBlocksPerSec),
           };
           log.info('switching mode', { migration: migrationId, ...record });
+          startSpan('tuner decision', d.traceparent, { 'handoff.actor': 'tuner', ...Object.fromEntries(Object.entries(record).map(([k, v]) => [`handoff.${k}`, v])) }).end();
           await bus.config.put(migrationId, JSON.stringify(decision.to));
           await publishEvent(bus, migrationId, { type: 'tuned', decision: record });
         })
