@@ -11,17 +11,14 @@ import { runTunerService } from '../services/tuner/service.js';
 import { stopProcess } from '../shared/child.js';
 import { createLogger } from '../shared/log.js';
 import { natsChildEnv } from '../shared/nats-auth.js';
-import { runStage } from '../shared/stage.js';
+import { runStage, type RunningService } from '../shared/stage.js';
+import { healthPortFromEnv, startHealthServer } from '../shared/health.js';
+import { startTelemetry } from '../shared/telemetry.js';
 
 export const ACTOR_NAMES = ['capture', 'dedup', 'delta', 'compress', 'sender', 'tuner'] as const;
 export type ActorName = (typeof ACTOR_NAMES)[number];
 
-export interface RunningActor {
-  stop(): Promise<void>;
-  done: Promise<void>;
-}
-
-export async function runActor(name: ActorName, natsUrl: string, partition = 0): Promise<RunningActor> {
+export async function runActor(name: ActorName, natsUrl: string, partition = 0): Promise<RunningService> {
   switch (name) {
     case 'capture':
       return runCaptureService(natsUrl);
@@ -41,6 +38,9 @@ export async function runActor(name: ActorName, natsUrl: string, partition = 0):
 /** `handoff actor NAME`: runs until SIGTERM/SIGINT, then finishes in-flight work and returns. */
 export async function actorMain(name: ActorName, natsUrl: string, partition: number): Promise<void> {
   const actor = await runActor(name, natsUrl, partition);
+  const log = createLogger({ stage: name, instance: `${hostname()}:${process.pid}` });
+  const port = healthPortFromEnv();
+  const health = port === undefined ? undefined : await startHealthServer(port, actor, await startTelemetry(name), log);
   let stopping: Promise<void> | undefined;
   const shutdown = (): void => {
     stopping ??= actor.stop();
@@ -49,8 +49,9 @@ export async function actorMain(name: ActorName, natsUrl: string, partition: num
   process.once('SIGINT', shutdown);
   await actor.done;
   await stopping;
+  health?.close();
   const cpu = process.cpuUsage();
-  createLogger({ stage: name, instance: `${hostname()}:${process.pid}` }).info('exit', {
+  log.info('exit', {
     cpuSeconds: Number(((cpu.user + cpu.system) / 1e6).toFixed(2)),
     maxRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),
   });

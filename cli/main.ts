@@ -1,12 +1,14 @@
 /** The `handoff` command line. */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { errorMessage } from '../shared/errors.js';
+import { healthPortFromEnv, startHealthServer } from '../shared/health.js';
+import { createLogger } from '../shared/log.js';
 import { startTelemetry } from '../shared/telemetry.js';
 import { DEFAULT_MODE, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
 import { parseRateBps, parseSizeBytes } from '../shared/units.js';
 import { ACTOR_NAMES, actorMain, type ActorName } from './actors.js';
 import { migrate } from './migrate.js';
-import { receiveOnce, serveReceiver } from './receive.js';
+import { receiveOnce, serveReceiver, type ReceiveOptions } from './receive.js';
 import type { ReceivedMigration } from '../services/receiver/service.js';
 import { formatSummary } from './summary.js';
 
@@ -185,20 +187,30 @@ async function main(argv: string[]): Promise<number> {
       });
       if (values.help) return console.log(HELP.receive), 0;
       need(values, ['listen', 'base-memory', 'base-disk', 'out'], 'receive');
-      const receiveOptions = {
+      const receiveOptions: ReceiveOptions & { onListening: NonNullable<ReceiveOptions['onListening']> } = {
         listen: values.listen!,
         baseMemory: values['base-memory']!,
         baseDisk: values['base-disk']!,
         outDir: values.out!,
         ...(values.nats ? { natsUrl: values.nats } : {}),
-        onListening: (a: { host: string; port: number }) => process.stderr.write(`receiver listening on ${a.host}:${a.port}\n`),
+        onListening: (a) => void process.stderr.write(`receiver listening on ${a.host}:${a.port}\n`),
       };
       if (values.serve) {
+        // a serving receiver is a long-running service: health, readiness and metrics like an actor's
+        let listening = false;
+        const port = healthPortFromEnv();
+        const health = port === undefined ? undefined : await startHealthServer(port, { ready: () => listening && !stop.signal.aborted }, telemetry, createLogger({ stage: 'receiver' }));
+        const onListening = receiveOptions.onListening;
+        receiveOptions.onListening = (a) => {
+          listening = true;
+          onListening(a);
+        };
         const stop = new AbortController();
         process.once('SIGTERM', () => stop.abort());
         process.once('SIGINT', () => stop.abort());
         const describe = (r: ReceivedMigration): string => `migration ${r.migrationId}: ${r.result.verified ? `verified, ${r.memoryPath} and ${r.diskPath} written` : `FAILED: ${r.result.reason}`}`;
         await serveReceiver(receiveOptions, (r) => console.log(values.json ? JSON.stringify(r) : describe(r)), stop.signal);
+        health?.close();
         return 0;
       }
       const received = await receiveOnce(receiveOptions);

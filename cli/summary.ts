@@ -11,6 +11,8 @@ export interface StageSummary {
   cpuMs: number;
   wallMs: number;
   instances: number;
+  /** chunks each instance (host:pid) handled: how the work was shared */
+  perInstance: Record<string, number>;
   counts: Record<string, number>;
 }
 
@@ -45,7 +47,6 @@ export const STAGE_ORDER = ['capture', 'dedup', 'delta', 'compress', 'sender'] a
 
 export class StatsCollector {
   readonly stages: Record<string, StageSummary> = {};
-  private readonly instances = new Map<string, Set<string>>();
   readonly modes = new Set<string>();
   scannedBytes = 0;
   wireBytes = 0;
@@ -57,17 +58,15 @@ export class StatsCollector {
   measuredBandwidthBps = 0;
 
   add(s: StageStats): void {
-    const st = (this.stages[s.stage] ??= { chunks: 0, pages: 0, bytesIn: 0, bytesOut: 0, cpuMs: 0, wallMs: 0, instances: 0, counts: {} });
+    const st = (this.stages[s.stage] ??= { chunks: 0, pages: 0, bytesIn: 0, bytesOut: 0, cpuMs: 0, wallMs: 0, instances: 0, perInstance: {}, counts: {} });
     st.chunks++;
     st.pages += s.pages;
     st.bytesIn += s.bytesIn;
     st.bytesOut += s.bytesOut;
     st.cpuMs += s.cpuMs;
     st.wallMs += s.wallMs;
-    let inst = this.instances.get(s.stage);
-    if (!inst) this.instances.set(s.stage, (inst = new Set()));
-    inst.add(s.instance);
-    st.instances = inst.size;
+    st.perInstance[s.instance] = (st.perInstance[s.instance] ?? 0) + 1;
+    st.instances = Object.keys(st.perInstance).length;
     for (const [k, v] of Object.entries(s.counts ?? {})) {
       if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'averageBandwidthBps' || k === 'blocks' || k === 'linkBoundPct') continue;
       st.counts[k] = (st.counts[k] ?? 0) + v;
@@ -118,7 +117,8 @@ export function formatSummary(s: MigrationSummary): string {
       .join(' ');
     rows.push([
       name,
-      String(st.instances),
+      // how the work was shared, when several instances did it
+      st.instances > 1 ? `${st.instances} (${Object.values(st.perInstance).join('/')} chunks)` : String(st.instances),
       String(st.chunks),
       formatBytes(st.bytesIn),
       formatBytes(st.bytesOut),

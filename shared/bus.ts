@@ -29,6 +29,8 @@ export interface Bus {
   config: KV;
   /** the server's max_payload: chunks must fit it, headers included */
   maxPayloadBytes: number;
+  /** connected now (false while reconnecting) */
+  connected(): boolean;
   close(): Promise<void>;
 }
 
@@ -63,6 +65,13 @@ export async function connectBus(url: string, name: string): Promise<Bus> {
   const js = jetstream(nc);
   await ensureStreams(jsm);
   for (const [actor, type] of EVENT_CONSUMERS) await ensureEventConsumer(jsm, actor, type);
+  let connected = true;
+  void (async () => {
+    for await (const s of nc.status()) {
+      if (s.type === 'disconnect' || s.type === 'close') connected = false;
+      else if (s.type === 'reconnect') connected = true;
+    }
+  })().catch(() => undefined);
   const kvm = new Kvm(nc);
   const migrations = await kvm.create(BUCKETS.migrations, { history: 1, storage: STORAGE });
   const config = await kvm.create(BUCKETS.config, { history: 5, storage: STORAGE });
@@ -73,6 +82,7 @@ export async function connectBus(url: string, name: string): Promise<Bus> {
     migrations,
     config,
     maxPayloadBytes: nc.info?.max_payload ?? 1024 * 1024,
+    connected: () => connected && !nc.isClosed(),
     close: async () => {
       if (!nc.isClosed()) await nc.drain().catch(() => nc.close());
     },

@@ -12,7 +12,7 @@ import type { MigrationDescriptor, StageStats } from './migration.js';
 import type { Mode } from './mode.js';
 import { DescriptorCache, ModeWatcher, UnknownMigrationError } from './registry.js';
 import { workSubject, type WorkStage } from './subjects.js';
-import { chunkTraced, headersFor, startSpan, traceparentFrom, traceparentOf } from './telemetry.js';
+import { chunkTraced, headersFor, observeQueueDepth, startSpan, traceparentFrom, traceparentOf } from './telemetry.js';
 
 export interface StageOutput {
   chunk: Chunk;
@@ -61,10 +61,18 @@ export function nextStage(from: 'dedup' | 'delta' | 'compress', mode: Mode, chun
 /** Redeliveries before a failing chunk is given up on and its migration failed with the reason. */
 const MAX_ATTEMPTS = 5;
 
-export interface RunningStage {
-  bus: Bus;
+/** What every actor process runs: the stage shell's result, and capture's, sender's, tuner's. */
+export interface RunningService {
+  /** resolves when it has stopped taking work and finished what it had */
   done: Promise<void>;
+  /** stop taking work, finish in-flight chunks, disconnect */
   stop(): Promise<void>;
+  /** connected to NATS and taking work (readiness) */
+  ready(): boolean;
+}
+
+export interface RunningStage extends RunningService {
+  bus: Bus;
 }
 
 export async function runStage(actor: StageActor, natsUrl: string): Promise<RunningStage> {
@@ -197,5 +205,16 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
     })();
     return stopping;
   };
-  return { bus, done, stop };
+  // queue depth for the metrics: what waits for this stage (read every 2 s, served when scraped)
+  let depth = 0;
+  const depthTimer = setInterval(() => {
+    void bus.jsm.consumers.info(streamOf(actor.input), durable).then(
+      (info) => (depth = info.num_pending + info.num_ack_pending),
+      () => undefined,
+    );
+  }, 2000);
+  depthTimer.unref();
+  observeQueueDepth(() => ({ [actor.input]: depth }));
+  void done.finally(() => clearInterval(depthTimer));
+  return { bus, done, stop, ready: () => !stopping && bus.connected() };
 }

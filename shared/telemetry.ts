@@ -9,6 +9,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { context, metrics, propagation, trace, type Attributes, type Context, type Span } from '@opentelemetry/api';
 import { PrometheusExporter } from '@opentelemetry/exporter-prometheus';
+import { resourceFromAttributes } from '@opentelemetry/resources';
 import { MeterProvider } from '@opentelemetry/sdk-metrics';
 import { headers as natsHeaders, type MsgHdrs } from '@nats-io/transport-node';
 import type { StageStats } from './migration.js';
@@ -50,7 +51,7 @@ export async function startTelemetry(actor: string): Promise<Telemetry> {
     sdk.start();
     shutdown = () => sdk.shutdown();
   } else {
-    const provider = new MeterProvider({ readers: [prometheus] });
+    const provider = new MeterProvider({ readers: [prometheus], resource: resourceFromAttributes({ 'service.name': process.env.OTEL_SERVICE_NAME ?? `handoff-${actor}` }) });
     metrics.setGlobalMeterProvider(provider);
     shutdown = () => provider.shutdown();
   }

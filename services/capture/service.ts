@@ -9,6 +9,7 @@ import { connectBus, ensureEventConsumer, publishEvent, publishStats, publishWor
 import { chunkKey, type Chunk } from '../../shared/chunk.js';
 import { encodeChunk } from '../../shared/codec.js';
 import { BadImageError, BaseMismatchError, errorMessage } from '../../shared/errors.js';
+import type { RunningService } from '../../shared/stage.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { parseEvent, type ImageDigests, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
 import { PAGE_SIZE, newImageDigest, type ImageId } from '../../shared/pages.js';
@@ -115,7 +116,7 @@ export async function captureMigration(bus: Bus, d: MigrationDescriptor, log: Lo
 }
 
 /** The capture process: takes `accepted` events (each by one instance) and captures that migration. */
-export async function runCaptureService(natsUrl: string): Promise<{ stop(): Promise<void>; done: Promise<void> }> {
+export async function runCaptureService(natsUrl: string): Promise<RunningService> {
   const log = createLogger({ stage: 'capture', instance: `${hostname()}:${process.pid}` });
   const bus = await connectBus(natsUrl, 'handoff-capture');
   // descriptors of ended migrations are dropped: a long-running actor does not grow
@@ -145,6 +146,7 @@ export async function runCaptureService(natsUrl: string): Promise<{ stop(): Prom
     }
   })();
   return {
+    ready: () => bus.connected(),
     done,
     stop: async () => {
       messages.stop();

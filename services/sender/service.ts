@@ -7,6 +7,7 @@ import { hostname } from 'node:os';
 import { SpanStatusCode } from '@opentelemetry/api';
 import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, connectBus, ensureEventConsumer, ensureWorkConsumer, publishEvent, publishStats, resizeWireQueue, streamOf, type Bus, type JsMsg } from '../../shared/bus.js';
 import { BaseMismatchError, errorMessage } from '../../shared/errors.js';
+import type { RunningService } from '../../shared/stage.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { parseEvent, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
 import { DescriptorCache } from '../../shared/registry.js';
@@ -61,7 +62,7 @@ class Saturation {
   }
 }
 
-export async function runSenderService(natsUrl: string): Promise<{ stop(): Promise<void>; done: Promise<void> }> {
+export async function runSenderService(natsUrl: string): Promise<RunningService> {
   const instance = `${hostname()}:${process.pid}`;
   const log = createLogger({ stage: 'sender', instance });
   // the link's credentials are this process's own (environment or files), never on the bus
@@ -245,6 +246,7 @@ export async function runSenderService(natsUrl: string): Promise<{ stop(): Promi
   })();
 
   return {
+    ready: () => bus.connected(),
     done,
     stop: async () => {
       clearInterval(sizer);

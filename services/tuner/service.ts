@@ -6,6 +6,7 @@
 import { hostname } from 'node:os';
 import { connectBus, publishEvent } from '../../shared/bus.js';
 import { errorMessage } from '../../shared/errors.js';
+import type { RunningService } from '../../shared/stage.js';
 import { createLogger } from '../../shared/log.js';
 import { parseStats, type StageStats, type TunerDecision } from '../../shared/migration.js';
 import { startSpan } from '../../shared/telemetry.js';
@@ -28,7 +29,7 @@ interface Followed {
   lastStatsMs: number;
 }
 
-export async function runTunerService(natsUrl: string, profilePath?: string): Promise<{ stop(): Promise<void>; done: Promise<void> }> {
+export async function runTunerService(natsUrl: string, profilePath?: string): Promise<RunningService> {
   const log = createLogger({ stage: 'tuner', instance: `${hostname()}:${process.pid}` });
   const profile = await loadProfile(profilePath);
   const bus = await connectBus(natsUrl, 'handoff-tuner');
@@ -124,6 +125,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   const done = new Promise<void>((resolve) => (resolveDone = resolve));
   log.info('ready', { profile: profile.workload, modes: profile.modes.length });
   return {
+    ready: () => bus.connected(),
     done,
     stop: async () => {
       clearInterval(timer);

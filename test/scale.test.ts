@@ -1,0 +1,115 @@
+/**
+ * Compress workers join and leave while a migration runs: they share its work (each one's chunks
+ * in the summary) and the images arrive identical. A worker that leaves (SIGTERM) finishes or hands
+ * back its chunks and exits cleanly; health and readiness answer over HTTP.
+ */
+import assert from 'node:assert/strict';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { spawnActor, stopActors, type ActorProcess } from '../cli/actors.js';
+import { migrate } from '../cli/migrate.js';
+import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
+import { hashImageFile } from '../shared/pages.js';
+import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
+
+let ws: Workspace;
+let nats: EmbeddedNats;
+before(async () => {
+  ws = await makeWorkspace(32 << 20, 32 << 20, 61);
+  nats = await startEmbeddedNats();
+});
+after(async () => {
+  await nats.stop();
+  await ws.cleanup();
+});
+
+const exitOf = (a: ActorProcess): Promise<number | null> =>
+  a.child.exitCode !== null ? Promise.resolve(a.child.exitCode) : new Promise((resolve) => a.child.once('exit', (code) => resolve(code)));
+
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const { port } = server.address() as { port: number };
+  await new Promise<void>((r) => server.close(() => r()));
+  return port;
+}
+
+describe('scale-out of compress workers', { timeout: 300_000 }, () => {
+  test('workers join and leave mid-migration: the work is shared, the images identical', async () => {
+    const dest = await startDestination(ws, 'scaled');
+    const joined: ActorProcess[] = [];
+    let left: { pid: number | undefined; exit: Promise<number | null> } | undefined;
+    try {
+      const summary = await migrate(
+        migrateOptions(ws, dest.address, {
+          natsUrl: nats.url,
+          compressWorkers: 1,
+          // small chunks: enough of them to share
+          chunkPages: 32,
+          // slow compression keeps the compress queue busy long enough to join and leave
+          mode: { delta: 'xor', compressor: 'zstd', level: 19 },
+          onStarted: ({ stats, actors }) => {
+            const timer = setInterval(() => {
+              const compress = stats.stages.compress;
+              if (!compress) return;
+              if (joined.length === 0) {
+                joined.push(spawnActor('compress', nats.url), spawnActor('compress', nats.url));
+                return;
+              }
+              // once a newcomer has taken work, the first worker leaves
+              if (!left && compress.instances >= 2) {
+                const first = actors.find((a) => a.name === 'compress')!;
+                left = { pid: first.child.pid, exit: exitOf(first) };
+                first.child.kill('SIGTERM');
+                clearInterval(timer);
+              }
+            }, 20);
+          },
+        }),
+      );
+      assert.equal(summary.verified, true, summary.reason);
+      assert.equal(await hashImageFile(join(dest.outDir, 'memory.img')), await hashImageFile(ws.images.memory));
+      assert.equal(await hashImageFile(join(dest.outDir, 'disk.img')), await hashImageFile(ws.images.disk));
+      assert.ok(left, 'no worker left mid-migration');
+      assert.equal(await left.exit, 0, 'the leaving worker did not exit cleanly');
+      const perInstance = summary.stages.compress!.perInstance;
+      process.stderr.write(`compress chunks per worker: ${JSON.stringify(perInstance)}\n`);
+      assert.ok(Object.keys(perInstance).length >= 3, `work was not shared: ${JSON.stringify(perInstance)}`);
+      for (const [instance, chunks] of Object.entries(perInstance)) assert.ok(chunks > 0, `${instance} did nothing`);
+      assert.ok(Object.keys(perInstance).some((i) => i.endsWith(`:${left!.pid}`)), 'the worker that left did no work before leaving');
+    } finally {
+      await stopActors(joined);
+      await dest.stop();
+    }
+  });
+
+  test('an actor answers health, readiness and metrics, and leaves cleanly on SIGTERM', async () => {
+    const port = await freePort();
+    process.env.HANDOFF_HEALTH_PORT = String(port);
+    const worker = spawnActor('compress', nats.url);
+    delete process.env.HANDOFF_HEALTH_PORT;
+    try {
+      const base = `http://127.0.0.1:${port}`;
+      let ready = 0;
+      for (let i = 0; i < 100 && ready !== 200; i++) {
+        ready = await fetch(`${base}/readyz`).then(
+          (r) => r.status,
+          () => 0,
+        );
+        if (ready !== 200) await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.equal(ready, 200, 'never ready');
+      assert.equal((await fetch(`${base}/healthz`)).status, 200);
+      // the queue-depth gauge is read every 2 s
+      await new Promise((r) => setTimeout(r, 2200));
+      const metrics = await (await fetch(`${base}/metrics`)).text();
+      assert.match(metrics, /handoff_queue_depth\{stage="compress"[^}]*\} \d+/);
+      assert.match(metrics, /service_name="handoff-compress"/);
+      worker.child.kill('SIGTERM');
+      assert.equal(await exitOf(worker), 0);
+    } finally {
+      await stopActors([worker]);
+    }
+  });
+});
