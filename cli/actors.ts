@@ -65,13 +65,15 @@ export interface ActorProcess {
 }
 
 /** Spawns `handoff actor NAME` as its own process; its logs go to our stderr. */
-export function spawnActor(name: ActorName, natsUrl: string, options: { partition?: number; logLevel?: string } = {}): ActorProcess {
+export function spawnActor(name: ActorName, natsUrl: string, options: { partition?: number; logLevel?: string; prefix?: string[] } = {}): ActorProcess {
   // HANDOFF_ACTOR_NODE_ARGS: node flags for actor processes (e.g. --cpu-prof), which NODE_OPTIONS refuses
   const nodeArgs = (process.env.HANDOFF_ACTOR_NODE_ARGS ?? '').split(' ').filter(Boolean);
   const nats = natsChildEnv(natsUrl);
   const args = [...nodeArgs, MAIN, 'actor', name, '--nats', nats.url];
   if (options.partition !== undefined) args.push('--partition', String(options.partition));
-  const child = spawn(process.execPath, args, {
+  // prefix: a command it runs under, e.g. ['ip', 'netns', 'exec', NS] on another host
+  const [command, ...prefixArgs] = options.prefix?.length ? [...options.prefix, process.execPath] : [process.execPath];
+  const child = spawn(command!, [...prefixArgs, ...args], {
     stdio: ['ignore', 'inherit', 'inherit'],
     env: { ...nats.env, HANDOFF_LOG_LEVEL: options.logLevel ?? process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
   });

@@ -47,7 +47,7 @@ HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or an nkey seed in HANDOFF_NATS_NKEY_SE
   --compress-workers N           compress processes sharing one work queue (default 2)
   --dedup-instances N            dedup processes, each owning a partition of the hash space (default 1)
   --bandwidth RATE               cap the WAN rate, e.g. 10mbit (default: no cap)
-  --nats URL                     use this NATS (JetStream on) instead of an embedded one
+  --nats URL                     use this NATS (JetStream on) instead of an embedded one (or NATS_URL)
   --external-actors              the actors run already as services on --nats: start none
   --id ID                        migration id (default: generated)
   --link-deadline SECONDS        how long a lost WAN link may take to come back before the
@@ -150,7 +150,7 @@ async function main(argv: string[]): Promise<number> {
       });
       if (values.help) return console.log(HELP.migrate), 0;
       need(values, ['base-memory', 'memory', 'base-disk', 'disk', 'to'], 'migrate');
-      if (values['external-actors'] && !values.nats) throw new UsageError('migrate: --external-actors needs --nats (where the actors run)');
+      if (values['external-actors'] && !(values.nats ?? process.env.NATS_URL)) throw new UsageError('migrate: --external-actors needs --nats (where the actors run)');
       const summary = await migrate({
         baseMemory: values['base-memory']!,
         memory: values.memory!,
@@ -161,7 +161,7 @@ async function main(argv: string[]): Promise<number> {
         compressWorkers: positiveInt(values['compress-workers'], 'compress-workers', 2),
         dedupInstances: positiveInt(values['dedup-instances'], 'dedup-instances', 1),
         bandwidthCapBps: values.bandwidth ? parseRateBps(values.bandwidth) : 0,
-        ...(values.nats ? { natsUrl: values.nats } : {}),
+        ...((values.nats ?? process.env.NATS_URL) ? { natsUrl: (values.nats ?? process.env.NATS_URL)! } : {}),
         ...(values.id ? { migrationId: values.id } : {}),
         ...(values['link-deadline'] ? { linkDeadlineMs: positiveInt(values['link-deadline'], 'link-deadline', 60) * 1000 } : {}),
         spawnActors: !values['external-actors'],
@@ -192,7 +192,7 @@ async function main(argv: string[]): Promise<number> {
         baseMemory: values['base-memory']!,
         baseDisk: values['base-disk']!,
         outDir: values.out!,
-        ...(values.nats ? { natsUrl: values.nats } : {}),
+        ...((values.nats ?? process.env.NATS_URL) ? { natsUrl: (values.nats ?? process.env.NATS_URL)! } : {}),
         onListening: (a) => void process.stderr.write(`receiver listening on ${a.host}:${a.port}\n`),
       };
       if (values.serve) {

@@ -61,8 +61,12 @@ export async function connectBus(url: string, name: string): Promise<Bus> {
     const hint = /authori[sz]ation|auth/i.test(text) ? ' (credentials: user:password in the URL, HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or HANDOFF_NATS_NKEY_SEED)' : '';
     throw new Error(`cannot connect to NATS at ${redactNatsUrl(url)}: ${text}${hint}`);
   });
-  const jsm = await jetstreamManager(nc);
-  const js = jetstream(nc);
+  // a JetStream domain: an actor on another host of the cloudlet reaches the cloudlet's streams
+  // through its leaf-node server by the hub's domain (see infra/nats/)
+  const domain = process.env.HANDOFF_JS_DOMAIN;
+  const jsOptions = domain ? { domain } : {};
+  const jsm = await jetstreamManager(nc, jsOptions);
+  const js = jetstream(nc, jsOptions);
   await ensureStreams(jsm);
   for (const [actor, type] of EVENT_CONSUMERS) await ensureEventConsumer(jsm, actor, type);
   let connected = true;
@@ -72,7 +76,7 @@ export async function connectBus(url: string, name: string): Promise<Bus> {
       else if (s.type === 'reconnect') connected = true;
     }
   })().catch(() => undefined);
-  const kvm = new Kvm(nc);
+  const kvm = new Kvm(js);
   const migrations = await kvm.create(BUCKETS.migrations, { history: 1, storage: STORAGE });
   const config = await kvm.create(BUCKETS.config, { history: 5, storage: STORAGE });
   return {

@@ -28,6 +28,15 @@ export interface EmbeddedNatsOptions {
    * connectBus splits again); an nkey's public key; or false for none (tests of refusal).
    */
   auth?: { user: string; password: string } | { nkey: string } | false;
+  /** accept leaf nodes (other hosts of this cloudlet) on this port, with these credentials */
+  leafHub?: { port: number; user: string; password: string; domain: string };
+  /**
+   * Be a leaf node of the hub at this URL (nats-leaf://user:password@host:port), without JetStream
+   * of its own: its clients reach the hub's streams through it.
+   */
+  leafOf?: string;
+  /** a command the server runs under, e.g. ['ip', 'netns', 'exec', NS] on another host */
+  prefix?: string[];
 }
 
 /** NATS_SERVER_BIN, else nats-server on PATH, else where Debian's package puts it (/usr/sbin, not on every user's PATH). */
@@ -53,13 +62,16 @@ export async function startEmbeddedNats(options: EmbeddedNatsOptions = {}): Prom
     [
       `listen: "${host}:${options.port ?? -1}"`,
       `max_payload: ${options.maxPayloadBytes ?? 8 * 1024 * 1024}`,
-      `jetstream { store_dir: "${join(storeDir, 'js')}" }`,
+      // a hub names its JetStream domain, through which its leaf nodes' clients reach it
+      ...(options.leafOf ? [`leafnodes { remotes: [ { url: "${options.leafOf}" } ] }`] : [`jetstream { store_dir: "${join(storeDir, 'js')}"${options.leafHub ? `, domain: "${options.leafHub.domain}"` : ''} }`]),
+      ...(options.leafHub ? [`leafnodes { port: ${options.leafHub.port}, authorization { user: "${options.leafHub.user}", password: "${options.leafHub.password}" } }`] : []),
       ...authorization,
       '',
     ].join('\n'),
     { mode: 0o600 },
   );
-  const child = spawn(NATS_SERVER_BIN, ['-c', config], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const [command, ...prefixArgs] = options.prefix?.length ? [...options.prefix, NATS_SERVER_BIN] : [NATS_SERVER_BIN];
+  const child = spawn(command!, [...prefixArgs, '-c', config], { stdio: ['ignore', 'ignore', 'pipe'] });
   const url = await new Promise<string>((resolve, reject) => {
     let log = '';
     const timer = setTimeout(() => reject(new Error(`nats-server did not start within 10 s:\n${log}`)), 10_000);

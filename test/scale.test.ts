@@ -9,6 +9,9 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { spawnActor, stopActors, type ActorProcess } from '../cli/actors.js';
 import { migrate } from '../cli/migrate.js';
+import { spawnReceiverProcess } from '../cli/receive.js';
+import { JS_DOMAIN, migrateOn, startTwoHosts } from '../load/lib/hosts.js';
+import { stopProcess } from '../shared/child.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { hashImageFile } from '../shared/pages.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
@@ -110,6 +113,43 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       assert.equal(await exitOf(worker), 0);
     } finally {
       await stopActors([worker]);
+    }
+  });
+
+  test('a compress worker on another host joins through a leaf-node nats-server and takes work', { skip: process.getuid?.() === 0 ? false : 'needs root for network namespaces' }, async () => {
+    const hosts = await startTwoHosts(`ts${process.pid % 10000}`);
+    const saved = process.env.HANDOFF_JS_DOMAIN;
+    const actors: ActorProcess[] = [];
+    let receiver: Awaited<ReturnType<typeof spawnReceiverProcess>> | undefined;
+    try {
+      const outDir = join(ws.dir, 'destination', 'second-host');
+      receiver = await spawnReceiverProcess({ baseMemory: ws.destBaseMemory, baseDisk: ws.destBaseDisk, outDir, listen: '127.0.0.1:7301', prefix: hosts.host1 });
+      process.env.HANDOFF_JS_DOMAIN = JS_DOMAIN;
+      const { host1, host2, hub, leaf } = hosts;
+      actors.push(
+        spawnActor('capture', hub.url, { prefix: host1 }),
+        spawnActor('dedup', hub.url, { partition: 0, prefix: host1 }),
+        spawnActor('delta', hub.url, { prefix: host1 }),
+        spawnActor('sender', hub.url, { prefix: host1 }),
+        // the only compress worker runs on host 2
+        spawnActor('compress', leaf.url, { prefix: host2 }),
+      );
+      const i = ws.images;
+      const summary = await migrateOn(host1, ['--nats', hub.url, '--base-memory', i.baseMemory, '--memory', i.memory, '--base-disk', i.baseDisk, '--disk', i.disk, '--to', '127.0.0.1:7301', '--mode', 'zstd:3']);
+      assert.equal(summary.verified, true, summary.reason);
+      // host 2's worker, the only one, did all the compression
+      const perInstance = summary.stages.compress!.perInstance;
+      assert.equal(Object.keys(perInstance).length, 1);
+      assert.ok(Object.values(perInstance)[0]! > 0);
+      await receiver.exited;
+      assert.equal(await hashImageFile(join(outDir, 'memory.img')), await hashImageFile(i.memory));
+      assert.equal(await hashImageFile(join(outDir, 'disk.img')), await hashImageFile(i.disk));
+    } finally {
+      if (saved === undefined) delete process.env.HANDOFF_JS_DOMAIN;
+      else process.env.HANDOFF_JS_DOMAIN = saved;
+      await stopActors(actors);
+      if (receiver) await stopProcess(receiver.child, 5000);
+      await hosts.destroy();
     }
   });
 });
