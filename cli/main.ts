@@ -1,6 +1,10 @@
 /** The `handoff` command line. */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { readFileSync } from 'node:fs';
 import { errorMessage } from '../shared/errors.js';
+import type { LiveVm } from '../shared/migration.js';
+import type { VmDescription } from '../shared/vm/qemu.js';
+import type { ResumeOptions } from '../services/receiver/resume.js';
 import { healthPortFromEnv, startHealthServer } from '../shared/health.js';
 import { createLogger } from '../shared/log.js';
 import { startTelemetry } from '../shared/telemetry.js';
@@ -50,6 +54,14 @@ HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or an nkey seed in HANDOFF_NATS_NKEY_SE
   --nats URL                     use this NATS (JetStream on) instead of an embedded one (or NATS_URL)
   --external-actors              the actors run already as services on --nats: start none
   --id ID                        migration id (default: generated)
+  --qmp SOCKET                   hand off a running VM: its QMP socket; --memory is then its RAM
+                                 file (memory-backend-file, share=on) and --disk its disk. Pre-copy
+                                 rounds, then stop, device state, last round; the destination resumes
+                                 it (receive --resume-vm); on failure the source VM runs again
+  --base-device-state F          the base snapshot's device state (the final one is sent against it)
+  --vm-description F             JSON {memoryBytes, cpus, append}: the machine both ends build
+  --downtime-ms N                stop when the last round is predicted to fit this (default 300)
+  --max-rounds N                 pre-copy rounds at most (default 5)
   --link-deadline SECONDS        how long a lost WAN link may take to come back before the
                                  migration fails (default 60); until then the sender reconnects
                                  and resends what the destination has not acknowledged
@@ -63,6 +75,10 @@ Exit status: 0 when the destination verified both images, 1 otherwise.`,
   --out DIR                      writes DIR/memory.img and DIR/disk.img once verified
   --nats URL                     use this NATS instead of an embedded one
   --json                         print one JSON result object on stdout
+  --resume-vm --kernel F --initrd F --base-device-state F
+                                 accept live handoffs of running VMs: start QEMU on the images being
+                                 rebuilt, load the device state once verified, run the guest on the
+                                 source's go (the VM outlives this command)
   --serve                        keep receiving migrations until SIGTERM, each into DIR/<migrationId>/
                                  (one result line each; with --json one JSON object per line)
 The link's credentials come from HANDOFF_LINK_PSK or HANDOFF_LINK_CERT/KEY/CA (see 'handoff --help');
@@ -126,6 +142,33 @@ export function modeFrom(values: { mode?: string; delta?: string }): { mode: Mod
   return { mode: { delta, compressor: compression.compressor, level: compression.level }, adaptive };
 }
 
+function readVmDescription(file: string): VmDescription {
+  let v: Partial<VmDescription>;
+  try {
+    v = JSON.parse(readFileSync(file, 'utf8')) as Partial<VmDescription>;
+  } catch (err) {
+    throw new UsageError(`--vm-description ${file}: ${errorMessage(err)}`);
+  }
+  if (!Number.isInteger(v.memoryBytes) || !Number.isInteger(v.cpus) || typeof v.append !== 'string') throw new UsageError(`--vm-description ${file}: needs memoryBytes, cpus and append`);
+  return { memoryBytes: v.memoryBytes!, cpus: v.cpus!, append: v.append };
+}
+
+function liveFrom(values: Record<string, string | boolean | undefined>): LiveVm {
+  need(values, ['base-device-state', 'vm-description'], 'migrate');
+  return {
+    qmpSocket: values.qmp as string,
+    baseDeviceState: values['base-device-state'] as string,
+    vm: readVmDescription(values['vm-description'] as string),
+    downtimeMs: positiveInt(values['downtime-ms'] as string | undefined, 'downtime-ms', 300),
+    maxRounds: positiveInt(values['max-rounds'] as string | undefined, 'max-rounds', 5),
+  };
+}
+
+function resumeFrom(values: Record<string, string | boolean | undefined>): ResumeOptions {
+  need(values, ['kernel', 'initrd', 'base-device-state'], 'receive');
+  return { kernel: values.kernel as string, initrd: values.initrd as string, baseDeviceState: values['base-device-state'] as string };
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (!command || command === '--help' || command === '-h' || command === 'help') {
@@ -146,6 +189,11 @@ async function main(argv: string[]): Promise<number> {
           'external-actors': { type: 'boolean' },
           id: { type: 'string' },
           'link-deadline': { type: 'string' },
+          qmp: { type: 'string' },
+          'base-device-state': { type: 'string' },
+          'vm-description': { type: 'string' },
+          'downtime-ms': { type: 'string' },
+          'max-rounds': { type: 'string' },
         },
       });
       if (values.help) return console.log(HELP.migrate), 0;
@@ -164,6 +212,7 @@ async function main(argv: string[]): Promise<number> {
         ...((values.nats ?? process.env.NATS_URL) ? { natsUrl: (values.nats ?? process.env.NATS_URL)! } : {}),
         ...(values.id ? { migrationId: values.id } : {}),
         ...(values['link-deadline'] ? { linkDeadlineMs: positiveInt(values['link-deadline'], 'link-deadline', 60) * 1000 } : {}),
+        ...(values.qmp ? { live: liveFrom(values) } : {}),
         spawnActors: !values['external-actors'],
         progress: values['no-progress'] ? false : (values.progress ?? Boolean(process.stderr.isTTY)),
       });
@@ -182,6 +231,10 @@ async function main(argv: string[]): Promise<number> {
           nats: { type: 'string' },
           json: { type: 'boolean' },
           serve: { type: 'boolean' },
+          'resume-vm': { type: 'boolean' },
+          kernel: { type: 'string' },
+          initrd: { type: 'string' },
+          'base-device-state': { type: 'string' },
           help: { type: 'boolean', short: 'h' },
         },
       });
@@ -194,6 +247,7 @@ async function main(argv: string[]): Promise<number> {
         outDir: values.out!,
         ...((values.nats ?? process.env.NATS_URL) ? { natsUrl: (values.nats ?? process.env.NATS_URL)! } : {}),
         onListening: (a) => void process.stderr.write(`receiver listening on ${a.host}:${a.port}\n`),
+        ...(values['resume-vm'] ? { vm: resumeFrom(values) } : {}),
       };
       if (values.serve) {
         // a serving receiver is a long-running service: health, readiness and metrics like an actor's

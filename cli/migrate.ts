@@ -9,8 +9,9 @@ import { checkImage, loadBaseIndex } from '../shared/base-index.js';
 import { connectBus, publishEvent, type Bus } from '../shared/bus.js';
 import { BadImageError, errorMessage } from '../shared/errors.js';
 import { linkSecurityFromEnv } from '../shared/link-security.js';
-import { createLogger } from '../shared/log.js';
-import { parseEvent, parseStats, type MigrationDescriptor, type MigrationEvent, type TunerDecision } from '../shared/migration.js';
+import { createLogger, type Logger } from '../shared/log.js';
+import { parseEvent, parseStats, type LiveVm, type MigrationDescriptor, type MigrationEvent, type TunerDecision } from '../shared/migration.js';
+import { QmpClient } from '../shared/vm/qmp.js';
 import type { Mode } from '../shared/mode.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { PAGE_SIZE } from '../shared/pages.js';
@@ -43,6 +44,8 @@ export interface MigrateOptions {
   chunkPages?: number;
   /** how long a lost WAN link may take to come back (default 60 s) */
   linkDeadlineMs?: number;
+  /** a running VM (memory = its shared RAM file, disk = its disk): pre-copy, stop, resume there */
+  live?: LiveVm;
   /** called once the migration runs (tests change the mode mid-way through it) */
   onStarted?: (ctl: { bus: Bus; migrationId: string; stats: StatsCollector; actors: readonly ActorProcess[] }) => void;
 }
@@ -99,6 +102,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       adaptive: options.adaptive ?? false,
       ...(options.linkDeadlineMs ? { linkDeadlineMs: options.linkDeadlineMs } : {}),
       ...(rootTraceparent ? { traceparent: rootTraceparent, traceEveryChunks: traceEvery(memoryBytes + diskBytes) } : {}),
+      ...(options.live ? { live: options.live } : {}),
     };
     await bus.migrations.put(migrationId, JSON.stringify(descriptor));
     await bus.config.put(migrationId, JSON.stringify(options.mode));
@@ -137,6 +141,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
 
     const bar = options.progress ? new ProgressBar(migrationId) : undefined;
     let captured: Extract<MigrationEvent, { type: 'captured' }> | undefined;
+    /** dirty pages over every round */
+    let capturedPages = 0;
     const totalBytes = memoryBytes + diskBytes;
     const ticker = setInterval(() => {
       // before capture ends the slice total is estimated from how much of the images it has read
@@ -159,7 +165,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
           continue;
         }
         if (event.type === 'accepted') acceptedMs ??= performance.now();
-        if (event.type === 'captured') captured = event;
+        if (event.type === 'captured') {
+          captured = event;
+          capturedPages += event.dirtyPages;
+        }
         if (event.type === 'tuned') decisions.push(event.decision);
         if (event.type === 'result' || event.type === 'failed' || event.type === 'refused') {
           outcome = event;
@@ -181,10 +190,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       verified: outcome?.type === 'result' && outcome.result.verified,
       handoffSeconds,
       transferSeconds: acceptedMs === undefined ? 0 : (endMs - acceptedMs) / 1000,
-      inputBytes: (captured?.dirtyPages ?? 0) * PAGE_SIZE,
+      inputBytes: capturedPages * PAGE_SIZE,
       wireBytes: stats.wireBytes,
       scannedBytes: captured?.scannedBytes ?? stats.scannedBytes,
-      dirtyPages: captured?.dirtyPages ?? 0,
+      dirtyPages: capturedPages,
       effectiveBps: handoffSeconds > 0 ? (stats.wireBytes * 8) / handoffSeconds : 0,
       measuredBandwidthBps: stats.measuredBandwidthBps,
       modes: [...stats.modes],
@@ -199,6 +208,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       if (!outcome.result.verified) summary.reason = outcome.result.reason ?? 'destination could not verify the images';
     } else if (outcome?.type === 'failed') summary.reason = `${outcome.stage}: ${outcome.reason}`;
     else if (outcome?.type === 'refused') summary.reason = `destination refused: ${outcome.reason}`;
+    if (options.live) await settleLiveVm(options.live, summary, captured, outcome, log);
     return summary;
   } finally {
     rootSpan?.end();
@@ -207,5 +217,43 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     await bus?.migrations.delete(migrationId).catch(() => undefined);
     await bus?.close();
     await nats?.stop();
+  }
+}
+
+/**
+ * After a live handoff: the summary's rounds and downtime, and the source VM's fate. It runs again
+ * unless the destination may have resumed it: never two running copies (and never none, unless
+ * the link failed in the instant between the go and the destination's answer: then it says so).
+ */
+async function settleLiveVm(live: LiveVm, summary: MigrationSummary, captured: Extract<MigrationEvent, { type: 'captured' }> | undefined, outcome: MigrationEvent | undefined, log: Logger): Promise<void> {
+  if (captured?.rounds) summary.rounds = captured.rounds;
+  const stopped = captured?.final !== false && captured?.stoppedAtMs !== undefined;
+  const result = outcome?.type === 'result' ? outcome.result : undefined;
+  if (result?.resumedAtMs !== undefined && stopped) {
+    summary.downtimeMs = result.resumedAtMs - captured!.stoppedAtMs!;
+    summary.sourceVm = 'stopped';
+    return;
+  }
+  if (outcome?.type === 'failed' && outcome.committed) {
+    summary.sourceVm = 'stopped';
+    return;
+  }
+  if (!stopped) {
+    // capture resumes the VM itself if it fails after stopping it
+    summary.sourceVm = 'running';
+    return;
+  }
+  const why = result?.vmError ?? summary.reason ?? 'the destination did not resume the VM';
+  try {
+    const qmp = await QmpClient.connect(live.qmpSocket, 10_000);
+    await qmp.execute('cont');
+    qmp.close();
+    summary.sourceVm = 'resumed';
+    summary.verified = false;
+    summary.reason = `${why}; the source VM runs again`;
+    log.warn('handoff failed: source VM resumed', { reason: why });
+  } catch (err) {
+    summary.sourceVm = 'stopped';
+    summary.reason = `${why}; the source VM could not be resumed either: ${errorMessage(err)}`;
   }
 }

@@ -4,6 +4,7 @@ import { fileURLToPath } from 'node:url';
 import { ensureLocalLinkKey } from '../shared/link-security.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { startReceiver, type ReceivedMigration, type RunningReceiver } from '../services/receiver/service.js';
+import type { ResumeOptions } from '../services/receiver/resume.js';
 
 export interface ReceiveOptions {
   listen: string;
@@ -11,6 +12,8 @@ export interface ReceiveOptions {
   baseDisk: string;
   outDir: string;
   natsUrl?: string;
+  /** live handoffs: resume VMs here */
+  vm?: ResumeOptions;
   /** called once listening, with the bound address (port 0 picks one) */
   onListening?: (address: { host: string; port: number }) => void;
 }
@@ -72,6 +75,10 @@ export interface ReceiverProcessOptions {
   prefix?: string[];
   /** keep receiving migrations (`receive --serve`), one JSON line each on stdout */
   serve?: boolean;
+  /** live handoffs: resume VMs here (`--resume-vm`) */
+  vm?: ResumeOptions;
+  /** extra environment for it */
+  env?: NodeJS.ProcessEnv;
 }
 
 /**
@@ -82,11 +89,11 @@ export interface ReceiverProcessOptions {
 export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<ReceiverProcess> {
   ensureLocalLinkKey();
   const main = fileURLToPath(new URL('./main.js', import.meta.url));
-  const args = [main, 'receive', '--listen', o.listen ?? '127.0.0.1:0', '--base-memory', o.baseMemory, '--base-disk', o.baseDisk, '--out', o.outDir, '--json', ...(o.serve ? ['--serve'] : [])];
+  const args = [main, 'receive', '--listen', o.listen ?? '127.0.0.1:0', '--base-memory', o.baseMemory, '--base-disk', o.baseDisk, '--out', o.outDir, '--json', ...(o.serve ? ['--serve'] : []), ...(o.vm ? ['--resume-vm', '--kernel', o.vm.kernel, '--initrd', o.vm.initrd, '--base-device-state', o.vm.baseDeviceState] : [])];
   const [command, ...prefixArgs] = o.prefix?.length ? [...o.prefix, process.execPath] : [process.execPath];
   const child = spawn(command!, [...prefixArgs, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
+    env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn', ...o.env },
   });
   let stdout = '';
   child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));

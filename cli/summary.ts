@@ -1,5 +1,5 @@
 /** What a migration did, gathered from the stages' statistics and events; printed as a table or JSON. */
-import type { ImageDigests, RebuildResult, StageStats, TunerDecision } from '../shared/migration.js';
+import type { ImageDigests, RebuildResult, RoundRecord, StageStats, TunerDecision } from '../shared/migration.js';
 import { formatMode } from '../shared/mode.js';
 import { formatBytes, formatRate } from '../shared/units.js';
 
@@ -41,6 +41,12 @@ export interface MigrationSummary {
   stages: Record<string, StageSummary>;
   sourceHashes?: ImageDigests;
   rebuild?: RebuildResult;
+  /** live: the pre-copy rounds and the policy's decisions */
+  rounds?: RoundRecord[];
+  /** live: from the stop at the source to the guest running at the destination */
+  downtimeMs?: number;
+  /** live: the source VM at the end (stopped: handed off; resumed: the handoff failed) */
+  sourceVm?: 'stopped' | 'resumed' | 'running';
 }
 
 export const STAGE_ORDER = ['capture', 'dedup', 'delta', 'compress', 'sender'] as const;
@@ -102,6 +108,10 @@ export function formatSummary(s: MigrationSummary): string {
       `wire ${formatBytes(s.wireBytes)} (${s.inputBytes ? ((100 * s.wireBytes) / s.inputBytes).toFixed(1) : '0'}% of input), ` +
       `measured bandwidth ${formatRate(s.measuredBandwidthBps)}`,
   );
+  if (s.rounds) {
+    lines.push(`live: ${s.rounds.length} rounds, downtime ${s.downtimeMs !== undefined ? `${s.downtimeMs} ms` : '-'}, source VM ${s.sourceVm ?? '?'}`);
+    for (const r of s.rounds) lines.push(`  round ${r.round}: ${r.dirtyPages} dirty pages in ${r.seconds.toFixed(2)} s; ${r.decision}`);
+  }
   lines.push(`modes: ${s.modes.join(', ') || 'none'}${s.adaptive ? ` (adaptive, ${s.decisions.length} switches)` : ''}`);
   for (const d of s.decisions) {
     lines.push(

@@ -79,7 +79,7 @@ try {
           // actors need a moment to connect; a chunk published before a stage is ready waits in its queue
           await new Promise((res) => setTimeout(res, 1500));
           const i = images;
-          const s = await migrateOn(host1, ['--nats', hub.url, '--base-memory', i.baseMemory, '--memory', i.memory, '--base-disk', i.baseDisk, '--disk', i.disk, '--to', '127.0.0.1:7300', '--mode', mode, '--delta', 'xor']);
+          const s = await migrateOn(host1, ['--external-actors', '--nats', hub.url, '--base-memory', i.baseMemory, '--memory', i.memory, '--base-disk', i.baseDisk, '--disk', i.disk, '--to', '127.0.0.1:7300', '--mode', mode, '--delta', 'xor']);
           runs.push({
             setup: setup.name,
             localWorkers: setup.local,

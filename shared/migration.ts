@@ -1,6 +1,7 @@
 /** What a migration is (its descriptor) and what happens to it (its events), shared by all actors. */
 import { MalformedMessageError } from './errors.js';
 import { isMode, type Mode } from './mode.js';
+import type { VmDescription } from './vm/qemu.js';
 import { amount, count, counters, digests, object, parseJson, text } from './validate.js';
 
 export interface ImagePair {
@@ -35,6 +36,31 @@ export interface MigrationDescriptor {
   traceparent?: string;
   /** chunks whose seq is a multiple of this get spans at every stage (the rest none) */
   traceEveryChunks?: number;
+  /** a running VM: iterative pre-copy rounds, then stop-and-copy and a resume at the destination */
+  live?: LiveVm;
+}
+
+/** A running QEMU guest handed off live (see services/capture/live.ts). */
+export interface LiveVm {
+  /** the VM's QMP socket on the source */
+  qmpSocket: string;
+  /** the base snapshot's device state, which the final device state is encoded against */
+  baseDeviceState: string;
+  /** stop when the last round is predicted to fit this (default 300 ms) */
+  downtimeMs: number;
+  maxRounds: number;
+  /** the machine both ends build */
+  vm: VmDescription;
+}
+
+/** One pre-copy round as the source saw it, and what the round policy decided after it. */
+export interface RoundRecord {
+  round: number;
+  dirtyPages: number;
+  /** capture start to everything delivered at the destination */
+  seconds: number;
+  decision: string;
+  predictedDowntimeMs?: number;
 }
 
 /** most dedup partitions and pages per chunk a descriptor may ask for */
@@ -79,6 +105,11 @@ export interface RebuildResult {
   slices: number;
   duplicateSlices: number;
   rebuildSeconds: number;
+  /** live: the destination's VM is loaded and waits for the source's go (or why not) */
+  vmReady?: boolean;
+  vmError?: string;
+  /** live: when the destination's VM ran again (epoch ms) */
+  resumedAtMs?: number;
 }
 
 export type MigrationEvent =
@@ -86,11 +117,26 @@ export type MigrationEvent =
   | { type: 'accepted'; destinationBaseHashes: ImageDigests }
   | { type: 'refused'; reason: string }
   /** capture finished round `round`: `slices` chunk slices in all, source image hashes at stop */
-  | { type: 'captured'; round: number; slices: number; imageHashes: ImageDigests; dirtyPages: number; scannedBytes: number }
+  | {
+      type: 'captured';
+      round: number;
+      slices: number;
+      imageHashes: ImageDigests;
+      dirtyPages: number;
+      scannedBytes: number;
+      /** the last round: the destination verifies after it (absent: true) */
+      final?: boolean;
+      /** live: the device state at stop, zstd against the base's (base64) */
+      deviceState?: string;
+      /** live: when the source VM was stopped (epoch ms) */
+      stoppedAtMs?: number;
+      rounds?: RoundRecord[];
+    }
   | { type: 'result'; result: RebuildResult }
   /** the tuner switched mode: what it measured and predicted */
   | { type: 'tuned'; decision: TunerDecision }
-  | { type: 'failed'; stage: string; reason: string };
+  /** `committed`: the destination was told to resume the VM before the link failed (its state is unknown) */
+  | { type: 'failed'; stage: string; reason: string; committed?: boolean };
 
 export type MigrationEventType = MigrationEvent['type'];
 
@@ -122,6 +168,9 @@ export function parseRebuildResult(value: unknown, what: string): RebuildResult 
     slices: count(o.slices, `${what}: slices`),
     duplicateSlices: count(o.duplicateSlices, `${what}: duplicateSlices`),
     rebuildSeconds: amount(o.rebuildSeconds, `${what}: rebuildSeconds`),
+    ...(o.vmReady !== undefined ? { vmReady: o.vmReady === true } : {}),
+    ...(o.vmError !== undefined ? { vmError: text(o.vmError, `${what}: vmError`) } : {}),
+    ...(o.resumedAtMs !== undefined ? { resumedAtMs: amount(o.resumedAtMs, `${what}: resumedAtMs`) } : {}),
   };
 }
 
@@ -159,13 +208,17 @@ export function parseEvent(bytes: Uint8Array): MigrationEvent {
         imageHashes: digests(o.imageHashes, 'captured event'),
         dirtyPages: count(o.dirtyPages, 'captured event: dirtyPages'),
         scannedBytes: count(o.scannedBytes, 'captured event: scannedBytes'),
+        ...(o.final !== undefined ? { final: o.final === true } : {}),
+        ...(o.deviceState !== undefined ? { deviceState: text(o.deviceState, 'captured event: deviceState', 16 * 2 ** 20) } : {}),
+        ...(o.stoppedAtMs !== undefined ? { stoppedAtMs: amount(o.stoppedAtMs, 'captured event: stoppedAtMs') } : {}),
+        ...(Array.isArray(o.rounds) ? { rounds: o.rounds as RoundRecord[] } : {}),
       };
     case 'result':
       return { type: 'result', result: parseRebuildResult(o.result, 'result event') };
     case 'tuned':
       return { type: 'tuned', decision: parseDecision(o.decision) };
     case 'failed':
-      return { type: 'failed', stage: text(o.stage, 'failed event: stage', 64), reason: text(o.reason, 'failed event: reason') };
+      return { type: 'failed', stage: text(o.stage, 'failed event: stage', 64), reason: text(o.reason, 'failed event: reason'), ...(o.committed === true ? { committed: true } : {}) };
     default:
       throw new MalformedMessageError(`migration event: unknown type ${JSON.stringify(o.type)?.slice(0, 40)}`);
   }

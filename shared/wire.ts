@@ -6,7 +6,8 @@
 import { crc32 } from 'node:zlib';
 import { MalformedMessageError } from './errors.js';
 import { parseRebuildResult, type ImageDigests, type RebuildResult } from './migration.js';
-import { count, digests, object, text } from './validate.js';
+import { amount, count, digests, object, text } from './validate.js';
+import type { VmDescription } from './vm/qemu.js';
 import { validateMigrationId } from './codec.js';
 
 export const FrameType = {
@@ -20,6 +21,10 @@ export const FrameType = {
   Error: 8,
   /** receiver -> sender, every second: bytes received on this connection (the link is alive) */
   Progress: 9,
+  /** live: sender -> receiver, the source is stopped for good: resume the VM */
+  Go: 10,
+  /** live: receiver -> sender, the VM runs at the destination (epoch ms) */
+  Resumed: 11,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
@@ -152,6 +157,8 @@ export interface Hello {
   traceparent?: string;
   /** which chunks are traced (see shared/telemetry.ts) */
   traceEveryChunks?: number;
+  /** live: the VM the destination starts (with -incoming) and resumes */
+  vm?: VmDescription;
 }
 
 /** ERROR: why the receiver closes the link; `resumable` when a new connection may carry on (transit corruption). */
@@ -175,6 +182,10 @@ export interface Captured {
   round: number;
   slices: number;
   imageHashes: ImageDigests;
+  /** the last round (absent: true) */
+  final?: boolean;
+  /** live, final round: the device state, zstd against the base's, base64 */
+  deviceState?: string;
 }
 
 /** `HOST:PORT` (IPv6 in brackets); port 0 only where `listening` (any free port). */
@@ -194,6 +205,15 @@ function traceparent(v: unknown): string {
   return v;
 }
 
+function vmDescription(v: unknown): VmDescription {
+  const o = object(v, 'hello frame: vm');
+  return {
+    memoryBytes: count(o.memoryBytes, 'hello frame: vm memoryBytes', 2 ** 40),
+    cpus: count(o.cpus, 'hello frame: vm cpus', 1024),
+    append: text(o.append, 'hello frame: vm append', 4096),
+  };
+}
+
 function frameObject(frame: Frame, what: string): Record<string, unknown> {
   return object(parseJsonPayload(frame), `${what} frame`);
 }
@@ -210,12 +230,19 @@ export function parseHello(frame: Frame): Hello {
     ...(o.linkId ? { linkId: o.linkId as string } : {}),
     ...(o.traceparent !== undefined ? { traceparent: traceparent(o.traceparent) } : {}),
     ...(o.traceEveryChunks !== undefined ? { traceEveryChunks: count(o.traceEveryChunks, 'hello frame: traceEveryChunks', 2 ** 32) } : {}),
+    ...(o.vm !== undefined ? { vm: vmDescription(o.vm) } : {}),
   };
 }
 
 export function parseCaptured(frame: Frame): Captured {
   const o = frameObject(frame, 'captured');
-  return { round: count(o.round, 'captured frame: round', 65534), slices: count(o.slices, 'captured frame: slices', 2 ** 32), imageHashes: digests(o.imageHashes, 'captured frame') };
+  return {
+    round: count(o.round, 'captured frame: round', 65534),
+    slices: count(o.slices, 'captured frame: slices', 2 ** 32),
+    imageHashes: digests(o.imageHashes, 'captured frame'),
+    ...(o.final !== undefined ? { final: o.final === true } : {}),
+    ...(o.deviceState !== undefined ? { deviceState: text(o.deviceState, 'captured frame: deviceState', 16 * 2 ** 20) } : {}),
+  };
 }
 
 /** ACCEPT: the destination's base, and on a resumed link the frames it applied whose ACK may have been lost. */
@@ -248,4 +275,12 @@ export function parseLinkError(frame: Frame): LinkError {
 
 export function parseResult(frame: Frame): RebuildResult {
   return parseRebuildResult(parseJsonPayload(frame), 'result frame');
+}
+
+export function encodeResumedFrame(resumedAtMs: number): Buffer {
+  return encodeJsonFrame(FrameType.Resumed, { resumedAtMs });
+}
+
+export function parseResumed(frame: Frame): number {
+  return amount(frameObject(frame, 'resumed').resumedAtMs, 'resumed frame: resumedAtMs');
 }

@@ -135,7 +135,7 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
         spawnActor('compress', leaf.url, { prefix: host2 }),
       );
       const i = ws.images;
-      const summary = await migrateOn(host1, ['--nats', hub.url, '--base-memory', i.baseMemory, '--memory', i.memory, '--base-disk', i.baseDisk, '--disk', i.disk, '--to', '127.0.0.1:7301', '--mode', 'zstd:3']);
+      const summary = await migrateOn(host1, ['--external-actors', '--nats', hub.url, '--base-memory', i.baseMemory, '--memory', i.memory, '--base-disk', i.baseDisk, '--disk', i.disk, '--to', '127.0.0.1:7301', '--mode', 'zstd:3']);
       assert.equal(summary.verified, true, summary.reason);
       // host 2's worker, the only one, did all the compression
       const perInstance = summary.stages.compress!.perInstance;

@@ -51,9 +51,9 @@ export async function startTwoHosts(tag: string): Promise<TwoHosts> {
   }
 }
 
-/** `handoff migrate --external-actors --json` on a host; resolves with its summary. */
+/** `handoff migrate --json ARGS` on a host; resolves with its summary. */
 export async function migrateOn(host: string[], args: string[]): Promise<MigrationSummary> {
-  const child = spawn(host[0]!, [...host.slice(1), process.execPath, MAIN, 'migrate', '--external-actors', '--json', '--no-progress', ...args], {
+  const child = spawn(host[0]!, [...host.slice(1), process.execPath, MAIN, 'migrate', '--json', '--no-progress', ...args], {
     stdio: ['ignore', 'pipe', 'inherit'],
     env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
   });

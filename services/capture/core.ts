@@ -19,7 +19,14 @@ export interface DirtyPage {
  * would hide a changed page is not a practical event, and the hash is needed for dedup anyway.
  * Every page's hash goes into `digest` in order: the image digest, without a second pass.
  */
-export function dirtyPagesOf(block: Uint8Array, firstIndex: number, referenceHashes: Uint8Array, digest?: { update(data: Uint8Array): unknown }): DirtyPage[] {
+export function dirtyPagesOf(
+  block: Uint8Array,
+  firstIndex: number,
+  referenceHashes: Uint8Array,
+  digest?: { update(data: Uint8Array): unknown },
+  /** where to keep every page's hash and xxh64 (the reference of the next round of a live handoff) */
+  record?: PageRecord,
+): DirtyPage[] {
   if (block.byteLength % PAGE_SIZE !== 0) throw new RangeError(`block of ${block.byteLength} bytes is not whole pages`);
   const ref = Buffer.from(referenceHashes.buffer, referenceHashes.byteOffset, referenceHashes.byteLength);
   const dirty: DirtyPage[] = [];
@@ -29,10 +36,47 @@ export function dirtyPagesOf(block: Uint8Array, firstIndex: number, referenceHas
     const hash = strongHash(page);
     digest?.update(hash);
     const index = firstIndex + p;
+    if (record) {
+      hash.copy(record.strong, index * STRONG_HASH_BYTES);
+      record.checks[index] = pageCheck(page);
+    }
     const at = index * STRONG_HASH_BYTES;
     if (at + STRONG_HASH_BYTES > ref.byteLength || hash.compare(ref, at, at + STRONG_HASH_BYTES) !== 0) dirty.push({ index, page, hash });
   }
   return dirty;
+}
+
+/** Every page's strong hash and xxh64 as a round read them: what the next round compares with. */
+export interface PageRecord {
+  strong: Buffer;
+  checks: BigUint64Array;
+}
+
+export function newPageRecord(pages: number): PageRecord {
+  return { strong: Buffer.alloc(pages * STRONG_HASH_BYTES), checks: new BigUint64Array(pages) };
+}
+
+/**
+ * Later rounds: the pages of `block` changed since the round before, found by xxh64 (~10 GB/s),
+ * with the strong hash computed only for those; `record` is brought up to date in place, so that
+ * its strong hashes give the image digest without hashing every page again (the final round
+ * runs while the VM is stopped).
+ */
+export function changedPagesOf(block: Uint8Array, firstIndex: number, record: PageRecord): DirtyPage[] {
+  if (block.byteLength % PAGE_SIZE !== 0) throw new RangeError(`block of ${block.byteLength} bytes is not whole pages`);
+  const changed: DirtyPage[] = [];
+  const pages = block.byteLength / PAGE_SIZE;
+  for (let p = 0; p < pages; p++) {
+    const page = block.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+    const index = firstIndex + p;
+    const check = pageCheck(page);
+    if (check === record.checks[index]) continue;
+    record.checks[index] = check;
+    const hash = strongHash(page);
+    hash.copy(record.strong, index * STRONG_HASH_BYTES);
+    changed.push({ index, page, hash });
+  }
+  return changed;
 }
 
 /** Dedup partition of a page: the strong hash's first byte, so equal pages meet in one dedup instance. */

@@ -7,7 +7,8 @@ import { HashLocationMap, addBaseIndex, dedupChunk } from './core.js';
 
 export function createDedupActor(partition: number): StageActor {
   const baseMaps = new Map<string, Promise<HashLocationMap>>();
-  const sentMaps = new Map<string, HashLocationMap>();
+  /** pages sent, per migration, in its current round: a later round rewrites locations, so references stay within a round */
+  const sentMaps = new Map<string, { round: number; map: HashLocationMap }>();
   const basesOf = new Map<string, string>();
 
   const loadBases = async (d: MigrationDescriptor): Promise<HashLocationMap> => {
@@ -32,13 +33,18 @@ export function createDedupActor(partition: number): StageActor {
       if (!baseMaps.has(key)) baseMaps.set(key, loadBases(d));
       const map = await baseMaps.get(key)!;
       basesOf.set(d.migrationId, key);
-      sentMaps.set(d.migrationId, new HashLocationMap());
+      sentMaps.set(d.migrationId, { round: 0, map: new HashLocationMap() });
       log.info('base index loaded', { basePages: map.size });
     },
     async handle(chunk, ctx) {
       const base = await baseMaps.get(basesOf.get(chunk.migrationId)!)!;
-      const sent = sentMaps.get(chunk.migrationId)!;
-      const { chunk: out, counts } = dedupChunk(chunk, base, sent);
+      let sent = sentMaps.get(chunk.migrationId)!;
+      if (chunk.round !== sent.round) {
+        // rounds arrive one after another (capture waits for each to be delivered)
+        sent = { round: chunk.round, map: new HashLocationMap() };
+        sentMaps.set(chunk.migrationId, sent);
+      }
+      const { chunk: out, counts } = dedupChunk(chunk, base, sent.map);
       return { outputs: [{ chunk: out, to: nextStage('dedup', ctx.mode, out) }], counts: { ...counts } };
     },
     forget(migrationId) {

@@ -107,7 +107,9 @@ export class Rebuilder {
       const check = checks.readBigUInt64LE(i * CHECK_BYTES);
       if (kind === PageKind.Sent) {
         const target = { image: chunk.refImage[i]! as ImageId, index: chunk.refIndex[i]! };
-        if (this.writtenRound[target.image]![target.index] === 0) {
+        // the target as of this round: a location is rewritten by later rounds of a live handoff,
+        // and the source's reference means its content in the referencing page's round
+        if (this.writtenRound[target.image]![target.index]! < chunk.round + 1) {
           this.defer(target, { image: chunk.image, index, round: chunk.round, check });
           deferred++;
           continue;

@@ -16,10 +16,11 @@ import { createLinkServer, linkSecurityFromEnv, type LinkSecurity } from '../../
 import { createLogger, type Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult, StageStats } from '../../shared/migration.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
-import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError } from '../../shared/wire.js';
+import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, encodeResumedFrame, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError } from '../../shared/wire.js';
 import { chunkTraced, startSpan, traceparentOf } from '../../shared/telemetry.js';
 import { Rebuilder } from './core.js';
 import { FilePageStore } from './store.js';
+import { VmResumer, type ResumeOptions, type ResumedVm } from './resume.js';
 
 export interface ReceiverOptions {
   listen: string;
@@ -33,6 +34,8 @@ export interface ReceiverOptions {
   security?: LinkSecurity;
   /** each migration's images in OUT/<migrationId>/ (a receiver serving many), else OUT/ */
   perMigrationDirs?: boolean;
+  /** live handoffs: resume the VM here (without: refused) */
+  vm?: ResumeOptions;
   /** a connection that brings nothing for this long is closed (default 120 s) */
   idleTimeoutMs?: number;
 }
@@ -40,6 +43,8 @@ export interface ReceiverOptions {
 export interface ReceivedMigration {
   migrationId: string;
   result: RebuildResult;
+  /** live: the VM running here now */
+  vm?: ResumedVm;
   memoryPath: string;
   diskPath: string;
 }
@@ -57,6 +62,11 @@ interface MigrationState {
   /** the sender link's id and the frame numbers applied on it (newest last), for a resume */
   linkId?: string;
   appliedFrames: number[];
+  /** the source's last round has been announced */
+  final: boolean;
+  /** live: the VM waiting for its device state, and that state (from the final round) */
+  vm?: Promise<VmResumer>;
+  deviceState?: string;
   /** the rebuild's span (a child of the sender's link span) and which chunks get their own */
   span: Span;
   traceEveryChunks: number | undefined;
@@ -82,6 +92,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
   const states = new Map<string, MigrationState>();
   /** finished migrations' results, for a source that reconnects after the result was sent (bounded) */
   const finishedResults = new Map<string, RebuildResult>();
+  /** live migrations whose VM is loaded: the source's go resumes it (once, however often asked) */
+  const resumers = new Map<string, { resume(): Promise<number>; reportResumed(): void }>();
   const finished: ReceivedMigration[] = [];
   const waiters: ((r: ReceivedMigration) => void)[] = [];
   /** where a migration's images go: OUT/ for one-shot use, OUT/<migrationId>/ for a serving receiver */
@@ -112,7 +124,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         state.store.discard();
         result = { verified: false, reason: `rebuilt ${mismatch.join(' and ')} image hash differs from the source's (${mismatch.map((k) => `${k}: source ${src[k]}, rebuilt ${rebuiltHashes[k]}`).join('; ')})`, rebuiltHashes, ...base, rebuildSeconds };
       } else {
-        state.store.publish();
+        // a live VM's QEMU reopens its files by name when it resumes: renamed only after that
+        if (!state.vm) state.store.publish();
         result = { verified: true, rebuiltHashes, ...base, rebuildSeconds };
       }
     } catch (err) {
@@ -123,9 +136,11 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     state.span.setAttributes({ 'handoff.verified': result.verified, 'handoff.pages_written': result.pagesWritten, 'handoff.duplicate_slices': result.duplicateSlices });
     if (!result.verified) state.span.setStatus({ code: SpanStatusCode.ERROR, message: result.reason ?? 'not verified' });
     state.span.end();
+    if (state.vm) await loadVm(state, result);
     state.link?.write(encodeJsonFrame(FrameType.Result, result));
     await publishEvent(bus, state.migrationId, { type: 'result', result }).catch(() => undefined);
-    report({ migrationId: state.migrationId, result, ...pathsOf(state.migrationId) });
+    // a live migration is reported once its VM runs (or could not be loaded)
+    if (!result.vmReady) report({ migrationId: state.migrationId, result, ...pathsOf(state.migrationId) });
     // a long-running receiver keeps only the result of a finished migration, not its page maps
     states.delete(state.migrationId);
     finishedResults.set(state.migrationId, result);
@@ -133,7 +148,43 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
   };
 
   const checkDone = (state: MigrationState): void => {
-    if (!state.finished && state.sourceHashes && state.rebuilder.complete) void finish(state);
+    if (!state.finished && state.final && state.sourceHashes && state.rebuilder.complete) void finish(state);
+  };
+
+  /** Verified images: load the device state into the waiting VM; it resumes on the source's go. */
+  const loadVm = async (state: MigrationState, result: RebuildResult): Promise<void> => {
+    let resumer: VmResumer | undefined;
+    try {
+      resumer = await state.vm!;
+      if (!result.verified) throw new Error('images not verified');
+      if (!state.deviceState) throw new Error('the final round carried no device state');
+      await resumer.load(state.deviceState);
+      result.vmReady = true;
+      const vm = resumer;
+      let reported = false;
+      resumers.set(state.migrationId, {
+        resume: async () => {
+          const at = await vm.resume();
+          if (result.resumedAtMs === undefined) {
+            result.resumedAtMs = at;
+            state.store.publish();
+          }
+          return at;
+        },
+        reportResumed: () => {
+          if (reported) return;
+          reported = true;
+          report({ migrationId: state.migrationId, result, ...pathsOf(state.migrationId), vm: vm.info });
+        },
+      });
+    } catch (err) {
+      result.vmReady = false;
+      result.vmError = `destination VM not resumed: ${errorMessage(err)}`;
+      state.log.error('destination VM not resumed', { reason: errorMessage(err) });
+      await resumer?.abort().catch(() => undefined);
+      await state.vm?.then((v) => v.abort()).catch(() => undefined);
+      state.store.discard();
+    }
   };
 
   /**
@@ -179,6 +230,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     sockets.add(socket);
     const reader = new FrameReader();
     let state: MigrationState | undefined;
+    /** the migration this connection's handshake named (also one that has finished: its go may come) */
+    let migrationOfLink: string | undefined;
     let clog = log.child({ peer: `${socket.remoteAddress}:${socket.remotePort}` });
     const helloTimer = setTimeout(() => {
       clog.warn('no handshake: closing');
@@ -221,6 +274,15 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         refuse(`image sizes differ: source memory ${hello.bytes.memory} disk ${hello.bytes.disk}, destination base memory ${memoryIndex.bytes} disk ${diskIndex.bytes}`);
         return;
       }
+      if (hello.vm && !options.vm) {
+        refuse('this destination cannot resume VMs (start it with --resume-vm, the base VM\'s kernel, initrd and device state)');
+        return;
+      }
+      if (hello.vm && hello.vm.memoryBytes !== memoryIndex.bytes) {
+        refuse(`the VM has ${hello.vm.memoryBytes} bytes of memory, the base memory image ${memoryIndex.bytes}`);
+        return;
+      }
+      migrationOfLink = migrationId;
       const done = finishedResults.get(migrationId);
       if (done) {
         // the source lost the link after we finished: it gets the result again
@@ -242,7 +304,15 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         state = { migrationId, log: clog, store, rebuilder: new Rebuilder(store, migrationId, [memoryIndex.hashes, diskIndex.hashes]), startedMs: performance.now(), duplicates: 0, finished: false, appliedFrames: [],
           span: startSpan('receive', hello.traceparent, { 'handoff.actor': 'receiver', 'handoff.migration': migrationId }),
           traceEveryChunks: hello.traceEveryChunks,
+          final: false,
         };
+        if (hello.vm && options.vm) {
+          // started now, on the images being rebuilt: its start-up is not downtime
+          const files = { memory: `${memoryPath}.partial`, disk: `${diskPath}.partial` };
+          const st = state;
+          st.vm = VmResumer.prepare(hello.vm, options.vm, files, dirname(memoryPath), clog);
+          st.vm.catch((err: unknown) => clog.error('destination VM did not start', { reason: errorMessage(err) }));
+        }
         states.set(migrationId, state);
         clog.info('accepted');
       } else {
@@ -259,6 +329,15 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       socket.write(encodeJsonFrame(FrameType.Accept, accept));
     };
     const onFrame = async (frame: Frame): Promise<void> => {
+      if (frame.type === FrameType.Go && migrationOfLink) {
+        const resumer = resumers.get(migrationOfLink);
+        if (!resumer) throw new MalformedMessageError(`go for migration ${migrationOfLink}, which has no VM ready to resume`);
+        const at = await resumer.resume();
+        // the source hears it before this receiver may stop (receive without --serve exits then)
+        await new Promise<void>((resolve) => socket.write(encodeResumedFrame(at), () => resolve()));
+        resumer.reportResumed();
+        return;
+      }
       if (!state) {
         if (frame.type !== FrameType.Hello) throw new MalformedMessageError(`first frame is type ${frame.type}, expected a handshake`);
         onHello(frame);
@@ -275,6 +354,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         const captured = parseCaptured(frame);
         state.sourceHashes = captured.imageHashes;
         state.rebuilder.expect(captured.round, captured.slices);
+        if (captured.final !== false) state.final = true;
+        if (captured.deviceState) state.deviceState = captured.deviceState;
         checkDone(state);
       } else {
         throw new MalformedMessageError(`unexpected frame type ${frame.type}`);

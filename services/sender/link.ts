@@ -15,6 +15,7 @@ import {
   FrameReader,
   FrameType,
   encodeChunkFrame,
+  encodeFrame,
   encodeJsonFrame,
   parseAccept,
   parseAddress,
@@ -22,6 +23,7 @@ import {
   parseProgressFrame,
   parseReason,
   parseResult,
+  parseResumed,
   splitChunkFrame,
   type Captured,
   type Frame,
@@ -228,6 +230,9 @@ export class WanLink {
       case FrameType.Result:
         this.resultHandlers?.resolve(parseResult(frame));
         return;
+      case FrameType.Resumed:
+        this.resumed?.resolve(parseResumed(frame));
+        return;
       case FrameType.Error: {
         const e = parseLinkError(frame);
         if (e.resumable) this.onDrop(conn, new Error(`destination: ${e.reason}`));
@@ -292,6 +297,7 @@ export class WanLink {
         const frames = [...this.pending.values()].filter((f) => f.sentOn !== undefined && f.sentOn !== conn);
         this.options.log?.info('WAN link back: resending unacknowledged frames', { attempt: attempt + 1, frames: frames.length, downSeconds: Number(((performance.now() - lostAt) / 1000).toFixed(1)) });
         for (const f of this.capturedFrames) await this.writeNow(conn, f);
+        if (this.goFrame) await this.writeNow(conn, this.goFrame);
         for (const f of frames) {
           if (!this.pending.has(this.frameNoOf(f))) continue; // acknowledged meanwhile
           await this.limiter?.take(f.bytes);
@@ -325,6 +331,7 @@ export class WanLink {
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
     this.resultHandlers?.reject(err);
+    this.resumed?.reject(err);
     this.conn?.socket.destroy();
     this.conn = undefined;
     this.releaseDrain?.(); // a destroyed socket never drains: let waiting writers see the failure
@@ -422,6 +429,28 @@ export class WanLink {
       if (this.failure) throw this.failure;
       this.options.log?.debug('captured frame write interrupted', { reason: errorMessage(err) });
     });
+  }
+
+  private goFrame: Buffer | undefined;
+  private resumed: { resolve: (atMs: number) => void; reject: (e: Error) => void; promise: Promise<number> } | undefined;
+
+  /**
+   * Live handoffs, once the destination's VM is ready: the source is stopped for good, the
+   * destination may run it. Sent again after a reconnection until the destination says it runs.
+   */
+  commit(): Promise<number> {
+    if (!this.resumed) {
+      let resolve!: (atMs: number) => void;
+      let reject!: (e: Error) => void;
+      const promise = new Promise<number>((res, rej) => {
+        resolve = res;
+        reject = rej;
+      });
+      this.resumed = { resolve, reject, promise };
+      this.goFrame = encodeFrame(FrameType.Go, Buffer.alloc(0));
+      void this.write(this.goFrame).catch(() => undefined);
+    }
+    return this.resumed.promise;
   }
 
   close(): void {

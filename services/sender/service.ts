@@ -84,6 +84,7 @@ export async function runSenderService(natsUrl: string): Promise<RunningService>
         baseHashes: { memory: d.memory.baseHash, disk: d.disk.baseHash },
         bytes: { memory: d.memory.bytes, disk: d.disk.bytes },
         ...(linkTraceparent ? { traceparent: linkTraceparent, traceEveryChunks: d.traceEveryChunks ?? 1 } : {}),
+        ...(d.live ? { vm: d.live.vm } : {}),
       };
       const { link, destinationBaseHashes } = await WanLink.open({
         address: d.destination,
@@ -97,6 +98,26 @@ export async function runSenderService(natsUrl: string): Promise<RunningService>
       await publishEvent(bus, d.migrationId, { type: 'accepted', destinationBaseHashes });
       link.result.then(
         async (result) => {
+          if (result.vmReady) {
+            // the source VM is stopped and stays so: the destination's runs from now
+            try {
+              result.resumedAtMs = await link.commit();
+            } catch (err) {
+              span.end();
+              // the destination saying it could not resume is an answer (its VM does not run); a lost
+              // link is not: the destination may be running the VM
+              const answered = /^destination: /.test(errorMessage(err));
+              mlog.error(answered ? 'destination could not resume the VM' : 'destination told to resume, then lost: its VM state is unknown', { reason: errorMessage(err) });
+              await publishEvent(bus, d.migrationId, {
+                type: 'failed',
+                stage: 'sender',
+                reason: answered ? `${errorMessage(err)}` : `link lost after the destination was told to resume the VM (${errorMessage(err)}): the source VM stays stopped`,
+                ...(answered ? {} : { committed: true }),
+              }).catch(() => undefined);
+              links.delete(d.migrationId);
+              return;
+            }
+          }
           span.setAttributes({ 'handoff.verified': result.verified, 'handoff.wire_bytes': link.wireBytes, 'handoff.resent_bytes': link.resentBytes, 'handoff.reconnects': link.reconnects });
           span.end();
           mlog.info('destination result', { verified: result.verified });
@@ -149,7 +170,13 @@ export async function runSenderService(natsUrl: string): Promise<RunningService>
     const event = parseEvent(m.data);
     if (event.type !== 'captured') return;
     const link = await openLink(d, mlog);
-    await link.sendCaptured({ round: event.round, slices: event.slices, imageHashes: event.imageHashes });
+    await link.sendCaptured({
+      round: event.round,
+      slices: event.slices,
+      imageHashes: event.imageHashes,
+      ...(event.final !== undefined ? { final: event.final } : {}),
+      ...(event.deviceState ? { deviceState: event.deviceState } : {}),
+    });
   });
 
   // the wire queue follows the bandwidth: ~1 s of it (unless fixed by HANDOFF_WIRE_STREAM_MAX_BYTES)

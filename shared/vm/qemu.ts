@@ -5,7 +5,7 @@
  * the same machine, which is what QEMU needs to load the device state.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
 import { stopProcess } from '../child.js';
 import { QmpClient } from './qmp.js';
 
@@ -101,14 +101,22 @@ export function lastCounter(serialLog: string): number {
   return all.length ? Number(all.at(-1)![1]) : 0;
 }
 
-export async function startQemu(vm: VmDescription, paths: VmPaths, options: { incoming?: boolean; prefix?: string[] } = {}): Promise<RunningVm> {
+export async function startQemu(vm: VmDescription, paths: VmPaths, options: { incoming?: boolean; prefix?: string[]; detached?: boolean } = {}): Promise<RunningVm> {
   const args = qemuArgs(vm, paths, options.incoming ?? false);
   const [command, ...prefixArgs] = options.prefix?.length ? [...options.prefix, QEMU_BIN] : [QEMU_BIN];
-  const child = spawn(command!, [...prefixArgs, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  // detached: a VM that outlives this process (its errors go to a file beside the serial log)
+  const errorLog = `${paths.serialLog}.qemu-errors`;
+  const stderrTo = options.detached ? openSync(errorLog, 'a') : 'pipe';
+  const child = spawn(command!, [...prefixArgs, ...args], { stdio: ['ignore', 'ignore', stderrTo], detached: options.detached ?? false });
+  if (typeof stderrTo === 'number') {
+    closeSync(stderrTo);
+    child.unref();
+  }
   let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+  const errors = (): string => (options.detached ? (existsSync(errorLog) ? readFileSync(errorLog, 'utf8') : '') : stderr).trim().slice(0, 500);
   const exited = new Promise<never>((_, reject) =>
-    child.once('exit', (code, signal) => reject(new Error(`QEMU exited (${code ?? signal}) before its QMP answered: ${stderr.trim().slice(0, 500)}`))),
+    child.once('exit', (code, signal) => reject(new Error(`QEMU exited (${code ?? signal}) before its QMP answered: ${errors()}`))),
   );
   exited.catch(() => undefined);
   let qmp: QmpClient;
@@ -129,7 +137,7 @@ export async function startQemu(vm: VmDescription, paths: VmPaths, options: { in
       for (;;) {
         const c = counter();
         if (c >= n) return c;
-        if (child.exitCode !== null) throw new Error(`the guest's QEMU exited: ${stderr.trim().slice(0, 500)}`);
+        if (child.exitCode !== null) throw new Error(`the guest's QEMU exited: ${errors()}`);
         if (Date.now() > deadline) throw new Error(`the guest did not reach counter ${n} within ${timeoutMs / 1000} s (at ${c})`);
         await new Promise((r) => setTimeout(r, 100));
       }

@@ -1,0 +1,51 @@
+/**
+ * A running test guest with a base snapshot, as a cloudlet would hold it: boots the guest (RAM in
+ * a file), waits for its counter, then stops it, saves the device state, copies RAM and disk as the
+ * base, and lets it run on. Both handoff tests and the VM benchmark start from here.
+ */
+import { copyFileSync, mkdirSync, truncateSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { buildGuest, type GuestFiles } from '../../shared/testdata/guest.js';
+import { saveDeviceState, startQemu, type RunningVm, type VmDescription, type VmPaths } from '../../shared/vm/qemu.js';
+
+export const GUEST_CACHE = fileURLToPath(new URL('../../../.handoff-cache/guest', import.meta.url));
+
+export interface TestVm {
+  vm: RunningVm;
+  description: VmDescription;
+  descriptionFile: string;
+  paths: VmPaths;
+  guest: GuestFiles;
+  base: { memory: string; disk: string; deviceState: string };
+}
+
+export async function startTestVm(dir: string, memoryBytes = 256 << 20, diskBytes = 32 << 20): Promise<TestVm> {
+  mkdirSync(dir, { recursive: true });
+  const guest = buildGuest(GUEST_CACHE);
+  const description: VmDescription = { memoryBytes, cpus: 1, append: 'console=ttyS0 quiet panic=-1' };
+  const descriptionFile = join(dir, 'vm.json');
+  writeFileSync(descriptionFile, JSON.stringify(description));
+  const paths: VmPaths = { memoryFile: join(dir, 'memory.ram'), disk: join(dir, 'disk.img'), kernel: guest.kernel, initrd: guest.initrd, qmpSocket: join(dir, 'qmp.sock'), serialLog: join(dir, 'serial.log') };
+  for (const [file, bytes] of [[paths.memoryFile, memoryBytes], [paths.disk, diskBytes]] as const) {
+    writeFileSync(file, '');
+    truncateSync(file, bytes);
+  }
+  const vm = await startQemu(description, paths);
+  try {
+    await vm.waitCounter(3);
+    // the base snapshot: what every cloudlet holds of this VM
+    const base = { memory: join(dir, 'base-memory.img'), disk: join(dir, 'base-disk.img'), deviceState: join(dir, 'base-device-state.bin') };
+    await vm.qmp.execute('stop');
+    await saveDeviceState(vm.qmp, base.deviceState);
+    copyFileSync(paths.memoryFile, base.memory);
+    copyFileSync(paths.disk, base.disk);
+    await vm.qmp.execute('cont');
+    // the capture actor takes the QMP socket (one client at a time) for the stop
+    vm.qmp.close();
+    return { vm, description, descriptionFile, paths, guest, base };
+  } catch (err) {
+    await vm.kill();
+    throw err;
+  }
+}

@@ -1,0 +1,100 @@
+/**
+ * Live capture of a running VM (iterative pre-copy): round 0 sends what differs from the base, each
+ * later round what changed since the round before, until the round policy says stop; then the VM
+ * is stopped over QMP, its device state saved (RAM is skipped: it is the shared file capture reads)
+ * and the last round captured. If anything fails once the VM is stopped, it is resumed here.
+ */
+import { readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { publishEvent, type Bus } from '../../shared/bus.js';
+import { encodePatch } from '../../shared/codecs/patch.js';
+import { errorMessage } from '../../shared/errors.js';
+import type { Logger } from '../../shared/log.js';
+import type { MigrationDescriptor, RoundRecord } from '../../shared/migration.js';
+import { PAGE_SIZE } from '../../shared/pages.js';
+import { durableName, STREAMS, type WorkStage } from '../../shared/subjects.js';
+import { QmpClient } from '../../shared/vm/qmp.js';
+import { saveDeviceState } from '../../shared/vm/qemu.js';
+import { newPageRecord, type PageRecord } from './core.js';
+import { decideAfterRound, type RoundStat } from './policy.js';
+import { captureRound } from './round.js';
+
+/** What the stop costs besides the last round's pages: device state, the final scan, the resume. */
+const STOP_OVERHEAD_MS = 150;
+
+/** Waits until every stage's queue is empty and nothing is unacknowledged: the round has arrived. */
+async function waitDelivered(bus: Bus, d: MigrationDescriptor): Promise<void> {
+  const consumers: [string, string][] = [
+    ...Array.from({ length: d.parts }, (_, p) => [STREAMS.dedup, durableName('dedup', p)] as [string, string]),
+    ...(['delta', 'compress', 'wire'] as WorkStage[]).map((s) => [STREAMS[s], durableName(s)] as [string, string]),
+  ];
+  for (let i = 0; ; i++) {
+    const infos = await Promise.all(consumers.map(([stream, durable]) => bus.jsm.consumers.info(stream, durable).catch(() => undefined)));
+    if (infos.every((info) => !info || info.num_pending + info.num_ack_pending === 0)) return;
+    // a migration that failed meanwhile (its descriptor is gone) ends pre-copy: the VM runs on
+    if (i % 10 === 9 && !(await bus.migrations.get(d.migrationId).catch(() => null))?.length) throw new Error('the migration ended during pre-copy');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger): Promise<void> {
+  const live = d.live!;
+  const records: [PageRecord, PageRecord] = [newPageRecord(d.memory.bytes / PAGE_SIZE), newPageRecord(d.disk.bytes / PAGE_SIZE)];
+  const history: RoundStat[] = [];
+  const rounds: RoundRecord[] = [];
+  for (let round = 0; ; round++) {
+    const decision = round === 0 ? undefined : decideAfterRound(history, { downtimeMs: live.downtimeMs, maxRounds: live.maxRounds, overheadMs: STOP_OVERHEAD_MS });
+    if (decision) rounds.at(-1)!.decision = decision.reason;
+    if (decision) rounds.at(-1)!.predictedDowntimeMs = Math.round(decision.predictedDowntimeMs);
+    if (decision?.final) {
+      await stopAndCopy(bus, d, round, records, rounds, log);
+      return;
+    }
+    const r = await captureRound(bus, d, round, log, records);
+    await publishEvent(bus, d.migrationId, { type: 'captured', round, slices: r.slices, imageHashes: r.imageHashes, dirtyPages: r.dirtyPages, scannedBytes: r.scannedBytes, final: false });
+    const started = performance.now() - r.seconds * 1000;
+    await waitDelivered(bus, d);
+    const seconds = (performance.now() - started) / 1000;
+    history.push({ round, dirtyPages: r.dirtyPages, seconds });
+    rounds.push({ round, dirtyPages: r.dirtyPages, seconds: Number(seconds.toFixed(3)), decision: '' });
+    log.info('pre-copy round delivered', { round, dirtyPages: r.dirtyPages, seconds: Number(seconds.toFixed(2)) });
+  }
+}
+
+async function stopAndCopy(bus: Bus, d: MigrationDescriptor, round: number, records: [PageRecord, PageRecord], rounds: RoundRecord[], log: Logger): Promise<void> {
+  const live = d.live!;
+  const qmp = await QmpClient.connect(live.qmpSocket, 10_000);
+  const stateFile = join(tmpdir(), `handoff-devstate-${d.migrationId}-${process.pid}`);
+  const stoppedAtMs = Date.now();
+  await qmp.execute('stop');
+  log.info('VM stopped: stop-and-copy', { round });
+  try {
+    await saveDeviceState(qmp, stateFile);
+    const r = await captureRound(bus, d, round, log, records);
+    const [state, baseState] = await Promise.all([readFile(stateFile), readFile(live.baseDeviceState)]);
+    const deviceState = encodePatch(state, baseState).toString('base64');
+    rounds.push({ round, dirtyPages: r.dirtyPages, seconds: Number(r.seconds.toFixed(3)), decision: 'stop-and-copy' });
+    await publishEvent(bus, d.migrationId, {
+      type: 'captured',
+      round,
+      slices: r.slices,
+      imageHashes: r.imageHashes,
+      dirtyPages: r.dirtyPages,
+      scannedBytes: r.scannedBytes,
+      final: true,
+      deviceState,
+      stoppedAtMs,
+      rounds,
+    });
+    log.info('final round captured', { round, dirtyPages: r.dirtyPages, deviceStateBytes: state.byteLength, encodedBytes: Math.round((deviceState.length * 3) / 4) });
+  } catch (err) {
+    // nothing reached the destination that it could resume: the source runs again
+    log.error('stop-and-copy failed: resuming the source VM', { reason: errorMessage(err) });
+    await qmp.execute('cont').catch(() => undefined);
+    throw new Error(`stop-and-copy failed (the source VM runs again): ${errorMessage(err)}`);
+  } finally {
+    qmp.close();
+    await rm(stateFile, { force: true });
+  }
+}

@@ -1,0 +1,131 @@
+/**
+ * One capture round: read the current images page by page, emit the pages that differ from the
+ * reference (round 0: the base; later rounds of a live handoff: the round before) as chunks into
+ * dedup's partitions, and give the image digests as they were read.
+ */
+import { open } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { loadBaseIndex } from '../../shared/base-index.js';
+import { publishStats, publishWork, type Bus } from '../../shared/bus.js';
+import { chunkKey, type Chunk } from '../../shared/chunk.js';
+import { encodeChunk } from '../../shared/codec.js';
+import { BadImageError, BaseMismatchError } from '../../shared/errors.js';
+import type { Logger } from '../../shared/log.js';
+import type { ImageDigests, MigrationDescriptor, StageStats } from '../../shared/migration.js';
+import { PAGE_SIZE, digestOfPageHashes, newImageDigest, type ImageId } from '../../shared/pages.js';
+import { workSubject } from '../../shared/subjects.js';
+import { chunkTraced, headersFor, startSpan, traceparentOf } from '../../shared/telemetry.js';
+import { ChunkBuilder, changedPagesOf, dirtyPagesOf, type PageRecord } from './core.js';
+
+const READ_BLOCK_BYTES = 4 * 1024 * 1024;
+/** publishes awaiting their JetStream ack at once: overlaps reading with the bus */
+const MAX_PUBLISHES_IN_FLIGHT = 8;
+
+export interface RoundResult {
+  round: number;
+  slices: number;
+  dirtyPages: number;
+  scannedBytes: number;
+  imageHashes: ImageDigests;
+  /** reading, hashing and publishing the round */
+  seconds: number;
+}
+
+/**
+ * Captures round `round`. `records` (live handoffs) holds every page's hashes as last read: round 0
+ * fills it, later rounds compare with it and bring it up to date.
+ */
+export async function captureRound(bus: Bus, d: MigrationDescriptor, round: number, log: Logger, records?: [PageRecord, PageRecord]): Promise<RoundResult> {
+  if (round > 0 && !records) throw new Error('a later round needs the hashes of the round before');
+  const started = performance.now();
+  const instance = `${hostname()}:${process.pid}`;
+  const inFlight = new Set<Promise<void>>();
+  const span = startSpan('capture', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture', 'handoff.round': round });
+  const publish = async (chunk: Chunk): Promise<void> => {
+    // a traced chunk starts its chain of spans here (one per stage it passes)
+    let traceparent: string | undefined;
+    if (d.traceparent && chunkTraced(chunk.seq, d.traceEveryChunks)) {
+      const chunkSpan = startSpan('capture chunk', traceparentOf(span), { 'handoff.seq': chunk.seq, 'handoff.part': chunk.part, 'handoff.round': round, 'handoff.pages': chunk.pageIndex.length, 'handoff.actor': 'capture' });
+      traceparent = traceparentOf(chunkSpan);
+      chunkSpan.end();
+    }
+    const p = publishWork(bus, workSubject('dedup', d.migrationId, chunk.part), encodeChunk(chunk), `${d.migrationId}.capture.${chunkKey(chunk)}`, headersFor(traceparent)).finally(() =>
+      inFlight.delete(p),
+    );
+    inFlight.add(p);
+    if (inFlight.size >= MAX_PUBLISHES_IN_FLIGHT) await Promise.race(inFlight);
+  };
+  let seq = 0;
+  let dirtyPages = 0;
+  let scannedBytes = 0;
+  const imageHashes: ImageDigests = { memory: '', disk: '' };
+  try {
+    for (const image of [0, 1] as ImageId[]) {
+      const pair = image === 0 ? d.memory : d.disk;
+      const name = image === 0 ? 'memory' : 'disk';
+      const record = records?.[image];
+      const base = round === 0 ? await loadBaseIndex(pair.base) : undefined;
+      if (base && base.contentHash !== pair.baseHash) throw new BaseMismatchError(`base ${name} ${pair.base} changed: content hash ${base.contentHash}, migration expects ${pair.baseHash}`);
+      const builder = new ChunkBuilder({ migrationId: d.migrationId, round, image, parts: d.parts }, d.chunkPages, seq);
+      const digest = newImageDigest();
+      const fh = await open(pair.current, 'r');
+      try {
+        const size = (await fh.stat()).size;
+        if (size !== pair.bytes) throw new BadImageError(`${name} image ${pair.current} is ${size} bytes now, ${pair.bytes} when the migration started`);
+        const block = Buffer.allocUnsafe(READ_BLOCK_BYTES);
+        // a chunk's cost is everything since the previous one: reading and hashing its pages too
+        let since = { wallMs: performance.now(), cpu: process.cpuUsage() };
+        const flush = async (): Promise<void> => {
+          const pages = builder.pending;
+          const slices = builder.take();
+          for (const slice of slices) await publish(slice);
+          const used = process.cpuUsage(since.cpu);
+          const startedMs = since.wallMs;
+          since = { wallMs: performance.now(), cpu: process.cpuUsage() };
+          const stats: StageStats = {
+            stage: 'capture',
+            instance,
+            migrationId: d.migrationId,
+            round,
+            seq: slices[0]!.seq,
+            part: 0,
+            pages,
+            bytesIn: pages * PAGE_SIZE,
+            bytesOut: pages * PAGE_SIZE,
+            cpuMs: (used.user + used.system) / 1000,
+            wallMs: performance.now() - startedMs,
+            mode: slices[0]!.mode,
+            counts: { scannedBytes, slices: slices.length },
+          };
+          publishStats(bus, stats);
+        };
+        for (let offset = 0; offset < size; ) {
+          const want = Math.min(READ_BLOCK_BYTES, size - offset);
+          const { bytesRead } = await fh.read(block, 0, want, offset);
+          if (bytesRead !== want) throw new BadImageError(`${name} image ${pair.current} was truncated while it was read (at byte ${offset + bytesRead})`);
+          const data = block.subarray(0, bytesRead);
+          const first = offset / PAGE_SIZE;
+          const dirty = base ? dirtyPagesOf(data, first, base.hashes, digest, record) : changedPagesOf(data, first, record!);
+          for (const page of dirty) {
+            dirtyPages++;
+            if (builder.add(page)) await flush();
+          }
+          offset += bytesRead;
+          scannedBytes += bytesRead;
+        }
+        if (builder.pending > 0) await flush();
+      } finally {
+        await fh.close();
+      }
+      seq = builder.nextSeq;
+      // later rounds hashed only what changed: the digest comes from the hashes kept up to date
+      imageHashes[name] = base ? digest.digest('hex') : digestOfPageHashes(record!.strong);
+    }
+    await Promise.all(inFlight);
+  } finally {
+    span.setAttributes({ 'handoff.dirty_pages': dirtyPages, 'handoff.scanned_bytes': scannedBytes });
+    span.end();
+  }
+  log.info('captured', { round, chunks: seq, dirtyPages, scannedBytes });
+  return { round, slices: seq * d.parts, dirtyPages, scannedBytes, imageHashes, seconds: (performance.now() - started) / 1000 };
+}
