@@ -138,7 +138,9 @@ describe('live handoff of a running QEMU VM', { timeout: 600_000, skip: isRoot ?
     });
     try {
       await vm.vm.waitCounter(vm.vm.counter() + 16);
-      // the destination dies once the source has stopped its VM (its counter stands still)
+      // a slow link and one pre-copy round: the final round takes seconds, in which the destination
+      // dies, once the source has stopped its VM (its counter stands still)
+      link.setRate(3e6);
       let killed = false;
       const watcher = setInterval(() => {
         const c = vm.vm.counter();
@@ -156,7 +158,7 @@ describe('live handoff of a running QEMU VM', { timeout: 600_000, skip: isRoot ?
         }
       }, 100);
       const watched = { counter: vm.vm.counter(), since: Date.now() };
-      const summary = await migrateOn(['ip', 'netns', 'exec', link.sourceNs], migrateArgs(vm, receiver.address, ['--link-deadline', '5', '--max-rounds', '2']));
+      const summary = await migrateOn(['ip', 'netns', 'exec', link.sourceNs], migrateArgs(vm, receiver.address, ['--link-deadline', '5', '--max-rounds', '1']));
       clearInterval(watcher);
       assert.ok(killed, 'the destination was not killed mid-handoff');
       assert.equal(summary.verified, false);
@@ -167,6 +169,7 @@ describe('live handoff of a running QEMU VM', { timeout: 600_000, skip: isRoot ?
       await vm.vm.waitCounter(resumedAt + 3, 30_000);
       assert.equal(await sourceStatus(vm), 'running');
     } finally {
+      link.setRate(10e6);
       await stopProcess(receiver.child, 5000);
       await vm.vm.kill();
     }
