@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,7 +14,7 @@ import { after, before, describe, test } from 'node:test';
 import { spawnReceiverProcess } from '../cli/receive.js';
 import type { MigrationSummary } from '../cli/summary.js';
 import { migrateOn } from '../load/lib/hosts.js';
-import { startTestVm, type TestVm } from '../load/lib/vm.js';
+import { destinationBase, liveMigrateArgs as migrateArgs, startTestVm, type TestVm } from '../load/lib/vm.js';
 import { createShapedLink, type ShapedLink } from '../load/lib/wan.js';
 import { stopProcess } from '../shared/child.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, strongHash } from '../shared/pages.js';
@@ -29,31 +29,6 @@ function fileDigest(path: string): string {
   const hashes = Buffer.alloc((data.byteLength / PAGE_SIZE) * STRONG_HASH_BYTES);
   for (let p = 0; p < data.byteLength / PAGE_SIZE; p++) strongHash(data.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)).copy(hashes, p * STRONG_HASH_BYTES);
   return digestOfPageHashes(hashes);
-}
-
-/** The destination cloudlet's copy of the base VM (kernel and initrd are part of it). */
-function destinationBase(vm: TestVm, dir: string): { memory: string; disk: string; deviceState: string } {
-  mkdirSync(dir, { recursive: true });
-  const base = { memory: join(dir, 'base-memory.img'), disk: join(dir, 'base-disk.img'), deviceState: join(dir, 'base-device-state.bin') };
-  copyFileSync(vm.base.memory, base.memory);
-  copyFileSync(vm.base.disk, base.disk);
-  copyFileSync(vm.base.deviceState, base.deviceState);
-  return base;
-}
-
-function migrateArgs(vm: TestVm, to: string, extra: string[] = []): string[] {
-  return [
-    '--qmp', vm.paths.qmpSocket,
-    '--memory', vm.paths.memoryFile,
-    '--disk', vm.paths.disk,
-    '--base-memory', vm.base.memory,
-    '--base-disk', vm.base.disk,
-    '--base-device-state', vm.base.deviceState,
-    '--vm-description', vm.descriptionFile,
-    '--to', to,
-    '--mode', 'zstd:3',
-    ...extra,
-  ];
 }
 
 async function sourceStatus(vm: TestVm): Promise<string> {

@@ -49,3 +49,23 @@ export async function startTestVm(dir: string, memoryBytes = 256 << 20, diskByte
     throw err;
   }
 }
+
+/** The destination cloudlet's copy of the base VM (kernel and initrd are part of it too). */
+export function destinationBase(vm: TestVm, dir: string): { memory: string; disk: string; deviceState: string } {
+  mkdirSync(dir, { recursive: true });
+  const base = { memory: join(dir, 'base-memory.img'), disk: join(dir, 'base-disk.img'), deviceState: join(dir, 'base-device-state.bin') };
+  copyFileSync(vm.base.memory, base.memory);
+  copyFileSync(vm.base.disk, base.disk);
+  copyFileSync(vm.base.deviceState, base.deviceState);
+  return base;
+}
+
+/** `handoff migrate` arguments for a live handoff of the test VM. */
+export function liveMigrateArgs(vm: TestVm, to: string, extra: string[] = []): string[] {
+  return [
+    ...['--qmp', vm.paths.qmpSocket, '--memory', vm.paths.memoryFile, '--disk', vm.paths.disk],
+    ...['--base-memory', vm.base.memory, '--base-disk', vm.base.disk, '--base-device-state', vm.base.deviceState],
+    ...['--vm-description', vm.descriptionFile, '--to', to, '--mode', 'zstd:3'],
+    ...extra,
+  ];
+}

@@ -1,0 +1,127 @@
+/**
+ * The same running guest handed off by this system and by QEMU's own live migration (plain
+ * pre-copy, and multifd with zstd), over the same 10 Mbit/s shaped link between two network
+ * namespaces: total time, downtime, bytes on the wire, side by side. Root needed.
+ *
+ *   npm run load:vm-handoff -- [--rate-mbit 10] [--json]
+ *
+ * QEMU migrates RAM only here (its disk is assumed shared); the handoff moves RAM and disk.
+ */
+import { copyFileSync, mkdirSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { spawnReceiverProcess } from '../cli/receive.js';
+import { formatTable } from '../cli/summary.js';
+import { stopProcess } from '../shared/child.js';
+import { startQemu } from '../shared/vm/qemu.js';
+import { QmpClient } from '../shared/vm/qmp.js';
+import { migrateOn } from './lib/hosts.js';
+import { destinationBase, liveMigrateArgs, startTestVm } from './lib/vm.js';
+import { createShapedLink } from './lib/wan.js';
+
+const { values } = parseArgs({ options: { 'rate-mbit': { type: 'string' }, json: { type: 'boolean' } } });
+const rateMbit = Number(values['rate-mbit'] ?? 10);
+
+interface Row {
+  system: 'handoff' | 'qemu-plain' | 'qemu-multifd-zstd';
+  totalSeconds: number;
+  downtimeMs: number;
+  wireBytes: number;
+}
+
+if (process.getuid?.() !== 0) {
+  console.error('load:vm-handoff needs root: it makes two network namespaces joined by a shaped link');
+  process.exit(2);
+}
+
+const dir = await mkdtemp(join(tmpdir(), 'handoff-vm-bench-'));
+const link = createShapedLink(rateMbit * 1e6, `vb${process.pid % 10000}`);
+const destNs = ['ip', 'netns', 'exec', link.destNs];
+const rows: Row[] = [];
+const say = (text: string): void => void (values.json || process.stderr.write(`${text}\n`));
+
+/** Lets the guest run a while after its base snapshot: what a user's session changes. */
+const SESSION_TICKS = 40;
+
+async function handoffRun(): Promise<Row> {
+  const vm = await startTestVm(join(dir, 'handoff-src'));
+  const base = destinationBase(vm, join(dir, 'handoff-dst', 'base'));
+  const receiver = await spawnReceiverProcess({
+    baseMemory: base.memory,
+    baseDisk: base.disk,
+    outDir: join(dir, 'handoff-dst', 'out'),
+    listen: `${link.destIp}:7300`,
+    prefix: destNs,
+    vm: { kernel: vm.guest.kernel, initrd: vm.guest.initrd, baseDeviceState: base.deviceState },
+  });
+  try {
+    await vm.vm.waitCounter(vm.vm.counter() + SESSION_TICKS);
+    const s = await migrateOn(['ip', 'netns', 'exec', link.sourceNs], liveMigrateArgs(vm, receiver.address));
+    if (!s.verified) throw new Error(`handoff failed: ${s.reason}`);
+    const { result } = await receiver.exited;
+    if (result?.vm?.pid) process.kill(result.vm.pid, 'SIGKILL');
+    say(`handoff: ${s.handoffSeconds.toFixed(1)} s, downtime ${s.downtimeMs} ms, rounds ${s.rounds?.map((r) => r.dirtyPages).join('/')}`);
+    return { system: 'handoff', totalSeconds: s.handoffSeconds, downtimeMs: s.downtimeMs ?? NaN, wireBytes: s.wireBytes };
+  } finally {
+    await stopProcess(receiver.child, 5000);
+    await vm.vm.kill();
+  }
+}
+
+/** QEMU's own live migration of the same guest to a QEMU in the destination namespace. */
+async function qemuRun(system: 'qemu-plain' | 'qemu-multifd-zstd'): Promise<Row> {
+  const vm = await startTestVm(join(dir, `${system}-src`));
+  const dst = join(dir, `${system}-dst`);
+  const paths = { ...vm.paths, memoryFile: join(dst, 'memory.ram'), disk: join(dst, 'disk.img'), qmpSocket: join(dst, 'qmp.sock'), serialLog: join(dst, 'serial.log') };
+  mkdirSync(dst, { recursive: true });
+  writeFileSync(paths.memoryFile, '');
+  truncateSync(paths.memoryFile, vm.description.memoryBytes);
+  copyFileSync(vm.paths.disk, paths.disk);
+  const target = await startQemu(vm.description, paths, { incoming: true, prefix: destNs });
+  const source = await QmpClient.connect(vm.paths.qmpSocket);
+  try {
+    await vm.vm.waitCounter(vm.vm.counter() + SESSION_TICKS);
+    const multifd = system === 'qemu-multifd-zstd';
+    for (const qmp of [source, target.qmp]) {
+      if (multifd) {
+        await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
+        await qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'multifd-compression': 'zstd', 'multifd-zstd-level': 3 });
+      }
+    }
+    await target.qmp.execute('migrate-incoming', { uri: `tcp:${link.destIp}:7400` });
+    await source.execute('migrate', { uri: `tcp:${link.destIp}:7400` });
+    await source.waitMigration(600_000);
+    const info = await source.execute('query-migrate');
+    const row: Row = { system, totalSeconds: (info['total-time'] ?? 0) / 1000, downtimeMs: info.downtime ?? NaN, wireBytes: info.ram?.transferred ?? 0 };
+    say(`${system}: ${row.totalSeconds.toFixed(1)} s, downtime ${row.downtimeMs} ms`);
+    return row;
+  } finally {
+    source.close();
+    await target.kill();
+    await vm.vm.kill();
+  }
+}
+
+try {
+  rows.push(await handoffRun());
+  rows.push(await qemuRun('qemu-plain'));
+  rows.push(await qemuRun('qemu-multifd-zstd'));
+} finally {
+  link.destroy();
+  await rm(dir, { recursive: true, force: true });
+}
+
+if (values.json) {
+  console.log(JSON.stringify(Object.fromEntries(rows.map((r) => [r.system, { totalSeconds: r.totalSeconds, downtimeMs: r.downtimeMs, wireBytes: r.wireBytes }]))));
+} else {
+  const bestQemu = Math.min(...rows.filter((r) => r.system !== 'handoff').map((r) => r.totalSeconds));
+  console.log(`\n256 MiB busybox guest (TCG), ${rateMbit} Mbit/s shaped link; QEMU moves RAM only, the handoff RAM and disk\n`);
+  console.log(
+    formatTable([
+      ['system', 'total s', 'downtime ms', 'wire MB', 'total / best QEMU'],
+      ...rows.map((r) => [r.system, r.totalSeconds.toFixed(1), String(Math.round(r.downtimeMs)), (r.wireBytes / 1e6).toFixed(2), (r.totalSeconds / bestQemu).toFixed(3)]),
+    ]),
+  );
+}
