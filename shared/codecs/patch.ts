@@ -12,6 +12,8 @@ export const MAX_PATCHED_BYTES = 64 * 1024 * 1024;
 export function encodePatch(data: Uint8Array, reference: Uint8Array, level = 19): Buffer {
   const cctx = new binding.CCtx();
   cctx.setParameter(binding.CParameter.compressionLevel, level);
+  // a damaged patch must fail, not decode into a wrong device state
+  cctx.setParameter(binding.CParameter.checksumFlag, 1);
   // the window must reach back over the whole reference
   cctx.setParameter(binding.CParameter.windowLog, Math.max(20, Math.min(27, Math.ceil(Math.log2(reference.byteLength + data.byteLength + 1)))));
   cctx.loadDictionary(reference);

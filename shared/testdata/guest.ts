@@ -41,16 +41,22 @@ function run(cmd: string, args: string[], cwd?: string): string {
   return execFileSync(cmd, args, { cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 }
 
-/** The newest Debian 6.1 kernel package the apt index offers. */
+/** The newest Debian 6.1 kernel package the apt index offers (reading the index first if it is empty). */
 function kernelPackage(): string {
+  return newestKernel() ?? (run('apt-get', ['update', '-qq']), newestKernel()) ?? fail('no linux-image-6.1.0-*-amd64 package in the apt index');
+}
+
+function fail(message: string): never {
+  throw new Error(message);
+}
+
+function newestKernel(): string | undefined {
   const names = run('apt-cache', ['search', '--names-only', '^linux-image-6\\.1\\.0-[0-9]+-amd64$'])
     .split('\n')
     .map((l) => l.split(' ')[0]!)
     .filter(Boolean)
     .sort((a, b) => Number(/-(\d+)-amd64/.exec(a)![1]) - Number(/-(\d+)-amd64/.exec(b)![1]));
-  const newest = names.at(-1);
-  if (!newest) throw new Error('no linux-image-6.1.0-*-amd64 package in the apt index (apt-get update?)');
-  return newest;
+  return names.at(-1);
 }
 
 export function buildGuest(cacheDir: string): GuestFiles {
