@@ -96,6 +96,8 @@ export class WanLink {
   /** resolves when a connection is up again after a drop */
   private reconnected: Promise<void> | undefined;
   private resuming = false;
+  /** the destination has given its last answer */
+  private done = false;
   private failure: Error | undefined;
   private closed = false;
   private resultHandlers: { resolve: (r: RebuildResult) => void; reject: (e: Error) => void } | undefined;
@@ -227,10 +229,15 @@ export class WanLink {
         }
         return;
       }
-      case FrameType.Result:
-        this.resultHandlers?.resolve(parseResult(frame));
+      case FrameType.Result: {
+        const result = parseResult(frame);
+        // nothing more to say over this link unless a VM waits for the go
+        if (!result.vmReady) this.done = true;
+        this.resultHandlers?.resolve(result);
         return;
+      }
       case FrameType.Resumed:
+        this.done = true;
         this.resumed?.resolve(parseResumed(frame));
         return;
       case FrameType.Error: {
@@ -258,7 +265,8 @@ export class WanLink {
     this.conn = undefined;
     conn.socket.destroy();
     this.releaseDrain?.();
-    if (this.closed || this.failure) return;
+    // a destination that has answered everything may close the link: nothing to resume
+    if (this.closed || this.failure || this.done) return;
     if (err instanceof FatalLinkError) {
       this.fail(err);
       return;
