@@ -85,6 +85,8 @@ async function qemuRun(system: 'qemu-plain' | 'qemu-multifd-zstd'): Promise<Row>
     await vm.vm.waitCounter(vm.vm.counter() + SESSION_TICKS);
     const multifd = system === 'qemu-multifd-zstd';
     for (const qmp of [source, target.qmp]) {
+      // QEMU moves the RAM itself here (the base snapshot left x-ignore-shared on at the source)
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: false }] });
       if (multifd) {
         await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
         await qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'multifd-compression': 'zstd', 'multifd-zstd-level': 3 });
