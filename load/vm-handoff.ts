@@ -12,13 +12,12 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { spawnReceiverProcess } from '../cli/receive.js';
 import { formatTable } from '../cli/summary.js';
 import { stopProcess } from '../shared/child.js';
 import { startQemu } from '../shared/vm/qemu.js';
 import { QmpClient } from '../shared/vm/qmp.js';
 import { migrateOn } from './lib/hosts.js';
-import { destinationBase, liveMigrateArgs, startTestVm } from './lib/vm.js';
+import { liveMigrateArgs, spawnVmDestination, startTestVm } from './lib/vm.js';
 import { createShapedLink } from './lib/wan.js';
 
 const { values } = parseArgs({ options: { 'rate-mbit': { type: 'string' }, json: { type: 'boolean' } } });
@@ -47,15 +46,7 @@ const SESSION_TICKS = 40;
 
 async function handoffRun(): Promise<Row> {
   const vm = await startTestVm(join(dir, 'handoff-src'));
-  const base = destinationBase(vm, join(dir, 'handoff-dst', 'base'));
-  const receiver = await spawnReceiverProcess({
-    baseMemory: base.memory,
-    baseDisk: base.disk,
-    outDir: join(dir, 'handoff-dst', 'out'),
-    listen: `${link.destIp}:7300`,
-    prefix: destNs,
-    vm: { kernel: vm.guest.kernel, initrd: vm.guest.initrd, baseDeviceState: base.deviceState },
-  });
+  const receiver = await spawnVmDestination(vm, join(dir, 'handoff-dst'), `${link.destIp}:7300`, destNs);
   try {
     await vm.vm.waitCounter(vm.vm.counter() + SESSION_TICKS);
     const s = await migrateOn(['ip', 'netns', 'exec', link.sourceNs], liveMigrateArgs(vm, receiver.address));

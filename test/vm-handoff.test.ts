@@ -11,10 +11,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { spawnReceiverProcess } from '../cli/receive.js';
 import type { MigrationSummary } from '../cli/summary.js';
 import { migrateOn } from '../load/lib/hosts.js';
-import { destinationBase, liveMigrateArgs as migrateArgs, startTestVm, type TestVm } from '../load/lib/vm.js';
+import { liveMigrateArgs as migrateArgs, spawnVmDestination, startTestVm, type TestVm } from '../load/lib/vm.js';
 import { createShapedLink, type ShapedLink } from '../load/lib/wan.js';
 import { stopProcess } from '../shared/child.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, strongHash } from '../shared/pages.js';
@@ -61,15 +60,7 @@ describe('live handoff of a running QEMU VM', { timeout: 600_000, skip: isRoot ?
   test('the guest runs on at the destination: counter continues, memory at stop rebuilt, source stopped', async () => {
     const vm = await startTestVm(join(dir, 'source'));
     const destDir = join(dir, 'destination');
-    const base = destinationBase(vm, join(destDir, 'base'));
-    const receiver = await spawnReceiverProcess({
-      baseMemory: base.memory,
-      baseDisk: base.disk,
-      outDir: join(destDir, 'out'),
-      listen: `${link.destIp}:7300`,
-      prefix: ['ip', 'netns', 'exec', link.destNs],
-      vm: { kernel: vm.guest.kernel, initrd: vm.guest.initrd, baseDeviceState: base.deviceState },
-    });
+    const receiver = await spawnVmDestination(vm, destDir, `${link.destIp}:7300`, ['ip', 'netns', 'exec', link.destNs]);
     try {
       // let the guest dirty memory and disk beyond its base for a while
       await vm.vm.waitCounter(vm.vm.counter() + 16);
@@ -102,15 +93,7 @@ describe('live handoff of a running QEMU VM', { timeout: 600_000, skip: isRoot ?
   test('the destination dies mid-handoff: the source VM runs again, and says why', async () => {
     const vm = await startTestVm(join(dir, 'source-2'));
     const destDir = join(dir, 'destination-2');
-    const base = destinationBase(vm, join(destDir, 'base'));
-    const receiver = await spawnReceiverProcess({
-      baseMemory: base.memory,
-      baseDisk: base.disk,
-      outDir: join(destDir, 'out'),
-      listen: `${link.destIp}:7301`,
-      prefix: ['ip', 'netns', 'exec', link.destNs],
-      vm: { kernel: vm.guest.kernel, initrd: vm.guest.initrd, baseDeviceState: base.deviceState },
-    });
+    const receiver = await spawnVmDestination(vm, destDir, `${link.destIp}:7301`, ['ip', 'netns', 'exec', link.destNs]);
     try {
       await vm.vm.waitCounter(vm.vm.counter() + 16);
       // a slow link and one pre-copy round: the final round takes seconds, in which the destination

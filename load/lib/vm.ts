@@ -6,6 +6,7 @@
 import { copyFileSync, mkdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { spawnReceiverProcess, type ReceiverProcess } from '../../cli/receive.js';
 import { buildGuest, type GuestFiles } from '../../shared/testdata/guest.js';
 import { saveDeviceState, startQemu, type RunningVm, type VmDescription, type VmPaths } from '../../shared/vm/qemu.js';
 
@@ -68,4 +69,20 @@ export function liveMigrateArgs(vm: TestVm, to: string, extra: string[] = []): s
     ...['--vm-description', vm.descriptionFile, '--to', to, '--mode', 'zstd:3'],
     ...extra,
   ];
+}
+
+/**
+ * The destination cloudlet of a VM handoff: its copy of the base VM, and `handoff receive
+ * --resume-vm` in the destination namespace (`prefix`), listening on `listen`.
+ */
+export async function spawnVmDestination(vm: TestVm, dir: string, listen: string, prefix: string[]): Promise<ReceiverProcess> {
+  const base = destinationBase(vm, join(dir, 'base'));
+  return spawnReceiverProcess({
+    baseMemory: base.memory,
+    baseDisk: base.disk,
+    outDir: join(dir, 'out'),
+    listen,
+    prefix,
+    vm: { kernel: vm.guest.kernel, initrd: vm.guest.initrd, baseDeviceState: base.deviceState },
+  });
 }
