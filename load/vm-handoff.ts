@@ -38,6 +38,7 @@ if (process.getuid?.() !== 0) {
 const dir = await mkdtemp(join(tmpdir(), 'handoff-vm-bench-'));
 const link = createShapedLink(rateMbit * 1e6, `vb${process.pid % 10000}`);
 const destNs = ['ip', 'netns', 'exec', link.destNs];
+const srcNs = ['ip', 'netns', 'exec', link.sourceNs];
 const rows: Row[] = [];
 const say = (text: string): void => void (values.json || process.stderr.write(`${text}\n`));
 
@@ -45,11 +46,11 @@ const say = (text: string): void => void (values.json || process.stderr.write(`$
 const SESSION_TICKS = 40;
 
 async function handoffRun(): Promise<Row> {
-  const vm = await startTestVm(join(dir, 'handoff-src'));
+  const vm = await startTestVm(join(dir, 'handoff-src'), srcNs);
   const receiver = await spawnVmDestination(vm, join(dir, 'handoff-dst'), `${link.destIp}:7300`, destNs);
   try {
     await vm.vm.waitCounter(vm.vm.counter() + SESSION_TICKS);
-    const s = await migrateOn(['ip', 'netns', 'exec', link.sourceNs], liveMigrateArgs(vm, receiver.address));
+    const s = await migrateOn(srcNs, liveMigrateArgs(vm, receiver.address));
     if (!s.verified) throw new Error(`handoff failed: ${s.reason}`);
     const { result } = await receiver.exited;
     if (result?.vm?.pid) process.kill(result.vm.pid, 'SIGKILL');
@@ -63,7 +64,8 @@ async function handoffRun(): Promise<Row> {
 
 /** QEMU's own live migration of the same guest to a QEMU in the destination namespace. */
 async function qemuRun(system: 'qemu-plain' | 'qemu-multifd-zstd'): Promise<Row> {
-  const vm = await startTestVm(join(dir, `${system}-src`));
+  // QEMU sends from the source host: through the shaped link
+  const vm = await startTestVm(join(dir, `${system}-src`), srcNs);
   const dst = join(dir, `${system}-dst`);
   const paths = { ...vm.paths, memoryFile: join(dst, 'memory.ram'), disk: join(dst, 'disk.img'), qmpSocket: join(dst, 'qmp.sock'), serialLog: join(dst, 'serial.log') };
   mkdirSync(dst, { recursive: true });

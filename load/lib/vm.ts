@@ -21,7 +21,8 @@ export interface TestVm {
   base: { memory: string; disk: string; deviceState: string };
 }
 
-export async function startTestVm(dir: string, memoryBytes = 256 << 20, diskBytes = 32 << 20): Promise<TestVm> {
+/** `prefix`: a command QEMU runs under, e.g. ['ip', 'netns', 'exec', NS] on the source host. */
+export async function startTestVm(dir: string, prefix?: string[], memoryBytes = 256 << 20, diskBytes = 32 << 20): Promise<TestVm> {
   mkdirSync(dir, { recursive: true });
   const guest = buildGuest(GUEST_CACHE);
   const description: VmDescription = { memoryBytes, cpus: 1, append: 'console=ttyS0 quiet panic=-1' };
@@ -32,7 +33,7 @@ export async function startTestVm(dir: string, memoryBytes = 256 << 20, diskByte
     writeFileSync(file, '');
     truncateSync(file, bytes);
   }
-  const vm = await startQemu(description, paths);
+  const vm = await startQemu(description, paths, prefix ? { prefix } : {});
   try {
     await vm.waitCounter(3);
     // the base snapshot: what every cloudlet holds of this VM
