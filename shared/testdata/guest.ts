@@ -4,6 +4,7 @@
  * a cache folder; needs apt-get, dpkg-deb, cpio and busybox-static (./run setup installs them).
  */
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -16,8 +17,9 @@ export interface GuestFiles {
 const MODULES = ['virtio_ring', 'virtio', 'virtio_pci_modern_dev', 'virtio_pci_legacy_dev', 'virtio_pci', 'virtio_blk'];
 
 /**
- * The guest's init: 8 ticks a second, each writing 64 KiB of random bytes into tmpfs (512 KiB/s of
- * dirty memory) and one random 4 KiB block of the disk, and printing `handoff-counter N`.
+ * The guest's init: 4 ticks a second, each writing 128 KiB of random bytes into tmpfs (512 KiB/s of
+ * dirty memory, the workload QEMU's own migration was measured with) and one random 4 KiB block of
+ * the disk, and printing `handoff-counter N`. Few processes per tick: each one dirties memory too.
  */
 const INIT = `#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -31,9 +33,9 @@ n=0
 while true; do
   n=$((n+1))
   echo "handoff-counter $n" > /dev/ttyS0
-  dd if=/dev/urandom of=/work/blob$((n % 256)) bs=64k count=1 2>/dev/null
+  dd if=/dev/urandom of=/work/blob$((n % 128)) bs=128k count=1 2>/dev/null
   [ -b /dev/vda ] && dd if=/dev/urandom of=/dev/vda bs=4k count=1 seek=$((n % 8192)) conv=notrunc 2>/dev/null
-  usleep 125000
+  usleep 250000
 done
 `;
 
@@ -61,7 +63,8 @@ function newestKernel(): string | undefined {
 
 export function buildGuest(cacheDir: string): GuestFiles {
   const kernel = join(cacheDir, 'vmlinuz');
-  const initrd = join(cacheDir, 'initrd.cpio');
+  // named by the init's content: a changed workload builds a new initramfs
+  const initrd = join(cacheDir, `initrd-${createHash('sha256').update(INIT).digest('hex').slice(0, 12)}.cpio`);
   if (existsSync(kernel) && existsSync(initrd)) return { kernel, initrd };
   mkdirSync(cacheDir, { recursive: true });
   const work = join(cacheDir, 'build');

@@ -22,6 +22,7 @@ export interface QmpCommands {
   'query-migrate': { args: undefined; result: { status?: string; 'error-desc'?: string; 'total-time'?: number; downtime?: number; ram?: { transferred: number } } };
   'migrate-set-parameters': { args: Record<string, unknown>; result: Record<string, never> };
   quit: { args: undefined; result: Record<string, never> };
+  migrate_cancel: { args: undefined; result: Record<string, never> };
 }
 
 export class QmpError extends Error {
