@@ -5,7 +5,10 @@
  *
  *   npm run load:vm-handoff -- [--rate-mbit 10] [--json]
  *
- * QEMU migrates RAM only here (its disk is assumed shared); the handoff moves RAM and disk.
+ * QEMU migrates RAM only here (its disk is assumed shared); the handoff moves RAM and disk. Wire
+ * bytes are tc's counter on the source's end of the link (headers included), the same for all. A
+ * QEMU pre-copy that has not converged after 300 s is cancelled and reported as such (`null` total
+ * in --json).
  */
 import { copyFileSync, mkdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -53,12 +56,14 @@ async function handoffRun(): Promise<Row> {
   const receiver = await spawnVmDestination(vm, join(dir, 'handoff-dst'), `${link.destIp}:7300`, destNs);
   try {
     await vm.vm.waitCounter(vm.vm.counter() + SESSION_TICKS);
+    const sentBefore = link.sentBytes();
     const s = await migrateOn(srcNs, liveMigrateArgs(vm, receiver.address));
+    const wireBytes = link.sentBytes() - sentBefore;
     if (!s.verified) throw new Error(`handoff failed: ${s.reason}`);
     const { result } = await receiver.exited;
     if (result?.vm?.pid) process.kill(result.vm.pid, 'SIGKILL');
     say(`handoff: ${s.handoffSeconds.toFixed(1)} s, downtime ${s.downtimeMs} ms, rounds ${s.rounds?.map((r) => r.dirtyPages).join('/')}`);
-    return { system: 'handoff', totalSeconds: s.handoffSeconds, downtimeMs: s.downtimeMs ?? NaN, wireBytes: s.wireBytes };
+    return { system: 'handoff', totalSeconds: s.handoffSeconds, downtimeMs: s.downtimeMs ?? NaN, wireBytes };
   } finally {
     await stopProcess(receiver.child, 5000);
     await vm.vm.kill();
@@ -89,22 +94,24 @@ async function qemuRun(system: 'qemu-plain' | 'qemu-multifd-zstd'): Promise<Row>
       }
     }
     await target.qmp.execute('migrate-incoming', { uri: `tcp:${link.destIp}:7400` });
+    const sentBefore = link.sentBytes();
     await source.execute('migrate', { uri: `tcp:${link.destIp}:7400` });
     // pre-copy that cannot keep up with the guest never ends: reported as such after a limit
     const converged = await source.waitMigration(CONVERGE_LIMIT_S * 1000).then(
       () => true,
-      async (err: unknown) => {
+      (err: unknown) => {
         if (!/ still /.test((err as Error).message)) throw err;
-        await source.execute('migrate_cancel').catch(() => undefined);
         return false;
       },
     );
+    const wireBytes = link.sentBytes() - sentBefore;
+    if (!converged) await source.execute('migrate_cancel').catch(() => undefined);
     if (!converged) {
       say(`${system}: no convergence within ${CONVERGE_LIMIT_S} s`);
-      return { system, totalSeconds: Infinity, downtimeMs: NaN, wireBytes: (await source.execute('query-migrate')).ram?.transferred ?? 0 };
+      return { system, totalSeconds: Infinity, downtimeMs: NaN, wireBytes };
     }
     const info = await source.execute('query-migrate');
-    const row: Row = { system, totalSeconds: (info['total-time'] ?? 0) / 1000, downtimeMs: info.downtime ?? NaN, wireBytes: info.ram?.transferred ?? 0 };
+    const row: Row = { system, totalSeconds: (info['total-time'] ?? 0) / 1000, downtimeMs: info.downtime ?? NaN, wireBytes };
     say(`${system}: ${row.totalSeconds.toFixed(1)} s, downtime ${row.downtimeMs} ms`);
     return row;
   } finally {

@@ -13,6 +13,8 @@ export interface ShapedLink {
   setRate(rateBps: number): void;
   /** takes the source's end of the link down (a cut cable) or up again */
   setUp(up: boolean): void;
+  /** bytes the source has sent over the link so far (tc's counter: what crossed the wire, headers included) */
+  sentBytes(): number;
   /** runs a command inside a namespace */
   spawnIn(ns: string, command: string, args: string[], options?: SpawnOptions): ChildProcess;
   destroy(): void;
@@ -71,6 +73,10 @@ export function createShapedLink(rateBps: number, tag = String(process.pid % 100
     destIp,
     setRate: (bps) => run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'change', 'dev', sourceIf, 'root', ...tbfArgs(bps)]),
     setUp: (up) => run('ip', ['-n', sourceNs, 'link', 'set', sourceIf, up ? 'up' : 'down']),
+    sentBytes: () => {
+      const out = execFileSync('ip', ['netns', 'exec', sourceNs, 'tc', '-s', 'qdisc', 'show', 'dev', sourceIf], { encoding: 'utf8' });
+      return Number(/Sent (\d+) bytes/.exec(out)?.[1] ?? 0);
+    },
     spawnIn: (ns, command, args, options = {}) => spawn('ip', ['netns', 'exec', ns, command, ...args], options),
     destroy,
   };
