@@ -5,7 +5,8 @@
  *
  *   npm run load:vm-handoff -- [--rate-mbit 10] [--json]
  *
- * QEMU migrates RAM only here (its disk is assumed shared); the handoff moves RAM and disk. Wire
+ * The handoff runs as deployed: the source cloudlet's nats-server and actors already run, its base
+ * VM is indexed. QEMU migrates RAM only here (its disk is assumed shared); the handoff moves RAM and disk. Wire
  * bytes are tc's counter on the source's end of the link (headers included), the same for all. A
  * QEMU pre-copy that has not converged after 300 s is cancelled and reported as such (`null` total
  * in --json).
@@ -17,6 +18,8 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { formatTable } from '../cli/summary.js';
 import { stopProcess } from '../shared/child.js';
+import { spawnActor, stopActors } from '../cli/actors.js';
+import { startEmbeddedNats } from '../shared/nats-server.js';
 import { startQemu } from '../shared/vm/qemu.js';
 import { QmpClient } from '../shared/vm/qmp.js';
 import { migrateOn } from './lib/hosts.js';
@@ -54,10 +57,13 @@ const SESSION_TICKS = 20;
 async function handoffRun(): Promise<Row> {
   const vm = await startTestVm(join(dir, 'handoff-src'), srcNs);
   const receiver = await spawnVmDestination(vm, join(dir, 'handoff-dst'), `${link.destIp}:7300`, destNs);
+  // the source cloudlet as deployed: its nats-server and actors already run
+  const nats = await startEmbeddedNats({ prefix: srcNs });
+  const actors = (['capture', 'dedup', 'delta', 'compress', 'compress', 'sender'] as const).map((name) => spawnActor(name, nats.url, { prefix: srcNs }));
   try {
     await vm.vm.waitCounter(vm.vm.counter() + SESSION_TICKS);
     const sentBefore = link.sentBytes();
-    const s = await migrateOn(srcNs, liveMigrateArgs(vm, receiver.address));
+    const s = await migrateOn(srcNs, ['--external-actors', '--nats', nats.url, ...liveMigrateArgs(vm, receiver.address)]);
     const wireBytes = link.sentBytes() - sentBefore;
     if (!s.verified) throw new Error(`handoff failed: ${s.reason}`);
     const { result } = await receiver.exited;
@@ -65,6 +71,8 @@ async function handoffRun(): Promise<Row> {
     say(`handoff: ${s.handoffSeconds.toFixed(1)} s, downtime ${s.downtimeMs} ms, rounds ${s.rounds?.map((r) => r.dirtyPages).join('/')}`);
     return { system: 'handoff', totalSeconds: s.handoffSeconds, downtimeMs: s.downtimeMs ?? NaN, wireBytes };
   } finally {
+    await stopActors(actors);
+    await nats.stop();
     await stopProcess(receiver.child, 5000);
     await vm.vm.kill();
   }

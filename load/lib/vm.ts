@@ -7,6 +7,7 @@ import { copyFileSync, mkdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawnReceiverProcess, type ReceiverProcess } from '../../cli/receive.js';
+import { loadBaseIndex } from '../../shared/base-index.js';
 import { buildGuest, type GuestFiles } from '../../shared/testdata/guest.js';
 import { saveDeviceState, startQemu, type RunningVm, type VmDescription, type VmPaths } from '../../shared/vm/qemu.js';
 
@@ -45,6 +46,8 @@ export async function startTestVm(dir: string, prefix?: string[], memoryBytes = 
     await vm.qmp.execute('cont');
     // the capture actor takes the QMP socket (one client at a time) for the stop
     vm.qmp.close();
+    // a cloudlet holds its base VM indexed (the index is cached beside it, keyed by content)
+    await Promise.all([loadBaseIndex(base.memory), loadBaseIndex(base.disk)]);
     return { vm, description, descriptionFile, paths, guest, base };
   } catch (err) {
     await vm.kill();
