@@ -418,7 +418,12 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     stop: async () => {
       for (const socket of sockets) socket.destroy();
       await new Promise<void>((resolve) => server.close(() => resolve()));
-      for (const s of states.values()) if (!s.finished) s.store.discard();
+      for (const s of states.values()) {
+        if (s.finished) continue;
+        s.store.discard();
+        // a VM waiting for a handoff that will not finish here
+        void s.vm?.then((v) => v.abort()).catch(() => undefined);
+      }
       await bus.close();
     },
   };

@@ -122,13 +122,15 @@ export class QmpClient {
 
   /** Polls query-migrate until it completes (or fails, naming QEMU's reason). */
   async waitMigration(timeoutMs = 60_000): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
+    const started = Date.now();
+    const deadline = started + timeoutMs;
     for (;;) {
       const s = await this.execute('query-migrate');
       if (s.status === 'completed') return;
       if (s.status === 'failed' || s.status === 'cancelled') throw new QmpError(`migration ${s.status}: ${s['error-desc'] ?? 'no reason given'}`);
       if (Date.now() > deadline) throw new QmpError(`migration still ${s.status ?? 'not started'} after ${timeoutMs / 1000} s`);
-      await new Promise((r) => setTimeout(r, 20));
+      // a device state takes tens of milliseconds and is downtime: poll finely at first
+      await new Promise((r) => setTimeout(r, Date.now() - started < 2000 ? 5 : 100));
     }
   }
 
