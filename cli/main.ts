@@ -21,7 +21,7 @@ const HELP: Record<string, string> = {
 
 Usage:
   handoff demo      [options]   both cloudlets on this machine, generated images, progress and summary
-  handoff migrate   [options]   hand a VM's images off to a destination receiver
+  handoff migrate   [options]   hand a VM (images, or a running QEMU guest) off to a destination
   handoff receive   [options]   be the destination: rebuild the images, verify, exit
   handoff profile   [options]   measure every mode's cost and ratio: the tuner's profile
   handoff actor NAME --nats URL run one actor (${ACTOR_NAMES.join(', ')}) as a service
@@ -38,7 +38,7 @@ The WAN link is TLS 1.3, authenticated at both ends; both sides read the same va
 'handoff demo' makes a key for its run. NATS credentials: user:password in the --nats URL, or
 HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or an nkey seed in HANDOFF_NATS_NKEY_SEED (each also as
 *_FILE).`,
-  migrate: `handoff migrate: hand off a VM given as image files
+  migrate: `handoff migrate: hand off a VM: its image files, or a running QEMU guest (--qmp)
 
   --base-memory F --memory F     base memory snapshot and current memory (same size, 4 KiB pages)
   --base-disk F --disk F         base disk and current disk (same size, 4 KiB blocks)
