@@ -79,6 +79,8 @@ export interface ReceiverProcessOptions {
   vm?: ResumeOptions;
   /** extra environment for it */
   env?: NodeJS.ProcessEnv;
+  /** in a process group of its own, which a test can kill whole (not on Ctrl-C with ours, though) */
+  ownProcessGroup?: boolean;
 }
 
 /**
@@ -94,6 +96,8 @@ export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<R
   const child = spawn(command!, [...prefixArgs, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn', ...o.env },
+    // its own process group: `kill(-pid)` takes its nats-server along (a cloudlet going down)
+    detached: o.ownProcessGroup ?? false,
   });
   let stdout = '';
   child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));

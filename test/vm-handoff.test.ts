@@ -94,7 +94,7 @@ describe('live handoff of a running QEMU VM', { timeout: 600_000, skip: isRoot ?
   test('the destination dies mid-handoff: the source VM runs again, and says why', async () => {
     const vm = await startTestVm(join(dir, 'source-2'));
     const destDir = join(dir, 'destination-2');
-    const receiver = await spawnVmDestination(vm, destDir, `${link.destIp}:7301`, ['ip', 'netns', 'exec', link.destNs]);
+    const receiver = await spawnVmDestination(vm, destDir, `${link.destIp}:7301`, ['ip', 'netns', 'exec', link.destNs], true);
     try {
       await vm.vm.waitCounter(vm.vm.counter() + 16);
       // a slow link and one pre-copy round: the final round takes seconds, in which the destination
@@ -105,7 +105,8 @@ describe('live handoff of a running QEMU VM', { timeout: 600_000, skip: isRoot ?
         const c = vm.vm.counter();
         if (c === watched.counter && Date.now() - watched.since > 1500 && !killed) {
           killed = true;
-          receiver.child.kill('SIGKILL');
+          // the whole destination cloudlet: receiver, its nats-server (one process group) and its VM
+          process.kill(-receiver.child.pid!, 'SIGKILL');
           try {
             execFileSync('pkill', ['-9', '-f', destDir]);
           } catch {

@@ -79,7 +79,7 @@ export function liveMigrateArgs(vm: TestVm, to: string, extra: string[] = []): s
  * The destination cloudlet of a VM handoff: its copy of the base VM, and `handoff receive
  * --resume-vm` in the destination namespace (`prefix`), listening on `listen`.
  */
-export async function spawnVmDestination(vm: TestVm, dir: string, listen: string, prefix: string[]): Promise<ReceiverProcess> {
+export async function spawnVmDestination(vm: TestVm, dir: string, listen: string, prefix: string[], ownProcessGroup = false): Promise<ReceiverProcess> {
   const base = destinationBase(vm, join(dir, 'base'));
   return spawnReceiverProcess({
     baseMemory: base.memory,
@@ -88,5 +88,6 @@ export async function spawnVmDestination(vm: TestVm, dir: string, listen: string
     listen,
     prefix,
     vm: { kernel: vm.guest.kernel, initrd: vm.guest.initrd, baseDeviceState: base.deviceState },
+    ownProcessGroup,
   });
 }
