@@ -47,10 +47,7 @@ export async function demo(o: DemoOptions): Promise<number> {
     say(`destination cloudlet listening on ${receiver.address}; handing off at ${o.bandwidth}, ${o.adaptive ? 'adaptive mode' : formatMode(o.mode)}, ${o.compressWorkers} compress workers`);
 
     const summary = await migrate({
-      baseMemory: images.baseMemory,
-      memory: images.memory,
-      baseDisk: images.baseDisk,
-      disk: images.disk,
+      ...images,
       to: receiver.address,
       mode: o.mode,
       adaptive: o.adaptive,

@@ -152,10 +152,7 @@ async function whole(images: ImageSet, mode: Mode, compressWorkers: number): Pro
   const receiver = await spawnReceiverProcess({ baseMemory: images.baseMemory, baseDisk: images.baseDisk, outDir: join(dir, 'out') });
   try {
     const s = await migrate({
-      baseMemory: images.baseMemory,
-      memory: images.memory,
-      baseDisk: images.baseDisk,
-      disk: images.disk,
+      ...images,
       to: receiver.address,
       mode,
       compressWorkers,

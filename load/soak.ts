@@ -66,10 +66,7 @@ let verified = 0;
 try {
   for (let i = 0; i < count; i++) {
     const summary = await migrate({
-      baseMemory: images.baseMemory,
-      memory: images.memory,
-      baseDisk: images.baseDisk,
-      disk: images.disk,
+      ...images,
       to: receiver.address,
       mode: DEFAULT_MODE,
       adaptive: true,

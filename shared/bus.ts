@@ -246,17 +246,9 @@ export function publishStats(bus: Bus, stats: StageStats): void {
   bus.nc.publish(statsSubject(stats.migrationId, stats.stage), JSON.stringify(stats));
 }
 
+/** An event, ridden through a bus outage like work (the events stream never fills: it drops its oldest). */
 export async function publishEvent(bus: Bus, migrationId: string, event: MigrationEvent): Promise<void> {
-  const outageSince = performance.now();
-  for (;;) {
-    try {
-      await bus.js.publish(eventSubject(migrationId, event.type), encodeEvent(event));
-      return;
-    } catch (err) {
-      if (!isTransient(err) || performance.now() - outageSince > OUTAGE_BUDGET_MS) throw err;
-      await sleep(250);
-    }
-  }
+  await publishWork(bus, eventSubject(migrationId, event.type), encodeEvent(event));
 }
 
 export type { JsMsg, MsgHdrs, NatsConnection };

@@ -15,6 +15,11 @@ export class BaseMismatchError extends Error {
   override name = 'BaseMismatchError';
 }
 
+/** The destination refused the migration before any page moved (another base, sizes, no VM support), naming why. */
+export class RefusedError extends Error {
+  override name = 'RefusedError';
+}
+
 /** The rebuilt image does not match what the source read. */
 export class VerificationError extends Error {
   override name = 'VerificationError';

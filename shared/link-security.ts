@@ -6,6 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { secretFromEnv } from './secrets.js';
 import { connect as netConnect, createServer as netCreateServer, type Server, type Socket } from 'node:net';
 import { connect as tlsConnect, createServer as tlsCreateServer, type TLSSocket } from 'node:tls';
 
@@ -26,21 +27,14 @@ export class LinkSecurityError extends Error {
   override name = 'LinkSecurityError';
 }
 
+/** The peer did not accept our credentials (or offered none we accept): no retry will help. */
+export class LinkAuthError extends Error {
+  override name = 'LinkAuthError';
+}
+
 const PSK_IDENTITY = 'cloudlet-handoff';
 /** TLS 1.3 suites (chosen by OpenSSL; PSK needs a SHA-256 one to match the key's hash) */
 const TLS13 = { minVersion: 'TLSv1.3', maxVersion: 'TLSv1.3' } as const;
-
-function readSecret(name: string, env: NodeJS.ProcessEnv): Buffer | undefined {
-  const value = env[name];
-  const file = env[`${name}_FILE`];
-  if (value) return Buffer.from(value);
-  if (!file) return undefined;
-  try {
-    return readFileSync(file);
-  } catch (err) {
-    throw new LinkSecurityError(`${name}_FILE: cannot read ${file}: ${(err as Error).message}`);
-  }
-}
 
 /** A PEM value or a file holding it: HANDOFF_LINK_CERT may be either. */
 function readPem(name: string, env: NodeJS.ProcessEnv): Buffer | undefined {
@@ -52,7 +46,7 @@ function readPem(name: string, env: NodeJS.ProcessEnv): Buffer | undefined {
       throw new LinkSecurityError(`${name}: cannot read ${value}: ${(err as Error).message}`);
     }
   }
-  return readSecret(name, env);
+  return secretFromEnv(name, env);
 }
 
 /** The key as hex (64+ digits = 32+ bytes), or raw bytes from a file. */
@@ -65,7 +59,7 @@ function parsePsk(raw: Buffer): Buffer {
 
 /** Reads the link's credentials from the environment (both ends use the same variables). */
 export function linkSecurityFromEnv(env: NodeJS.ProcessEnv = process.env): LinkSecurity {
-  const psk = readSecret(LINK_ENV.psk, env);
+  const psk = secretFromEnv(LINK_ENV.psk, env);
   const cert = readPem(LINK_ENV.cert, env);
   const key = readPem(LINK_ENV.key, env);
   const ca = readPem(LINK_ENV.ca, env);
@@ -91,14 +85,14 @@ export function ensureLocalLinkKey(env: NodeJS.ProcessEnv = process.env): void {
   }
 }
 
-/** Names the likely cause of a failed TLS handshake, for the logs of both ends. */
-export function explainHandshakeError(err: Error, security: LinkSecurity): string {
+/** Names the likely cause of a failed TLS handshake, for the logs of both ends: an authentication failure or another error. */
+export function explainHandshakeError(err: Error, security: LinkSecurity): Error {
   const m = err.message;
-  if (security.kind === 'psk' && /binder does not verify|illegal parameter|decrypt/i.test(m)) return 'authentication failed: the peer holds another pre-shared key';
-  if (/wrong version number|unknown protocol|http request|packet length too long/i.test(m)) return 'authentication failed: the peer does not speak TLS (no link credentials configured on its side?)';
-  if (/no shared cipher|no suitable|handshake failure|psk/i.test(m)) return `authentication failed: the peer offered no acceptable credential (${security.kind === 'psk' ? 'no pre-shared key' : 'no certificate'}?)`;
-  if (/certificate|unable to verify|self.signed|verify/i.test(m)) return `authentication failed: certificate not accepted (${m.split('\n')[0]})`;
-  return m.split('\n')[0]!;
+  if (security.kind === 'psk' && /binder does not verify|illegal parameter|decrypt/i.test(m)) return new LinkAuthError('authentication failed: the peer holds another pre-shared key');
+  if (/wrong version number|unknown protocol|http request|packet length too long/i.test(m)) return new LinkAuthError('authentication failed: the peer does not speak TLS (no link credentials configured on its side?)');
+  if (/no shared cipher|no suitable|handshake failure|psk/i.test(m)) return new LinkAuthError(`authentication failed: the peer offered no acceptable credential (${security.kind === 'psk' ? 'no pre-shared key' : 'no certificate'}?)`);
+  if (/certificate|unable to verify|self.signed|verify/i.test(m)) return new LinkAuthError(`authentication failed: certificate not accepted (${m.split('\n')[0]})`);
+  return new Error(m.split('\n')[0]!);
 }
 
 /** Connects to the destination; resolves once the link is authenticated (TLS) or connected (insecure). */
@@ -133,12 +127,12 @@ export function dialLink(host: string, port: number, security: LinkSecurity, tim
     socket.once('error', (err) => {
       clearTimeout(timer);
       socket.destroy();
-      reject(new Error(security.kind === 'insecure' ? err.message : explainHandshakeError(err, security)));
+      reject(security.kind === 'insecure' ? err : explainHandshakeError(err, security));
     });
     // a peer that closes during the handshake (it refused our credentials) ends here
     socket.once('close', () => {
       clearTimeout(timer);
-      reject(new Error(security.kind === 'insecure' ? 'connection closed' : 'authentication failed: the destination closed the link during the TLS handshake'));
+      reject(security.kind === 'insecure' ? new Error('connection closed') : new LinkAuthError('authentication failed: the destination closed the link during the TLS handshake'));
     });
   });
 }
@@ -155,7 +149,7 @@ export function createLinkServer(security: LinkSecurity, onConnection: (socket: 
       ? tlsCreateServer({ ...TLS13, pskCallback: (_socket, identity) => (identity === security.identity ? security.key : null) }, secured)
       : tlsCreateServer({ ...TLS13, cert: security.cert, key: security.key, ca: security.ca, requestCert: true, rejectUnauthorized: true }, secured);
   server.on('tlsClientError', (err, socket) => {
-    onRefused(`${socket.remoteAddress}:${socket.remotePort}`, explainHandshakeError(err, security));
+    onRefused(`${socket.remoteAddress}:${socket.remotePort}`, explainHandshakeError(err, security).message);
     socket.destroy();
   });
   return server;

@@ -3,7 +3,7 @@
  * seed. Secrets come from the environment or files, never from a command line another user can
  * read: a URL with credentials is split, and child processes get them through their environment.
  */
-import { readFileSync } from 'node:fs';
+import { secretFromEnv } from './secrets.js';
 import { nkeyAuthenticator, type Authenticator } from '@nats-io/transport-node';
 
 export interface NatsAuth {
@@ -20,15 +20,9 @@ export const NATS_AUTH_ENV = {
   nkeySeed: 'HANDOFF_NATS_NKEY_SEED',
 } as const;
 
+/** A credential as text (a file's trailing newline dropped). */
 function fromEnv(name: string, env: NodeJS.ProcessEnv): string | undefined {
-  if (env[name]) return env[name];
-  const file = env[`${name}_FILE`];
-  if (!file) return undefined;
-  try {
-    return readFileSync(file, 'utf8').trim();
-  } catch (err) {
-    throw new Error(`${name}_FILE: cannot read ${file}: ${(err as Error).message}`);
-  }
+  return env[name] || secretFromEnv(name, env)?.toString('utf8').trim();
 }
 
 /** Splits `nats://user:pass@host:port` into a URL without credentials and the credentials. */

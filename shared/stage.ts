@@ -12,7 +12,7 @@ import type { MigrationDescriptor, StageStats } from './migration.js';
 import type { Mode } from './mode.js';
 import { DescriptorCache, ModeWatcher, UnknownMigrationError } from './registry.js';
 import { workSubject, type WorkStage } from './subjects.js';
-import { chunkTraced, headersFor, observeQueueDepth, startSpan, traceparentFrom, traceparentOf } from './telemetry.js';
+import { headersFor, observeQueueDepth, startSpan, traceparentFrom, traceparentOf } from './telemetry.js';
 
 export interface StageOutput {
   chunk: Chunk;
@@ -124,9 +124,9 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
       const cpuStart = process.cpuUsage();
       const wallStart = performance.now();
       const mode = modes.get(chunk.migrationId, descriptor.mode);
-      // a traced chunk (capture decided, by seq) gets this stage's span, child of the previous stage's
+      // only traced chunks carry a traceparent (capture chose them): this stage's span, child of the previous stage's
       const parent = traceparentFrom(m.headers);
-      const span = parent && chunkTraced(chunk.seq, descriptor.traceEveryChunks) ? startSpan(`${actor.name} chunk`, parent, { 'handoff.actor': actor.name, 'handoff.seq': chunk.seq, 'handoff.part': chunk.part, 'handoff.instance': instance }) : undefined;
+      const span = parent ? startSpan(`${actor.name} chunk`, parent, { 'handoff.actor': actor.name, 'handoff.seq': chunk.seq, 'handoff.part': chunk.part, 'handoff.instance': instance }) : undefined;
       const result = await actor.handle(chunk, { descriptor, mode, log: mlog });
       span?.setAttributes({ 'handoff.mode': `${mode.delta}+${mode.compressor}:${mode.level}`, 'handoff.bytes_in': chunk.body.byteLength });
       span?.end();
@@ -205,16 +205,10 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
     })();
     return stopping;
   };
-  // queue depth for the metrics: what waits for this stage (read every 2 s, served when scraped)
-  let depth = 0;
-  const depthTimer = setInterval(() => {
-    void bus.jsm.consumers.info(streamOf(actor.input), durable).then(
-      (info) => (depth = info.num_pending + info.num_ack_pending),
-      () => undefined,
-    );
-  }, 2000);
-  depthTimer.unref();
-  observeQueueDepth(() => ({ [actor.input]: depth }));
-  void done.finally(() => clearInterval(depthTimer));
+  // queue depth for the metrics: what waits for this stage, asked of JetStream when scraped
+  observeQueueDepth(async () => {
+    const info = await bus.jsm.consumers.info(streamOf(actor.input), durable);
+    return { [actor.input]: info.num_pending + info.num_ack_pending };
+  });
   return { bus, done, stop, ready: () => !stopping && bus.connected() };
 }

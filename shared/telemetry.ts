@@ -137,11 +137,12 @@ export function recordStats(s: StageStats): void {
   if (s.counts?.bandwidthBps) instruments.bandwidth.record(s.counts.bandwidthBps, { stage: s.stage });
 }
 
-/** A queue-depth gauge, read when scraped. */
-export function observeQueueDepth(read: () => Record<string, number>): void {
+/** A queue-depth gauge, read when scraped (a failed read leaves it out of that scrape). */
+export function observeQueueDepth(read: () => Promise<Record<string, number>>): void {
   meter()
     .createObservableGauge('handoff_queue_depth', { description: 'messages waiting in each work queue' })
-    .addCallback((result) => {
-      for (const [stage, depth] of Object.entries(read())) result.observe(depth, { stage });
+    .addCallback(async (result) => {
+      const depths = await read().catch(() => ({}));
+      for (const [stage, depth] of Object.entries(depths)) result.observe(depth, { stage });
     });
 }

@@ -66,13 +66,15 @@ async function stopAndCopy(bus: Bus, d: MigrationDescriptor, round: number, reco
   const live = d.live!;
   const qmp = await QmpClient.connect(live.qmpSocket, 10_000);
   const stateFile = join(tmpdir(), `handoff-devstate-${d.migrationId}-${process.pid}`);
+  // read while the VM still runs: what the stop waits for is downtime
+  const baseState = await readFile(live.baseDeviceState);
   const stoppedAtMs = Date.now();
   await qmp.execute('stop');
   log.info('VM stopped: stop-and-copy', { round });
   try {
     // RAM is frozen once the VM stops and the device state excludes it: both at once
     const [, r] = await Promise.all([saveDeviceState(qmp, stateFile), captureRound(bus, d, round, log, records)]);
-    const [state, baseState] = await Promise.all([readFile(stateFile), readFile(live.baseDeviceState)]);
+    const state = await readFile(stateFile);
     // level 3: the long matches against the base are found all the same, in milliseconds (downtime)
     const deviceState = encodePatch(state, baseState, 3).toString('base64');
     rounds.push({ round, dirtyPages: r.dirtyPages, seconds: Number(r.seconds.toFixed(3)), decision: 'stop-and-copy' });

@@ -4,8 +4,7 @@
  * the images are verified, and `cont` only when the source says go: the source is stopped for good
  * by then, so there are never two running copies.
  */
-import { writeFile } from 'node:fs/promises';
-import { readFileSync } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { decodePatch } from '../../shared/codecs/patch.js';
 import type { Logger } from '../../shared/log.js';
@@ -29,13 +28,15 @@ export class VmResumer {
 
   private constructor(
     private readonly vm: RunningVm,
-    private readonly options: ResumeOptions,
+    /** the base's device state, read ahead: loading the source's is downtime */
+    private readonly baseDeviceState: Buffer,
     private readonly dir: string,
     private readonly log: Logger,
   ) {}
 
   /** Starts the destination's QEMU, waiting for its device state, on the (partial) rebuilt images. */
   static async prepare(description: VmDescription, options: ResumeOptions, images: { memory: string; disk: string }, dir: string, log: Logger): Promise<VmResumer> {
+    const baseDeviceState = await readFile(options.baseDeviceState);
     const vm = await startQemu(
       description,
       { memoryFile: images.memory, disk: images.disk, kernel: options.kernel, initrd: options.initrd, qmpSocket: join(dir, 'qmp.sock'), serialLog: join(dir, 'serial.log') },
@@ -43,7 +44,7 @@ export class VmResumer {
       { incoming: true, detached: true },
     );
     log.info('destination VM started, waiting for its state', { pid: vm.child.pid });
-    return new VmResumer(vm, options, dir, log);
+    return new VmResumer(vm, baseDeviceState, dir, log);
   }
 
   get info(): ResumedVm {
@@ -52,7 +53,7 @@ export class VmResumer {
 
   /** Loads the source's device state (encoded against the base's). */
   async load(deviceStatePatch: string): Promise<void> {
-    const state = decodePatch(Buffer.from(deviceStatePatch, 'base64'), readFileSync(this.options.baseDeviceState));
+    const state = decodePatch(Buffer.from(deviceStatePatch, 'base64'), this.baseDeviceState);
     const file = join(this.dir, 'device-state.bin');
     await writeFile(file, state);
     await loadDeviceState(this.vm.qmp, file);

@@ -7,8 +7,8 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { Socket } from 'node:net';
-import { BaseMismatchError, MalformedMessageError, errorMessage } from '../../shared/errors.js';
-import { dialLink, type LinkSecurity } from '../../shared/link-security.js';
+import { MalformedMessageError, RefusedError, errorMessage } from '../../shared/errors.js';
+import { LinkAuthError, dialLink, type LinkSecurity } from '../../shared/link-security.js';
 import type { Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult } from '../../shared/migration.js';
 import {
@@ -46,8 +46,13 @@ export interface LinkOptions {
   log?: Logger;
 }
 
-/** A link failure that no reconnection can mend (refused, not authenticated, a bad peer). */
+/** A link failure that no reconnection can mend (not authenticated, a bad peer). */
 class FatalLinkError extends Error {}
+
+/** The destination's own answer that it cannot go on (an ERROR frame, not a lost link). */
+export class DestinationError extends FatalLinkError {
+  override name = 'DestinationError';
+}
 
 interface PendingFrame {
   pieces: [Buffer, Uint8Array];
@@ -124,7 +129,7 @@ export class WanLink {
     return this.options.hello.migrationId;
   }
 
-  /** Connects and shakes hands; rejects with BaseMismatchError when the destination refuses. */
+  /** Connects and shakes hands; rejects with RefusedError when the destination refuses. */
   static async open(options: LinkOptions): Promise<{ link: WanLink; destinationBaseHashes: ImageDigests }> {
     const link = new WanLink(options);
     try {
@@ -134,7 +139,7 @@ export class WanLink {
     } catch (err) {
       clearInterval(link.watchdog);
       link.closed = true;
-      throw err instanceof FatalLinkError || err instanceof BaseMismatchError ? err : new Error(`cannot reach destination ${options.address}: ${errorMessage(err)}`);
+      throw err instanceof FatalLinkError || err instanceof RefusedError ? err : new Error(`cannot reach destination ${options.address}: ${errorMessage(err)}`);
     }
   }
 
@@ -145,8 +150,7 @@ export class WanLink {
     try {
       socket = await dialLink(host, port, this.options.security, this.handshakeTimeoutMs);
     } catch (err) {
-      const reason = errorMessage(err);
-      throw /^authentication failed/.test(reason) ? new FatalLinkError(`WAN link to ${this.options.address}: ${reason}`) : err;
+      throw err instanceof LinkAuthError ? new FatalLinkError(`WAN link to ${this.options.address}: ${err.message}`) : err;
     }
     const conn: Connection = { socket, lastProgressMs: performance.now(), receivedBytes: 0 };
     const reader = new FrameReader();
@@ -184,11 +188,11 @@ export class WanLink {
                 const reason = parseReason(frame, 'refuse');
                 clearTimeout(timer);
                 socket.destroy();
-                reject(/base differs|sizes differ/.test(reason) ? new BaseMismatchError(reason) : new FatalLinkError(`destination refused: ${reason}`));
+                reject(new RefusedError(reason));
                 return;
               } else if (frame.type === FrameType.Error) {
                 const e = parseLinkError(frame);
-                lost(e.resumable ? new Error(`destination: ${e.reason}`) : new FatalLinkError(`destination: ${e.reason}`));
+                lost(e.resumable ? new Error(`destination: ${e.reason}`) : new DestinationError(`destination: ${e.reason}`));
                 return;
               } else throw new MalformedMessageError(`frame type ${frame.type} before the handshake's answer`);
             } else this.onFrame(conn, frame);
@@ -243,7 +247,7 @@ export class WanLink {
       case FrameType.Error: {
         const e = parseLinkError(frame);
         if (e.resumable) this.onDrop(conn, new Error(`destination: ${e.reason}`));
-        else this.fail(new FatalLinkError(`destination: ${e.reason}`));
+        else this.fail(new DestinationError(`destination: ${e.reason}`));
         return;
       }
       default:
@@ -317,7 +321,7 @@ export class WanLink {
         return;
       } catch (err) {
         lastError = err as Error;
-        if (err instanceof FatalLinkError || err instanceof BaseMismatchError) {
+        if (err instanceof FatalLinkError || err instanceof RefusedError) {
           this.fail(err);
           return;
         }

@@ -6,7 +6,7 @@
 import { hostname } from 'node:os';
 import { SpanStatusCode } from '@opentelemetry/api';
 import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, connectBus, ensureEventConsumer, ensureWorkConsumer, publishEvent, publishStats, resizeWireQueue, streamOf, type Bus, type JsMsg } from '../../shared/bus.js';
-import { BaseMismatchError, errorMessage } from '../../shared/errors.js';
+import { RefusedError, errorMessage } from '../../shared/errors.js';
 import type { RunningService } from '../../shared/stage.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { parseEvent, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
@@ -15,7 +15,7 @@ import { STREAMS } from '../../shared/subjects.js';
 import { startSpan, traceparentFrom, traceparentOf } from '../../shared/telemetry.js';
 import type { Hello } from '../../shared/wire.js';
 import { linkSecurityFromEnv } from '../../shared/link-security.js';
-import { WanLink } from './link.js';
+import { DestinationError, WanLink } from './link.js';
 
 /**
  * Unacknowledged bytes on the link: about a second of the measured bandwidth, enough to keep the
@@ -106,12 +106,12 @@ export async function runSenderService(natsUrl: string): Promise<RunningService>
               span.end();
               // the destination saying it could not resume is an answer (its VM does not run); a lost
               // link is not: the destination may be running the VM
-              const answered = /^destination: /.test(errorMessage(err));
+              const answered = err instanceof DestinationError;
               mlog.error(answered ? 'destination could not resume the VM' : 'destination told to resume, then lost: its VM state is unknown', { reason: errorMessage(err) });
               await publishEvent(bus, d.migrationId, {
                 type: 'failed',
                 stage: 'sender',
-                reason: answered ? `${errorMessage(err)}` : `link lost after the destination was told to resume the VM (${errorMessage(err)}): the source VM stays stopped`,
+                reason: answered ? errorMessage(err) : `link lost after the destination was told to resume the VM (${errorMessage(err)}): the source VM stays stopped`,
                 ...(answered ? {} : { committed: true }),
               }).catch(() => undefined);
               links.delete(d.migrationId);
@@ -153,7 +153,7 @@ export async function runSenderService(natsUrl: string): Promise<RunningService>
         } catch (err) {
           const reason = errorMessage(err);
           mlog.error(`${type} failed`, { reason });
-          if (err instanceof BaseMismatchError) await publishEvent(bus, migrationId, { type: 'refused', reason });
+          if (err instanceof RefusedError) await publishEvent(bus, migrationId, { type: 'refused', reason });
           else await publishEvent(bus, migrationId, { type: 'failed', stage: 'sender', reason }).catch(() => undefined);
         } finally {
           m.ack();

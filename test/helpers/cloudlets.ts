@@ -68,10 +68,7 @@ export async function startDestination(ws: Workspace, name = 'rebuilt', bases?: 
 
 export function migrateOptions(ws: Workspace, to: string, extra: Partial<MigrateOptions> = {}): MigrateOptions {
   return {
-    baseMemory: ws.images.baseMemory,
-    memory: ws.images.memory,
-    baseDisk: ws.images.baseDisk,
-    disk: ws.images.disk,
+    ...ws.images,
     to,
     mode: DEFAULT_MODE,
     compressWorkers: 1,
