@@ -92,7 +92,7 @@ describe('live handoff of a running QEMU VM', { timeout: 600_000, skip: isRoot ?
   });
 
   test('the destination dies mid-handoff: the source VM runs again, and says why', async () => {
-    const vm = await startTestVm(join(dir, 'source-2'));
+    const vm = await startTestVm(join(dir, 'source-2'), { workingSetFiles: 128 });
     const destDir = join(dir, 'destination-2');
     const receiver = await spawnVmDestination(vm, destDir, `${link.destIp}:7301`, ['ip', 'netns', 'exec', link.destNs], true);
     try {

@@ -22,11 +22,20 @@ export interface TestVm {
   base: { memory: string; disk: string; deviceState: string };
 }
 
-/** `prefix`: a command QEMU runs under, e.g. ['ip', 'netns', 'exec', NS] on the source host. */
-export async function startTestVm(dir: string, prefix?: string[], memoryBytes = 256 << 20, diskBytes = 32 << 20): Promise<TestVm> {
+export interface TestVmOptions {
+  /** a command QEMU runs under, e.g. ['ip', 'netns', 'exec', NS] on the source host */
+  prefix?: string[];
+  /** tmpfs files the guest's writes rotate over: 1 (default) about 1 MiB of working set, 128 16 MiB */
+  workingSetFiles?: number;
+  memoryBytes?: number;
+  diskBytes?: number;
+}
+
+export async function startTestVm(dir: string, options: TestVmOptions = {}): Promise<TestVm> {
+  const { prefix, workingSetFiles = 1, memoryBytes = 256 << 20, diskBytes = 32 << 20 } = options;
   mkdirSync(dir, { recursive: true });
   const guest = buildGuest(GUEST_CACHE);
-  const description: VmDescription = { memoryBytes, cpus: 1, append: 'console=ttyS0 quiet panic=-1' };
+  const description: VmDescription = { memoryBytes, cpus: 1, append: `console=ttyS0 quiet panic=-1 handoff.files=${workingSetFiles}` };
   const descriptionFile = join(dir, 'vm.json');
   writeFileSync(descriptionFile, JSON.stringify(description));
   const paths: VmPaths = { memoryFile: join(dir, 'memory.ram'), disk: join(dir, 'disk.img'), kernel: guest.kernel, initrd: guest.initrd, qmpSocket: join(dir, 'qmp.sock'), serialLog: join(dir, 'serial.log') };
@@ -89,5 +98,6 @@ export async function spawnVmDestination(vm: TestVm, dir: string, listen: string
     prefix,
     vm: { kernel: vm.guest.kernel, initrd: vm.guest.initrd, baseDeviceState: base.deviceState },
     ownProcessGroup,
+    forwardLogs: process.env.HANDOFF_LOG_LEVEL === 'info' || process.env.HANDOFF_LOG_LEVEL === 'debug',
   });
 }

@@ -43,38 +43,64 @@ export function dirtyPagesOf(
     const at = index * STRONG_HASH_BYTES;
     if (at + STRONG_HASH_BYTES > ref.byteLength || hash.compare(ref, at, at + STRONG_HASH_BYTES) !== 0) dirty.push({ index, page, hash });
   }
+  if (record) recordGroups(block, firstIndex, record);
   return dirty;
 }
 
-/** Every page's strong hash and xxh64 as a round read them: what the next round compares with. */
-export interface PageRecord {
-  strong: Buffer;
-  checks: BigUint64Array;
-}
+/** Pages per group: later rounds first compare one xxh64 per 64 KiB, then the pages of changed groups. */
+export const GROUP_PAGES = 16;
 
-export function newPageRecord(pages: number): PageRecord {
-  return { strong: Buffer.alloc(pages * STRONG_HASH_BYTES), checks: new BigUint64Array(pages) };
+function recordGroups(block: Uint8Array, firstIndex: number, record: PageRecord): void {
+  if (firstIndex % GROUP_PAGES !== 0) throw new RangeError(`block starts at page ${firstIndex}, not at a group of ${GROUP_PAGES} pages`);
+  const pages = block.byteLength / PAGE_SIZE;
+  for (let p = 0; p < pages; p += GROUP_PAGES) {
+    record.groups[(firstIndex + p) / GROUP_PAGES] = pageCheck(block.subarray(p * PAGE_SIZE, Math.min(pages, p + GROUP_PAGES) * PAGE_SIZE));
+  }
 }
 
 /**
- * Later rounds: the pages of `block` changed since the round before, found by xxh64 (~10 GB/s),
- * with the strong hash computed only for those; `record` is brought up to date in place, so that
- * its strong hashes give the image digest without hashing every page again (the final round
- * runs while the VM is stopped).
+ * Every page's strong hash and xxh64 as a round read them, and one xxh64 per group of pages: what
+ * the next round compares with.
+ */
+export interface PageRecord {
+  strong: Buffer;
+  checks: BigUint64Array;
+  groups: BigUint64Array;
+}
+
+export function newPageRecord(pages: number): PageRecord {
+  return { strong: Buffer.alloc(pages * STRONG_HASH_BYTES), checks: new BigUint64Array(pages), groups: new BigUint64Array(Math.ceil(pages / GROUP_PAGES)) };
+}
+
+/**
+ * Later rounds: the pages of `block` changed since the round before. A group whose xxh64 is
+ * unchanged is skipped (one hash per 64 KiB: ~30 ms for 288 MiB mapped, the final round runs while
+ * the VM is stopped); a changed group is copied first and everything after is computed on the copy,
+ * because `block` may be the guest's live memory: the group hash, page checks and strong hashes in
+ * `record` then describe exactly the bytes that are sent, whatever the guest writes meanwhile.
+ * `record`'s strong hashes give the image digest without hashing every page again.
  */
 export function changedPagesOf(block: Uint8Array, firstIndex: number, record: PageRecord): DirtyPage[] {
   if (block.byteLength % PAGE_SIZE !== 0) throw new RangeError(`block of ${block.byteLength} bytes is not whole pages`);
+  if (firstIndex % GROUP_PAGES !== 0) throw new RangeError(`block starts at page ${firstIndex}, not at a group of ${GROUP_PAGES} pages`);
   const changed: DirtyPage[] = [];
   const pages = block.byteLength / PAGE_SIZE;
-  for (let p = 0; p < pages; p++) {
-    const page = block.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
-    const index = firstIndex + p;
-    const check = pageCheck(page);
-    if (check === record.checks[index]) continue;
-    record.checks[index] = check;
-    const hash = strongHash(page);
-    hash.copy(record.strong, index * STRONG_HASH_BYTES);
-    changed.push({ index, page, hash });
+  for (let g = 0; g < pages; g += GROUP_PAGES) {
+    const groupIndex = (firstIndex + g) / GROUP_PAGES;
+    const live = block.subarray(g * PAGE_SIZE, Math.min(pages, g + GROUP_PAGES) * PAGE_SIZE);
+    if (pageCheck(live) === record.groups[groupIndex]) continue;
+    const group = Buffer.from(live);
+    record.groups[groupIndex] = pageCheck(group);
+    for (let p = 0; p < group.byteLength / PAGE_SIZE; p++) {
+      const page = group.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+      const index = firstIndex + g + p;
+      const check = pageCheck(page);
+      if (check === record.checks[index]) continue;
+      record.checks[index] = check;
+      const hash = strongHash(page);
+      hash.copy(record.strong, index * STRONG_HASH_BYTES);
+      changed.push({ index, page, hash });
+    }
   }
   return changed;
 }

@@ -4,7 +4,7 @@
  * is stopped over QMP, its device state saved (RAM is skipped: it is the shared file capture reads)
  * and the last round captured. If anything fails once the VM is stopped, it is resumed here.
  */
-import { readFile, rm } from 'node:fs/promises';
+import { open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { publishEvent, type Bus } from '../../shared/bus.js';
@@ -16,9 +16,10 @@ import { PAGE_SIZE } from '../../shared/pages.js';
 import { durableName, STREAMS, type WorkStage } from '../../shared/subjects.js';
 import { QmpClient } from '../../shared/vm/qmp.js';
 import { saveDeviceState } from '../../shared/vm/qemu.js';
-import { newPageRecord, type PageRecord } from './core.js';
+import { newPageRecord } from './core.js';
+import { mapImage } from './mapping.js';
 import { decideAfterRound, type RoundStat } from './policy.js';
-import { captureRound } from './round.js';
+import { captureRound, type LiveImages } from './round.js';
 
 /** What the stop costs besides the last round's pages: device state, the final scan, the resume. */
 const STOP_OVERHEAD_MS = 150;
@@ -40,7 +41,10 @@ async function waitDelivered(bus: Bus, d: MigrationDescriptor): Promise<void> {
 
 export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger): Promise<void> {
   const live = d.live!;
-  const records: [PageRecord, PageRecord] = [newPageRecord(d.memory.bytes / PAGE_SIZE), newPageRecord(d.disk.bytes / PAGE_SIZE)];
+  const images: LiveImages = {
+    records: [newPageRecord(d.memory.bytes / PAGE_SIZE), newPageRecord(d.disk.bytes / PAGE_SIZE)],
+    views: [await mapImage(d.memory.current, d.memory.bytes, log), await mapImage(d.disk.current, d.disk.bytes, log)],
+  };
   const history: RoundStat[] = [];
   const rounds: RoundRecord[] = [];
   for (let round = 0; ; round++) {
@@ -48,10 +52,10 @@ export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger)
     if (decision) rounds.at(-1)!.decision = decision.reason;
     if (decision) rounds.at(-1)!.predictedDowntimeMs = Math.round(decision.predictedDowntimeMs);
     if (decision?.final) {
-      await stopAndCopy(bus, d, round, records, rounds, log);
+      await stopAndCopy(bus, d, round, images, rounds, log);
       return;
     }
-    const r = await captureRound(bus, d, round, log, records);
+    const r = await captureRound(bus, d, round, log, images);
     await publishEvent(bus, d.migrationId, { type: 'captured', round, slices: r.slices, imageHashes: r.imageHashes, dirtyPages: r.dirtyPages, scannedBytes: r.scannedBytes, final: false });
     const started = performance.now() - r.seconds * 1000;
     await waitDelivered(bus, d);
@@ -62,18 +66,32 @@ export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger)
   }
 }
 
-async function stopAndCopy(bus: Bus, d: MigrationDescriptor, round: number, records: [PageRecord, PageRecord], rounds: RoundRecord[], log: Logger): Promise<void> {
+async function flushFile(path: string): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
+}
+
+async function stopAndCopy(bus: Bus, d: MigrationDescriptor, round: number, images: LiveImages, rounds: RoundRecord[], log: Logger): Promise<void> {
   const live = d.live!;
   const qmp = await QmpClient.connect(live.qmpSocket, 10_000);
   const stateFile = join(tmpdir(), `handoff-devstate-${d.migrationId}-${process.pid}`);
   // read while the VM still runs: what the stop waits for is downtime
   const baseState = await readFile(live.baseDeviceState);
+  // QEMU flushes the guest's disk when it stops: written back now, that flush finds little to do
+  await flushFile(d.disk.current);
   const stoppedAtMs = Date.now();
   await qmp.execute('stop');
-  log.info('VM stopped: stop-and-copy', { round });
+  const stopMs = Date.now() - stoppedAtMs;
+  log.info('VM stopped: stop-and-copy', { round, stopMs });
   try {
     // RAM is frozen once the VM stops and the device state excludes it: both at once
-    const [, r] = await Promise.all([saveDeviceState(qmp, stateFile), captureRound(bus, d, round, log, records)]);
+    const since = (t0: number) => () => Date.now() - t0;
+    const t0 = Date.now();
+    const [deviceStateMs, r] = await Promise.all([saveDeviceState(qmp, stateFile).then(since(t0)), captureRound(bus, d, round, log, images)]);
     const state = await readFile(stateFile);
     // level 3: the long matches against the base are found all the same, in milliseconds (downtime)
     const deviceState = encodePatch(state, baseState, 3).toString('base64');
@@ -90,7 +108,7 @@ async function stopAndCopy(bus: Bus, d: MigrationDescriptor, round: number, reco
       stoppedAtMs,
       rounds,
     });
-    log.info('final round captured', { round, dirtyPages: r.dirtyPages, deviceStateBytes: state.byteLength, encodedBytes: Math.round((deviceState.length * 3) / 4) });
+    log.info('final round captured', { round, dirtyPages: r.dirtyPages, deviceStateBytes: state.byteLength, encodedBytes: Math.round((deviceState.length * 3) / 4), deviceStateMs, scanMs: Math.round(r.seconds * 1000), sinceStopMs: Date.now() - stoppedAtMs });
   } catch (err) {
     // nothing reached the destination that it could resume: the source runs again
     log.error('stop-and-copy failed: resuming the source VM', { reason: errorMessage(err) });

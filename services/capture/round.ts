@@ -31,11 +31,17 @@ export interface RoundResult {
   seconds: number;
 }
 
-/**
- * Captures round `round`. `records` (live handoffs) holds every page's hashes as last read: round 0
- * fills it, later rounds compare with it and bring it up to date.
- */
-export async function captureRound(bus: Bus, d: MigrationDescriptor, round: number, log: Logger, records?: [PageRecord, PageRecord]): Promise<RoundResult> {
+/** A live handoff's state between rounds. */
+export interface LiveImages {
+  /** every page's hashes as last read: round 0 fills them, later rounds compare and update */
+  records: [PageRecord, PageRecord];
+  /** the images mapped (later rounds hash them in place), where mmap is available */
+  views: [Buffer | undefined, Buffer | undefined];
+}
+
+/** Captures round `round` (`live`: of a live handoff, whose later rounds compare with the round before). */
+export async function captureRound(bus: Bus, d: MigrationDescriptor, round: number, log: Logger, live?: LiveImages): Promise<RoundResult> {
+  const records = live?.records;
   if (round > 0 && !records) throw new Error('a later round needs the hashes of the round before');
   const started = performance.now();
   const instance = `${hostname()}:${process.pid}`;
@@ -64,6 +70,8 @@ export async function captureRound(bus: Bus, d: MigrationDescriptor, round: numb
       const pair = image === 0 ? d.memory : d.disk;
       const name = image === 0 ? 'memory' : 'disk';
       const record = records?.[image];
+      // round 0 hashes every page and keeps them: it reads a private copy; later rounds copy what changed
+      const view = round > 0 ? live?.views[image] : undefined;
       const base = round === 0 ? await loadBaseIndex(pair.base) : undefined;
       if (base && base.contentHash !== pair.baseHash) throw new BaseMismatchError(`base ${name} ${pair.base} changed: content hash ${base.contentHash}, migration expects ${pair.baseHash}`);
       const builder = new ChunkBuilder({ migrationId: d.migrationId, round, image, parts: d.parts }, d.chunkPages, seq);
@@ -101,9 +109,9 @@ export async function captureRound(bus: Bus, d: MigrationDescriptor, round: numb
         };
         for (let offset = 0; offset < size; ) {
           const want = Math.min(READ_BLOCK_BYTES, size - offset);
-          const { bytesRead } = await fh.read(block, 0, want, offset);
+          const bytesRead = view ? want : (await fh.read(block, 0, want, offset)).bytesRead;
           if (bytesRead !== want) throw new BadImageError(`${name} image ${pair.current} was truncated while it was read (at byte ${offset + bytesRead})`);
-          const data = block.subarray(0, bytesRead);
+          const data = view ? view.subarray(offset, offset + want) : block.subarray(0, bytesRead);
           const first = offset / PAGE_SIZE;
           const dirty = base ? dirtyPagesOf(data, first, base.hashes, digest, record) : changedPagesOf(data, first, record!);
           for (const page of dirty) {

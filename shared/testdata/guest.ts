@@ -20,6 +20,8 @@ const MODULES = ['virtio_ring', 'virtio', 'virtio_pci_modern_dev', 'virtio_pci_l
  * The guest's init: 4 ticks a second, each writing 128 KiB of random bytes into tmpfs (512 KiB/s of
  * dirty memory, the workload QEMU's own migration was measured with) and one random 4 KiB block of
  * the disk, and printing `handoff-counter N`. Few processes per tick: each one dirties memory too.
+ * The tmpfs files rotate over `handoff.files=N` of the kernel command line (default 1: the same file
+ * rewritten, a working set of about a MiB as in DOMAIN.md's measurement; 128 gives 16 MiB).
  */
 const INIT = `#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -29,11 +31,13 @@ mount -t devtmpfs dev /dev
 for m in ${MODULES.join(' ')}; do insmod /lib/modules/$m.ko 2>/dev/null; done
 mkdir -p /work
 mount -t tmpfs -o size=48m tmpfs /work
+files=1
+for a in $(cat /proc/cmdline); do case $a in handoff.files=*) files=\${a#handoff.files=};; esac; done
 n=0
 while true; do
   n=$((n+1))
   echo "handoff-counter $n" > /dev/ttyS0
-  dd if=/dev/urandom of=/work/blob$((n % 128)) bs=128k count=1 2>/dev/null
+  dd if=/dev/urandom of=/work/blob$((n % files)) bs=128k count=1 2>/dev/null
   [ -b /dev/vda ] && dd if=/dev/urandom of=/dev/vda bs=4k count=1 seek=$((n % 8192)) conv=notrunc 2>/dev/null
   usleep 250000
 done

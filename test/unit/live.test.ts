@@ -59,6 +59,33 @@ describe('later rounds', () => {
   });
 });
 
+describe('later rounds over live memory', () => {
+  test('a page changed and changed back is sent again: the record holds what was sent, not what was hashed first', () => {
+    const pages = 40; // not whole groups: the last group is short
+    const image = randomBytes(pages * PAGE_SIZE);
+    const record = newPageRecord(pages);
+    dirtyPagesOf(image, 0, Buffer.alloc(pages * STRONG_HASH_BYTES), undefined, record);
+    const original = Buffer.from(image.subarray(5 * PAGE_SIZE, 6 * PAGE_SIZE));
+    image[5 * PAGE_SIZE]! ^= 0xff;
+    image[39 * PAGE_SIZE + 7]! ^= 0xff;
+    const sent = changedPagesOf(image, 0, record);
+    assert.deepEqual(sent.map((d) => d.index), [5, 39]);
+    // what was sent is a copy: later writes to the image do not change it
+    const sentPage = Buffer.from(sent[0]!.page);
+    image[5 * PAGE_SIZE + 1]! ^= 0xff;
+    assert.ok(Buffer.from(sent[0]!.page).equals(sentPage));
+    // back to the content of round 0: still different from what the destination has
+    original.copy(image, 5 * PAGE_SIZE);
+    assert.deepEqual(changedPagesOf(image, 0, record).map((d) => d.index), [5]);
+    assert.equal(changedPagesOf(image, 0, record).length, 0);
+  });
+
+  test('refuses a block that does not start at a group', () => {
+    const record = newPageRecord(64);
+    assert.throws(() => changedPagesOf(Buffer.alloc(PAGE_SIZE), 3, record), /group/);
+  });
+});
+
 describe('device state patch', () => {
   test('a state against its base is tiny and decodes to the same bytes; a damaged one is refused', () => {
     const base = randomBytes(800 * 1024);
