@@ -112,10 +112,14 @@ export function formatSummary(s: MigrationSummary): string {
     lines.push(`live: ${s.rounds.length} rounds, downtime ${s.downtimeMs !== undefined ? `${s.downtimeMs} ms` : '-'}, source VM ${s.sourceVm ?? '?'}`);
     for (const r of s.rounds) lines.push(`  round ${r.round}: ${r.dirtyPages} dirty pages in ${r.seconds.toFixed(2)} s; ${r.decision}`);
   }
-  lines.push(`modes: ${s.modes.join(', ') || 'none'}${s.adaptive ? ` (adaptive, ${s.decisions.length} switches)` : ''}`);
+  const switches = s.decisions.filter((d) => d.from !== d.to).length;
+  lines.push(`modes: ${s.modes.join(', ') || 'none'}${s.adaptive ? ` (adaptive, ${switches} switches)` : ''}`);
   for (const d of s.decisions) {
+    const workers = `${d.compressWorkersInUse ?? d.compressWorkers} of ${d.compressWorkers} compress workers in use`;
     lines.push(
-      `  at ${d.atSeconds.toFixed(1)} s: ${d.from} -> ${d.to} (bandwidth ${formatRate(d.measuredBandwidthBps)} measured, ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores, ${d.compressWorkers} compress workers; predicted ${d.predictedCurrentBlocksPerSec} -> ${d.predictedChosenBlocksPerSec} blocks/s)`,
+      d.from === d.to
+        ? `  at ${d.atSeconds.toFixed(1)} s: ${d.to} stays, ${workers} (bandwidth ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores)`
+        : `  at ${d.atSeconds.toFixed(1)} s: ${d.from} -> ${d.to} (bandwidth ${formatRate(d.measuredBandwidthBps)} measured, ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores, ${workers}; predicted ${d.predictedCurrentBlocksPerSec} -> ${d.predictedChosenBlocksPerSec} blocks/s)`,
     );
   }
   const rows = [['stage', 'instances', 'chunks', 'in', 'out', 'out/in', 'cpu s', 'MB/s per cpu', 'details']];

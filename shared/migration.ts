@@ -150,7 +150,10 @@ export interface TunerDecision {
   /** bandwidth measured from the receiver's ACKs */
   measuredBandwidthBps: number;
   spareCores: number;
+  /** compress workers running */
   compressWorkers: number;
+  /** of which the tuner wants this many in use from now on */
+  compressWorkersInUse?: number;
   predictedCurrentBlocksPerSec: number;
   predictedChosenBlocksPerSec: number;
 }
@@ -185,6 +188,7 @@ function parseDecision(value: unknown): TunerDecision {
     measuredBandwidthBps: n('measuredBandwidthBps'),
     spareCores: n('spareCores'),
     compressWorkers: n('compressWorkers'),
+    ...(o.compressWorkersInUse !== undefined ? { compressWorkersInUse: n('compressWorkersInUse') } : {}),
     predictedCurrentBlocksPerSec: n('predictedCurrentBlocksPerSec'),
     predictedChosenBlocksPerSec: n('predictedChosenBlocksPerSec'),
   };

@@ -10,6 +10,7 @@ import { MalformedMessageError, errorMessage } from './errors.js';
 import { createLogger, type Logger } from './log.js';
 import type { MigrationDescriptor, StageStats } from './migration.js';
 import type { Mode } from './mode.js';
+import { WorkerGate } from './presence.js';
 import { DescriptorCache, ModeWatcher, UnknownMigrationError } from './registry.js';
 import { workSubject, type WorkStage } from './subjects.js';
 import { headersFor, observeQueueDepth, startSpan, traceparentFrom, traceparentOf } from './telemetry.js';
@@ -38,6 +39,11 @@ export interface StageActor {
   partition?: number;
   /** chunks handled at once by one process (more than 1 when the core runs on worker threads) */
   concurrency?: number;
+  /**
+   * The tuner may take some of this stage's workers out of use (see shared/presence.ts). Such a
+   * worker pulls one message at a time, so that one leaving use holds nothing another must wait for.
+   */
+  gated?: boolean;
   ackWaitMs?: number;
   /** called once per migration before its first chunk (load indexes, open files) */
   prepare?(descriptor: MigrationDescriptor, log: Logger): Promise<void>;
@@ -93,8 +99,9 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
   const durable = await ensureWorkConsumer(bus, actor.input, actor.partition, ackWaitMs);
   const consumer = await bus.js.consumers.get(streamOf(actor.input), durable);
   const concurrency = actor.concurrency ?? 1;
-  const messages = await consumer.consume({ max_messages: Math.max(2, concurrency * 2) });
-  log.info('ready', { consumer: durable });
+  const gate = actor.gated ? await WorkerGate.start(bus, actor.name, instance, log) : undefined;
+  const messages = gate ? undefined : await consumer.consume({ max_messages: Math.max(2, concurrency * 2) });
+  log.info('ready', { consumer: durable, ...(gate ? { gated: true } : {}) });
 
   const prepare = (descriptor: MigrationDescriptor, mlog: Logger): Promise<void> => {
     let p = prepared.get(descriptor.migrationId);
@@ -183,8 +190,25 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
   };
 
   const inFlight = new Set<Promise<void>>();
+  let stopped = false;
+  /** a gated worker: `concurrency` lanes, each pulling the next message only while in use */
+  const lane = async (g: WorkerGate): Promise<void> => {
+    while (!stopped) {
+      await g.whenInUse();
+      if (stopped) return;
+      const m = await consumer.next({ expires: 1000 }).catch(() => null);
+      if (!m) continue;
+      // taken out of use (or stopping) while waiting: another worker takes it now
+      if (stopped || !g.inUse) m.nak();
+      else await processOne(m);
+    }
+  };
   const done = (async () => {
-    for await (const m of messages) {
+    if (gate) {
+      await Promise.all(Array.from({ length: concurrency }, () => lane(gate)));
+      return;
+    }
+    for await (const m of messages!) {
       const p = processOne(m).finally(() => inFlight.delete(p));
       inFlight.add(p);
       if (inFlight.size >= concurrency) await Promise.race(inFlight);
@@ -196,7 +220,9 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
       log.info('stopping: finishing in-flight chunks');
-      messages.stop();
+      stopped = true;
+      messages?.stop();
+      await gate?.stop();
       await done.catch(() => undefined);
       modes.stop();
       descriptors.stop();

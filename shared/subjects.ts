@@ -52,4 +52,6 @@ export const BUCKETS = {
   migrations: 'handoff_migrations',
   /** migrationId -> Mode currently wanted (the tuner writes it; stages apply it from their next chunk) */
   config: 'handoff_config',
+  /** `STAGE.INSTANCE` -> heartbeat of a running worker; `want.STAGE` -> workers the tuner wants in use */
+  workers: 'handoff_workers',
 } as const;

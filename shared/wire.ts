@@ -25,6 +25,10 @@ export const FrameType = {
   Go: 10,
   /** live: receiver -> sender, the VM runs at the destination (epoch ms) */
   Resumed: 11,
+  /** sender -> receiver: [probe id u32][padding], answered at once: the link's speed before chunks flow */
+  Probe: 12,
+  /** receiver -> sender: [probe id u32] */
+  ProbeAck: 13,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
@@ -283,4 +287,23 @@ export function encodeResumedFrame(resumedAtMs: number): Buffer {
 
 export function parseResumed(frame: Frame): number {
   return amount(frameObject(frame, 'resumed').resumedAtMs, 'resumed frame: resumedAtMs');
+}
+
+/** Padding is zeros: neither TLS nor the link compresses it. */
+export function encodeProbeFrame(id: number, paddingBytes: number): Buffer {
+  const b = Buffer.alloc(4 + paddingBytes);
+  b.writeUInt32LE(id, 0);
+  return encodeFrame(FrameType.Probe, b);
+}
+
+export function probeIdOf(frame: Frame): number {
+  const ack = frame.type === FrameType.ProbeAck;
+  if (ack ? frame.payload.byteLength !== 4 : frame.payload.byteLength < 4) throw new MalformedMessageError(`${ack ? 'probe ack' : 'probe'} frame: ${frame.payload.byteLength} bytes`);
+  return frame.payload.readUInt32LE(0);
+}
+
+export function encodeProbeAckFrame(id: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(id, 0);
+  return encodeFrame(FrameType.ProbeAck, b);
 }

@@ -15,6 +15,8 @@ export function createCompressActor(threads = 1): StageActor {
     input: 'compress',
     // one chunk compressing, one being received/published: keeps the thread busy
     concurrency: threads + 1,
+    // the tuner chooses how many compress workers are in use
+    gated: true,
     async handle(chunk, ctx) {
       const out = await pool.run({ chunk, mode: ctx.mode });
       return { outputs: [{ chunk: out, to: nextStage('compress', ctx.mode, out) }] };

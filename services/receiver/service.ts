@@ -16,7 +16,7 @@ import { createLinkServer, linkSecurityFromEnv, type LinkSecurity } from '../../
 import { createLogger, type Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult, StageStats } from '../../shared/migration.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
-import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, encodeResumedFrame, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError } from '../../shared/wire.js';
+import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, encodeResumedFrame, encodeProbeAckFrame, probeIdOf, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError } from '../../shared/wire.js';
 import { chunkTraced, startSpan, traceparentOf } from '../../shared/telemetry.js';
 import { Rebuilder } from './core.js';
 import { FilePageStore } from './store.js';
@@ -350,6 +350,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         if (state.appliedFrames.length > MAX_APPLIED_FRAMES) state.appliedFrames.splice(0, state.appliedFrames.length - MAX_APPLIED_FRAMES);
         // acknowledged once applied (or found applied already): the sender acks its JetStream message only then
         socket.write(encodeAckFrame(frameNo));
+      } else if (frame.type === FrameType.Probe) {
+        socket.write(encodeProbeAckFrame(probeIdOf(frame)));
       } else if (frame.type === FrameType.Captured) {
         const captured = parseCaptured(frame);
         state.sourceHashes = captured.imageHashes;

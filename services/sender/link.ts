@@ -24,6 +24,8 @@ import {
   parseReason,
   parseResult,
   parseResumed,
+  encodeProbeFrame,
+  probeIdOf,
   splitChunkFrame,
   type Captured,
   type Frame,
@@ -240,6 +242,9 @@ export class WanLink {
         this.resultHandlers?.resolve(result);
         return;
       }
+      case FrameType.ProbeAck:
+        this.probes.get(probeIdOf(frame))?.();
+        return;
       case FrameType.Resumed:
         this.done = true;
         this.resumed?.resolve(parseResumed(frame));
@@ -441,6 +446,45 @@ export class WanLink {
       if (this.failure) throw this.failure;
       this.options.log?.debug('captured frame write interrupted', { reason: errorMessage(err) });
     });
+  }
+
+  private readonly probes = new Map<number, () => void>();
+  private probeId = 0;
+
+  /** Round trip of one probe frame carrying `paddingBytes` (ms), undefined if not answered in time. */
+  private async probeOnce(paddingBytes: number, timeoutMs: number): Promise<number | undefined> {
+    const id = ++this.probeId;
+    const started = performance.now();
+    const answered = new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => resolve(false), timeoutMs);
+      this.probes.set(id, () => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+    });
+    try {
+      await this.write(encodeProbeFrame(id, paddingBytes));
+      return (await answered) ? performance.now() - started : undefined;
+    } catch {
+      return undefined;
+    } finally {
+      this.probes.delete(id);
+    }
+  }
+
+  /**
+   * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision:
+   * an empty probe gives the round trip, a padded one the transmission time on top. The ACKs of
+   * chunks measure it properly later; this is only a start (TCP slow start on a long round trip
+   * makes it low). Undefined when the link did not answer.
+   */
+  async probe(paddingBytes = 96 * 1024, timeoutMs = 3000): Promise<number | undefined> {
+    const rttMs = await this.probeOnce(0, timeoutMs);
+    const totalMs = rttMs === undefined ? undefined : await this.probeOnce(paddingBytes, timeoutMs);
+    if (rttMs === undefined || totalMs === undefined) return undefined;
+    const transmitMs = Math.max(totalMs - rttMs, totalMs / 4, 0.05);
+    const bps = (paddingBytes * 8 * 1000) / transmitMs;
+    return this.options.rateCapBps > 0 ? Math.min(bps, this.options.rateCapBps) : bps;
   }
 
   private goFrame: Buffer | undefined;

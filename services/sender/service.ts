@@ -96,6 +96,28 @@ export async function runSenderService(natsUrl: string): Promise<RunningService>
       });
       mlog.info('destination accepted', { destination: d.destination });
       await publishEvent(bus, d.migrationId, { type: 'accepted', destinationBaseHashes });
+      // while capture starts: the link's speed, so an adaptive migration's first mode fits it
+      if (d.adaptive) {
+        void link.probe().then((bandwidthBps) => {
+          if (bandwidthBps === undefined) return;
+          mlog.info('link probed', { bandwidthBps: Math.round(bandwidthBps) });
+          publishStats(bus, {
+            stage: 'sender',
+            instance,
+            migrationId: d.migrationId,
+            round: 0,
+            seq: 0,
+            part: 0,
+            pages: 0,
+            bytesIn: 0,
+            bytesOut: 0,
+            cpuMs: 0,
+            wallMs: 0,
+            mode: { delta: 'none', compressor: 'none', level: 0 },
+            counts: { bandwidthBps: Math.round(bandwidthBps), probe: 1 },
+          });
+        });
+      }
       link.result.then(
         async (result) => {
           if (result.vmReady) {

@@ -128,6 +128,22 @@ export class Tuner {
     return this.fixedCost.weight > 0 ? this.fixedCost.value : this.profile.fixedCpuMsPerBlock;
   }
 
+  /**
+   * How many of the running compress workers `mode` needs: the fewest that keep its predicted
+   * throughput (against the link with 25% headroom, the prediction is not exact) within 3% of what
+   * all of them give. Cores a worker would only spin idle on stay with the cloudlet's VMs.
+   */
+  workersFor(mode: Mode, conditions: Conditions): number {
+    const running = Math.max(1, conditions.compressWorkers);
+    const cost = this.costs().find((c) => modeKey(c.mode) === modeKey(mode));
+    if (!cost || mode.compressor === 'none') return 1;
+    const at = (n: number): Prediction => predict(cost, this.fixedCpuMsPerBlock, { ...conditions, compressWorkers: n });
+    const all = at(running);
+    const target = Math.min(all.processingBlocksPerSec, all.networkBlocksPerSec * 1.25);
+    for (let n = 1; n < running; n++) if (at(n).processingBlocksPerSec >= target * 0.97) return n;
+    return running;
+  }
+
   /** A decision to switch away from `current`, or undefined to stay. */
   decide(current: Mode, conditions: Conditions, nowMs: number): Decision | undefined {
     const costs = this.costs();

@@ -1,7 +1,8 @@
 /**
- * Tuner actor: follows the statistics of adaptive migrations, re-decides every half second (so a
- * bandwidth change is acted on within a second or two), and writes the chosen mode to the config
- * bucket, where every stage picks it up from its next chunk.
+ * Tuner actor: follows the statistics of adaptive migrations, decides at once when the sender has
+ * probed the link and then every half second (a bandwidth change is acted on within a second or
+ * two), writes the chosen mode to the config bucket, where every stage picks it up from its next
+ * chunk, and how many of the running compress workers to use to the workers bucket.
  */
 import { hostname } from 'node:os';
 import { connectBus, publishEvent } from '../../shared/bus.js';
@@ -12,20 +13,20 @@ import { parseStats, type StageStats, type TunerDecision } from '../../shared/mi
 import { startSpan } from '../../shared/telemetry.js';
 import { formatMode, type Mode } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
+import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
 import { loadProfile } from './profile.js';
 
 const DECIDE_EVERY_MS = 500;
-/** a compress worker counts as running while it reported within this window */
-const WORKER_SEEN_MS = 3000;
 
 interface Followed {
   tuner: Tuner;
   startedMs: number;
   bandwidthBps: number;
   measuredBandwidthBps: number;
-  workers: Map<string, number>;
+  /** the sender's probe of the link before chunks flowed */
+  probedBandwidthBps: number;
   lastStatsMs: number;
 }
 
@@ -38,7 +39,9 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   const descriptors = await DescriptorCache.following(bus.migrations, (migrationId) => {
     followed.delete(migrationId);
     ignored.delete(migrationId);
+    wantedBy.delete(migrationId);
   });
+  const workers = await workersBucket(bus);
   const modes = await ModeWatcher.start(bus.config);
   const cpu = new CpuSampler();
   let spareCores = cpu.sample();
@@ -52,7 +55,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       ignored.add(migrationId);
       return undefined;
     }
-    f = { tuner: new Tuner(profile), startedMs: performance.now(), bandwidthBps: 0, measuredBandwidthBps: 0, workers: new Map(), lastStatsMs: performance.now() };
+    f = { tuner: new Tuner(profile), startedMs: performance.now(), bandwidthBps: 0, measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: performance.now() };
     followed.set(migrationId, f);
     log.info('following', { migration: migrationId, profile: profile.workload });
     return f;
@@ -70,19 +73,74 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       void follow(s.migrationId).then((f) => {
         if (!f) return;
         f.lastStatsMs = performance.now();
+        if (s.counts?.probe) {
+          // before any chunk: the first decision need not wait for ACKs
+          f.probedBandwidthBps = s.counts.bandwidthBps ?? 0;
+          if (f.measuredBandwidthBps === 0 && f.probedBandwidthBps > 0) {
+            f.bandwidthBps = f.probedBandwidthBps;
+            decideFor(s.migrationId, f);
+          }
+          return;
+        }
         f.tuner.observe(s);
         if (s.stage === 'sender' && s.counts?.bandwidthBps) {
           // ACKs measure the link only while it is the bottleneck; otherwise the link can carry
-          // more (up to 2x is assumed, no more: an overestimate switches to modes the link then
-          // cannot carry), so less compression is not ruled out
-          const linkBound = Math.max(0.5, (s.counts.linkBoundPct ?? 100) / 100);
-          f.bandwidthBps = s.counts.bandwidthBps / linkBound;
+          // more (up to 2x is assumed, or what the probe found: an overestimate switches to
+          // modes the link then cannot carry), so less compression is not ruled out
+          const linkBound = (s.counts.linkBoundPct ?? 100) / 100;
+          f.bandwidthBps = linkBound >= 0.8 ? s.counts.bandwidthBps : Math.max(s.counts.bandwidthBps / Math.max(0.5, linkBound), f.probedBandwidthBps);
           f.measuredBandwidthBps = s.counts.bandwidthBps;
         }
-        if (s.stage === 'compress') f.workers.set(s.instance, performance.now());
       });
     },
   });
+
+  /** compress workers running (their presence keys), read every decision tick */
+  let runningWorkers = 1;
+  /** compress workers wanted in use, per followed migration; the bucket holds the largest */
+  const wantedBy = new Map<string, number>();
+  let wantedWritten: number | undefined;
+  const writeWanted = async (): Promise<void> => {
+    const wanted = wantedBy.size > 0 ? Math.max(...wantedBy.values()) : undefined;
+    // written every tick while a wish holds: the entry expires with its age if the tuner stops
+    if (wanted === undefined && wantedWritten === undefined) return;
+    await setWantedWorkers(workers, 'compress', wanted);
+    wantedWritten = wanted;
+  };
+
+  const decideFor = (migrationId: string, f: Followed): void => {
+    const now = performance.now();
+    void descriptors
+      .get(migrationId)
+      .then(async (d) => {
+        const current: Mode = modes.get(migrationId, d.mode);
+        const conditions = { bandwidthBps: f.bandwidthBps, spareCores, compressWorkers: runningWorkers };
+        const decision = f.tuner.decide(current, conditions, now);
+        const mode = decision?.to ?? current;
+        const inUse = f.tuner.workersFor(mode, conditions);
+        const workersChanged = wantedBy.get(migrationId) !== inUse;
+        wantedBy.set(migrationId, inUse);
+        if (!decision && !workersChanged) return;
+        const record: TunerDecision = {
+          atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
+          from: formatMode(current),
+          to: formatMode(mode),
+          bandwidthBps: Math.round(conditions.bandwidthBps),
+          measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
+          spareCores: Number(conditions.spareCores.toFixed(2)),
+          compressWorkers: conditions.compressWorkers,
+          compressWorkersInUse: inUse,
+          predictedCurrentBlocksPerSec: Math.round(decision?.currentBlocksPerSec ?? 0),
+          predictedChosenBlocksPerSec: Math.round(decision?.chosenBlocksPerSec ?? 0),
+        };
+        log.info(decision ? 'switching mode' : 'compress workers in use', { migration: migrationId, ...record });
+        startSpan('tuner decision', d.traceparent, { 'handoff.actor': 'tuner', ...Object.fromEntries(Object.entries(record).map(([k, v]) => [`handoff.${k}`, v])) }).end();
+        if (decision) await bus.config.put(migrationId, JSON.stringify(decision.to));
+        if (workersChanged) await writeWanted();
+        await publishEvent(bus, migrationId, { type: 'tuned', decision: record });
+      })
+      .catch((err: unknown) => log.warn('decision failed', { migration: migrationId, reason: errorMessage(err) }));
+  };
 
   const timer = setInterval(() => {
     spareCores = cpu.sample();
@@ -93,32 +151,13 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         continue;
       }
       if (f.bandwidthBps <= 0) continue; // nothing measured on the link yet
-      for (const [w, seen] of f.workers) if (now - seen > WORKER_SEEN_MS) f.workers.delete(w);
-      void descriptors
-        .get(migrationId)
-        .then(async (d) => {
-          const current: Mode = modes.get(migrationId, d.mode);
-          const conditions = { bandwidthBps: f.bandwidthBps, spareCores, compressWorkers: Math.max(1, f.workers.size) };
-          const decision = f.tuner.decide(current, conditions, now);
-          if (!decision) return;
-          const record: TunerDecision = {
-            atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
-            from: formatMode(decision.from),
-            to: formatMode(decision.to),
-            bandwidthBps: Math.round(conditions.bandwidthBps),
-            measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
-            spareCores: Number(conditions.spareCores.toFixed(2)),
-            compressWorkers: conditions.compressWorkers,
-            predictedCurrentBlocksPerSec: Math.round(decision.currentBlocksPerSec),
-            predictedChosenBlocksPerSec: Math.round(decision.chosenBlocksPerSec),
-          };
-          log.info('switching mode', { migration: migrationId, ...record });
-          startSpan('tuner decision', d.traceparent, { 'handoff.actor': 'tuner', ...Object.fromEntries(Object.entries(record).map(([k, v]) => [`handoff.${k}`, v])) }).end();
-          await bus.config.put(migrationId, JSON.stringify(decision.to));
-          await publishEvent(bus, migrationId, { type: 'tuned', decision: record });
-        })
-        .catch((err: unknown) => log.warn('decision failed', { migration: migrationId, reason: errorMessage(err) }));
+      decideFor(migrationId, f);
     }
+    for (const migrationId of wantedBy.keys()) if (!followed.has(migrationId)) wantedBy.delete(migrationId);
+    void (async () => {
+      runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress')).length);
+      await writeWanted();
+    })().catch((err: unknown) => log.debug('workers not read', { reason: errorMessage(err) }));
   }, DECIDE_EVERY_MS);
 
   let resolveDone: () => void = () => undefined;
@@ -130,6 +169,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     stop: async () => {
       clearInterval(timer);
       sub.unsubscribe();
+      // every worker in use again
+      await setWantedWorkers(workers, 'compress', undefined).catch(() => undefined);
       modes.stop();
       descriptors.stop();
       await bus.close();

@@ -5,6 +5,7 @@ import { Tuner } from '../../services/tuner/core.js';
 import { modeKey, predict, rank, type Conditions, type Profile } from '../../services/tuner/model.js';
 import { loadProfile } from '../../services/tuner/profile.js';
 import type { StageStats } from '../../shared/migration.js';
+import { inUse } from '../../shared/presence.js';
 import type { Mode } from '../../shared/mode.js';
 
 const NONE: Mode = { delta: 'none', compressor: 'none', level: 0 };
@@ -134,5 +135,28 @@ describe('tuner', () => {
     assert.ok(Math.abs(zstd3.compressCpuMsPerBlock - 0.15) < 1e-9);
     const zstd19 = t.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD19))!;
     assert.ok(Math.abs(zstd19.compressCpuMsPerBlock - 4) < 1e-9, 'unmeasured mode not scaled by 10x');
+  });
+});
+
+describe('compress workers in use', () => {
+  test('a link-bound mode needs fewer workers than a CPU-bound one, and never more than run', () => {
+    const t = new Tuner(PROFILE);
+    // zstd-19 at 5 Mbit/s: 0.4 ms per block, one worker compresses ~2500 blocks/s against the link's ~640
+    assert.equal(t.workersFor(ZSTD19, at(5, 8, 4)), 1);
+    // at 1 Gbit/s zstd-19 is CPU-bound: every worker counts
+    assert.equal(t.workersFor(ZSTD19, at(1000, 8, 4)), 4);
+    // with two spare cores, four workers compress no faster than two
+    assert.equal(t.workersFor(ZSTD19, at(1000, 2, 4)), 2);
+    assert.equal(t.workersFor(ZSTD19, at(1000, 8, 1)), 1);
+    // no compression: the stage is skipped
+    assert.equal(t.workersFor(NONE, at(1000, 8, 4)), 1);
+  });
+
+  test('a worker is in use while ranked below the wish, and always without one', () => {
+    assert.equal(inUse(0, 1), true);
+    assert.equal(inUse(1, 1), false);
+    assert.equal(inUse(3, undefined), true);
+    // not listed yet (its first heartbeat is on the way): in use
+    assert.equal(inUse(-1, 1), true);
   });
 });
