@@ -119,7 +119,7 @@ export function formatSummary(s: MigrationSummary): string {
     lines.push(
       d.from === d.to
         ? `  at ${d.atSeconds.toFixed(1)} s: ${d.to} stays, ${workers} (bandwidth ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores)`
-        : `  at ${d.atSeconds.toFixed(1)} s: ${d.from} -> ${d.to} (bandwidth ${formatRate(d.measuredBandwidthBps)} measured, ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores, ${workers}; predicted ${d.predictedCurrentBlocksPerSec} -> ${d.predictedChosenBlocksPerSec} blocks/s)`,
+        : `  at ${d.atSeconds.toFixed(1)} s: ${d.from} -> ${d.to} (bandwidth ${d.measuredBandwidthBps > 0 ? `${formatRate(d.measuredBandwidthBps)} measured` : `${formatRate(d.probedBandwidthBps ?? 0)} probed`}, ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores, ${workers}; predicted ${d.predictedCurrentBlocksPerSec} -> ${d.predictedChosenBlocksPerSec} blocks/s)`,
     );
   }
   const rows = [['stage', 'instances', 'chunks', 'in', 'out', 'out/in', 'cpu s', 'MB/s per cpu', 'details']];

@@ -147,8 +147,10 @@ export interface TunerDecision {
   to: string;
   /** bandwidth the prediction assumed: the measured one, raised when the link was not the bottleneck */
   bandwidthBps: number;
-  /** bandwidth measured from the receiver's ACKs */
+  /** bandwidth measured from the receiver's ACKs (0: none yet) */
   measuredBandwidthBps: number;
+  /** what the sender's probe of the link found before chunks flowed */
+  probedBandwidthBps?: number;
   spareCores: number;
   /** compress workers running */
   compressWorkers: number;
@@ -186,6 +188,7 @@ function parseDecision(value: unknown): TunerDecision {
     to: text(o.to, 'tuned event: to', 64),
     bandwidthBps: n('bandwidthBps'),
     measuredBandwidthBps: n('measuredBandwidthBps'),
+    ...(o.probedBandwidthBps !== undefined ? { probedBandwidthBps: n('probedBandwidthBps') } : {}),
     spareCores: n('spareCores'),
     compressWorkers: n('compressWorkers'),
     ...(o.compressWorkersInUse !== undefined ? { compressWorkersInUse: n('compressWorkersInUse') } : {}),

@@ -451,39 +451,36 @@ export class WanLink {
   private readonly probes = new Map<number, () => void>();
   private probeId = 0;
 
-  /** Round trip of one probe frame carrying `paddingBytes` (ms), undefined if not answered in time. */
-  private async probeOnce(paddingBytes: number, timeoutMs: number): Promise<number | undefined> {
-    const id = ++this.probeId;
+  /** Sends probe frames back to back; resolves with each one's answer time (ms after sending), or undefined. */
+  private async probeFrames(paddingBytes: number[], timeoutMs: number): Promise<number[] | undefined> {
     const started = performance.now();
-    const answered = new Promise<boolean>((resolve) => {
-      const timer = setTimeout(() => resolve(false), timeoutMs);
-      this.probes.set(id, () => {
-        clearTimeout(timer);
-        resolve(true);
-      });
-    });
+    const ids = paddingBytes.map(() => ++this.probeId);
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), timeoutMs)));
+    const answers = ids.map((id) => new Promise<number>((resolve) => this.probes.set(id, () => resolve(performance.now() - started))));
     try {
-      await this.write(encodeProbeFrame(id, paddingBytes));
-      return (await answered) ? performance.now() - started : undefined;
+      for (const [i, id] of ids.entries()) await this.write(encodeProbeFrame(id, paddingBytes[i]!));
+      return await Promise.race([Promise.all(answers), timeout]);
     } catch {
       return undefined;
     } finally {
-      this.probes.delete(id);
+      clearTimeout(timer);
+      for (const id of ids) this.probes.delete(id);
     }
   }
 
   /**
-   * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision:
-   * an empty probe gives the round trip, a padded one the transmission time on top. The ACKs of
-   * chunks measure it properly later; this is only a start (TCP slow start on a long round trip
-   * makes it low). Undefined when the link did not answer.
+   * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision. A
+   * lead frame empties the shaper's burst allowance (a token bucket lets its first ~100 KB through
+   * at line rate), and the time between its answer and that of a frame right behind it is the
+   * second frame's transmission at the link's rate. The ACKs of chunks measure the link properly
+   * later; this is only a start. Undefined when the link did not answer in time.
    */
-  async probe(paddingBytes = 96 * 1024, timeoutMs = 3000): Promise<number | undefined> {
-    const rttMs = await this.probeOnce(0, timeoutMs);
-    const totalMs = rttMs === undefined ? undefined : await this.probeOnce(paddingBytes, timeoutMs);
-    if (rttMs === undefined || totalMs === undefined) return undefined;
-    const transmitMs = Math.max(totalMs - rttMs, totalMs / 4, 0.05);
-    const bps = (paddingBytes * 8 * 1000) / transmitMs;
+  async probe(leadBytes = 128 * 1024, measuredBytes = 64 * 1024, timeoutMs = 3000): Promise<number | undefined> {
+    const times = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
+    if (!times) return undefined;
+    const spacingMs = Math.max(times[1]! - times[0]!, 0.05);
+    const bps = (measuredBytes * 8 * 1000) / spacingMs;
     return this.options.rateCapBps > 0 ? Math.min(bps, this.options.rateCapBps) : bps;
   }
 

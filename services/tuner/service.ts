@@ -127,6 +127,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           to: formatMode(mode),
           bandwidthBps: Math.round(conditions.bandwidthBps),
           measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
+          ...(f.probedBandwidthBps > 0 ? { probedBandwidthBps: Math.round(f.probedBandwidthBps) } : {}),
           spareCores: Number(conditions.spareCores.toFixed(2)),
           compressWorkers: conditions.compressWorkers,
           compressWorkersInUse: inUse,
