@@ -123,11 +123,11 @@ describe('WAN link: probe', { timeout: 60_000 }, () => {
     const dest = await startDestination(ws, 'probe', undefined, key);
     try {
       const { link } = await openLink(dest, key, 'probe-test');
-      const bps = await link.probe(64 * 1024, 64 * 1024, 5000);
+      const bps = await link.probe(64 * 1024, 5000);
       link.close();
       assert.ok(bps !== undefined && bps > 1e6, `loopback probed at ${bps} bit/s`);
       const capped = await WanLink.open({ address: dest.address, hello: { migrationId: 'probe-test-2', baseHashes: dest.receiver.baseHashes, bytes: { memory: IMAGE_BYTES, disk: IMAGE_BYTES } }, security: key, rateCapBps: 2e6, handshakeTimeoutMs: 5000 });
-      const cappedBps = await capped.link.probe(64 * 1024, 64 * 1024, 5000);
+      const cappedBps = await capped.link.probe(64 * 1024, 5000);
       capped.link.close();
       assert.ok(cappedBps !== undefined && cappedBps <= 2e6, `capped link probed at ${cappedBps} bit/s`);
     } finally {

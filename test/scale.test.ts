@@ -1,7 +1,8 @@
 /**
  * Compress workers join and leave while a migration runs: they share its work (each one's chunks
  * in the summary) and the images arrive identical. A worker that leaves (SIGTERM) finishes or hands
- * back its chunks and exits cleanly; health and readiness answer over HTTP.
+ * back its chunks and exits cleanly; workers the tuner does not want take no work until the wish
+ * ends; health and readiness answer over HTTP.
  */
 import assert from 'node:assert/strict';
 import { createServer } from 'node:net';
@@ -13,6 +14,8 @@ import { spawnReceiverProcess } from '../cli/receive.js';
 import { JS_DOMAIN, migrateOn, startTwoHosts } from '../load/lib/hosts.js';
 import { stopProcess } from '../shared/child.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
+import { connectBus } from '../shared/bus.js';
+import { liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
 import { hashImageFile } from '../shared/pages.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
 
@@ -83,6 +86,53 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       assert.ok(Object.keys(perInstance).some((i) => i.endsWith(`:${left!.pid}`)), 'the worker that left did no work before leaving');
     } finally {
       await stopActors(joined);
+      await dest.stop();
+    }
+  });
+
+  test("the tuner's wish takes workers out of use, and they take work again when it ends", async () => {
+    const dest = await startDestination(ws, 'wished');
+    const bus = await connectBus(nats.url, 'test-wish');
+    const kv = await workersBucket(bus);
+    const workers = [spawnActor('compress', nats.url), spawnActor('compress', nats.url)];
+    let refresh: NodeJS.Timeout | undefined;
+    try {
+      for (let i = 0; i < 100 && (await liveWorkers(kv, 'compress')).length < 2; i++) await new Promise((r) => setTimeout(r, 100));
+      assert.equal((await liveWorkers(kv, 'compress')).length, 2, 'the workers never announced themselves');
+      // one worker wanted (kept alive as the tuner does: the wish expires with its age)
+      await setWantedWorkers(kv, 'compress', 1);
+      refresh = setInterval(() => void setWantedWorkers(kv, 'compress', 1), 1000);
+      await new Promise((r) => setTimeout(r, 1200));
+      let duringWish: Record<string, number> | undefined;
+      const summary = await migrate(
+        migrateOptions(ws, dest.address, {
+          natsUrl: nats.url,
+          chunkPages: 32,
+          mode: { delta: 'xor', compressor: 'zstd', level: 19 },
+          onStarted: ({ stats }) => {
+            const timer = setInterval(() => {
+              const compress = stats.stages.compress;
+              if (!compress || compress.chunks < 12) return;
+              duringWish = { ...compress.perInstance };
+              clearInterval(refresh);
+              void setWantedWorkers(kv, 'compress', undefined);
+              clearInterval(timer);
+            }, 20);
+          },
+        }),
+      );
+      assert.equal(summary.verified, true, summary.reason);
+      assert.equal(await hashImageFile(join(dest.outDir, 'memory.img')), await hashImageFile(ws.images.memory));
+      const perInstance = summary.stages.compress!.perInstance;
+      process.stderr.write(`compress chunks per worker, while one was wanted: ${JSON.stringify(duringWish)}; at the end: ${JSON.stringify(perInstance)}\n`);
+      assert.ok(duringWish, 'the migration ended before the wish was lifted');
+      assert.equal(Object.keys(duringWish).length, 1, `more than one worker in use while one was wanted: ${JSON.stringify(duringWish)}`);
+      assert.ok(Object.keys(perInstance).length >= 2, `the other workers never took work again: ${JSON.stringify(perInstance)}`);
+    } finally {
+      clearInterval(refresh);
+      await setWantedWorkers(kv, 'compress', undefined).catch(() => undefined);
+      await stopActors(workers);
+      await bus.close();
       await dest.stop();
     }
   });

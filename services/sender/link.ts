@@ -473,15 +473,22 @@ export class WanLink {
    * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision. A
    * lead frame empties the shaper's burst allowance (a token bucket lets its first ~100 KB through
    * at line rate), and the time between its answer and that of a frame right behind it is the
-   * second frame's transmission at the link's rate. The ACKs of chunks measure the link properly
-   * later; this is only a start. Undefined when the link did not answer in time.
+   * second frame's transmission at the link's rate. The second frame grows (64 KiB to 2 MiB) until
+   * its spacing is long enough to measure (20 ms): on a fast link a small frame's spacing is mostly
+   * the receiver's own processing. The ACKs of chunks measure the link properly later; this is
+   * only a start. Undefined when the link did not answer in time.
    */
-  async probe(leadBytes = 128 * 1024, measuredBytes = 64 * 1024, timeoutMs = 3000): Promise<number | undefined> {
-    const times = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
-    if (!times) return undefined;
-    const spacingMs = Math.max(times[1]! - times[0]!, 0.05);
-    const bps = (measuredBytes * 8 * 1000) / spacingMs;
-    return this.options.rateCapBps > 0 ? Math.min(bps, this.options.rateCapBps) : bps;
+  async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 2 * 1024 * 1024): Promise<number | undefined> {
+    let bps: number | undefined;
+    for (let measuredBytes = 64 * 1024; measuredBytes <= maxMeasuredBytes; measuredBytes *= 4) {
+      const times = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
+      if (!times) return bps;
+      const spacingMs = Math.max(times[1]! - times[0]!, 0.05);
+      bps = (measuredBytes * 8 * 1000) / spacingMs;
+      if (spacingMs >= 20) break;
+      leadBytes = 64 * 1024;
+    }
+    return bps !== undefined && this.options.rateCapBps > 0 ? Math.min(bps, this.options.rateCapBps) : bps;
   }
 
   private goFrame: Buffer | undefined;

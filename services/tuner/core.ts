@@ -24,6 +24,8 @@ class Ewma {
 export interface TunerOptions {
   /** a switch needs a predicted gain of at least this share (noise must not cause flapping) */
   hysteresis: number;
+  /** ... except at the first look: the start mode is a guess, not a measured choice */
+  firstHysteresis: number;
   /** ... seen in this many consecutive decisions */
   confirmations: number;
   /** blocks of measurement before a mode's own figures replace its scaled profile */
@@ -31,7 +33,7 @@ export interface TunerOptions {
   alpha: number;
 }
 
-export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, confirmations: 2, minBlocks: 64, alpha: 0.2 };
+export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, confirmations: 2, minBlocks: 64, alpha: 0.2 };
 
 export interface Decision {
   atMs: number;
@@ -53,6 +55,7 @@ export class Tuner {
   private readonly fixedCost: Ewma;
   private lastMeasured: Mode | undefined;
   private pending: { key: string; count: number } | undefined;
+  private looks = 0;
   readonly decisions: Decision[] = [];
 
   constructor(
@@ -154,7 +157,8 @@ export class Tuner {
     const currentPrediction = currentCost ? predict(currentCost, this.fixedCpuMsPerBlock, conditions) : undefined;
     const currentRate = currentPrediction?.blocksPerSec ?? 0;
     const bestKey = modeKey(best.mode);
-    if (bestKey === modeKey(current) || best.blocksPerSec <= currentRate * (1 + this.options.hysteresis)) {
+    const hysteresis = this.looks++ === 0 ? this.options.firstHysteresis : this.options.hysteresis;
+    if (bestKey === modeKey(current) || best.blocksPerSec <= currentRate * (1 + hysteresis)) {
       this.pending = undefined;
       return undefined;
     }

@@ -36,6 +36,11 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   const bus = await connectBus(natsUrl, 'handoff-tuner');
   const followed = new Map<string, Followed>();
   const ignored = new Set<string>();
+  /** compress workers running (their presence keys), read at every decision */
+  let runningWorkers = 1;
+  /** compress workers wanted in use, per followed migration; the bucket holds the largest */
+  const wantedBy = new Map<string, number>();
+  let wantedWritten: number | undefined;
   const descriptors = await DescriptorCache.following(bus.migrations, (migrationId) => {
     followed.delete(migrationId);
     ignored.delete(migrationId);
@@ -95,11 +100,6 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     },
   });
 
-  /** compress workers running (their presence keys), read every decision tick */
-  let runningWorkers = 1;
-  /** compress workers wanted in use, per followed migration; the bucket holds the largest */
-  const wantedBy = new Map<string, number>();
-  let wantedWritten: number | undefined;
   const writeWanted = async (): Promise<void> => {
     const wanted = wantedBy.size > 0 ? Math.max(...wantedBy.values()) : undefined;
     // written every tick while a wish holds: the entry expires with its age if the tuner stops
@@ -114,6 +114,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       .get(migrationId)
       .then(async (d) => {
         const current: Mode = modes.get(migrationId, d.mode);
+        runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress').catch(() => [])).length || runningWorkers);
         const conditions = { bandwidthBps: f.bandwidthBps, spareCores, compressWorkers: runningWorkers };
         const decision = f.tuner.decide(current, conditions, now);
         const mode = decision?.to ?? current;
@@ -155,10 +156,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       decideFor(migrationId, f);
     }
     for (const migrationId of wantedBy.keys()) if (!followed.has(migrationId)) wantedBy.delete(migrationId);
-    void (async () => {
-      runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress')).length);
-      await writeWanted();
-    })().catch((err: unknown) => log.debug('workers not read', { reason: errorMessage(err) }));
+    writeWanted().catch((err: unknown) => log.debug('wish not written', { reason: errorMessage(err) }));
   }, DECIDE_EVERY_MS);
 
   let resolveDone: () => void = () => undefined;
