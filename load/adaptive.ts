@@ -43,6 +43,8 @@ interface Run {
   wireBytes: number;
   verified: boolean;
   switches: number;
+  /** adaptive: the tuner's switches, "at seconds: mode" */
+  decisions?: string[];
 }
 
 interface Scenario {
@@ -88,6 +90,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
       wireBytes: summary.wireBytes,
       verified: summary.verified,
       switches: summary.decisions.filter((d) => d.from !== d.to).length,
+      ...(summary.adaptive ? { decisions: summary.decisions.map((d) => `${d.atSeconds}s: ${d.to}, ${d.compressWorkersInUse ?? d.compressWorkers}/${d.compressWorkers} workers (${(d.bandwidthBps / 1e6).toFixed(1)} Mbit/s, ${d.spareCores} cores)`) } : {}),
     };
   } finally {
     timers.forEach(clearTimeout);
@@ -137,6 +140,8 @@ async function main(): Promise<void> {
       svg: { type: 'string', default: 'load/adaptive.svg' },
       json: { type: 'boolean', default: false },
       repeat: { type: 'string', default: '3' },
+      /** only scenarios whose name contains one of these (comma-separated), e.g. "hog,35" */
+      only: { type: 'string' },
     },
   });
   if (process.getuid?.() !== 0) throw new Error('load:adaptive needs root for network namespaces and tc');
@@ -159,12 +164,15 @@ async function main(): Promise<void> {
       { name: 'CPU hog at 100 Mbit/s', startMbit: 100, hogAfterSeconds: 1.5 },
     ];
     const runs: Run[] = [];
+    const only = values.only?.split(',');
+    if (only) scenarios.splice(0, scenarios.length, ...scenarios.filter((s) => only.some((o) => s.name.includes(o))));
     for (const s of scenarios) {
       for (let rep = 0; rep < repeat; rep++) {
         for (const c of CANDIDATES) {
           const r = await handoff(link, images, dir, c, s, rep);
           runs.push(r);
           process.stderr.write(`${s.name} ${c.name} #${rep + 1}: ${r.handoffSeconds.toFixed(2)} s, wire ${(r.wireBytes / 1e6).toFixed(2)} MB${r.switches ? `, ${r.switches} switches` : ''}${r.verified ? '' : ' NOT VERIFIED'}\n`);
+          for (const d of r.decisions ?? []) process.stderr.write(`    ${d}\n`);
         }
       }
     }

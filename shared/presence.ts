@@ -24,9 +24,10 @@ export function presenceKey(stage: string, instance: string): string {
 
 /** Keys of the stage's running workers, sorted: a worker's rank is its place here. */
 export async function liveWorkers(kv: KV, stage: string): Promise<string[]> {
-  const keys: string[] = [];
-  for await (const k of await kv.keys(`${stage}.*`)) keys.push(k);
-  return keys.sort();
+  // a heartbeat written while the keys are listed can show up twice
+  const keys = new Set<string>();
+  for await (const k of await kv.keys(`${stage}.*`)) keys.add(k);
+  return [...keys].sort();
 }
 
 export async function wantedWorkers(kv: KV, stage: string): Promise<number | undefined> {

@@ -133,8 +133,9 @@ export class Tuner {
 
   /**
    * How many of the running compress workers `mode` needs: the fewest that keep its predicted
-   * throughput (against the link with 25% headroom, the prediction is not exact) within 3% of what
-   * all of them give. Cores a worker would only spin idle on stay with the cloudlet's VMs.
+   * throughput within 3% of what all of them give, counting the link at twice its bandwidth (the
+   * prediction is not exact: fewer workers only where the link clearly is the bottleneck, or the
+   * cores are). Cores a worker would only spin idle on stay with the cloudlet's VMs.
    */
   workersFor(mode: Mode, conditions: Conditions): number {
     const running = Math.max(1, conditions.compressWorkers);
@@ -142,7 +143,7 @@ export class Tuner {
     if (!cost || mode.compressor === 'none') return 1;
     const at = (n: number): Prediction => predict(cost, this.fixedCpuMsPerBlock, { ...conditions, compressWorkers: n });
     const all = at(running);
-    const target = Math.min(all.processingBlocksPerSec, all.networkBlocksPerSec * 1.25);
+    const target = Math.min(all.processingBlocksPerSec, all.networkBlocksPerSec * 2);
     for (let n = 1; n < running; n++) if (at(n).processingBlocksPerSec >= target * 0.97) return n;
     return running;
   }
