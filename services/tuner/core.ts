@@ -28,12 +28,14 @@ export interface TunerOptions {
   firstHysteresis: number;
   /** ... seen in this many consecutive decisions */
   confirmations: number;
+  /** fewer compress workers once that many looks in a row found them enough */
+  workerLooks: number;
   /** blocks of measurement before a mode's own figures replace its scaled profile */
   minBlocks: number;
   alpha: number;
 }
 
-export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, confirmations: 2, minBlocks: 64, alpha: 0.2 };
+export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, confirmations: 2, workerLooks: 4, minBlocks: 64, alpha: 0.2 };
 
 export interface Decision {
   atMs: number;
@@ -146,6 +148,28 @@ export class Tuner {
     const target = Math.min(all.processingBlocksPerSec, all.networkBlocksPerSec * 2);
     for (let n = 1; n < running; n++) if (at(n).processingBlocksPerSec >= target * 0.97) return n;
     return running;
+  }
+
+  private workersInUse: number | undefined;
+  private fewerLooks = 0;
+
+  /**
+   * The compress workers to use now: more at once when the mode needs them, fewer only after the
+   * smaller count has been enough for `workerLooks` looks in a row (estimates settle as a mode is
+   * measured; a count flapping every half second would only move work around).
+   */
+  workersWanted(mode: Mode, conditions: Conditions): number {
+    const needed = this.workersFor(mode, conditions);
+    if (this.workersInUse === undefined || needed > this.workersInUse) {
+      this.workersInUse = needed;
+      this.fewerLooks = 0;
+    } else if (needed < this.workersInUse) {
+      if (++this.fewerLooks >= this.options.workerLooks) {
+        this.workersInUse = needed;
+        this.fewerLooks = 0;
+      }
+    } else this.fewerLooks = 0;
+    return this.workersInUse;
   }
 
   /** A decision to switch away from `current`, or undefined to stay. */

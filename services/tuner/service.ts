@@ -118,7 +118,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         const conditions = { bandwidthBps: f.bandwidthBps, spareCores, compressWorkers: runningWorkers };
         const decision = f.tuner.decide(current, conditions, now);
         const mode = decision?.to ?? current;
-        const inUse = f.tuner.workersFor(mode, conditions);
+        const inUse = f.tuner.workersWanted(mode, conditions);
         const workersChanged = wantedBy.get(migrationId) !== inUse;
         wantedBy.set(migrationId, inUse);
         if (!decision && !workersChanged) return;

@@ -152,6 +152,21 @@ describe('compress workers in use', () => {
     assert.equal(t.workersFor(NONE, at(1000, 8, 4)), 1);
   });
 
+  test('more workers at once, fewer only once enough looks in a row found them enough', () => {
+    const t = new Tuner(PROFILE, { workerLooks: 3 });
+    assert.equal(t.workersWanted(ZSTD19, at(1000, 8, 4)), 4);
+    // the link drops: one worker would do, but not on the first look
+    assert.equal(t.workersWanted(ZSTD19, at(5, 8, 4)), 4);
+    assert.equal(t.workersWanted(ZSTD19, at(5, 8, 4)), 4);
+    // a look that needs them all again starts the count anew
+    assert.equal(t.workersWanted(ZSTD19, at(1000, 8, 4)), 4);
+    assert.equal(t.workersWanted(ZSTD19, at(5, 8, 4)), 4);
+    assert.equal(t.workersWanted(ZSTD19, at(5, 8, 4)), 4);
+    assert.equal(t.workersWanted(ZSTD19, at(5, 8, 4)), 1);
+    // back up at once
+    assert.equal(t.workersWanted(ZSTD19, at(1000, 8, 4)), 4);
+  });
+
   test('a worker is in use while ranked below the wish, and always without one', () => {
     assert.equal(inUse(0, 1), true);
     assert.equal(inUse(1, 1), false);
