@@ -154,13 +154,16 @@ export class Tuner {
   private fewerLooks = 0;
 
   /**
-   * The compress workers to use now: more at once when the mode needs them, fewer only after the
-   * smaller count has been enough for `workerLooks` looks in a row (estimates settle as a mode is
-   * measured; a count flapping every half second would only move work around).
+   * The compress workers to use now: all that run at first, more at once when the mode needs them,
+   * fewer only after the smaller count has been enough for `workerLooks` looks in a row (estimates
+   * settle as a mode is measured; a count flapping every half second would only move work around).
    */
   workersWanted(mode: Mode, conditions: Conditions): number {
     const needed = this.workersFor(mode, conditions);
-    if (this.workersInUse === undefined || needed > this.workersInUse) {
+    // all of them at first: before measurements the prediction is the profile's (and the model
+    // leaves out the sender's, the bus's and TLS's CPU), so fewer must prove enough first
+    this.workersInUse ??= Math.max(1, conditions.compressWorkers);
+    if (needed > this.workersInUse) {
       this.workersInUse = needed;
       this.fewerLooks = 0;
     } else if (needed < this.workersInUse) {

@@ -152,7 +152,9 @@ describe('compress workers in use', () => {
     assert.equal(t.workersFor(NONE, at(1000, 8, 4)), 1);
   });
 
-  test('more workers at once, fewer only once enough looks in a row found them enough', () => {
+  test('all workers at first, more at once, fewer only once enough looks in a row found them enough', () => {
+    const first = new Tuner(PROFILE, { workerLooks: 3 });
+    assert.equal(first.workersWanted(ZSTD19, at(5, 8, 4)), 4, 'fewer workers before any look proved them enough');
     const t = new Tuner(PROFILE, { workerLooks: 3 });
     assert.equal(t.workersWanted(ZSTD19, at(1000, 8, 4)), 4);
     // the link drops: one worker would do, but not on the first look
