@@ -71,7 +71,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     const child = spawn(
       'ip',
       ['netns', 'exec', link.sourceNs, process.execPath, MAIN, 'migrate', '--base-memory', images.baseMemory, '--memory', images.memory, '--base-disk', images.baseDisk, '--disk', images.disk, '--to', receiver.address, '--json', '--no-progress', ...c.args],
-      { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HANDOFF_LOG_LEVEL: 'warn' } },
+      { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' } },
     );
     for (const [atSeconds, mbit] of s.changes ?? []) timers.push(setTimeout(() => link.setRate(mbit * 1e6), atSeconds * 1000));
     if (s.hogAfterSeconds !== undefined) {
@@ -142,6 +142,8 @@ async function main(): Promise<void> {
       repeat: { type: 'string', default: '3' },
       /** only scenarios whose name contains one of these (comma-separated), e.g. "hog,35" */
       only: { type: 'string' },
+      /** only these modes (comma-separated names from the table), e.g. "xor+zstd3,adaptive" */
+      modes: { type: 'string' },
     },
   });
   if (process.getuid?.() !== 0) throw new Error('load:adaptive needs root for network namespaces and tc');
@@ -166,9 +168,13 @@ async function main(): Promise<void> {
     const runs: Run[] = [];
     const only = values.only?.split(',');
     if (only) scenarios.splice(0, scenarios.length, ...scenarios.filter((s) => only.some((o) => s.name.includes(o))));
+    const wantedModes = values.modes?.split(',');
+    const unknownMode = wantedModes?.find((m) => !CANDIDATES.some((c) => c.name === m));
+    if (unknownMode) throw new Error(`--modes: unknown mode ${unknownMode} (one of ${CANDIDATES.map((c) => c.name).join(', ')})`);
+    const candidates = wantedModes ? CANDIDATES.filter((c) => wantedModes.includes(c.name)) : CANDIDATES;
     for (const s of scenarios) {
       for (let rep = 0; rep < repeat; rep++) {
-        for (const c of CANDIDATES) {
+        for (const c of candidates) {
           const r = await handoff(link, images, dir, c, s, rep);
           runs.push(r);
           process.stderr.write(`${s.name} ${c.name} #${rep + 1}: ${r.handoffSeconds.toFixed(2)} s, wire ${(r.wireBytes / 1e6).toFixed(2)} MB${r.switches ? `, ${r.switches} switches` : ''}${r.verified ? '' : ' NOT VERIFIED'}\n`);
@@ -178,19 +184,20 @@ async function main(): Promise<void> {
     }
     /** the median run of each scenario and mode: what the table and the plot show */
     const medians: Run[] = scenarios.flatMap((s) =>
-      CANDIDATES.map((c) => {
+      candidates.map((c) => {
         const these = runs.filter((r) => r.scenario === s.name && r.mode === c.name).sort((a, b) => a.handoffSeconds - b.handoffSeconds);
         return these[Math.floor((these.length - 1) / 2)]!;
       }),
     );
     await writeFile(values.svg!, svgPlot(medians, bandwidths));
-    const rows = [['scenario', ...CANDIDATES.map((c) => c.name), 'best static', 'adaptive / best']];
+    const rows = [['scenario', ...candidates.map((c) => c.name), 'best static', 'adaptive / best']];
     for (const s of scenarios) {
       const these = medians.filter((r) => r.scenario === s.name);
       const statics = these.filter((r) => r.mode !== 'adaptive');
-      const bestStatic = statics.reduce((a, b) => (b.handoffSeconds < a.handoffSeconds ? b : a));
-      const adaptive = these.find((r) => r.mode === 'adaptive')!;
-      rows.push([s.name, ...CANDIDATES.map((c) => these.find((r) => r.mode === c.name)!.handoffSeconds.toFixed(2)), bestStatic.mode, (adaptive.handoffSeconds / bestStatic.handoffSeconds).toFixed(3)]);
+      const bestStatic = statics.length > 0 ? statics.reduce((a, b) => (b.handoffSeconds < a.handoffSeconds ? b : a)) : undefined;
+      const adaptive = these.find((r) => r.mode === 'adaptive');
+      const ratio = adaptive && bestStatic ? (adaptive.handoffSeconds / bestStatic.handoffSeconds).toFixed(3) : '-';
+      rows.push([s.name, ...these.map((r) => r.handoffSeconds.toFixed(2)), bestStatic?.mode ?? '-', ratio]);
     }
     const unverified = runs.filter((r) => !r.verified).length;
     if (values.json) console.log(JSON.stringify({ repeat, runs }));

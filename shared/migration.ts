@@ -156,6 +156,8 @@ export interface TunerDecision {
   compressWorkers: number;
   /** of which the tuner wants this many in use from now on */
   compressWorkersInUse?: number;
+  /** CPU per block no stage reports (bus, sender, TLS), measured over the last intervals */
+  overheadCpuMsPerBlock?: number;
   predictedCurrentBlocksPerSec: number;
   predictedChosenBlocksPerSec: number;
 }
@@ -192,6 +194,7 @@ function parseDecision(value: unknown): TunerDecision {
     spareCores: n('spareCores'),
     compressWorkers: n('compressWorkers'),
     ...(o.compressWorkersInUse !== undefined ? { compressWorkersInUse: n('compressWorkersInUse') } : {}),
+    ...(o.overheadCpuMsPerBlock !== undefined ? { overheadCpuMsPerBlock: n('overheadCpuMsPerBlock') } : {}),
     predictedCurrentBlocksPerSec: n('predictedCurrentBlocksPerSec'),
     predictedChosenBlocksPerSec: n('predictedChosenBlocksPerSec'),
   };

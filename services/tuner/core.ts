@@ -35,6 +35,9 @@ export interface TunerOptions {
   alpha: number;
 }
 
+/** intervals (of the tuner's half second) the unreported CPU is measured over */
+const CPU_WINDOW_INTERVALS = 4;
+
 export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, confirmations: 2, workerLooks: 4, minBlocks: 64, alpha: 0.2 };
 
 export interface Decision {
@@ -56,6 +59,10 @@ export class Tuner {
   private readonly ratio = new Map<string, Ewma>();
   private readonly fixedCost: Ewma;
   private lastMeasured: Mode | undefined;
+  /** blocks that left the pipeline for the wire since the last `observeOwnCpu` */
+  blocksOut = 0;
+  /** the last few intervals' CPU of the whole handoff (every actor, nats-server) and blocks sent */
+  private readonly cpuWindow: { cpuMs: number; blocks: number }[] = [];
   private pending: { key: string; count: number } | undefined;
   private looks = 0;
   readonly decisions: Decision[] = [];
@@ -88,7 +95,40 @@ export class Tuner {
     if (s.next === 'wire' && s.stage !== 'capture') {
       this.ewma(this.ratio, modeKey(s.mode)).add(s.bytesOut / (blocks * PAGE_SIZE), w);
       this.lastMeasured = s.mode;
+      this.blocksOut += blocks;
     }
+  }
+
+  /**
+   * Feeds the CPU the whole handoff took over the last interval (its actors, nats-server: what the
+   * stages' own figures leave out, such as the bus, the sender, TLS), for this migration's share.
+   */
+  observeOwnCpu(cpuMs: number): void {
+    // from the first blocks sent on: before, the pipeline fills and the CPU has no blocks to go with
+    if (this.cpuWindow.length === 0 && this.blocksOut === 0) return;
+    this.cpuWindow.push({ cpuMs, blocks: this.blocksOut });
+    this.blocksOut = 0;
+    if (this.cpuWindow.length > CPU_WINDOW_INTERVALS) this.cpuWindow.shift();
+  }
+
+  /**
+   * CPU per block that no stage reports, from the last intervals: the handoff's whole CPU per block
+   * sent minus what the model counts for the mode that was sent. Every mode pays it, so it bounds
+   * how fast any mode can process once the cores are the limit (0 until enough blocks were sent).
+   */
+  get overheadCpuMsPerBlock(): number {
+    const cpuMs = this.cpuWindow.reduce((a, w) => a + w.cpuMs, 0);
+    const blocks = this.cpuWindow.reduce((a, w) => a + w.blocks, 0);
+    const m = this.lastMeasured;
+    if (blocks < this.options.minBlocks || !m) return 0;
+    const cost = this.costs().find((c) => modeKey(c.mode) === modeKey(m));
+    const modelled = this.fixedCpuMsPerBlock + (cost ? cost.deltaCpuMsPerBlock + cost.compressCpuMsPerBlock : 0);
+    return Math.max(0, cpuMs / blocks - modelled);
+  }
+
+  /** CPU per block every mode pays: capture and dedup, and what no stage reports */
+  private sharedCpuMsPerBlock(): number {
+    return this.fixedCpuMsPerBlock + this.overheadCpuMsPerBlock;
   }
 
   private measured(map: Map<string, Ewma>, key: string): number | undefined {
@@ -143,7 +183,8 @@ export class Tuner {
     const running = Math.max(1, conditions.compressWorkers);
     const cost = this.costs().find((c) => modeKey(c.mode) === modeKey(mode));
     if (!cost || mode.compressor === 'none') return 1;
-    const at = (n: number): Prediction => predict(cost, this.fixedCpuMsPerBlock, { ...conditions, compressWorkers: n });
+    const shared = this.sharedCpuMsPerBlock();
+    const at = (n: number): Prediction => predict(cost, shared, { ...conditions, compressWorkers: n });
     const all = at(running);
     const target = Math.min(all.processingBlocksPerSec, all.networkBlocksPerSec * 2);
     for (let n = 1; n < running; n++) if (at(n).processingBlocksPerSec >= target * 0.97) return n;
@@ -178,11 +219,12 @@ export class Tuner {
   /** A decision to switch away from `current`, or undefined to stay. */
   decide(current: Mode, conditions: Conditions, nowMs: number): Decision | undefined {
     const costs = this.costs();
-    const ranked = rank(costs, this.fixedCpuMsPerBlock, conditions);
+    const shared = this.sharedCpuMsPerBlock();
+    const ranked = rank(costs, shared, conditions);
     const best = ranked[0];
     if (!best) return undefined;
     const currentCost = costs.find((c) => modeKey(c.mode) === modeKey(current));
-    const currentPrediction = currentCost ? predict(currentCost, this.fixedCpuMsPerBlock, conditions) : undefined;
+    const currentPrediction = currentCost ? predict(currentCost, shared, conditions) : undefined;
     const currentRate = currentPrediction?.blocksPerSec ?? 0;
     const bestKey = modeKey(best.mode);
     const hysteresis = this.looks++ === 0 ? this.options.firstHysteresis : this.options.hysteresis;

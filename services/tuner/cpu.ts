@@ -6,6 +6,9 @@ import { readdirSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 
 
+/** /proc counts CPU in USER_HZ ticks: 100 a second on every Linux architecture Node runs on */
+const MS_PER_TICK = 10;
+
 function machineJiffies(): { busy: number; total: number } {
   const cpu = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
   const idle = (cpu[3] ?? 0) + (cpu[4] ?? 0);
@@ -36,6 +39,8 @@ export class CpuSampler {
   private last: { machine: { busy: number; total: number }; own: number } | undefined;
   /** cores taken by other work in the last interval */
   otherBusyCores = 0;
+  /** CPU ms the handoff's own processes took in the last interval */
+  ownCpuMs = 0;
 
   /** Call every second or so; returns the cores this workload may use now. */
   sample(): number {
@@ -52,6 +57,7 @@ export class CpuSampler {
         const otherJiffies = Math.max(0, machine.busy - this.last.machine.busy - (own - this.last.own));
         this.otherBusyCores = (otherJiffies / total) * this.cores;
       }
+      this.ownCpuMs = Math.max(0, own - this.last.own) * MS_PER_TICK;
     }
     this.last = { machine, own };
     return Math.max(0.1, this.cores - this.otherBusyCores);

@@ -132,6 +132,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           spareCores: Number(conditions.spareCores.toFixed(2)),
           compressWorkers: conditions.compressWorkers,
           compressWorkersInUse: inUse,
+          overheadCpuMsPerBlock: Number(f.tuner.overheadCpuMsPerBlock.toFixed(4)),
           predictedCurrentBlocksPerSec: Math.round(decision?.currentBlocksPerSec ?? 0),
           predictedChosenBlocksPerSec: Math.round(decision?.chosenBlocksPerSec ?? 0),
         };
@@ -146,6 +147,9 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
 
   const timer = setInterval(() => {
     spareCores = cpu.sample();
+    // the handoff's own CPU, shared among the followed migrations by the blocks each sent
+    const blocksOut = [...followed.values()].reduce((a, f) => a + f.tuner.blocksOut, 0);
+    for (const f of followed.values()) f.tuner.observeOwnCpu(blocksOut > 0 ? (cpu.ownCpuMs * f.tuner.blocksOut) / blocksOut : cpu.ownCpuMs / followed.size);
     const now = performance.now();
     for (const [migrationId, f] of followed) {
       if (now - f.lastStatsMs > 60_000) {

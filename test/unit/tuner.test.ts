@@ -128,6 +128,27 @@ describe('tuner', () => {
     assert.equal(modeKey(d.to), modeKey(ZSTD3));
   });
 
+  test('CPU that no stage reports (bus, sender, TLS) counts against every mode', () => {
+    // zstd19 is best at 25 Mbit/s while its stages' own CPU is all there is
+    const feed = (t: Tuner): void => {
+      for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD19, 256, 256 * 0.4, 256 * 4096 * 0.3, 'wire'));
+    };
+    const alone = new Tuner(PROFILE);
+    feed(alone);
+    alone.observeOwnCpu(20 * 256 * 0.414);
+    assert.ok(alone.overheadCpuMsPerBlock < 1e-6);
+    assert.equal(alone.decide(ZSTD19, at(25), 0), undefined);
+    // the whole handoff took 1 ms more per block than its stages report: the cores run out first
+    const t = new Tuner(PROFILE);
+    t.observeOwnCpu(5000); // before any block was sent: the pipeline filling, not counted
+    feed(t);
+    t.observeOwnCpu(20 * 256 * 1.414);
+    assert.ok(Math.abs(t.overheadCpuMsPerBlock - 1) < 1e-6, `overhead ${t.overheadCpuMsPerBlock}`);
+    const d = t.decide(ZSTD19, at(25), 0);
+    assert.ok(d, 'stayed on the mode the cores cannot keep up with');
+    assert.equal(modeKey(d.to), modeKey(ZSTD3));
+  });
+
   test('measured CPU cost feeds the processing estimate', () => {
     const t = new Tuner(PROFILE);
     for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD3, 256, 256 * 0.15, 256 * 4096 * 0.35, 'wire'));
