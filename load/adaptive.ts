@@ -137,6 +137,8 @@ async function main(): Promise<void> {
       'memory-size': { type: 'string', default: '64MiB' },
       'disk-size': { type: 'string', default: '64MiB' },
       bandwidths: { type: 'string', default: '5,10,25,100,1000' },
+      /** what the VM wrote: mixed (heap, text, random) or programs (code and data of executables) */
+      content: { type: 'string', default: 'mixed' },
       svg: { type: 'string', default: 'load/adaptive.svg' },
       json: { type: 'boolean', default: false },
       repeat: { type: 'string', default: '3' },
@@ -159,11 +161,16 @@ async function main(): Promise<void> {
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
   try {
-    const images = await generateImageSet({ dir: join(dir, 'vm'), memoryBytes: parseSizeBytes(values['memory-size']!), diskBytes: parseSizeBytes(values['disk-size']!) });
+    const content = values.content;
+    if (content !== 'mixed' && content !== 'programs') throw new Error('--content must be mixed or programs');
+    const images = await generateImageSet({ dir: join(dir, 'vm'), memoryBytes: parseSizeBytes(values['memory-size']!), diskBytes: parseSizeBytes(values['disk-size']!), content });
     const scenarios: Scenario[] = [
       ...bandwidths.map((b) => ({ name: `${b} Mbit/s`, startMbit: b })),
-      { name: '5->35->5 Mbit/s', startMbit: 5, changes: [[3, 35], [7, 5]] },
-      { name: 'CPU hog at 100 Mbit/s', startMbit: 100, hogAfterSeconds: 1.5 },
+      // each phase carries a good part of the data (a handoff here takes 5-10 s): 1.2 MB at 5 Mbit/s,
+      // up to 6.5 MB at 35 Mbit/s, the rest at 5 Mbit/s again
+      { name: '5->35->5 Mbit/s', startMbit: 5, changes: [[2, 35], [3.5, 5]] },
+      // the hog takes a core for the better part of a ~2 s handoff
+      { name: 'CPU hog at 100 Mbit/s', startMbit: 100, hogAfterSeconds: 0.7 },
     ];
     const runs: Run[] = [];
     const only = values.only?.split(',');

@@ -26,6 +26,11 @@ export interface TunerOptions {
   hysteresis: number;
   /** ... except at the first look: the start mode is a guess, not a measured choice */
   firstHysteresis: number;
+  /**
+   * ... and where the link bounds both modes with room to spare: the gain is then the ratio's alone,
+   * which bandwidth noise moves for both modes alike
+   */
+  linkBoundHysteresis: number;
   /** ... seen in this many consecutive decisions */
   confirmations: number;
   /** fewer compress workers once that many looks in a row found them enough */
@@ -35,10 +40,13 @@ export interface TunerOptions {
   alpha: number;
 }
 
+/** processing this much above the link's rate: the link is the bottleneck, whatever the noise */
+const LINK_BOUND_MARGIN = 1.3;
+
 /** intervals (of the tuner's half second) the unreported CPU is measured over */
 const CPU_WINDOW_INTERVALS = 4;
 
-export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, confirmations: 2, workerLooks: 4, minBlocks: 64, alpha: 0.2 };
+export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, linkBoundHysteresis: 0.025, confirmations: 2, workerLooks: 4, minBlocks: 64, alpha: 0.2 };
 
 export interface Decision {
   atMs: number;
@@ -150,13 +158,17 @@ export class Tuner {
   }
 
   /**
-   * Every profiled mode's cost as it looks now: its own measurements, else its profile scaled by
-   * measured/profiled of the last measured mode (modes keep their relative cost and ratio across
-   * workloads). No encoding makes data larger (pages are kept raw when delta does not pay), so a
-   * scaled ratio stops at 1, and sending pages as they are is 1 by definition.
+   * Every profiled mode's cost as it looks now: its own measured CPU costs, else its profile scaled
+   * by measured/profiled of the last measured mode (modes keep their relative cost and ratio across
+   * workloads). Ratios always come from the mode being sent now: another mode's ratio measured a
+   * while ago was measured on other pages (a region of random data makes every mode look worse), so
+   * comparing it with today's would switch on content, not on mode. No encoding makes data larger
+   * (pages are kept raw when delta does not pay), so a scaled ratio stops at 1, and sending pages
+   * as they are is 1 by definition.
    */
   costs(): ModeCost[] {
     const k = this.scales();
+    const current = this.lastMeasured && modeKey(this.lastMeasured);
     return this.profile.modes.map((p) => {
       const key = modeKey(p.mode);
       const plain = p.mode.compressor === 'none' && p.mode.delta === 'none';
@@ -164,7 +176,7 @@ export class Tuner {
         mode: p.mode,
         deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
         compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress),
-        ratio: this.measured(this.ratio, key) ?? (plain ? 1 : Math.min(1, p.ratio * k.ratio)),
+        ratio: (current === key ? this.measured(this.ratio, key) : undefined) ?? (plain ? 1 : Math.min(1, p.ratio * k.ratio)),
       };
     });
   }
@@ -227,7 +239,9 @@ export class Tuner {
     const currentPrediction = currentCost ? predict(currentCost, shared, conditions) : undefined;
     const currentRate = currentPrediction?.blocksPerSec ?? 0;
     const bestKey = modeKey(best.mode);
-    const hysteresis = this.looks++ === 0 ? this.options.firstHysteresis : this.options.hysteresis;
+    const linkBound = (p: Prediction | undefined): boolean => p !== undefined && p.processingBlocksPerSec >= p.networkBlocksPerSec * LINK_BOUND_MARGIN;
+    const hysteresis =
+      this.looks++ === 0 ? this.options.firstHysteresis : linkBound(currentPrediction) && linkBound(best) ? this.options.linkBoundHysteresis : this.options.hysteresis;
     if (bestKey === modeKey(current) || best.blocksPerSec <= currentRate * (1 + hysteresis)) {
       this.pending = undefined;
       return undefined;

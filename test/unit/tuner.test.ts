@@ -104,6 +104,37 @@ describe('tuner', () => {
     assert.ok(switches <= 1, `${switches} switches on noise`);
   });
 
+  test('where the link bounds both modes, a smaller ratio is worth a switch that noise would not be', () => {
+    const withZstd19Ratio = (ratio: number): Profile => ({ ...PROFILE, modes: PROFILE.modes.map((m) => (modeKey(m.mode) === modeKey(ZSTD19) ? { ...m, ratio } : m)) });
+    for (const [ratio, switches] of [
+      [0.33, true], // 6% less to send
+      [0.345, false], // 1.5%
+    ] as const) {
+      const t = new Tuner(withZstd19Ratio(ratio));
+      assert.equal(t.decide(ZSTD3, at(100), 0), undefined, 'zstd3 is best at 100 Mbit/s');
+      const d = t.decide(ZSTD3, at(5), 500);
+      assert.equal(d !== undefined, switches, `zstd19 ratio ${ratio}`);
+      if (d) assert.equal(modeKey(d.to), modeKey(ZSTD19));
+    }
+    // a 5% gain where the cores (a fifth of one) just keep up with zstd19 is within the noise
+    const t = new Tuner(withZstd19Ratio(0.33));
+    t.decide(ZSTD3, at(100), 0);
+    const starved = at(5, 0.19);
+    const [top] = rank(t.costs(), t.fixedCpuMsPerBlock, starved);
+    assert.equal(modeKey(top!.mode), modeKey(ZSTD19), 'zstd19 still predicted best');
+    assert.equal(t.decide(ZSTD3, starved, 500), undefined);
+  });
+
+  test('a ratio measured earlier on other pages does not call a mode back', () => {
+    const t = new Tuner(PROFILE);
+    // zstd3 sent first, over pages that compress well; then zstd19 over a region of random data
+    for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD3, 256, 256 * 0.015, 256 * 4096 * 0.2, 'wire'));
+    for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD19, 256, 256 * 0.4, 256 * 4096 * 0.95, 'wire'));
+    const costs = new Map(t.costs().map((c) => [modeKey(c.mode), c]));
+    assert.ok(costs.get(modeKey(ZSTD3))!.ratio > costs.get(modeKey(ZSTD19))!.ratio, 'zstd3 judged on pages zstd19 never saw');
+    for (let look = 0; look < 4; look++) assert.equal(t.decide(ZSTD19, at(5), look * 500), undefined);
+  });
+
   test('a profile from another workload is corrected by measurements', () => {
     // the profile believes zstd3 shrinks data to 35%; the running workload does not compress at all
     const t = new Tuner(PROFILE);
