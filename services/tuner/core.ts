@@ -68,7 +68,7 @@ export class Tuner {
   private readonly fixedCost: Ewma;
   private lastMeasured: Mode | undefined;
   /** blocks that left the pipeline for the wire since the last `observeOwnCpu` */
-  blocksOut = 0;
+  private blocksOut = 0;
   /** the last few intervals' CPU of the whole handoff (every actor, nats-server) and blocks sent */
   private readonly cpuWindow: { cpuMs: number; blocks: number }[] = [];
   private pending: { key: string; count: number } | undefined;
@@ -111,6 +111,10 @@ export class Tuner {
    * Feeds the CPU the whole handoff took over the last interval (its actors, nats-server: what the
    * stages' own figures leave out, such as the bus, the sender, TLS), for this migration's share.
    */
+  get blocksSinceOwnCpu(): number {
+    return this.blocksOut;
+  }
+
   observeOwnCpu(cpuMs: number): void {
     // from the first blocks sent on: before, the pipeline fills and the CPU has no blocks to go with
     if (this.cpuWindow.length === 0 && this.blocksOut === 0) return;

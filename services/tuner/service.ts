@@ -148,8 +148,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   const timer = setInterval(() => {
     spareCores = cpu.sample();
     // the handoff's own CPU, shared among the followed migrations by the blocks each sent
-    const blocksOut = [...followed.values()].reduce((a, f) => a + f.tuner.blocksOut, 0);
-    for (const f of followed.values()) f.tuner.observeOwnCpu(blocksOut > 0 ? (cpu.ownCpuMs * f.tuner.blocksOut) / blocksOut : cpu.ownCpuMs / followed.size);
+    const blocksOut = [...followed.values()].reduce((a, f) => a + f.tuner.blocksSinceOwnCpu, 0);
+    for (const f of followed.values()) f.tuner.observeOwnCpu(blocksOut > 0 ? (cpu.ownCpuMs * f.tuner.blocksSinceOwnCpu) / blocksOut : cpu.ownCpuMs / followed.size);
     const now = performance.now();
     for (const [migrationId, f] of followed) {
       if (now - f.lastStatsMs > 60_000) {
