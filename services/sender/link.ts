@@ -472,26 +472,22 @@ export class WanLink {
   /**
    * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision. A
    * lead frame empties the shaper's burst allowance (a token bucket lets its first ~100 KB through
-   * at line rate); three frames follow right behind it, and the spacing of their answers is each
-   * one's transmission at the link's rate. The median of the three spacings: a destination busy
-   * for a moment at the start (opening its images) answers two frames at once, which one spacing
-   * alone takes for a very fast link. The frames grow until their spacing is long enough to
-   * measure (20 ms): on a fast link a small frame's spacing is mostly the receiver's own processing.
-   * The ACKs of chunks measure the link properly later; this is only a start. Undefined when the
-   * link did not answer in time.
+   * at line rate), and the time between its answer and that of a frame right behind it is the
+   * second frame's transmission at the link's rate. The second frame grows (64 KiB to 2 MiB) until
+   * its spacing is long enough to measure (20 ms): on a fast link a small frame's spacing is mostly
+   * the receiver's own processing. The ACKs of chunks measure the link properly later; this is
+   * only a start, right within a factor of two or three (a shaper passing 64 KiB packets answers
+   * frames in clumps; a median over several frames needs them to be many such packets long, which
+   * costs more link time than the first decision gains). Undefined when the link did not answer.
    */
   async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 2 * 1024 * 1024): Promise<number | undefined> {
     let bps: number | undefined;
-    let measuredBytes = 32 * 1024;
-    for (let attempt = 0; attempt < 4; attempt++) {
-      const times = await this.probeFrames([leadBytes, measuredBytes, measuredBytes, measuredBytes], timeoutMs);
-      if (!times) break;
-      const spacings = [1, 2, 3].map((i) => times[i]! - times[i - 1]!).sort((a, b) => a - b);
-      const spacingMs = Math.max(spacings[1]!, 0.05);
+    for (let measuredBytes = 64 * 1024; measuredBytes <= maxMeasuredBytes; measuredBytes *= 4) {
+      const times = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
+      if (!times) return bps;
+      const spacingMs = Math.max(times[1]! - times[0]!, 0.05);
       bps = (measuredBytes * 8 * 1000) / spacingMs;
-      if (spacingMs >= 20 || measuredBytes >= maxMeasuredBytes) break;
-      // the next frames sized to take about 25 ms each at the rate just seen
-      measuredBytes = Math.min(maxMeasuredBytes, Math.round(measuredBytes * Math.min(16, Math.max(2, 25 / spacingMs))));
+      if (spacingMs >= 20) break;
       leadBytes = 64 * 1024;
     }
     return bps !== undefined && this.options.rateCapBps > 0 ? Math.min(bps, this.options.rateCapBps) : bps;
