@@ -43,6 +43,9 @@ export interface TunerOptions {
 /** processing this much above the link's rate: the link is the bottleneck, whatever the noise */
 const LINK_BOUND_MARGIN = 1.3;
 
+/** the share of time the sender found the link the bottleneck that lets workers go */
+const LINK_BOUND_SHARE = 0.8;
+
 /** intervals (of the tuner's half second) the unreported CPU is measured over */
 const CPU_WINDOW_INTERVALS = 4;
 
@@ -116,23 +119,31 @@ export class Tuner {
   }
 
   observeOwnCpu(cpuMs: number): void {
-    // from the first blocks sent on: before, the pipeline fills and the CPU has no blocks to go with
-    if (this.cpuWindow.length === 0 && this.blocksOut === 0) return;
-    this.cpuWindow.push({ cpuMs, blocks: this.blocksOut });
+    const blocks = this.blocksOut;
     this.blocksOut = 0;
+    // from the interval after the first blocks were sent: until then the pipeline fills (and its
+    // processes warm up), CPU with few blocks to go with it
+    if (!this.blocksSeen) {
+      this.blocksSeen = blocks > 0;
+      return;
+    }
+    this.cpuWindow.push({ cpuMs, blocks });
     if (this.cpuWindow.length > CPU_WINDOW_INTERVALS) this.cpuWindow.shift();
   }
+
+  private blocksSeen = false;
 
   /**
    * CPU per block that no stage reports, from the last intervals: the handoff's whole CPU per block
    * sent minus what the model counts for the mode that was sent. Every mode pays it, so it bounds
-   * how fast any mode can process once the cores are the limit (0 until enough blocks were sent).
+   * how fast any mode can process once the cores are the limit (0 until blocks flowed for a window).
    */
   get overheadCpuMsPerBlock(): number {
     const cpuMs = this.cpuWindow.reduce((a, w) => a + w.cpuMs, 0);
     const blocks = this.cpuWindow.reduce((a, w) => a + w.blocks, 0);
     const m = this.lastMeasured;
-    if (blocks < this.options.minBlocks || !m) return 0;
+    // a whole window of steady flow: a shorter one over-counts the start
+    if (this.cpuWindow.length < CPU_WINDOW_INTERVALS || blocks < this.options.minBlocks || !m) return 0;
     const cost = this.costs().find((c) => modeKey(c.mode) === modeKey(m));
     const modelled = this.fixedCpuMsPerBlock + (cost ? cost.deltaCpuMsPerBlock + cost.compressCpuMsPerBlock : 0);
     return Math.max(0, cpuMs / blocks - modelled);
@@ -213,10 +224,13 @@ export class Tuner {
   /**
    * The compress workers to use now: all that run at first, more at once when the mode needs them,
    * fewer only after the smaller count has been enough for `workerLooks` looks in a row (estimates
-   * settle as a mode is measured; a count flapping every half second would only move work around).
+   * settle as a mode is measured; a count flapping every half second would only move work around),
+   * and only while the sender measures the link as the bottleneck: a worker's capacity is not its
+   * CPU alone (it pulls one chunk per lane from the bus), and with a core taken by other work one
+   * worker fewer made a 100 Mbit/s handoff 19% slower while the model found it enough.
    */
-  workersWanted(mode: Mode, conditions: Conditions): number {
-    const needed = this.workersFor(mode, conditions);
+  workersWanted(mode: Mode, conditions: Conditions, linkBoundShare?: number): number {
+    const needed = (linkBoundShare ?? 0) >= LINK_BOUND_SHARE ? this.workersFor(mode, conditions) : Math.max(1, conditions.compressWorkers);
     // all of them at first: before measurements the prediction is the profile's (and the model
     // leaves out the sender's, the bus's and TLS's CPU), so fewer must prove enough first
     this.workersInUse ??= Math.max(1, conditions.compressWorkers);

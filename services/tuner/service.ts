@@ -27,6 +27,8 @@ interface Followed {
   measuredBandwidthBps: number;
   /** the sender's probe of the link before chunks flowed */
   probedBandwidthBps: number;
+  /** share of the last interval the sender found the link the bottleneck (undefined: not yet measured) */
+  linkBoundShare?: number;
   lastStatsMs: number;
 }
 
@@ -95,6 +97,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           const linkBound = (s.counts.linkBoundPct ?? 100) / 100;
           f.bandwidthBps = linkBound >= 0.8 ? s.counts.bandwidthBps : Math.max(s.counts.bandwidthBps / Math.max(0.5, linkBound), f.probedBandwidthBps);
           f.measuredBandwidthBps = s.counts.bandwidthBps;
+          f.linkBoundShare = linkBound;
         }
       });
     },
@@ -118,7 +121,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         const conditions = { bandwidthBps: f.bandwidthBps, spareCores, compressWorkers: runningWorkers };
         const decision = f.tuner.decide(current, conditions, now);
         const mode = decision?.to ?? current;
-        const inUse = f.tuner.workersWanted(mode, conditions);
+        const inUse = f.tuner.workersWanted(mode, conditions, f.linkBoundShare);
         const workersChanged = wantedBy.get(migrationId) !== inUse;
         wantedBy.set(migrationId, inUse);
         if (!decision && !workersChanged) return;
