@@ -41,11 +41,13 @@ describe('source faults', { timeout: 300_000 }, () => {
           bandwidthCapBps: 50e6,
           onStarted: ({ stats, actors }) => {
             const timer = setInterval(() => {
-              if ((stats.stages.compress?.chunks ?? 0) < 2) return;
+              // a worker that has finished a chunk (instances are named host:pid), so both did work
+              const done = Object.keys(stats.stages.compress?.perInstance ?? {});
+              const victim = actors.find((a) => a.name === 'compress' && done.some((i) => i.endsWith(`:${a.child.pid}`)));
+              if (!victim) return;
               clearInterval(timer);
-              const victim = actors.find((a) => a.name === 'compress');
-              killedPid = victim?.child.pid;
-              victim?.child.kill('SIGKILL');
+              killedPid = victim.child.pid;
+              victim.child.kill('SIGKILL');
             }, 20);
           },
         }),
