@@ -43,8 +43,11 @@ export interface TunerOptions {
 /** processing this much above the link's rate: the link is the bottleneck, whatever the noise */
 const LINK_BOUND_MARGIN = 1.3;
 
-/** the share of time the sender found the link the bottleneck that lets workers go */
-const LINK_BOUND_SHARE = 0.8;
+/**
+ * The share of time the sender found the link the bottleneck from which its ACKs measure the link
+ * (below, the link could carry more) and compress workers may leave use.
+ */
+export const LINK_BOUND_SHARE = 0.8;
 
 /** intervals (of the tuner's half second) the unreported CPU is measured over */
 const CPU_WINDOW_INTERVALS = 4;
@@ -74,6 +77,8 @@ export class Tuner {
   private blocksOut = 0;
   /** the last few intervals' CPU of the whole handoff (every actor, nats-server) and blocks sent */
   private readonly cpuWindow: { cpuMs: number; blocks: number }[] = [];
+  /** blocks have reached the wire: the pipeline is past filling */
+  private blocksSeen = false;
   private pending: { key: string; count: number } | undefined;
   private looks = 0;
   readonly decisions: Decision[] = [];
@@ -110,14 +115,15 @@ export class Tuner {
     }
   }
 
-  /**
-   * Feeds the CPU the whole handoff took over the last interval (its actors, nats-server: what the
-   * stages' own figures leave out, such as the bus, the sender, TLS), for this migration's share.
-   */
+  /** blocks sent since the last `observeOwnCpu`: the service shares the handoff's CPU by them */
   get blocksSinceOwnCpu(): number {
     return this.blocksOut;
   }
 
+  /**
+   * Feeds the CPU the whole handoff took over the last interval (its actors, nats-server: what the
+   * stages' own figures leave out, such as the bus, the sender, TLS), for this migration's share.
+   */
   observeOwnCpu(cpuMs: number): void {
     const blocks = this.blocksOut;
     this.blocksOut = 0;
@@ -130,8 +136,6 @@ export class Tuner {
     this.cpuWindow.push({ cpuMs, blocks });
     if (this.cpuWindow.length > CPU_WINDOW_INTERVALS) this.cpuWindow.shift();
   }
-
-  private blocksSeen = false;
 
   /**
    * CPU per block that no stage reports, from the last intervals: the handoff's whole CPU per block

@@ -15,7 +15,7 @@ import { formatMode, type Mode } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
-import { Tuner } from './core.js';
+import { LINK_BOUND_SHARE, Tuner } from './core.js';
 import { loadProfile } from './profile.js';
 
 const DECIDE_EVERY_MS = 500;
@@ -95,7 +95,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           // more (up to 2x is assumed, or what the probe found: an overestimate switches to
           // modes the link then cannot carry), so less compression is not ruled out
           const linkBound = (s.counts.linkBoundPct ?? 100) / 100;
-          f.bandwidthBps = linkBound >= 0.8 ? s.counts.bandwidthBps : Math.max(s.counts.bandwidthBps / Math.max(0.5, linkBound), f.probedBandwidthBps);
+          f.bandwidthBps = linkBound >= LINK_BOUND_SHARE ? s.counts.bandwidthBps : Math.max(s.counts.bandwidthBps / Math.max(0.5, linkBound), f.probedBandwidthBps);
           f.measuredBandwidthBps = s.counts.bandwidthBps;
           f.linkBoundShare = linkBound;
         }

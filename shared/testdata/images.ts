@@ -18,8 +18,9 @@ export interface ImageSetOptions {
    * What the VM writes into the pages it changes. `mixed` (default): heap-like structures, text of a
    * small vocabulary and 15% random bytes; all of it compresses about as well at zstd-3 as at -19
    * (2.5% apart here). `programs`: mostly slices of this machine's executables and libraries, a
-   * program's code and data in memory, 5% random; these compress 13-14% smaller at zstd-19 than at
-   * zstd-3 (DOMAIN's FACE workload: 26% between gzip-1 and lzma-9), the trade-off a tuner weighs.
+   * program's code and data in memory, 5% random; executables compress 13-14% smaller at zstd-19
+   * than at zstd-3, the changed pages as a whole ~6% (DOMAIN's FACE workload: 26% between gzip-1
+   * and lzma-9), the trade-off a tuner weighs.
    */
   content?: 'mixed' | 'programs';
 }
@@ -225,10 +226,10 @@ function buildCurrentMemory(rng: Rng, base: Buffer, baseDisk: Buffer, currentDis
       // a few bytes changed (counters, flags, pointers)
       const n = 1 + rng.int(8);
       for (let i = 0; i < n; i++) flipByte(rng, page);
-    } else if (programs && r < 0.4) {
-      if (r < 0.3) rng.fill(page);
-      else programLike(rng, programs, page); // code and data of a program loaded
-    } else if (r < 0.4) rng.fill(page); // new random data (encrypted or compressed content)
+    } else if (r < 0.4) {
+      if (programs && r >= 0.3) programLike(rng, programs, page); // code and data of a program loaded
+      else rng.fill(page); // new random data (encrypted or compressed content)
+    }
     else if (r < 0.52) pageOf(rng.int(2) ? currentDisk : baseDisk, rng.int(Math.max(1, diskUsedPages))).copy(page); // page cache
     else if (r < 0.64) pageOf(base, rng.int(pages)).copy(page); // moved
     else if (r < 0.72) page.fill(0); // freed
