@@ -297,13 +297,34 @@ export function encodeProbeFrame(id: number, paddingBytes: number): Buffer {
 }
 
 export function probeIdOf(frame: Frame): number {
-  const ack = frame.type === FrameType.ProbeAck;
-  if (ack ? frame.payload.byteLength !== 4 : frame.payload.byteLength < 4) throw new MalformedMessageError(`${ack ? 'probe ack' : 'probe'} frame: ${frame.payload.byteLength} bytes`);
+  if (frame.payload.byteLength < 4) throw new MalformedMessageError(`probe frame: ${frame.payload.byteLength} bytes`);
   return frame.payload.readUInt32LE(0);
 }
 
-export function encodeProbeAckFrame(id: number): Buffer {
-  const b = Buffer.alloc(4);
+/**
+ * The receiver's timing of a probe frame: bytes that arrived after the delivery that finished the
+ * previous probe frame, and the time between that delivery and the one finishing this frame (both
+ * 0 when they came together). See services/receiver/arrival.ts.
+ */
+export interface ProbeArrival {
+  bytes: number;
+  spanMs: number;
+}
+
+const PROBE_ACK_BYTES = 4 + 8 + 8;
+
+export function encodeProbeAckFrame(id: number, arrival: ProbeArrival): Buffer {
+  const b = Buffer.alloc(PROBE_ACK_BYTES);
   b.writeUInt32LE(id, 0);
+  b.writeDoubleLE(arrival.bytes, 4);
+  b.writeDoubleLE(arrival.spanMs, 12);
   return encodeFrame(FrameType.ProbeAck, b);
+}
+
+export function parseProbeAck(frame: Frame): { id: number } & ProbeArrival {
+  if (frame.payload.byteLength !== PROBE_ACK_BYTES) throw new MalformedMessageError(`probe ack frame: ${frame.payload.byteLength} bytes, expected ${PROBE_ACK_BYTES}`);
+  const bytes = frame.payload.readDoubleLE(4);
+  const spanMs = frame.payload.readDoubleLE(12);
+  if (!(Number.isFinite(bytes) && bytes >= 0 && Number.isFinite(spanMs) && spanMs >= 0)) throw new MalformedMessageError(`probe ack frame: bad timing (${bytes} bytes in ${spanMs} ms)`);
+  return { id: frame.payload.readUInt32LE(0), bytes, spanMs };
 }

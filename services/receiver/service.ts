@@ -16,7 +16,8 @@ import { createLinkServer, linkSecurityFromEnv, type LinkSecurity } from '../../
 import { createLogger, type Logger } from '../../shared/log.js';
 import type { ImageDigests, RebuildResult, StageStats } from '../../shared/migration.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
-import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, encodeResumedFrame, encodeProbeAckFrame, probeIdOf, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError } from '../../shared/wire.js';
+import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, encodeResumedFrame, encodeProbeAckFrame, probeIdOf, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError, type ProbeArrival } from '../../shared/wire.js';
+import { ArrivalTimer } from './arrival.js';
 import { chunkTraced, startSpan, traceparentOf } from '../../shared/telemetry.js';
 import { Rebuilder } from './core.js';
 import { FilePageStore } from './store.js';
@@ -229,6 +230,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
   const handleConnection = (socket: Socket): void => {
     sockets.add(socket);
     const reader = new FrameReader();
+    const arrivals = new ArrivalTimer();
     let state: MigrationState | undefined;
     /** the migration this connection's handshake named (also one that has finished: its go may come) */
     let migrationOfLink: string | undefined;
@@ -328,7 +330,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
       const accept: Accept = { baseHashes, ...(sameLink ? { appliedFrames: state.appliedFrames } : {}) };
       socket.write(encodeJsonFrame(FrameType.Accept, accept));
     };
-    const onFrame = async (frame: Frame): Promise<void> => {
+    const onFrame = async (frame: Frame, probeArrival?: ProbeArrival): Promise<void> => {
       if (frame.type === FrameType.Go && migrationOfLink) {
         const resumer = resumers.get(migrationOfLink);
         if (!resumer) throw new MalformedMessageError(`go for migration ${migrationOfLink}, which has no VM ready to resume`);
@@ -351,7 +353,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         // acknowledged once applied (or found applied already): the sender acks its JetStream message only then
         socket.write(encodeAckFrame(frameNo));
       } else if (frame.type === FrameType.Probe) {
-        socket.write(encodeProbeAckFrame(probeIdOf(frame)));
+        socket.write(encodeProbeAckFrame(probeIdOf(frame), probeArrival ?? { bytes: 0, spanMs: 0 }));
       } else if (frame.type === FrameType.Captured) {
         const captured = parseCaptured(frame);
         state.sourceHashes = captured.imageHashes;
@@ -378,6 +380,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     socket.on('data', (data: Buffer) => {
       if (closing) return;
       receivedBytes += data.byteLength;
+      arrivals.read(data.byteLength);
       let frames: Frame[];
       try {
         frames = reader.push(data);
@@ -387,7 +390,9 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
         return;
       }
       for (const frame of frames) {
-        queue = queue.then(() => (closing ? undefined : onFrame(frame))).catch((err: unknown) => closeWithError(err, false));
+        // timed now, at its arrival; answered in turn
+        const probeArrival = frame.type === FrameType.Probe ? arrivals.probeFinished() : undefined;
+        queue = queue.then(() => (closing ? undefined : onFrame(frame, probeArrival))).catch((err: unknown) => closeWithError(err, false));
       }
     });
     socket.on('error', (err) => clog.warn('link error', { reason: err.message }));

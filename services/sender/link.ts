@@ -25,7 +25,8 @@ import {
   parseResult,
   parseResumed,
   encodeProbeFrame,
-  probeIdOf,
+  parseProbeAck,
+  type ProbeArrival,
   splitChunkFrame,
   type Captured,
   type Frame,
@@ -63,6 +64,8 @@ interface PendingFrame {
   sends: number;
   /** the connection it was last written to (a resume sends again what went to an older one) */
   sentOn: Connection | undefined;
+  /** when first written */
+  sentMs: number | undefined;
   resolve: (sent: SentChunk) => void;
   reject: (e: Error) => void;
 }
@@ -223,7 +226,7 @@ export class WanLink {
         const p = this.pending.get(frameNo);
         if (!p) return; // the ACK of a copy already acknowledged: harmless
         this.pending.delete(frameNo);
-        this.bandwidth.ack(p.bytes);
+        this.bandwidth.ack(p.bytes, p.sentMs ?? performance.now());
         p.resolve({ frameBytes: p.bytes, sends: p.sends });
         return;
       }
@@ -242,9 +245,11 @@ export class WanLink {
         this.resultHandlers?.resolve(result);
         return;
       }
-      case FrameType.ProbeAck:
-        this.probes.get(probeIdOf(frame))?.();
+      case FrameType.ProbeAck: {
+        const { id, ...arrival } = parseProbeAck(frame);
+        this.probes.get(id)?.(arrival);
         return;
+      }
       case FrameType.Resumed:
         this.done = true;
         this.resumed?.resolve(parseResumed(frame));
@@ -320,6 +325,7 @@ export class WanLink {
           await this.limiter?.take(f.bytes);
           f.sentOn = conn;
           f.sends++;
+          f.sentMs ??= performance.now();
           this.resentBytes += f.bytes;
           await this.writeNow(conn, f.pieces);
         }
@@ -408,7 +414,7 @@ export class WanLink {
     await this.limiter?.take(bytes);
     let frame: PendingFrame | undefined;
     const acked = new Promise<SentChunk>((resolve, reject) => {
-      frame = { pieces, bytes, sends: 0, sentOn: undefined, resolve, reject };
+      frame = { pieces, bytes, sends: 0, sentOn: undefined, sentMs: undefined, resolve, reject };
       this.pending.set(frameNo, frame);
     });
     this.firstSendMs ??= performance.now();
@@ -418,6 +424,7 @@ export class WanLink {
     if (frame!.sentOn !== conn && this.pending.has(frameNo)) {
       frame!.sentOn = conn;
       frame!.sends++;
+      frame!.sentMs ??= performance.now();
       await this.writeNow(conn, pieces).catch(() => undefined);
     }
     return acked;
@@ -448,16 +455,16 @@ export class WanLink {
     });
   }
 
-  private readonly probes = new Map<number, () => void>();
+  private readonly probes = new Map<number, (arrival: ProbeArrival) => void>();
   private probeId = 0;
 
-  /** Sends probe frames back to back; resolves with each one's answer time (ms after sending), or undefined. */
-  private async probeFrames(paddingBytes: number[], timeoutMs: number): Promise<number[] | undefined> {
+  /** Sends probe frames back to back; resolves with each one's answer: when (ms after sending) and the receiver's timing. */
+  private async probeFrames(paddingBytes: number[], timeoutMs: number): Promise<({ answeredMs: number } & ProbeArrival)[] | undefined> {
     const started = performance.now();
     const ids = paddingBytes.map(() => ++this.probeId);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), timeoutMs)));
-    const answers = ids.map((id) => new Promise<number>((resolve) => this.probes.set(id, () => resolve(performance.now() - started))));
+    const answers = ids.map((id) => new Promise<{ answeredMs: number } & ProbeArrival>((resolve) => this.probes.set(id, (arrival) => resolve({ answeredMs: performance.now() - started, ...arrival }))));
     try {
       for (const [i, id] of ids.entries()) await this.write(encodeProbeFrame(id, paddingBytes[i]!));
       return await Promise.race([Promise.all(answers), timeout]);
@@ -472,22 +479,30 @@ export class WanLink {
   /**
    * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision. A
    * lead frame empties the shaper's burst allowance (a token bucket lets its first ~100 KB through
-   * at line rate), and the time between its answer and that of a frame right behind it is the
-   * second frame's transmission at the link's rate. The second frame grows (64 KiB to 2 MiB) until
-   * its spacing is long enough to measure (20 ms): on a fast link a small frame's spacing is mostly
-   * the receiver's own processing. The ACKs of chunks measure the link properly later; this is
-   * only a start, right within a factor of two or three (a shaper passing 64 KiB packets answers
-   * frames in clumps; a median over several frames needs them to be many such packets long, which
-   * costs more link time than the first decision gains). Undefined when the link did not answer.
+   * at line rate); the frame right behind it is timed by the receiver, delivery by delivery (see
+   * services/receiver/arrival.ts), which read a 5 Mbit/s tbf link as 4.8-6.4 Mbit/s and a 10 Mbit/s
+   * one as 13, where the spacing of the two answers at the sender read 12-14 at 5 (a packet of
+   * 64 KiB holds the end of one frame and most of the next). The second frame grows (64 KiB to 2 MiB) until the timing spans
+   * 20 ms; where the receiver saw it all in one go (loopback) the answers' spacing stands in, and
+   * a link too fast for 2 MiB to take 20 ms reads as 2 MiB per 20 ms (839 Mbit/s). The
+   * ACKs of chunks measure the link properly later. Undefined when the link did not answer.
    */
   async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 2 * 1024 * 1024): Promise<number | undefined> {
+    const minSpanMs = 20;
     let bps: number | undefined;
     for (let measuredBytes = 64 * 1024; measuredBytes <= maxMeasuredBytes; measuredBytes *= 4) {
-      const times = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
-      if (!times) return bps;
-      const spacingMs = Math.max(times[1]! - times[0]!, 0.05);
+      const answers = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
+      if (!answers) break;
+      const measured = answers[1]!;
+      if (measured.spanMs >= minSpanMs && measured.bytes > 0) {
+        bps = (measured.bytes * 8 * 1000) / measured.spanMs;
+        break;
+      }
+      // at most the largest frame in 20 ms: a lower bound of a link too fast to time (tbf lets
+      // a 1000 Mbit/s link's first 1.25 MB through at once; the spacing then read 140 Gbit/s)
+      const spacingMs = Math.max(measured.answeredMs - answers[0]!.answeredMs, minSpanMs);
       bps = (measuredBytes * 8 * 1000) / spacingMs;
-      if (spacingMs >= 20) break;
+      if (spacingMs > minSpanMs) break;
       leadBytes = 64 * 1024;
     }
     return bps !== undefined && this.options.rateCapBps > 0 ? Math.min(bps, this.options.rateCapBps) : bps;

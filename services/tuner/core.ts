@@ -43,11 +43,8 @@ export interface TunerOptions {
 /** processing this much above the link's rate: the link is the bottleneck, whatever the noise */
 const LINK_BOUND_MARGIN = 1.3;
 
-/**
- * The share of time the sender found the link the bottleneck from which its ACKs measure the link
- * (below, the link could carry more) and compress workers may leave use.
- */
-export const LINK_BOUND_SHARE = 0.8;
+/** The share of time the sender found the link the bottleneck from which compress workers may leave use. */
+const LINK_BOUND_SHARE = 0.8;
 
 /** intervals (of the tuner's half second) the unreported CPU is measured over */
 const CPU_WINDOW_INTERVALS = 4;

@@ -15,7 +15,7 @@ import { formatMode, type Mode } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
-import { LINK_BOUND_SHARE, Tuner } from './core.js';
+import { Tuner } from './core.js';
 import { loadProfile } from './profile.js';
 
 const DECIDE_EVERY_MS = 500;
@@ -91,13 +91,11 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         }
         f.tuner.observe(s);
         if (s.stage === 'sender' && s.counts?.bandwidthBps) {
-          // ACKs measure the link only while it is the bottleneck; otherwise the link can carry
-          // more (up to 2x is assumed, or what the probe found: an overestimate switches to
-          // modes the link then cannot carry), so less compression is not ruled out
-          const linkBound = (s.counts.linkBoundPct ?? 100) / 100;
-          f.bandwidthBps = linkBound >= LINK_BOUND_SHARE ? s.counts.bandwidthBps : Math.max(s.counts.bandwidthBps / Math.max(0.5, linkBound), f.probedBandwidthBps);
+          // the sender counts only the time the link had frames to carry: its figure is the
+          // link's rate even while the pipeline is the bottleneck (no guess from the idle share)
+          f.bandwidthBps = s.counts.bandwidthBps;
           f.measuredBandwidthBps = s.counts.bandwidthBps;
-          f.linkBoundShare = linkBound;
+          f.linkBoundShare = (s.counts.linkBoundPct ?? 100) / 100;
         }
       });
     },

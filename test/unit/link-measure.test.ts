@@ -1,0 +1,112 @@
+/** How the link's speed is measured: ACKs over the time the link had work, probes timed by the receiver. */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { describe, test } from 'node:test';
+import { ArrivalTimer } from '../../services/receiver/arrival.js';
+import { BandwidthEstimator } from '../../services/sender/bandwidth.js';
+import { FrameReader, FrameType, encodeFrame, encodeProbeAckFrame, parseProbeAck } from '../../shared/wire.js';
+import { MalformedMessageError } from '../../shared/errors.js';
+
+const MBIT = 1e6;
+const near = (actual: number | undefined, expected: number, what: string): void => {
+  assert.ok(actual !== undefined && Math.abs(actual / expected - 1) < 0.02, `${what}: ${actual} bit/s, expected ${expected}`);
+};
+
+describe('bandwidth from ACKs', () => {
+  test('two ACKs answered together give no figure (they once read 30-60 Mbit/s on a 5 Mbit/s link)', () => {
+    const e = new BandwidthEstimator();
+    // 64 KiB frames at 5 Mbit/s: the link takes 105 ms each; the receiver read two in one go
+    e.ack(64 * 1024, 0, 105);
+    e.ack(64 * 1024, 0, 108);
+    assert.equal(e.bandwidthBps, undefined);
+    for (let i = 3; i <= 6; i++) e.ack(64 * 1024, 0, i * 105);
+    near(e.bandwidthBps, 5 * MBIT, 'after 630 ms of link time');
+  });
+
+  test('time the link waited for the pipeline is not counted: the link rate, not the pipeline pace', () => {
+    const e = new BandwidthEstimator();
+    // a 25 Mbit/s link fed one 100 KB frame every 100 ms: busy 32 ms of each 100
+    const frameBytes = 100_000;
+    const carryMs = (frameBytes * 8) / 25_000; // 32 ms
+    for (let i = 0; i < 20; i++) e.ack(frameBytes, i * 100, i * 100 + carryMs);
+    near(e.bandwidthBps, 25 * MBIT, 'pipeline-bound');
+    // ACK spacing would have said 8 Mbit/s (100 KB per 100 ms)
+  });
+
+  test('frames queued behind each other are timed from the previous ACK, not from their sending', () => {
+    const e = new BandwidthEstimator();
+    // ten 125 KB frames written at once to a 10 Mbit/s link: one ACK every 100 ms
+    for (let i = 1; i <= 10; i++) e.ack(125_000, 0, i * 100);
+    near(e.bandwidthBps, 10 * MBIT, 'backlogged');
+  });
+
+  test('the window forgets: a faster link shows within two seconds', () => {
+    const e = new BandwidthEstimator();
+    let t = 0;
+    for (let i = 0; i < 30; i++) e.ack(62_500, t, (t += 100)); // 5 Mbit/s
+    for (let i = 0; i < 30; i++) e.ack(437_500, t, (t += 100)); // 35 Mbit/s
+    near(e.bandwidthBps, 35 * MBIT, 'after the change');
+  });
+});
+
+describe('probe timing at the receiver', () => {
+  test('bytes after the delivery that finished the lead, over the time between deliveries', () => {
+    const a = new ArrivalTimer();
+    // recorded on a 5 Mbit/s tbf link: the burst, then 64 KiB packets (one holds the lead's end
+    // and 41 KB of the measured frame), the measured frame finishing 40.7 ms later
+    a.read(53_576, 0.3);
+    a.read(26_064, 26.4);
+    a.read(34_752, 84.6);
+    a.read(47_784, 181.5);
+    assert.deepEqual(a.probeFinished(), { bytes: 0, spanMs: 0 }, 'the lead has nothing before it');
+    a.read(2_896, 186.2);
+    a.read(21_400, 222.2);
+    const measured = a.probeFinished();
+    assert.equal(measured.bytes, 24_296);
+    assert.ok(Math.abs(measured.spanMs - 40.7) < 1e-9);
+    const bps = (measured.bytes * 8 * 1000) / measured.spanMs;
+    assert.ok(Math.abs(bps / (5 * MBIT) - 1) < 0.05, `${bps} bit/s`);
+    // what the answers' spacing read: the whole 64 KiB frame in 40.7 ms
+    assert.ok((64 * 1024 * 8 * 1000) / 40.7 > 12 * MBIT);
+  });
+
+  test('reads within a millisecond are one delivery (TLS hands a packet over record by record)', () => {
+    const a = new ArrivalTimer();
+    a.read(16_384, 100);
+    a.probeFinished(); // the lead ends in the first record
+    a.read(16_384, 100.1); // the rest of the same packet: it took no link time after the lead
+    a.read(16_384, 100.2);
+    a.read(65_536, 200);
+    const measured = a.probeFinished();
+    assert.equal(measured.bytes, 65_536);
+    assert.equal(measured.spanMs, 100);
+  });
+
+  test('two probes finished by one delivery time nothing', () => {
+    const a = new ArrivalTimer();
+    a.read(200_000, 5);
+    a.probeFinished();
+    assert.deepEqual(a.probeFinished(), { bytes: 0, spanMs: 0 });
+  });
+
+  test('a probe answer carries the timing; a malformed one is refused by name', () => {
+    const [frame] = new FrameReader().push(encodeProbeAckFrame(7, { bytes: 24_296, spanMs: 40.7 }));
+    assert.deepEqual(parseProbeAck(frame!), { id: 7, bytes: 24_296, spanMs: 40.7 });
+    const [short] = new FrameReader().push(encodeFrame(FrameType.ProbeAck, Buffer.alloc(4)));
+    assert.throws(() => parseProbeAck(short!), (e: unknown) => e instanceof MalformedMessageError && /probe ack frame: 4 bytes/.test(e.message));
+    const bad = Buffer.alloc(20);
+    bad.writeDoubleLE(-1, 4);
+    const [negative] = new FrameReader().push(encodeFrame(FrameType.ProbeAck, bad));
+    assert.throws(() => parseProbeAck(negative!), /probe ack frame: bad timing/);
+    // random timings: read or refused by name, never anything else
+    for (let i = 0; i < 2000; i++) {
+      const [f] = new FrameReader().push(encodeFrame(FrameType.ProbeAck, randomBytes(i % 3 === 0 ? i % 40 : 20)));
+      try {
+        const { bytes, spanMs } = parseProbeAck(f!);
+        assert.ok(bytes >= 0 && spanMs >= 0 && Number.isFinite(bytes + spanMs));
+      } catch (err) {
+        assert.ok(err instanceof MalformedMessageError, String(err));
+      }
+    }
+  });
+});
