@@ -145,7 +145,8 @@ export class Tuner {
     const m = this.lastMeasured;
     // a whole window of steady flow: a shorter one over-counts the start
     if (this.cpuWindow.length < CPU_WINDOW_INTERVALS || blocks < this.options.minBlocks || !m) return 0;
-    const cost = this.costs().find((c) => modeKey(c.mode) === modeKey(m));
+    const profiled = this.profiled.get(modeKey(m));
+    const cost = profiled && this.costOf(profiled, this.scales());
     const modelled = this.fixedCpuMsPerBlock + (cost ? cost.deltaCpuMsPerBlock + cost.compressCpuMsPerBlock : 0);
     return Math.max(0, cpuMs / blocks - modelled);
   }
@@ -184,17 +185,20 @@ export class Tuner {
    */
   costs(): ModeCost[] {
     const k = this.scales();
+    return this.profile.modes.map((p) => this.costOf(p, k));
+  }
+
+  /** one profiled mode's cost as it looks now, given the scales of the last measured mode */
+  private costOf(p: ModeCost, k: { delta: number; compress: number; ratio: number }): ModeCost {
+    const key = modeKey(p.mode);
     const current = this.lastMeasured && modeKey(this.lastMeasured);
-    return this.profile.modes.map((p) => {
-      const key = modeKey(p.mode);
-      const plain = p.mode.compressor === 'none' && p.mode.delta === 'none';
-      return {
-        mode: p.mode,
-        deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
-        compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress),
-        ratio: (current === key ? this.measured(this.ratio, key) : undefined) ?? (plain ? 1 : Math.min(1, p.ratio * k.ratio)),
-      };
-    });
+    const plain = p.mode.compressor === 'none' && p.mode.delta === 'none';
+    return {
+      mode: p.mode,
+      deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
+      compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress),
+      ratio: (current === key ? this.measured(this.ratio, key) : undefined) ?? (plain ? 1 : Math.min(1, p.ratio * k.ratio)),
+    };
   }
 
   get fixedCpuMsPerBlock(): number {
