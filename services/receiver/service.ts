@@ -231,6 +231,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     sockets.add(socket);
     const reader = new FrameReader();
     const arrivals = new ArrivalTimer();
+    let readThisTurn = false;
     let state: MigrationState | undefined;
     /** the migration this connection's handshake named (also one that has finished: its go may come) */
     let migrationOfLink: string | undefined;
@@ -380,7 +381,11 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
     socket.on('data', (data: Buffer) => {
       if (closing) return;
       receivedBytes += data.byteLength;
-      arrivals.read(data.byteLength);
+      arrivals.read(data.byteLength, performance.now(), readThisTurn);
+      if (!readThisTurn) {
+        readThisTurn = true;
+        setImmediate(() => (readThisTurn = false));
+      }
       let frames: Frame[];
       try {
         frames = reader.push(data);

@@ -35,6 +35,11 @@ import {
 import { BandwidthEstimator } from './bandwidth.js';
 import { RateLimiter } from './rate.js';
 
+/** the receiver's timing of a probe frame counts from this span (below, the frame grows) */
+const PROBE_MIN_SPAN_MS = 10;
+/** a probe frame the receiver could not time is taken to have crossed in this long, at most */
+const PROBE_UNTIMED_MS = 20;
+
 export interface LinkOptions {
   address: string;
   hello: Hello;
@@ -482,27 +487,25 @@ export class WanLink {
    * at line rate); the frame right behind it is timed by the receiver, delivery by delivery (see
    * services/receiver/arrival.ts), which read a 5 Mbit/s tbf link as 4.8-6.4 Mbit/s and a 10 Mbit/s
    * one as 13, where the spacing of the two answers at the sender read 12-14 at 5 (a packet of
-   * 64 KiB holds the end of one frame and most of the next). The second frame grows (64 KiB to 2 MiB) until the timing spans
-   * 20 ms; where the receiver saw it all in one go (loopback) the answers' spacing stands in, and
-   * a link too fast for 2 MiB to take 20 ms reads as 2 MiB per 20 ms (839 Mbit/s). The
-   * ACKs of chunks measure the link properly later. Undefined when the link did not answer.
+   * 64 KiB holds the end of one frame and most of the next). The second frame grows (64 KiB to
+   * 2 MiB) until the receiver's timing spans 10 ms. A 2 MiB frame the receiver got in one flow came
+   * faster than that: the link is taken to carry it in 20 ms (839 Mbit/s), a floor rather than a
+   * measure (the answers' spacing there is the two ends' scheduling: it read 140 Gbit/s; a floor
+   * of 1 MiB in 20 ms made the tuner compress for a 1000 Mbit/s link that was not the bottleneck).
+   * The ACKs of chunks measure the link properly later. Undefined when the link did not answer.
    */
   async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 2 * 1024 * 1024): Promise<number | undefined> {
-    const minSpanMs = 20;
     let bps: number | undefined;
-    for (let measuredBytes = 64 * 1024; measuredBytes <= maxMeasuredBytes; measuredBytes *= 4) {
+    for (let measuredBytes = Math.min(64 * 1024, maxMeasuredBytes); ; measuredBytes = Math.min(measuredBytes * 4, maxMeasuredBytes)) {
       const answers = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
       if (!answers) break;
       const measured = answers[1]!;
-      if (measured.spanMs >= minSpanMs && measured.bytes > 0) {
+      if (measured.spanMs >= PROBE_MIN_SPAN_MS && measured.bytes > 0) {
         bps = (measured.bytes * 8 * 1000) / measured.spanMs;
         break;
       }
-      // at most the largest frame in 20 ms: a lower bound of a link too fast to time (tbf lets
-      // a 1000 Mbit/s link's first 1.25 MB through at once; the spacing then read 140 Gbit/s)
-      const spacingMs = Math.max(measured.answeredMs - answers[0]!.answeredMs, minSpanMs);
-      bps = (measuredBytes * 8 * 1000) / spacingMs;
-      if (spacingMs > minSpanMs) break;
+      bps = (measuredBytes * 8 * 1000) / PROBE_UNTIMED_MS;
+      if (measuredBytes >= maxMeasuredBytes) break;
       leadBytes = 64 * 1024;
     }
     return bps !== undefined && this.options.rateCapBps > 0 ? Math.min(bps, this.options.rateCapBps) : bps;
