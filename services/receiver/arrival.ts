@@ -4,36 +4,29 @@
  * link's rate. Answers timed at the sender (or ACK spacing) lump a 64 KiB packet holding the end of
  * one frame and most of the next into one instant: a 64 KiB probe behind a 128 KiB lead read
  * 12-14 Mbit/s on a 5 Mbit/s tbf link. Counting only the bytes that arrived after the delivery
- * that finished the previous probe, over the time between the two deliveries, read 4.8-6.4.
+ * that finished the previous probe, over the time between the two deliveries, read 4.8-6.8 over
+ * TLS (up to a record, 16 KiB, of the lead's last packet is handed over only with the next one).
  */
 import type { ProbeArrival } from '../../shared/wire.js';
-
-/**
- * Reads closer together than this are one delivery. A 64 KiB packet takes 0.5 ms at 1000 Mbit/s:
- * a faster flow reads as one delivery, too fast to time, which the sender takes as fast.
- */
-const SAME_DELIVERY_MS = 1;
 
 export class ArrivalTimer {
   private deliveryId = 0;
   private deliveryStartMs = 0;
-  private lastReadMs = -Infinity;
   private receivedBytes = 0;
   /** the delivery that finished the previous probe, and the bytes received by its end */
   private mark: { deliveryId: number; startMs: number; bytesAtEnd: number } | undefined;
 
   /**
    * Every read from the socket, before its frames are parsed. `sameTurn`: in the event loop's turn
-   * of the read before (TLS hands a packet over record by record, in one turn, and the time a
-   * record's frames take to parse must not split it: with 0.25 ms for a delivery, a 5 Mbit/s link
-   * probed at 13).
+   * of the read before, the same delivery (TLS hands a packet over record by record in one turn; a
+   * rule by time split them where parsing a record's frames took a while, and a 5 Mbit/s link
+   * probed at 13 with 0.25 ms, while 1 ms merged a 1000 Mbit/s flow into one untimed delivery).
    */
   read(bytes: number, atMs = performance.now(), sameTurn = false): void {
-    if (!sameTurn && atMs - this.lastReadMs > SAME_DELIVERY_MS) {
+    if (!sameTurn) {
       this.deliveryId++;
       this.deliveryStartMs = atMs;
     }
-    this.lastReadMs = atMs;
     this.receivedBytes += bytes;
     if (this.mark?.deliveryId === this.deliveryId) this.mark.bytesAtEnd = this.receivedBytes;
   }

@@ -485,8 +485,8 @@ export class WanLink {
    * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision. A
    * lead frame empties the shaper's burst allowance (a token bucket lets its first ~100 KB through
    * at line rate); the frame right behind it is timed by the receiver, delivery by delivery (see
-   * services/receiver/arrival.ts), which read a 5 Mbit/s tbf link as 4.8-6.4 Mbit/s and a 10 Mbit/s
-   * one as 13, where the spacing of the two answers at the sender read 12-14 at 5 (a packet of
+   * services/receiver/arrival.ts), which read a 5 Mbit/s tbf link as 4.8-6.8 Mbit/s, a 10 Mbit/s
+   * one as 12-13 and a 1000 Mbit/s one as 655-773, where the spacing of the two answers at the sender read 12-14 at 5 (a packet of
    * 64 KiB holds the end of one frame and most of the next). The second frame grows (64 KiB to
    * 2 MiB) until the receiver's timing spans 10 ms. A 2 MiB frame the receiver got in one flow came
    * faster than that: the link is taken to carry it in 20 ms (839 Mbit/s), a floor rather than a
