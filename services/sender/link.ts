@@ -35,10 +35,8 @@ import {
 import { BandwidthEstimator } from './bandwidth.js';
 import { RateLimiter } from './rate.js';
 
-/** the receiver's timing of a probe frame counts from this span (below, the frame grows) */
+/** the receiver's timing of a probe frame is trusted from this span (below, a larger frame follows) */
 const PROBE_MIN_SPAN_MS = 10;
-/** a probe frame the receiver could not time is taken to have crossed in this long, at most */
-const PROBE_UNTIMED_MS = 20;
 
 export interface LinkOptions {
   address: string;
@@ -486,26 +484,30 @@ export class WanLink {
    * lead frame empties the shaper's burst allowance (a token bucket lets its first ~100 KB through
    * at line rate); the frame right behind it is timed by the receiver, delivery by delivery (see
    * services/receiver/arrival.ts), which read a 5 Mbit/s tbf link as 4.8-6.8 Mbit/s, a 10 Mbit/s
-   * one as 12-13 and a 1000 Mbit/s one as 655-773, where the spacing of the two answers at the sender read 12-14 at 5 (a packet of
-   * 64 KiB holds the end of one frame and most of the next). The second frame grows (64 KiB to
-   * 2 MiB) until the receiver's timing spans 10 ms. A 2 MiB frame the receiver got in one flow came
-   * faster than that: the link is taken to carry it in 20 ms (839 Mbit/s), a floor rather than a
-   * measure (the answers' spacing there is the two ends' scheduling: it read 140 Gbit/s; a floor
-   * of 1 MiB in 20 ms made the tuner compress for a 1000 Mbit/s link that was not the bottleneck).
-   * The ACKs of chunks measure the link properly later. Undefined when the link did not answer.
+   * one as 12-13, a 100 Mbit/s one as 84-88 and a 1000 Mbit/s one above it (tbf lets 10 ms of
+   * its rate through at once), where the spacing of the two answers at the
+   * sender read 12-14 at 5 (a packet of 64 KiB holds the end of one frame and most of the next). A
+   * second frame, sized to take twice the shortest span worth timing (10 ms) at the speed the first
+   * suggests, follows when the first was quicker; it stops at 1 MiB (a frame of it the receiver got
+   * in one delivery reads as 1 MiB in 10 ms, 839 Mbit/s: a floor). The answers' spacing is no
+   * measure at all on a fast link (it read 140 Gbit/s at 1000 Mbit/s). The ACKs of chunks measure
+   * the link properly later. Undefined when the link did not answer.
    */
-  async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 2 * 1024 * 1024): Promise<number | undefined> {
+  async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 1024 * 1024): Promise<number | undefined> {
     let bps: number | undefined;
-    for (let measuredBytes = Math.min(64 * 1024, maxMeasuredBytes); ; measuredBytes = Math.min(measuredBytes * 4, maxMeasuredBytes)) {
+    let measuredBytes = Math.min(64 * 1024, maxMeasuredBytes);
+    for (;;) {
       const answers = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
       if (!answers) break;
-      const measured = answers[1]!;
-      if (measured.spanMs >= PROBE_MIN_SPAN_MS && measured.bytes > 0) {
-        bps = (measured.bytes * 8 * 1000) / measured.spanMs;
-        break;
-      }
-      bps = (measuredBytes * 8 * 1000) / PROBE_UNTIMED_MS;
-      if (measuredBytes >= maxMeasuredBytes) break;
+      const { bytes, spanMs } = answers[1]!;
+      const timed = bytes > 0 && spanMs > 0;
+      // untimed: it all came in one delivery, in less than the shortest span worth timing
+      bps = timed ? (bytes * 8 * 1000) / spanMs : (measuredBytes * 8 * 1000) / PROBE_MIN_SPAN_MS;
+      if ((timed && spanMs >= PROBE_MIN_SPAN_MS) || measuredBytes >= maxMeasuredBytes) break;
+      // next, a frame that takes about twice that span at the speed this one suggests: one more
+      // round, not a ladder of them (each megabyte of padding is CPU on a fast link)
+      const wantedBytes = timed ? ((bps / 8) * 2 * PROBE_MIN_SPAN_MS) / 1000 : maxMeasuredBytes;
+      measuredBytes = Math.min(maxMeasuredBytes, Math.max(measuredBytes * 2, Math.ceil(wantedBytes)));
       leadBytes = 64 * 1024;
     }
     return bps !== undefined && this.options.rateCapBps > 0 ? Math.min(bps, this.options.rateCapBps) : bps;
