@@ -61,6 +61,8 @@ export interface ReceiverProcess {
   address: string;
   /** exit code and the JSON result it printed */
   exited: Promise<{ code: number; result: ReceivedMigration | undefined }>;
+  /** the last lines it logged (unless forwarded): what a run that went wrong shows of the destination */
+  logTail(): string;
 }
 
 export interface ReceiverProcessOptions {
@@ -82,6 +84,8 @@ export interface ReceiverProcessOptions {
   /** in a process group of its own, which a test can kill whole (not on Ctrl-C with ours, though) */
   ownProcessGroup?: boolean;
 }
+
+const TAIL_CHARS = 8192;
 
 /**
  * `handoff receive --json` in its own process (own nats-server), as a destination cloudlet runs it.
@@ -112,6 +116,7 @@ export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<R
       resolve({ code: code ?? 1, result });
     }),
   );
+  let tail = '';
   const address = await new Promise<string>((resolve, reject) => {
     let log = '';
     const onData = (d: Buffer): void => {
@@ -120,12 +125,12 @@ export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<R
       if (m) {
         child.stderr!.off('data', onData);
         if (o.forwardLogs) child.stderr!.pipe(process.stderr);
-        else child.stderr!.resume();
+        else child.stderr!.on('data', (d: Buffer) => (tail = (tail + d.toString()).slice(-TAIL_CHARS)));
         resolve(m[1]!);
       }
     };
     child.stderr!.on('data', onData);
     child.once('exit', (code) => reject(new Error(`destination receiver exited (${code}) before listening:\n${log}`)));
   });
-  return { child, address, exited };
+  return { child, address, exited, logTail: () => tail };
 }

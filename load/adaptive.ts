@@ -81,6 +81,11 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     await new Promise<void>((resolve) => child.once('exit', () => resolve()));
     const summary = JSON.parse(out) as MigrationSummary;
+    if (!summary.verified) {
+      // the destination's side of it (its logs go nowhere otherwise)
+      const exitCode = receiver.child.exitCode ?? 'running';
+      process.stderr.write(`${s.name} ${c.name}: not verified (${summary.reason ?? 'no reason given'}); destination receiver: ${exitCode}, its last log lines:\n${receiver.logTail()}\n`);
+    }
     return {
       scenario: s.name,
       mode: c.name,
