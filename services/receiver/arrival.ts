@@ -4,7 +4,7 @@
  * link's rate. Answers timed at the sender (or ACK spacing) lump a 64 KiB packet holding the end of
  * one frame and most of the next into one instant: a 64 KiB probe behind a 128 KiB lead read
  * 12-14 Mbit/s on a 5 Mbit/s tbf link. Counting only the bytes that arrived after the delivery
- * that finished the previous probe, over the time between the two deliveries, read 4.8-6.8 over
+ * that finished the previous probe, over the time between the two deliveries, read 4.6-6.7 over
  * TLS (up to a record, 16 KiB, of the lead's last packet is handed over only with the next one).
  */
 import type { ProbeArrival } from '../../shared/wire.js';

@@ -483,9 +483,9 @@ export class WanLink {
    * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision. A
    * lead frame empties the shaper's burst allowance (a token bucket lets its first ~100 KB through
    * at line rate); the frame right behind it is timed by the receiver, delivery by delivery (see
-   * services/receiver/arrival.ts), which read a 5 Mbit/s tbf link as 4.8-6.8 Mbit/s, a 10 Mbit/s
-   * one as 12-13, a 100 Mbit/s one as 84-88 and a 1000 Mbit/s one above it (tbf lets 10 ms of
-   * its rate through at once), where the spacing of the two answers at the
+   * services/receiver/arrival.ts), which read a 5 Mbit/s tbf link as 4.6-6.7 Mbit/s, a 10 Mbit/s
+   * one as 11-13, a 100 Mbit/s one as 83-104 and a 1000 Mbit/s one as 0.35-16 Gbit/s (tbf lets
+   * 10 ms of its rate through at once), where the spacing of the two answers at the
    * sender read 12-14 at 5 (a packet of 64 KiB holds the end of one frame and most of the next). A
    * second frame, sized to take twice the shortest span worth timing (10 ms) at the speed the first
    * suggests, follows when the first was quicker; it stops at 1 MiB (a frame of it the receiver got
