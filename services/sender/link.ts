@@ -483,15 +483,15 @@ export class WanLink {
    * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision. A
    * lead frame empties the shaper's burst allowance (a token bucket lets its first ~100 KB through
    * at line rate); the frame right behind it is timed by the receiver, delivery by delivery (see
-   * services/receiver/arrival.ts), which read a 5 Mbit/s tbf link as 4.6-6.7 Mbit/s, a 10 Mbit/s
-   * one as 11-13, a 100 Mbit/s one as 83-104 and a 1000 Mbit/s one as 0.35-16 Gbit/s (tbf lets
-   * 10 ms of its rate through at once), where the spacing of the two answers at the
-   * sender read 12-14 at 5 (a packet of 64 KiB holds the end of one frame and most of the next). A
-   * second frame, sized to take twice the shortest span worth timing (10 ms) at the speed the first
-   * suggests, follows when the first was quicker; it stops at 1 MiB (a frame of it the receiver got
-   * in one delivery reads as 1 MiB in 10 ms, 839 Mbit/s: a floor). The answers' spacing is no
-   * measure at all on a fast link (it read 140 Gbit/s at 1000 Mbit/s). The ACKs of chunks measure
-   * the link properly later. Undefined when the link did not answer.
+   * services/receiver/arrival.ts). On tbf links that read 5 Mbit/s as 4.6-6.7, 10 as 11-13, 100 as
+   * 83-104 and 1000 as 0.35-16 Gbit/s (tbf lets 10 ms of its rate through at once); the spacing of
+   * the two answers at the sender had read 5 Mbit/s as 12-14 (a packet of 64 KiB holds the end of
+   * one frame and most of the next), and 1000 Mbit/s as 140 Gbit/s. A second frame, sized to take
+   * twice the shortest span worth timing (10 ms) at the speed the first suggests, follows when the
+   * first was quicker; it stops at 1 MiB (a frame of it the receiver got in one delivery reads as
+   * 1 MiB in 10 ms, 839 Mbit/s: a floor). Growing in steps to 2 MiB cost 3.7 MB of padding at
+   * 1000 Mbit/s. The ACKs of chunks measure the link properly later. Undefined when the link did
+   * not answer.
    */
   async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 1024 * 1024): Promise<number | undefined> {
     let bps: number | undefined;
