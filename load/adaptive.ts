@@ -5,11 +5,13 @@
  * Prints a table, writes an SVG plot of handoff time against bandwidth, `--json` prints every run.
  * Each scenario runs every mode `--repeat` times (default 3), interleaved, and compares medians: one
  * run of a few seconds on a shared 2-core machine varies by more than the 5% being judged.
+ * `--cpus N` keeps the source cloudlet (its actors, nats-server, and the hog) on N cores: a
+ * smaller cloudlet, where the best mode moves with the bandwidth sooner.
  * Needs root (namespaces and tc); it sets up and removes its own namespaces.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -56,7 +58,12 @@ interface Scenario {
   hogAfterSeconds?: number;
 }
 
-async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number): Promise<Run> {
+/** `taskset` arguments that keep a command on the source cloudlet's first `cpus` cores (none: all) */
+function onSourceCpus(cpus: number | undefined): string[] {
+  return cpus === undefined ? [] : ['taskset', '-c', `0-${cpus - 1}`];
+}
+
+async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number, sourceCpus?: number): Promise<Run> {
   link.setRate(s.startMbit * 1e6);
   const receiver = await spawnReceiverProcess({
     baseMemory: images.baseMemory,
@@ -68,14 +75,17 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
   const timers: NodeJS.Timeout[] = [];
   let hog: ChildProcess | undefined;
   try {
+    const [command, ...args] = [...onSourceCpus(sourceCpus), 'ip'];
     const child = spawn(
-      'ip',
-      ['netns', 'exec', link.sourceNs, process.execPath, MAIN, 'migrate', '--base-memory', images.baseMemory, '--memory', images.memory, '--base-disk', images.baseDisk, '--disk', images.disk, '--to', receiver.address, '--json', '--no-progress', ...c.args],
+      command!,
+      [...args, 'netns', 'exec', link.sourceNs, process.execPath, MAIN, 'migrate', '--base-memory', images.baseMemory, '--memory', images.memory, '--base-disk', images.baseDisk, '--disk', images.disk, '--to', receiver.address, '--json', '--no-progress', ...c.args],
       { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' } },
     );
     for (const [atSeconds, mbit] of s.changes ?? []) timers.push(setTimeout(() => link.setRate(mbit * 1e6), atSeconds * 1000));
     if (s.hogAfterSeconds !== undefined) {
-      timers.push(setTimeout(() => (hog = spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' })), s.hogAfterSeconds * 1000));
+      // on the source's cores: it takes one of the cloudlet's own
+      const [hogCommand, ...hogArgs] = [...onSourceCpus(sourceCpus), process.execPath, '-e', 'for (;;) {}'];
+      timers.push(setTimeout(() => (hog = spawn(hogCommand!, hogArgs, { stdio: 'ignore' })), s.hogAfterSeconds * 1000));
     }
     let out = '';
     child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
@@ -151,12 +161,18 @@ async function main(): Promise<void> {
       only: { type: 'string' },
       /** only these modes (comma-separated names from the table), e.g. "xor+zstd3,adaptive" */
       modes: { type: 'string' },
+      /** the source cloudlet's cores: its actors, nats-server and the hog run on the first N (taskset) */
+      cpus: { type: 'string' },
     },
   });
   if (process.getuid?.() !== 0) throw new Error('load:adaptive needs root for network namespaces and tc');
   const bandwidths = values.bandwidths!.split(',').map(Number);
   const repeat = Number(values.repeat);
   if (!Number.isInteger(repeat) || repeat < 1) throw new Error('--repeat must be a whole number >= 1');
+  const sourceCpus = values.cpus === undefined ? undefined : Number(values.cpus);
+  if (sourceCpus !== undefined && !(Number.isInteger(sourceCpus) && sourceCpus >= 1 && sourceCpus <= availableParallelism())) {
+    throw new Error(`--cpus must be a whole number from 1 to this machine's ${availableParallelism()}`);
+  }
   const dir = await mkdtemp(join(tmpdir(), 'bench-adaptive-'));
   const link = createShapedLink(bandwidths[0]! * 1e6);
   const stop = (): void => {
@@ -187,7 +203,7 @@ async function main(): Promise<void> {
     for (const s of scenarios) {
       for (let rep = 0; rep < repeat; rep++) {
         for (const c of candidates) {
-          const r = await handoff(link, images, dir, c, s, rep);
+          const r = await handoff(link, images, dir, c, s, rep, sourceCpus);
           runs.push(r);
           process.stderr.write(`${s.name} ${c.name} #${rep + 1}: ${r.handoffSeconds.toFixed(2)} s, wire ${(r.wireBytes / 1e6).toFixed(2)} MB${r.switches ? `, ${r.switches} switches` : ''}${r.verified ? '' : ' NOT VERIFIED'}\n`);
           for (const d of r.decisions ?? []) process.stderr.write(`    ${d}\n`);
@@ -212,7 +228,7 @@ async function main(): Promise<void> {
       rows.push([s.name, ...these.map((r) => r.handoffSeconds.toFixed(2)), bestStatic?.mode ?? '-', ratio]);
     }
     const unverified = runs.filter((r) => !r.verified).length;
-    if (values.json) console.log(JSON.stringify({ repeat, runs }));
+    if (values.json) console.log(JSON.stringify({ repeat, content, sourceCpus: sourceCpus ?? availableParallelism(), runs }));
     else {
       console.log(`handoff time in seconds, median of ${repeat} (shaped link between two network namespaces)${unverified ? `; ${unverified} runs NOT VERIFIED` : ''}`);
       console.log(formatTable(rows));
