@@ -2,6 +2,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { Tuner } from '../../services/tuner/core.js';
+import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
 import { modeKey, predict, rank, type Conditions, type Profile } from '../../services/tuner/model.js';
 import { loadProfile } from '../../services/tuner/profile.js';
 import type { StageStats } from '../../shared/migration.js';
@@ -240,5 +241,22 @@ describe('compress workers in use', () => {
     assert.equal(inUse(3, undefined), true);
     // not listed yet (its first heartbeat is on the way): in use
     assert.equal(inUse(-1, 1), true);
+  });
+});
+
+describe('spare CPU on the cores the handoff may use', () => {
+  test('a CPU list as /proc gives it; nonsense is refused', () => {
+    assert.deepEqual(parseCpuList('0-3,6'), [0, 1, 2, 3, 6]);
+    assert.deepEqual(parseCpuList('1\n'), [1]);
+    assert.throws(() => parseCpuList('0-x'), /CPU list "0-x": cannot read "0-x"/);
+  });
+
+  test('busy time of the pinned cores only, not of the machine', () => {
+    // user nice system idle iowait irq softirq steal
+    const stat = ['cpu  300 0 100 600 0 0 0 0 0 0', 'cpu0 290 0 90 20 0 0 0 0 0 0', 'cpu1 10 0 10 580 0 0 0 0 0 0', 'intr 1 2 3'].join('\n');
+    assert.deepEqual(cpuJiffies(stat), { busy: 400, total: 1000 });
+    // pinned to cpu0 the handoff sees a nearly full core; the machine-wide figure said 60% idle
+    assert.deepEqual(cpuJiffies(stat, [0]), { busy: 380, total: 400 });
+    assert.deepEqual(cpuJiffies(stat, [0, 1]), { busy: 400, total: 1000 });
   });
 });
