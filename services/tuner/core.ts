@@ -46,6 +46,13 @@ const LINK_BOUND_MARGIN = 1.3;
 /** The share of time the sender found the link the bottleneck from which compress workers may leave use. */
 const LINK_BOUND_SHARE = 0.8;
 
+/** measured / profiled of the last measured mode, per figure */
+interface Scales {
+  delta: number;
+  compress: number;
+  ratio: number;
+}
+
 /** intervals (of the tuner's half second) the unreported CPU is measured over */
 const CPU_WINDOW_INTERVALS = 4;
 
@@ -162,7 +169,7 @@ export class Tuner {
   }
 
   /** measured / profiled of the most recently measured mode, per figure (1 where unknown) */
-  private scales(): { delta: number; compress: number; ratio: number } {
+  private scales(): Scales {
     const m = this.lastMeasured;
     const p = m && this.profiled.get(modeKey(m));
     if (!m || !p) return { delta: 1, compress: 1, ratio: 1 };
@@ -189,7 +196,7 @@ export class Tuner {
   }
 
   /** one profiled mode's cost as it looks now, given the scales of the last measured mode */
-  private costOf(p: ModeCost, k: { delta: number; compress: number; ratio: number }): ModeCost {
+  private costOf(p: ModeCost, k: Scales): ModeCost {
     const key = modeKey(p.mode);
     const current = this.lastMeasured && modeKey(this.lastMeasured);
     const plain = p.mode.compressor === 'none' && p.mode.delta === 'none';

@@ -23,13 +23,18 @@ const DECIDE_EVERY_MS = 500;
 interface Followed {
   tuner: Tuner;
   startedMs: number;
-  bandwidthBps: number;
+  /** the sender's figure from ACKs (0 until it has one) */
   measuredBandwidthBps: number;
   /** the sender's probe of the link before chunks flowed */
   probedBandwidthBps: number;
   /** share of the last interval the sender found the link the bottleneck (undefined: not yet measured) */
   linkBoundShare?: number;
   lastStatsMs: number;
+}
+
+/** the link's speed as the tuner takes it: measured from ACKs once there are some, else probed */
+function bandwidthOf(f: Followed): number {
+  return f.measuredBandwidthBps > 0 ? f.measuredBandwidthBps : f.probedBandwidthBps;
 }
 
 export async function runTunerService(natsUrl: string, profilePath?: string): Promise<RunningService> {
@@ -62,7 +67,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       ignored.add(migrationId);
       return undefined;
     }
-    f = { tuner: new Tuner(profile), startedMs: performance.now(), bandwidthBps: 0, measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: performance.now() };
+    f = { tuner: new Tuner(profile), startedMs: performance.now(), measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: performance.now() };
     followed.set(migrationId, f);
     log.info('following', { migration: migrationId, profile: profile.workload });
     return f;
@@ -83,17 +88,13 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         if (s.counts?.probe) {
           // before any chunk: the first decision need not wait for ACKs
           f.probedBandwidthBps = s.counts.bandwidthBps ?? 0;
-          if (f.measuredBandwidthBps === 0 && f.probedBandwidthBps > 0) {
-            f.bandwidthBps = f.probedBandwidthBps;
-            decideFor(s.migrationId, f);
-          }
+          if (f.measuredBandwidthBps === 0 && f.probedBandwidthBps > 0) decideFor(s.migrationId, f);
           return;
         }
         f.tuner.observe(s);
         if (s.stage === 'sender' && s.counts?.bandwidthBps) {
           // the sender counts only the time the link had frames to carry: its figure is the
           // link's rate even while the pipeline is the bottleneck (no guess from the idle share)
-          f.bandwidthBps = s.counts.bandwidthBps;
           f.measuredBandwidthBps = s.counts.bandwidthBps;
           f.linkBoundShare = (s.counts.linkBoundPct ?? 100) / 100;
         }
@@ -116,7 +117,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       .then(async (d) => {
         const current: Mode = modes.get(migrationId, d.mode);
         runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress').catch(() => [])).length || runningWorkers);
-        const conditions = { bandwidthBps: f.bandwidthBps, spareCores, compressWorkers: runningWorkers };
+        const conditions = { bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers };
         const decision = f.tuner.decide(current, conditions, now);
         const mode = decision?.to ?? current;
         const inUse = f.tuner.workersWanted(mode, conditions, f.linkBoundShare);
@@ -157,7 +158,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         followed.delete(migrationId); // finished or abandoned
         continue;
       }
-      if (f.bandwidthBps <= 0) continue; // nothing measured on the link yet
+      if (bandwidthOf(f) <= 0) continue; // nothing measured on the link yet
       decideFor(migrationId, f);
     }
     for (const migrationId of wantedBy.keys()) if (!followed.has(migrationId)) wantedBy.delete(migrationId);
