@@ -461,13 +461,12 @@ export class WanLink {
   private readonly probes = new Map<number, (arrival: ProbeArrival) => void>();
   private probeId = 0;
 
-  /** Sends probe frames back to back; resolves with each one's answer: when (ms after sending) and the receiver's timing. */
-  private async probeFrames(paddingBytes: number[], timeoutMs: number): Promise<({ answeredMs: number } & ProbeArrival)[] | undefined> {
-    const started = performance.now();
+  /** Sends probe frames back to back; resolves with the receiver's timing of each, or undefined. */
+  private async probeFrames(paddingBytes: number[], timeoutMs: number): Promise<ProbeArrival[] | undefined> {
     const ids = paddingBytes.map(() => ++this.probeId);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), timeoutMs)));
-    const answers = ids.map((id) => new Promise<{ answeredMs: number } & ProbeArrival>((resolve) => this.probes.set(id, (arrival) => resolve({ answeredMs: performance.now() - started, ...arrival }))));
+    const answers = ids.map((id) => new Promise<ProbeArrival>((resolve) => this.probes.set(id, resolve)));
     try {
       for (const [i, id] of ids.entries()) await this.write(encodeProbeFrame(id, paddingBytes[i]!));
       return await Promise.race([Promise.all(answers), timeout]);
