@@ -229,8 +229,7 @@ function buildCurrentMemory(rng: Rng, base: Buffer, baseDisk: Buffer, currentDis
     } else if (r < 0.4) {
       if (programs && r >= 0.3) programLike(rng, programs, page); // code and data of a program loaded
       else rng.fill(page); // new random data (encrypted or compressed content)
-    }
-    else if (r < 0.52) pageOf(rng.int(2) ? currentDisk : baseDisk, rng.int(Math.max(1, diskUsedPages))).copy(page); // page cache
+    } else if (r < 0.52) pageOf(rng.int(2) ? currentDisk : baseDisk, rng.int(Math.max(1, diskUsedPages))).copy(page); // page cache
     else if (r < 0.64) pageOf(base, rng.int(pages)).copy(page); // moved
     else if (r < 0.72) page.fill(0); // freed
     else if (r < 0.86) (programs ? programLike(rng, programs, page) : heapLike(rng, page));
