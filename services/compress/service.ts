@@ -1,11 +1,10 @@
 /** Compress actor: N processes share one work queue; each compresses on its own worker thread. */
 import { Piscina } from 'piscina';
-import type { Chunk } from '../../shared/chunk.js';
 import { nextStage, type StageActor } from '../../shared/stage.js';
-import type { CompressTask } from './worker.js';
+import type { CompressResult, CompressTask } from './worker.js';
 
 export function createCompressActor(threads = 1): StageActor {
-  const pool = new Piscina<CompressTask, Chunk>({
+  const pool = new Piscina<CompressTask, CompressResult>({
     filename: new URL('./worker.js', import.meta.url).href,
     minThreads: threads,
     maxThreads: threads,
@@ -18,8 +17,10 @@ export function createCompressActor(threads = 1): StageActor {
     // the tuner chooses how many compress workers are in use
     gated: true,
     async handle(chunk, ctx) {
-      const out = await pool.run({ chunk, mode: ctx.mode });
-      return { outputs: [{ chunk: out, to: nextStage('compress', ctx.mode, out) }] };
+      const { chunk: out, codecCpuMs } = await pool.run({ chunk, mode: ctx.mode });
+      // the codec's own CPU beside the stage's: the tuner tells the codec's cost (which differs per
+      // mode) from the handling every chunk costs (which does not)
+      return { outputs: [{ chunk: out, to: nextStage('compress', ctx.mode, out) }], ...(codecCpuMs !== undefined ? { counts: { codecCpuMs } } : {}) };
     },
     async close() {
       await pool.destroy();
