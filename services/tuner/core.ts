@@ -46,17 +46,21 @@ const LINK_BOUND_MARGIN = 1.3;
 /** The share of time the sender found the link the bottleneck from which compress workers may leave use. */
 const LINK_BOUND_SHARE = 0.8;
 
-/** measured / profiled of the last measured mode, per figure */
+/** how the last measured mode's figures compare with its profile */
 interface Scales {
+  /** measured / profiled */
   delta: number;
+  /** measured / profiled of the codec alone where the stage reports it, else of the whole stage */
   compress: number;
+  /** compress stage CPU per block beyond the codec's: the same whatever the mode */
+  compressHandlingMs: number;
   ratio: number;
 }
 
-/** intervals (of the tuner's half second) the unreported CPU is measured over */
-const CPU_WINDOW_INTERVALS = 4;
+/** intervals (of the tuner's half second) of flow before the unreported CPU has a figure */
+const CPU_MIN_INTERVALS = 2;
 
-export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, linkBoundHysteresis: 0.025, confirmations: 2, workerLooks: 4, minBlocks: 64, alpha: 0.2 };
+export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, linkBoundHysteresis: 0.025, confirmations: 2, workerLooks: 4, minBlocks: 64, alpha: 0.05 };
 
 export interface Decision {
   atMs: number;
@@ -74,17 +78,30 @@ export class Tuner {
   private readonly profiled = new Map<string, ModeCost>();
   private readonly deltaCost = new Map<string, Ewma>();
   private readonly compressCost = new Map<string, Ewma>();
+  /** the codec's share of compress's CPU per block, per mode, where the stage reports it */
+  private readonly codecCost = new Map<string, Ewma>();
+  /** compress stage CPU per block beyond the codec (bus, message handling, the thread hand-off) */
+  private readonly compressHandling: Ewma;
   private readonly ratio = new Map<string, Ewma>();
-  private readonly fixedCost: Ewma;
+  /** capture's and dedup's CPU per page they take in, each stage its own (they add up) */
+  private readonly pageCost: { capture: Ewma; dedup: Ewma };
+  /** pages dedup takes in and blocks it passes on, per chunk: turn their per-page cost into per block */
+  private readonly dedupPages: Ewma;
+  private readonly dedupBlocks: Ewma;
   private lastMeasured: Mode | undefined;
   /** blocks that left the pipeline for the wire since the last `observeOwnCpu` */
   private blocksOut = 0;
-  /** the last few intervals' CPU of the whole handoff (every actor, nats-server) and blocks sent */
-  private readonly cpuWindow: { cpuMs: number; blocks: number }[] = [];
+  /** since blocks flowed: the whole handoff's CPU (every actor, nats-server), what the stages reported, blocks sent */
+  private readonly flow = { intervals: 0, cpuMs: 0, reportedCpuMs: 0, blocks: 0 };
+  /** CPU the stages reported since the last `observeOwnCpu` */
+  private reportedCpuMs = 0;
   /** blocks have reached the wire: the pipeline is past filling */
   private blocksSeen = false;
-  private pending: { key: string; count: number } | undefined;
+  /** consecutive looks that found the current mode beaten by more than the hysteresis */
+  private beatenLooks = 0;
   private looks = 0;
+  /** what the last look predicted for the current mode and the best three: what a debug log shows */
+  lastLook: { current: Prediction | undefined; top: Prediction[]; sharedCpuMsPerBlock: number } | undefined;
   readonly decisions: Decision[] = [];
 
   constructor(
@@ -93,7 +110,10 @@ export class Tuner {
   ) {
     this.options = { ...DEFAULT_TUNER_OPTIONS, ...options };
     for (const m of profile.modes) this.profiled.set(modeKey(m.mode), m);
-    this.fixedCost = new Ewma(this.options.alpha);
+    this.pageCost = { capture: new Ewma(this.options.alpha), dedup: new Ewma(this.options.alpha) };
+    this.compressHandling = new Ewma(this.options.alpha);
+    this.dedupPages = new Ewma(this.options.alpha);
+    this.dedupBlocks = new Ewma(this.options.alpha);
   }
 
   private ewma(map: Map<string, Ewma>, key: string): Ewma {
@@ -105,13 +125,23 @@ export class Tuner {
   /** Feeds one chunk's statistics. `blocks`: pages that carried a body (dedup's output). */
   observe(s: StageStats): void {
     const blocks = s.counts?.blocks ?? 0;
-    if (s.stage === 'capture' || s.stage === 'dedup') {
-      if (s.pages > 0) this.fixedCost.add(s.cpuMs / s.pages, s.pages / 64);
+    this.reportedCpuMs += s.cpuMs;
+    if ((s.stage === 'capture' || s.stage === 'dedup') && s.pages > 0) this.pageCost[s.stage].add(s.cpuMs / s.pages, s.pages / 64);
+    if (s.stage === 'dedup') {
+      this.dedupPages.add(s.pages);
+      this.dedupBlocks.add(blocks);
     }
     if (blocks <= 0) return;
     const w = blocks / 64;
     if (s.stage === 'delta') this.ewma(this.deltaCost, s.mode.delta).add(s.cpuMs / blocks, w);
-    if (s.stage === 'compress') this.ewma(this.compressCost, modeKey(s.mode)).add(s.cpuMs / blocks, w);
+    if (s.stage === 'compress') {
+      this.ewma(this.compressCost, modeKey(s.mode)).add(s.cpuMs / blocks, w);
+      const codecMs = s.counts?.codecCpuMs;
+      if (codecMs !== undefined) {
+        this.ewma(this.codecCost, modeKey(s.mode)).add(codecMs / blocks, w);
+        this.compressHandling.add(Math.max(0, s.cpuMs - codecMs) / blocks, w);
+      }
+    }
     if (s.next === 'wire' && s.stage !== 'capture') {
       this.ewma(this.ratio, modeKey(s.mode)).add(s.bytesOut / (blocks * PAGE_SIZE), w);
       this.lastMeasured = s.mode;
@@ -130,32 +160,34 @@ export class Tuner {
    */
   observeOwnCpu(cpuMs: number): void {
     const blocks = this.blocksOut;
+    const reportedCpuMs = this.reportedCpuMs;
     this.blocksOut = 0;
+    this.reportedCpuMs = 0;
     // from the interval after the first blocks were sent: until then the pipeline fills (and its
     // processes warm up), CPU with few blocks to go with it
     if (!this.blocksSeen) {
       this.blocksSeen = blocks > 0;
       return;
     }
-    this.cpuWindow.push({ cpuMs, blocks });
-    if (this.cpuWindow.length > CPU_WINDOW_INTERVALS) this.cpuWindow.shift();
+    this.flow.intervals++;
+    this.flow.cpuMs += cpuMs;
+    this.flow.reportedCpuMs += reportedCpuMs;
+    this.flow.blocks += blocks;
   }
 
   /**
-   * CPU per block that no stage reports, from the last intervals: the handoff's whole CPU per block
-   * sent minus what the model counts for the mode that was sent. Every mode pays it, so it bounds
-   * how fast any mode can process once the cores are the limit (0 until blocks flowed for a window).
+   * CPU per block that no stage reports: the handoff's whole CPU (its processes, from /proc) minus
+   * what the stages reported, per block sent, since blocks flowed. Every mode pays it (the sender,
+   * TLS, nats-server), so it bounds how fast any mode can process once the cores are the limit. On
+   * a one-core source it is ~0.15 ms a block, as much as xor+zstd-3's whole cost. Counted since the
+   * flow began, not over the last second or two: a stage reports a chunk's CPU when the chunk is
+   * done, and the tuner, on a busy core, reads reports late, so a short window swung from 0 to
+   * 0.3 ms a block from one look to the next.
    */
   get overheadCpuMsPerBlock(): number {
-    const cpuMs = this.cpuWindow.reduce((a, w) => a + w.cpuMs, 0);
-    const blocks = this.cpuWindow.reduce((a, w) => a + w.blocks, 0);
-    const m = this.lastMeasured;
-    // a whole window of steady flow: a shorter one over-counts the start
-    if (this.cpuWindow.length < CPU_WINDOW_INTERVALS || blocks < this.options.minBlocks || !m) return 0;
-    const profiled = this.profiled.get(modeKey(m));
-    const cost = profiled && this.costOf(profiled, this.scales());
-    const modelled = this.fixedCpuMsPerBlock + (cost ? cost.deltaCpuMsPerBlock + cost.compressCpuMsPerBlock : 0);
-    return Math.max(0, cpuMs / blocks - modelled);
+    const f = this.flow;
+    if (f.intervals < CPU_MIN_INTERVALS || f.blocks < this.options.minBlocks * 4) return 0;
+    return Math.max(0, (f.cpuMs - f.reportedCpuMs) / f.blocks);
   }
 
   /** CPU per block every mode pays: capture and dedup, and what no stage reports */
@@ -172,11 +204,18 @@ export class Tuner {
   private scales(): Scales {
     const m = this.lastMeasured;
     const p = m && this.profiled.get(modeKey(m));
-    if (!m || !p) return { delta: 1, compress: 1, ratio: 1 };
+    if (!m || !p) return { delta: 1, compress: 1, compressHandlingMs: 0, ratio: 1 };
     const scale = (measured: number | undefined, profiled: number): number => (measured !== undefined && profiled > 0 ? measured / profiled : 1);
+    // the codec's CPU scales from mode to mode as profiled; the handling around it does not. Scaled
+    // whole, xor+zstd-3's stage (3x its codec: 0.012 ms a block of handling) made zstd-19 look 3x
+    // its cost, and zstd-19's made zstd-3 look 1.4x its
+    const codec = this.measured(this.codecCost, modeKey(m));
+    const handling = this.compressHandling.weight * 64 >= this.options.minBlocks ? this.compressHandling.value : undefined;
+    const split = codec !== undefined && handling !== undefined;
     return {
       delta: scale(this.measured(this.deltaCost, m.delta), p.deltaCpuMsPerBlock),
-      compress: scale(this.measured(this.compressCost, modeKey(m)), p.compressCpuMsPerBlock),
+      compress: split ? scale(codec, p.compressCpuMsPerBlock) : scale(this.measured(this.compressCost, modeKey(m)), p.compressCpuMsPerBlock),
+      compressHandlingMs: split ? handling : 0,
       ratio: scale(this.measured(this.ratio, modeKey(m)), p.ratio),
     };
   }
@@ -203,13 +242,16 @@ export class Tuner {
     return {
       mode: p.mode,
       deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
-      compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress),
+      compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressHandlingMs),
       ratio: (current === key ? this.measured(this.ratio, key) : undefined) ?? (plain ? 1 : Math.min(1, p.ratio * k.ratio)),
     };
   }
 
+  /** capture's and dedup's CPU per block sent on (the profile's until both reported) */
   get fixedCpuMsPerBlock(): number {
-    return this.fixedCost.weight > 0 ? this.fixedCost.value : this.profile.fixedCpuMsPerBlock;
+    const { capture, dedup } = this.pageCost;
+    if (capture.weight === 0 || dedup.weight === 0 || this.dedupBlocks.value <= 0) return this.profile.fixedCpuMsPerBlock;
+    return (capture.value + dedup.value) * (this.dedupPages.value / this.dedupBlocks.value);
   }
 
   /**
@@ -268,19 +310,22 @@ export class Tuner {
     const currentCost = costs.find((c) => modeKey(c.mode) === modeKey(current));
     const currentPrediction = currentCost ? predict(currentCost, shared, conditions) : undefined;
     const currentRate = currentPrediction?.blocksPerSec ?? 0;
+    this.lastLook = { current: currentPrediction, top: ranked.slice(0, 3), sharedCpuMsPerBlock: shared };
     const bestKey = modeKey(best.mode);
     const linkBound = (p: Prediction | undefined): boolean => p !== undefined && p.processingBlocksPerSec >= p.networkBlocksPerSec * LINK_BOUND_MARGIN;
     const hysteresis =
       this.looks++ === 0 ? this.options.firstHysteresis : linkBound(currentPrediction) && linkBound(best) ? this.options.linkBoundHysteresis : this.options.hysteresis;
     if (bestKey === modeKey(current) || best.blocksPerSec <= currentRate * (1 + hysteresis)) {
-      this.pending = undefined;
+      this.beatenLooks = 0;
       return undefined;
     }
-    // the same better mode in consecutive decisions, so one noisy sample does not switch back and
-    // forth; the first switch needs no confirmation (the start mode is a guess, not a measurement)
-    this.pending = this.pending?.key === bestKey ? { key: bestKey, count: this.pending.count + 1 } : { key: bestKey, count: 1 };
-    if (this.decisions.length > 0 && this.pending.count < this.options.confirmations) return undefined;
-    this.pending = undefined;
+    // the current mode beaten by enough in consecutive decisions, so one noisy sample does not switch
+    // back and forth; then to the best of the last look. Not the same best mode each time: where
+    // several cheap modes tie (one core short of CPU: lz4, zstd-1, zstd-3 within 2%), which of them
+    // comes first changes with every look, and a switch that waits for one never came. The first
+    // switch needs no confirmation (the start mode is a guess, not a measurement)
+    if (this.decisions.length > 0 && ++this.beatenLooks < this.options.confirmations) return undefined;
+    this.beatenLooks = 0;
     const decision: Decision = {
       atMs: nowMs,
       from: current,

@@ -16,6 +16,7 @@ import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
+import type { Prediction } from './model.js';
 import { loadProfile } from './profile.js';
 
 const DECIDE_EVERY_MS = 500;
@@ -121,6 +122,18 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         const decision = f.tuner.decide(current, conditions, now);
         const mode = decision?.to ?? current;
         const inUse = f.tuner.workersWanted(mode, conditions, f.linkBoundShare);
+        const look = f.tuner.lastLook;
+        const shown = (p: Prediction): string => `${formatMode(p.mode)} ${Math.round(p.processingBlocksPerSec)}/${Math.round(p.networkBlocksPerSec)}`;
+        log.debug('look', {
+          migration: migrationId,
+          atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
+          bandwidthBps: Math.round(conditions.bandwidthBps),
+          spareCores: Number(spareCores.toFixed(2)),
+          sharedCpuMsPerBlock: Number((look?.sharedCpuMsPerBlock ?? 0).toFixed(4)),
+          // blocks/s each could process / the link could carry
+          current: look?.current ? shown(look.current) : '-',
+          top: look?.top.map(shown).join(', ') ?? '-',
+        });
         const workersChanged = wantedBy.get(migrationId) !== inUse;
         wantedBy.set(migrationId, inUse);
         if (!decision && !workersChanged) return;
