@@ -1,7 +1,6 @@
 /**
  * Bandwidth as the receiver sees it: bytes acknowledged over the time the link had them to carry,
- * over a sliding window of recent ACKs (Elijah takes the median per blob; a window over ACK times
- * reacts within a second).
+ * over the newest ACKs (Elijah takes the median per blob, averaged over the last 6 blobs).
  *
  * Each ACK is credited with the time since the later of the previous ACK and its frame's sending
  * (BBR's delivery rate, in short): time the link sat idle waiting for the pipeline is not counted,
@@ -15,13 +14,18 @@ export class BandwidthEstimator {
   lastAckMs: number | undefined;
 
   /**
-   * `minBusyMs`: no figure until the window holds this much link time. A shaper passes 64 KiB
-   * packets and the receiver answers the frames in one read together, so two ACKs a few ms apart
-   * read as 30-60 Mbit/s on a 5 Mbit/s link (seen in load:adaptive: the tuner then left zstd-19).
+   * The figure is over the newest ACKs that hold `recentBusyMs` of link time: on a link busy all
+   * the time that is the last 0.7 s, so a 5 -> 35 Mbit/s change reads 35 within 0.7 s (a window of
+   * 2 s read 12.5 after half a second and 20 after one: the tuner acted on a 1.5 s phase of 35
+   * when it was half over). On a link that waits for the pipeline, older ACKs up to `windowMs`.
+   * `minBusyMs`: no figure with less link time than that. A shaper passes 64 KiB packets and the
+   * receiver answers the frames in one read together, so two ACKs a few ms apart read as 30-60
+   * Mbit/s on a 5 Mbit/s link (seen in load:adaptive: the tuner then left zstd-19).
    */
   constructor(
-    private readonly windowMs = 2000,
+    private readonly windowMs = 3000,
     private readonly minBusyMs = 400,
+    private readonly recentBusyMs = 700,
   ) {}
 
   /** An ACK of `bytes` sent at `sentMs` (first written). */
@@ -33,13 +37,13 @@ export class BandwidthEstimator {
     while (this.acks.length > 1 && this.acks[0]!.atMs < atMs - this.windowMs) this.acks.shift();
   }
 
-  /** bits per second of link time over the window; undefined until it holds `minBusyMs` of it */
+  /** bits per second of link time over the newest ACKs; undefined until they hold `minBusyMs` of it */
   get bandwidthBps(): number | undefined {
     let bytes = 0;
     let busyMs = 0;
-    for (const a of this.acks) {
-      bytes += a.bytes;
-      busyMs += a.busyMs;
+    for (let i = this.acks.length - 1; i >= 0 && busyMs < this.recentBusyMs; i--) {
+      bytes += this.acks[i]!.bytes;
+      busyMs += this.acks[i]!.busyMs;
     }
     if (busyMs < Math.max(this.minBusyMs, 1e-3)) return undefined;
     return (bytes * 8 * 1000) / busyMs;

@@ -40,11 +40,11 @@ describe('bandwidth from ACKs', () => {
     near(e.bandwidthBps, 10 * MBIT, 'backlogged');
   });
 
-  test('the window forgets: a faster link shows within two seconds', () => {
+  test('the window forgets: a faster link shows within a second', () => {
     const e = new BandwidthEstimator();
     let t = 0;
     for (let i = 0; i < 30; i++) e.ack(62_500, t, (t += 100)); // 5 Mbit/s
-    for (let i = 0; i < 30; i++) e.ack(437_500, t, (t += 100)); // 35 Mbit/s
+    for (let i = 0; i < 10; i++) e.ack(437_500, t, (t += 100)); // 35 Mbit/s for a second
     near(e.bandwidthBps, 35 * MBIT, 'after the change');
   });
 });
