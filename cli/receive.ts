@@ -63,6 +63,8 @@ export interface ReceiverProcess {
   exited: Promise<{ code: number; result: ReceivedMigration | undefined }>;
   /** the last lines it logged (unless forwarded): what a run that went wrong shows of the destination */
   logTail(): string;
+  /** resolves when it logs a line matching `pattern` from now on (not when forwarded; info lines need HANDOFF_LOG_LEVEL=info) */
+  waitForLog(pattern: RegExp): Promise<void>;
 }
 
 export interface ReceiverProcessOptions {
@@ -117,6 +119,18 @@ export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<R
     }),
   );
   let tail = '';
+  const waiting: { pattern: RegExp; resolve: () => void }[] = [];
+  let partialLine = '';
+  const onLog = (d: Buffer): void => {
+    const text = d.toString();
+    tail = (tail + text).slice(-TAIL_CHARS);
+    const lines = (partialLine + text).split('\n');
+    partialLine = lines.pop()!;
+    for (const w of waiting.splice(0)) {
+      if (lines.some((l) => w.pattern.test(l))) w.resolve();
+      else waiting.push(w);
+    }
+  };
   const address = await new Promise<string>((resolve, reject) => {
     let log = '';
     const onData = (d: Buffer): void => {
@@ -125,12 +139,13 @@ export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<R
       if (m) {
         child.stderr!.off('data', onData);
         if (o.forwardLogs) child.stderr!.pipe(process.stderr);
-        else child.stderr!.on('data', (d: Buffer) => (tail = (tail + d.toString()).slice(-TAIL_CHARS)));
+        else child.stderr!.on('data', onLog);
         resolve(m[1]!);
       }
     };
     child.stderr!.on('data', onData);
     child.once('exit', (code) => reject(new Error(`destination receiver exited (${code}) before listening:\n${log}`)));
   });
-  return { child, address, exited, logTail: () => tail };
+  const waitForLog = (pattern: RegExp): Promise<void> => new Promise((resolve) => waiting.push({ pattern, resolve }));
+  return { child, address, exited, logTail: () => tail, waitForLog };
 }
