@@ -324,7 +324,10 @@ export class Tuner {
     // several cheap modes tie (one core short of CPU: lz4, zstd-1, zstd-3 within 2%), which of them
     // comes first changes with every look, and a switch that waits for one never came. The first
     // switch needs no confirmation (the start mode is a guess, not a measurement)
-    if (this.decisions.length > 0 && ++this.beatenLooks < this.options.confirmations) return undefined;
+    // a gain of three times the hysteresis is no noise: taken at once (a phase of 35 Mbit/s lasting
+    // 1.5 s was over by the second look)
+    const clear = best.blocksPerSec > currentRate * (1 + 3 * this.options.hysteresis);
+    if (this.decisions.length > 0 && !clear && ++this.beatenLooks < this.options.confirmations) return undefined;
     this.beatenLooks = 0;
     const decision: Decision = {
       atMs: nowMs,

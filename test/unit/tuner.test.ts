@@ -14,6 +14,7 @@ const LZ4: Mode = { delta: 'none', compressor: 'lz4', level: 0 };
 const ZSTD3: Mode = { delta: 'xor', compressor: 'zstd', level: 3 };
 const ZSTD19: Mode = { delta: 'xor', compressor: 'zstd', level: 19 };
 const ZSTD1: Mode = { delta: 'none', compressor: 'zstd', level: 1 };
+const ZSTD9: Mode = { delta: 'none', compressor: 'zstd', level: 9 };
 
 /** Costs in the shape real ones have: stronger compression costs more CPU for a smaller ratio. */
 const PROFILE: Profile = {
@@ -79,11 +80,15 @@ describe('tuner', () => {
     assert.ok(d.chosenBlocksPerSec > d.currentBlocksPerSec);
     assert.equal(t.decide(ZSTD19, at(2), 500), undefined);
     assert.equal(t.decide(ZSTD19, at(2), 1000), undefined);
-    // the link gets fast: a second switch needs two looks in a row
-    assert.equal(t.decide(ZSTD19, at(10_000), 1500), undefined, 'switched again on one look');
-    const again = t.decide(ZSTD19, at(10_000), 2000);
+    // the link gets faster: zstd3 would gain ~24%, a switch that needs two looks in a row
+    assert.equal(t.decide(ZSTD19, at(60), 1500), undefined, 'switched again on one look');
+    const again = t.decide(ZSTD19, at(60), 2000);
     assert.ok(again);
-    assert.equal(modeKey(again.to), modeKey(NONE));
+    assert.equal(modeKey(again.to), modeKey(ZSTD3));
+    // a gain of more than three times the hysteresis is no noise: taken on one look
+    const fast = t.decide(ZSTD3, at(10_000), 2500);
+    assert.ok(fast, 'a 10 Gbit/s link waited for a second look');
+    assert.equal(modeKey(fast.to), modeKey(NONE));
   });
 
   test('noisy bandwidth around a crossover causes no flapping', () => {
@@ -223,21 +228,26 @@ describe('tuner', () => {
   test('a mode beaten in consecutive looks is left even when a different mode comes first in each', () => {
     const TIED: Profile = {
       ...PROFILE,
-      // a little cheaper than lz4, a little larger
-      modes: [...PROFILE.modes, { mode: ZSTD1, deltaCpuMsPerBlock: 0, compressCpuMsPerBlock: 0.005, ratio: 0.62 }],
+      modes: [
+        ...PROFILE.modes,
+        // a little cheaper than lz4, a little larger
+        { mode: ZSTD1, deltaCpuMsPerBlock: 0, compressCpuMsPerBlock: 0.005, ratio: 0.62 },
+        // the mode in use: 25-40% behind both (not so far that one look would do)
+        { mode: ZSTD9, deltaCpuMsPerBlock: 0, compressCpuMsPerBlock: 0.0088, ratio: 0.8 },
+      ],
     };
     const t = new Tuner(TIED);
     assert.ok(t.decide(ZSTD3, at(2), 0), 'first look: to zstd19');
-    // the cores are taken (a twentieth of one): lz4 and zstd1 are far ahead of zstd19, and which of
-    // them leads changes with the bandwidth's noise
+    // the cores are taken (a twentieth of one): lz4 and zstd1 are ahead of the mode in use, and which
+    // of them leads changes with the bandwidth
     const starved = (mbit: number): Conditions => at(mbit, 0.05);
     assert.equal(best(starved(60), TIED), modeKey(LZ4));
     assert.equal(best(starved(120), TIED), modeKey(ZSTD1));
-    const first = t.decide(ZSTD19, starved(60), 500);
+    const first = t.decide(ZSTD9, starved(60), 500);
     assert.equal(first, undefined, 'one look is not enough');
-    const second = t.decide(ZSTD19, starved(120), 1000);
-    assert.ok(second, 'two looks that found zstd19 beaten');
-    assert.notEqual(modeKey(second.to), modeKey(ZSTD19));
+    const second = t.decide(ZSTD9, starved(120), 1000);
+    assert.ok(second, 'two looks that found the mode in use beaten');
+    assert.equal(modeKey(second.to), modeKey(ZSTD1));
   });
 
   test('measured CPU cost feeds the processing estimate', () => {
