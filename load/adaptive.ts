@@ -171,6 +171,25 @@ function svgPlot(runs: Run[], bandwidths: number[]): string {
   return parts.join('\n');
 }
 
+const HELP = `npm run load:adaptive -- [options]   (root: network namespaces and tc)
+
+Handoff time of static modes (raw, lz4, xor+zstd3, xor+zstd19) and of adaptive over a shaped link
+between two network namespaces: at fixed bandwidths, 5 -> 35 -> 5 Mbit/s mid-handoff, and a CPU hog
+starting 0.7 s into the transfer. Prints a table of medians, writes an SVG plot.
+
+  --bandwidths LIST     fixed bandwidths in Mbit/s (default 5,10,25,100,1000)
+  --repeat N            runs of each scenario and mode, interleaved; medians compared (default 3)
+  --only LIST           only scenarios whose name contains one of these, e.g. "hog,35"
+  --modes LIST          only these modes, e.g. "xor+zstd3,adaptive"
+  --content KIND        mixed (heap, text, random; default) or programs (this machine's executables)
+  --cpus N|all          the source cloudlet's cores (the first N; default half the machine's), the
+                        destination on the rest; all: both share every core
+  --hog-mbit RATE       bandwidth of the CPU hog run (default 100)
+  --memory-size SIZE    --disk-size SIZE   the VM (default 64MiB each)
+  --svg FILE            where the plot goes (default load/adaptive.svg)
+  --json                one JSON object with every run instead of the table
+  HANDOFF_LOG_LEVEL=info|debug   the runs' logs (debug: every look of the tuner)`;
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
@@ -190,8 +209,13 @@ async function main(): Promise<void> {
       cpus: { type: 'string' },
       /** the bandwidth of the run where a CPU hog starts mid-handoff */
       'hog-mbit': { type: 'string', default: '100' },
+      help: { type: 'boolean', short: 'h', default: false },
     },
   });
+  if (values.help) {
+    console.log(HELP);
+    return;
+  }
   if (process.getuid?.() !== 0) throw new Error('load:adaptive needs root for network namespaces and tc');
   const bandwidths = values.bandwidths!.split(',').map(Number);
   const repeat = Number(values.repeat);
