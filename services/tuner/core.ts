@@ -35,7 +35,7 @@ export interface TunerOptions {
   confirmations: number;
   /** fewer compress workers once that many looks in a row found them enough */
   workerLooks: number;
-  /** blocks of measurement before a mode's own figures replace its scaled profile */
+  /** blocks of measurement before a mode's own figures replace its scaled profile (a chunk holds up to 256) */
   minBlocks: number;
   alpha: number;
 }
@@ -57,10 +57,13 @@ interface Scales {
   ratio: number;
 }
 
+/** intervals (of the tuner's half second) of flow not counted in the unreported CPU: warming up */
+const WARMUP_INTERVALS = 4;
+
 /** intervals (of the tuner's half second) of flow before the unreported CPU has a figure */
 const CPU_MIN_INTERVALS = 2;
 
-export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, linkBoundHysteresis: 0.025, confirmations: 2, workerLooks: 4, minBlocks: 64, alpha: 0.05 };
+export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, linkBoundHysteresis: 0.025, confirmations: 2, workerLooks: 4, minBlocks: 256, alpha: 0.05 };
 
 export interface Decision {
   atMs: number;
@@ -95,6 +98,8 @@ export class Tuner {
   private readonly flow = { intervals: 0, cpuMs: 0, reportedCpuMs: 0, blocks: 0 };
   /** CPU the stages reported since the last `observeOwnCpu` */
   private reportedCpuMs = 0;
+  /** intervals since blocks first reached the wire */
+  private flowIntervals = 0;
   /** blocks have reached the wire: the pipeline is past filling */
   private blocksSeen = false;
   /** consecutive looks that found the current mode beaten by more than the hysteresis */
@@ -157,8 +162,9 @@ export class Tuner {
   /**
    * Feeds the CPU the whole handoff took over the last interval (its actors, nats-server: what the
    * stages' own figures leave out, such as the bus, the sender, TLS), for this migration's share.
+   * `linkBound`: the sender found the link the bottleneck for most of the interval.
    */
-  observeOwnCpu(cpuMs: number): void {
+  observeOwnCpu(cpuMs: number, linkBound = false): void {
     const blocks = this.blocksOut;
     const reportedCpuMs = this.reportedCpuMs;
     this.blocksOut = 0;
@@ -169,6 +175,14 @@ export class Tuner {
       this.blocksSeen = blocks > 0;
       return;
     }
+    // only while the cores are the bottleneck: then the figure is what a block costs at the rate
+    // the cores allow, where it bounds every mode. Waiting on a slow link, the CPU that goes on
+    // whether blocks flow or not (timers, heartbeats, this tuner) spreads over few blocks: 0.5 ms a
+    // block at 5 Mbit/s on one core, which made zstd-19 look CPU-bound there
+    // nor in the first seconds of flow: every actor starts its work at once then (JIT, the first
+    // scan, streams filling), 0.4 ms a block on one core against 0.15 later, and the figure,
+    // counted since, kept it
+    if (++this.flowIntervals <= WARMUP_INTERVALS || linkBound) return;
     this.flow.intervals++;
     this.flow.cpuMs += cpuMs;
     this.flow.reportedCpuMs += reportedCpuMs;
@@ -177,10 +191,11 @@ export class Tuner {
 
   /**
    * CPU per block that no stage reports: the handoff's whole CPU (its processes, from /proc) minus
-   * what the stages reported, per block sent, since blocks flowed. Every mode pays it (the sender,
-   * TLS, nats-server), so it bounds how fast any mode can process once the cores are the limit. On
-   * a one-core source it is ~0.15 ms a block, as much as xor+zstd-3's whole cost. Counted since the
-   * flow began, not over the last second or two: a stage reports a chunk's CPU when the chunk is
+   * what the stages reported, per block sent, over the intervals the cores were the bottleneck
+   * since blocks flowed. Every mode pays it (the sender, TLS, nats-server, each stage's messaging),
+   * so it bounds how fast any mode can process once the cores are the limit. On a one-core source
+   * it is ~0.15-0.2 ms a block, several times xor+zstd-3's whole cost. Counted since the flow
+   * began, not over the last second or two: a stage reports a chunk's CPU when the chunk is
    * done, and the tuner, on a busy core, reads reports late, so a short window swung from 0 to
    * 0.3 ms a block from one look to the next.
    */
@@ -313,8 +328,9 @@ export class Tuner {
     this.lastLook = { current: currentPrediction, top: ranked.slice(0, 3), sharedCpuMsPerBlock: shared };
     const bestKey = modeKey(best.mode);
     const linkBound = (p: Prediction | undefined): boolean => p !== undefined && p.processingBlocksPerSec >= p.networkBlocksPerSec * LINK_BOUND_MARGIN;
+    const firstLook = this.looks++ === 0;
     const hysteresis =
-      this.looks++ === 0 ? this.options.firstHysteresis : linkBound(currentPrediction) && linkBound(best) ? this.options.linkBoundHysteresis : this.options.hysteresis;
+      firstLook ? this.options.firstHysteresis : linkBound(currentPrediction) && linkBound(best) ? this.options.linkBoundHysteresis : this.options.hysteresis;
     if (bestKey === modeKey(current) || best.blocksPerSec <= currentRate * (1 + hysteresis)) {
       this.beatenLooks = 0;
       return undefined;
@@ -323,11 +339,12 @@ export class Tuner {
     // back and forth; then to the best of the last look. Not the same best mode each time: where
     // several cheap modes tie (one core short of CPU: lz4, zstd-1, zstd-3 within 2%), which of them
     // comes first changes with every look, and a switch that waits for one never came. The first
-    // switch needs no confirmation (the start mode is a guess, not a measurement)
-    // a gain of three times the hysteresis is no noise: taken at once (a phase of 35 Mbit/s lasting
-    // 1.5 s was over by the second look)
+    // look needs no confirmation (the start mode is a guess, not a measurement); later ones do,
+    // switch or no switch before (the first chunks' costs, measured while the actors warm up, made
+    // xor+zstd-3 look 30% behind at the second look). A gain of three times the hysteresis is no
+    // noise: taken at once (a phase of 35 Mbit/s lasting 1.5 s was over by the second look)
     const clear = best.blocksPerSec > currentRate * (1 + 3 * this.options.hysteresis);
-    if (this.decisions.length > 0 && !clear && ++this.beatenLooks < this.options.confirmations) return undefined;
+    if (!firstLook && !clear && ++this.beatenLooks < this.options.confirmations) return undefined;
     this.beatenLooks = 0;
     const decision: Decision = {
       atMs: nowMs,

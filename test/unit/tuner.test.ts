@@ -122,7 +122,9 @@ describe('tuner', () => {
     ] as const) {
       const t = new Tuner(withZstd19Ratio(ratio));
       assert.equal(t.decide(ZSTD3, at(100), 0), undefined, 'zstd3 is best at 100 Mbit/s');
-      const d = t.decide(ZSTD3, at(5), 500);
+      // after the first look, two in a row
+      assert.equal(t.decide(ZSTD3, at(5), 500), undefined);
+      const d = t.decide(ZSTD3, at(5), 1000);
       assert.equal(d !== undefined, switches, `zstd19 ratio ${ratio}`);
       if (d) assert.equal(modeKey(d.to), modeKey(ZSTD19));
     }
@@ -187,7 +189,11 @@ describe('tuner', () => {
     const t = new Tuner(PROFILE);
     t.observeOwnCpu(5000); // before any block was sent: the pipeline filling, not counted
     t.observe(stats('compress', ZSTD19, 64, 64 * 0.4, 64 * 4096 * 0.3, 'wire'));
-    t.observeOwnCpu(5000); // the first blocks: processes warming up, not counted either
+    t.observeOwnCpu(5000); // the first blocks
+    for (let interval = 0; interval < 4; interval++) {
+      feed(t);
+      t.observeOwnCpu(20 * 256 * 3); // the first two seconds of flow: processes warming up, not counted
+    }
     for (let interval = 0; interval < 2; interval++) {
       assert.equal(t.overheadCpuMsPerBlock, 0, 'no figure before a second of flow');
       feed(t);
@@ -197,6 +203,18 @@ describe('tuner', () => {
     const d = t.decide(ZSTD19, at(25), 0);
     assert.ok(d, 'stayed on the mode the cores cannot keep up with');
     assert.equal(modeKey(d.to), modeKey(ZSTD3));
+  });
+
+  test('CPU no stage reports is counted per block only while the cores are the bottleneck', () => {
+    // waiting on a 5 Mbit/s link, a few blocks a second carry the CPU that goes on anyway
+    const t = new Tuner(PROFILE);
+    t.observeOwnCpu(0);
+    for (let interval = 0; interval < 6; interval++) {
+      t.observe(stats('compress', ZSTD19, 64, 64 * 0.4, 64 * 4096 * 0.3, 'wire'));
+      t.observeOwnCpu(64 * 0.4 + 80, true);
+    }
+    assert.equal(t.overheadCpuMsPerBlock, 0, 'link-bound intervals gave a figure');
+    assert.equal(t.decide(ZSTD19, at(5, 1), 0), undefined, 'zstd19 left on a slow link');
   });
 
   test("capture's and dedup's CPU add up, per block dedup passes on", () => {
