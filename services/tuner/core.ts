@@ -175,13 +175,12 @@ export class Tuner {
       this.blocksSeen = blocks > 0;
       return;
     }
-    // only while the cores are the bottleneck: then the figure is what a block costs at the rate
-    // the cores allow, where it bounds every mode. Waiting on a slow link, the CPU that goes on
+    // Counted only while the cores are the bottleneck: then the figure is what a block costs at the
+    // rate the cores allow, where it bounds every mode. Waiting on a slow link, the CPU that goes on
     // whether blocks flow or not (timers, heartbeats, this tuner) spreads over few blocks: 0.5 ms a
-    // block at 5 Mbit/s on one core, which made zstd-19 look CPU-bound there
-    // nor in the first seconds of flow: every actor starts its work at once then (JIT, the first
-    // scan, streams filling), 0.4 ms a block on one core against 0.15 later, and the figure,
-    // counted since, kept it
+    // block at 5 Mbit/s on one core, which made zstd-19 look CPU-bound there. Nor in the first two
+    // seconds of flow: every actor starts its work at once then (JIT, the first scan, streams
+    // filling), 0.4 ms a block on one core against 0.15 later, and the figure, counted since, kept it
     if (++this.flowIntervals <= WARMUP_INTERVALS || linkBound) return;
     this.flow.intervals++;
     this.flow.cpuMs += cpuMs;
