@@ -76,6 +76,15 @@ export interface Decision {
   top: Prediction[];
 }
 
+/**
+ * Messages a block takes on the bus in `mode`: capture to dedup, dedup on, one more for each of
+ * delta and compress that it passes (the start mode's 4 before any mode was sent).
+ */
+function hopsOf(mode: Mode | undefined): number {
+  if (!mode) return 4;
+  return 2 + (mode.delta !== 'none' ? 1 : 0) + (mode.compressor !== 'none' ? 1 : 0);
+}
+
 export class Tuner {
   private readonly options: TunerOptions;
   private readonly profiled = new Map<string, ModeCost>();
@@ -95,7 +104,7 @@ export class Tuner {
   /** blocks that left the pipeline for the wire since the last `observeOwnCpu` */
   private blocksOut = 0;
   /** since blocks flowed: the whole handoff's CPU (every actor, nats-server), what the stages reported, blocks sent */
-  private readonly flow = { intervals: 0, cpuMs: 0, reportedCpuMs: 0, blocks: 0 };
+  private readonly flow = { intervals: 0, cpuMs: 0, reportedCpuMs: 0, blockHops: 0 };
   /** CPU the stages reported since the last `observeOwnCpu` */
   private reportedCpuMs = 0;
   /** intervals since blocks first reached the wire */
@@ -106,7 +115,7 @@ export class Tuner {
   private beatenLooks = 0;
   private looks = 0;
   /** what the last look predicted for the current mode and the best three: what a debug log shows */
-  lastLook: { current: Prediction | undefined; top: Prediction[]; sharedCpuMsPerBlock: number } | undefined;
+  lastLook: { current: Prediction | undefined; top: Prediction[]; fixedCpuMsPerBlock: number; overheadCpuMsPerBlock: number } | undefined;
   readonly decisions: Decision[] = [];
 
   constructor(
@@ -185,12 +194,14 @@ export class Tuner {
     this.flow.intervals++;
     this.flow.cpuMs += cpuMs;
     this.flow.reportedCpuMs += reportedCpuMs;
-    this.flow.blocks += blocks;
+    this.flow.blockHops += blocks * hopsOf(this.lastMeasured);
   }
 
   /**
-   * CPU per block that no stage reports: the handoff's whole CPU (its processes, from /proc) minus
-   * what the stages reported, per block sent, over the intervals the cores were the bottleneck
+   * CPU per block and bus hop that no stage reports: the handoff's whole CPU (its processes, from
+   * /proc) minus what the stages reported, per block sent and message it took on the bus (a mode
+   * without delta or compression skips a stage: lz4 without delta beat xor+zstd-3 on one core at
+   * 100 Mbit/s by skipping the delta stage's hop), over the intervals the cores were the bottleneck
    * since blocks flowed. Every mode pays it (the sender, TLS, nats-server, each stage's messaging),
    * so it bounds how fast any mode can process once the cores are the limit. On a one-core source
    * it is ~0.15-0.2 ms a block, several times xor+zstd-3's whole cost. Counted since the flow
@@ -198,15 +209,15 @@ export class Tuner {
    * done, and the tuner, on a busy core, reads reports late, so a short window swung from 0 to
    * 0.3 ms a block from one look to the next.
    */
-  get overheadCpuMsPerBlock(): number {
+  get overheadCpuMsPerBlockHop(): number {
     const f = this.flow;
-    if (f.intervals < CPU_MIN_INTERVALS || f.blocks < this.options.minBlocks * 4) return 0;
-    return Math.max(0, (f.cpuMs - f.reportedCpuMs) / f.blocks);
+    if (f.intervals < CPU_MIN_INTERVALS || f.blockHops < this.options.minBlocks * 4 * 4) return 0;
+    return Math.max(0, (f.cpuMs - f.reportedCpuMs) / f.blockHops);
   }
 
-  /** CPU per block every mode pays: capture and dedup, and what no stage reports */
-  private sharedCpuMsPerBlock(): number {
-    return this.fixedCpuMsPerBlock + this.overheadCpuMsPerBlock;
+  /** the unreported CPU per block of the mode sent last (what a decision lists) */
+  get overheadCpuMsPerBlock(): number {
+    return this.overheadCpuMsPerBlockHop * hopsOf(this.lastMeasured);
   }
 
   private measured(map: Map<string, Ewma>, key: string): number | undefined {
@@ -258,6 +269,7 @@ export class Tuner {
       deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
       compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressHandlingMs),
       ratio: (current === key ? this.measured(this.ratio, key) : undefined) ?? (plain ? 1 : Math.min(1, p.ratio * k.ratio)),
+      overheadCpuMsPerBlock: this.overheadCpuMsPerBlockHop * hopsOf(p.mode),
     };
   }
 
@@ -278,7 +290,7 @@ export class Tuner {
     const running = Math.max(1, conditions.compressWorkers);
     const cost = this.costs().find((c) => modeKey(c.mode) === modeKey(mode));
     if (!cost || mode.compressor === 'none') return 1;
-    const shared = this.sharedCpuMsPerBlock();
+    const shared = this.fixedCpuMsPerBlock;
     const at = (n: number): Prediction => predict(cost, shared, { ...conditions, compressWorkers: n });
     const all = at(running);
     const target = Math.min(all.processingBlocksPerSec, all.networkBlocksPerSec * 2);
@@ -317,14 +329,14 @@ export class Tuner {
   /** A decision to switch away from `current`, or undefined to stay. */
   decide(current: Mode, conditions: Conditions, nowMs: number): Decision | undefined {
     const costs = this.costs();
-    const shared = this.sharedCpuMsPerBlock();
+    const shared = this.fixedCpuMsPerBlock;
     const ranked = rank(costs, shared, conditions);
     const best = ranked[0];
     if (!best) return undefined;
     const currentCost = costs.find((c) => modeKey(c.mode) === modeKey(current));
     const currentPrediction = currentCost ? predict(currentCost, shared, conditions) : undefined;
     const currentRate = currentPrediction?.blocksPerSec ?? 0;
-    this.lastLook = { current: currentPrediction, top: ranked.slice(0, 3), sharedCpuMsPerBlock: shared };
+    this.lastLook = { current: currentPrediction, top: ranked.slice(0, 3), fixedCpuMsPerBlock: shared, overheadCpuMsPerBlock: currentCost?.overheadCpuMsPerBlock ?? 0 };
     const bestKey = modeKey(best.mode);
     const linkBound = (p: Prediction | undefined): boolean => p !== undefined && p.processingBlocksPerSec >= p.networkBlocksPerSec * LINK_BOUND_MARGIN;
     const firstLook = this.looks++ === 0;

@@ -15,6 +15,8 @@ export interface ModeCost {
   compressCpuMsPerBlock: number;
   /** wire bytes / input bytes after delta and compression */
   ratio: number;
+  /** CPU per block no stage reports (nats-server, the sender, each stage's messaging): measured, not profiled */
+  overheadCpuMsPerBlock?: number;
 }
 
 export interface Profile {
@@ -54,7 +56,7 @@ export function modeKey(mode: Mode): string {
  */
 export function predict(cost: ModeCost, fixedCpuMsPerBlock: number, c: Conditions): Prediction {
   const perSec = (cpuMs: number, cores: number): number => (cpuMs > 0 ? (cores * 1000) / cpuMs : Number.POSITIVE_INFINITY);
-  const total = fixedCpuMsPerBlock + cost.deltaCpuMsPerBlock + cost.compressCpuMsPerBlock;
+  const total = fixedCpuMsPerBlock + cost.deltaCpuMsPerBlock + cost.compressCpuMsPerBlock + (cost.overheadCpuMsPerBlock ?? 0);
   const processing = Math.min(
     perSec(cost.deltaCpuMsPerBlock, 1),
     perSec(cost.compressCpuMsPerBlock, Math.max(1, c.compressWorkers)),

@@ -129,7 +129,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
           bandwidthBps: Math.round(conditions.bandwidthBps),
           spareCores: Number(spareCores.toFixed(2)),
-          sharedCpuMsPerBlock: Number((look?.sharedCpuMsPerBlock ?? 0).toFixed(4)),
+          fixedCpuMsPerBlock: Number((look?.fixedCpuMsPerBlock ?? 0).toFixed(4)),
+          overheadCpuMsPerBlock: Number((look?.overheadCpuMsPerBlock ?? 0).toFixed(4)),
           // blocks/s each could process / the link could carry
           current: look?.current ? shown(look.current) : '-',
           top: look?.top.map(shown).join(', ') ?? '-',

@@ -200,6 +200,11 @@ describe('tuner', () => {
       t.observeOwnCpu(20 * 256 * 1.4);
     }
     assert.ok(Math.abs(t.overheadCpuMsPerBlock - 1) < 1e-6, `overhead ${t.overheadCpuMsPerBlock}`);
+    // it goes with the messages a block takes: a mode that skips the delta stage pays 3 of 4
+    // (capture, dedup, compress), one that skips delta and compress 2 of 4
+    const overheadOf = (m: Mode): number => t.costs().find((c) => modeKey(c.mode) === modeKey(m))!.overheadCpuMsPerBlock ?? 0;
+    assert.ok(Math.abs(overheadOf(LZ4) - 0.75) < 1e-6, `lz4 ${overheadOf(LZ4)}`);
+    assert.ok(Math.abs(overheadOf(NONE) - 0.5) < 1e-6, `none ${overheadOf(NONE)}`);
     const d = t.decide(ZSTD19, at(25), 0);
     assert.ok(d, 'stayed on the mode the cores cannot keep up with');
     assert.equal(modeKey(d.to), modeKey(ZSTD3));
