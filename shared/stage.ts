@@ -14,6 +14,7 @@ import { WorkerGate } from './presence.js';
 import { DescriptorCache, ModeWatcher, UnknownMigrationError } from './registry.js';
 import { workSubject, type WorkStage } from './subjects.js';
 import { headersFor, observeQueueDepth, startSpan, traceparentFrom, traceparentOf } from './telemetry.js';
+import { CpuAccount } from './cpu-account.js';
 
 export interface StageOutput {
   chunk: Chunk;
@@ -120,11 +121,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
     await publishEvent(bus, migrationId, { type: 'failed', stage: actor.name, reason }).catch(() => undefined);
   };
 
-  // CPU is read process-wide (the compress thread's included). With chunks in flight together, a
-  // chunk's window starts where the last finished chunk's ended, so no CPU is counted twice (that
-  // counted a compress worker's zstd-19 at 3x what it costs)
-  let cpuCountedTo = process.cpuUsage();
-  const laterOf = (a: NodeJS.CpuUsage, b: NodeJS.CpuUsage): NodeJS.CpuUsage => (a.user + a.system >= b.user + b.system ? a : b);
+  const cpu = new CpuAccount();
 
   const processOne = async (m: JsMsg): Promise<void> => {
     let chunk: Chunk | undefined;
@@ -134,7 +131,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
       const descriptor = await descriptors.get(chunk.migrationId);
       const mlog = log.child({ migration: chunk.migrationId });
       await prepare(descriptor, mlog);
-      const cpuStart = process.cpuUsage();
+      const cpuStart = cpu.start();
       const wallStart = performance.now();
       const mode = modes.get(chunk.migrationId, descriptor.mode);
       // only traced chunks carry a traceparent (capture chose them): this stage's span, child of the previous stage's
@@ -144,9 +141,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
       span?.setAttributes({ 'handoff.mode': `${mode.delta}+${mode.compressor}:${mode.level}`, 'handoff.bytes_in': chunk.body.byteLength });
       span?.end();
       const outHeaders = headersFor(span ? traceparentOf(span) : undefined);
-      const cpuNow = process.cpuUsage();
-      const from = laterOf(cpuStart, cpuCountedTo);
-      cpuCountedTo = cpuNow;
+      const cpuMs = cpu.finish(cpuStart);
       const wallMs = performance.now() - wallStart;
       let bytesOut = 0;
       let modeOut = chunk.mode;
@@ -170,7 +165,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
         pages: chunk.pageIndex.length,
         bytesIn: chunk.body.byteLength,
         bytesOut,
-        cpuMs: (cpuNow.user + cpuNow.system - from.user - from.system) / 1000,
+        cpuMs,
         wallMs,
         mode: modeOut,
         ...(next ? { next } : {}),
