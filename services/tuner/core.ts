@@ -200,8 +200,8 @@ export class Tuner {
   /**
    * CPU per block and bus hop that no stage reports: the handoff's whole CPU (its processes, from
    * /proc) minus what the stages reported, per block sent and message it took on the bus (a mode
-   * without delta or compression skips a stage: lz4 without delta beat xor+zstd-3 on one core at
-   * 100 Mbit/s by skipping the delta stage's hop), over the intervals the cores were the bottleneck
+   * without delta or compression skips a stage and its messaging: lz4 without delta, a stage fewer,
+   * beat xor+zstd-3 on one core at 100 Mbit/s), over the intervals the cores were the bottleneck
    * since blocks flowed. Every mode pays it (the sender, TLS, nats-server, each stage's messaging),
    * so it bounds how fast any mode can process once the cores are the limit. On a one-core source
    * it is ~0.15-0.2 ms a block, several times xor+zstd-3's whole cost. Counted since the flow
@@ -211,6 +211,7 @@ export class Tuner {
    */
   get overheadCpuMsPerBlockHop(): number {
     const f = this.flow;
+    // a second of such flow and four times a mode's measuring minimum of blocks, at 4 hops each
     if (f.intervals < CPU_MIN_INTERVALS || f.blockHops < this.options.minBlocks * 4 * 4) return 0;
     return Math.max(0, (f.cpuMs - f.reportedCpuMs) / f.blockHops);
   }
