@@ -46,6 +46,9 @@ const LINK_BOUND_MARGIN = 1.3;
 /** The share of time the sender found the link the bottleneck from which compress workers may leave use. */
 const LINK_BOUND_SHARE = 0.8;
 
+/** ... and from which an interval is the link's, not the cores': its unreported CPU is not counted */
+const LINK_BOUND_INTERVAL_SHARE = 0.5;
+
 /** how the last measured mode's figures compare with its profile */
 interface Scales {
   /** measured / profiled */
@@ -171,9 +174,9 @@ export class Tuner {
   /**
    * Feeds the CPU the whole handoff took over the last interval (its actors, nats-server: what the
    * stages' own figures leave out, such as the bus, the sender, TLS), for this migration's share.
-   * `linkBound`: the sender found the link the bottleneck for most of the interval.
+   * `linkBoundShare`: the share of the interval the sender found the link the bottleneck.
    */
-  observeOwnCpu(cpuMs: number, linkBound = false): void {
+  observeOwnCpu(cpuMs: number, linkBoundShare?: number): void {
     const blocks = this.blocksOut;
     const reportedCpuMs = this.reportedCpuMs;
     this.blocksOut = 0;
@@ -190,7 +193,7 @@ export class Tuner {
     // block at 5 Mbit/s on one core, which made zstd-19 look CPU-bound there. Nor in the first two
     // seconds of flow: every actor starts its work at once then (JIT, the first scan, streams
     // filling), 0.4 ms a block on one core against 0.15 later, and the figure, counted since, kept it
-    if (++this.flowIntervals <= WARMUP_INTERVALS || linkBound) return;
+    if (++this.flowIntervals <= WARMUP_INTERVALS || (linkBoundShare ?? 0) >= LINK_BOUND_INTERVAL_SHARE) return;
     this.flow.intervals++;
     this.flow.cpuMs += cpuMs;
     this.flow.reportedCpuMs += reportedCpuMs;

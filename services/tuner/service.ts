@@ -165,7 +165,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     spareCores = cpu.sample();
     // the handoff's own CPU, shared among the followed migrations by the blocks each sent
     const blocksOut = [...followed.values()].reduce((a, f) => a + f.tuner.blocksSinceOwnCpu, 0);
-    for (const f of followed.values()) f.tuner.observeOwnCpu(blocksOut > 0 ? (cpu.ownCpuMs * f.tuner.blocksSinceOwnCpu) / blocksOut : cpu.ownCpuMs / followed.size, (f.linkBoundShare ?? 0) >= 0.5);
+    for (const f of followed.values()) f.tuner.observeOwnCpu(blocksOut > 0 ? (cpu.ownCpuMs * f.tuner.blocksSinceOwnCpu) / blocksOut : cpu.ownCpuMs / followed.size, f.linkBoundShare);
     const now = performance.now();
     for (const [migrationId, f] of followed) {
       if (now - f.lastStatsMs > 60_000) {

@@ -216,7 +216,7 @@ describe('tuner', () => {
     t.observeOwnCpu(0);
     for (let interval = 0; interval < 6; interval++) {
       t.observe(stats('compress', ZSTD19, 64, 64 * 0.4, 64 * 4096 * 0.3, 'wire'));
-      t.observeOwnCpu(64 * 0.4 + 80, true);
+      t.observeOwnCpu(64 * 0.4 + 80, 0.9);
     }
     assert.equal(t.overheadCpuMsPerBlock, 0, 'link-bound intervals gave a figure');
     assert.equal(t.decide(ZSTD19, at(5, 1), 0), undefined, 'zstd19 left on a slow link');
