@@ -12,6 +12,23 @@ export interface Mode {
   level: number;
 }
 
+/**
+ * The mode as the tuner publishes it, with the compression it would choose now for each other delta
+ * (`compressFor`). After a switch, chunks delta-encoded under the earlier mode (or passed on without
+ * delta) still reach compress, and the new mode's compression suits its own delta only. Switching
+ * from xor+zstd-3 to delta=zstd without compression sent the xor-encoded chunks queued at compress
+ * uncompressed: xor without compression, a mode no one chose, 40% larger on programs' pages.
+ */
+export interface ModeConfig extends Mode {
+  compressFor?: Partial<Record<DeltaAlgorithm, Pick<Mode, 'compressor' | 'level'>>>;
+}
+
+/** The mode compress applies to a chunk whose delta (applied or skipped upstream) is `applied`. */
+export function compressionFor(config: ModeConfig, applied: DeltaAlgorithm): Mode {
+  const c = applied === config.delta ? config : (config.compressFor?.[applied] ?? config);
+  return { delta: applied, compressor: c.compressor, level: c.level };
+}
+
 export const DEFAULT_MODE: Mode = { delta: 'xor', compressor: 'zstd', level: 3 };
 
 export const ZSTD_MIN_LEVEL = 1;
@@ -42,8 +59,19 @@ export function parseDelta(text: string): DeltaAlgorithm {
 export function isMode(value: unknown): value is Mode {
   if (typeof value !== 'object' || value === null) return false;
   const m = value as Record<string, unknown>;
+  return (DELTA_ALGORITHMS as readonly unknown[]).includes(m.delta) && isCompression(m);
+}
+
+export function isModeConfig(value: unknown): value is ModeConfig {
+  if (!isMode(value)) return false;
+  const f = (value as { compressFor?: unknown }).compressFor;
+  if (f === undefined) return true;
+  if (typeof f !== 'object' || f === null) return false;
+  return Object.entries(f).every(([delta, c]) => (DELTA_ALGORITHMS as readonly string[]).includes(delta) && typeof c === 'object' && c !== null && isCompression(c as Record<string, unknown>));
+}
+
+function isCompression(m: Record<string, unknown>): boolean {
   return (
-    (DELTA_ALGORITHMS as readonly unknown[]).includes(m.delta) &&
     (COMPRESSORS as readonly unknown[]).includes(m.compressor) &&
     typeof m.level === 'number' &&
     Number.isInteger(m.level) &&

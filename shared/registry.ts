@@ -1,7 +1,7 @@
 /** Per-process views of the migrations bucket (descriptors) and the config bucket (wanted mode). */
 import { KvWatchInclude, type KV } from '@nats-io/kv';
 import { isDescriptor, type MigrationDescriptor } from './migration.js';
-import { isMode, type Mode } from './mode.js';
+import { isModeConfig, type Mode, type ModeConfig } from './mode.js';
 
 export class DescriptorCache {
   private readonly cache = new Map<string, Promise<MigrationDescriptor>>();
@@ -63,7 +63,7 @@ export class UnknownMigrationError extends Error {
  * a change from its next chunk on, and a stage that starts late still gets the latest value.
  */
 export class ModeWatcher {
-  private readonly modes = new Map<string, Mode>();
+  private readonly modes = new Map<string, ModeConfig>();
   private stopped = false;
   private stopWatch: (() => void) | undefined;
 
@@ -82,7 +82,7 @@ export class ModeWatcher {
         }
         try {
           const value: unknown = entry.json();
-          if (isMode(value)) watcher.modes.set(entry.key, value);
+          if (isModeConfig(value)) watcher.modes.set(entry.key, value);
         } catch {
           // a malformed config value is ignored: the last good mode stays in force
         }
@@ -91,7 +91,7 @@ export class ModeWatcher {
     return watcher;
   }
 
-  get(migrationId: string, fallback: Mode): Mode {
+  get(migrationId: string, fallback: Mode): ModeConfig {
     return this.modes.get(migrationId) ?? fallback;
   }
 

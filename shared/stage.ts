@@ -9,7 +9,7 @@ import { connectBus, ensureWorkConsumer, publishDeadLetter, publishEvent, publis
 import { MalformedMessageError, errorMessage } from './errors.js';
 import { createLogger, type Logger } from './log.js';
 import type { MigrationDescriptor, StageStats } from './migration.js';
-import type { Mode } from './mode.js';
+import type { Mode, ModeConfig } from './mode.js';
 import { WorkerGate } from './presence.js';
 import { DescriptorCache, ModeWatcher, UnknownMigrationError } from './registry.js';
 import { workSubject, type WorkStage } from './subjects.js';
@@ -28,8 +28,8 @@ export interface StageResult {
 
 export interface ChunkContext {
   descriptor: MigrationDescriptor;
-  /** the mode the migration wants now */
-  mode: Mode;
+  /** the mode the migration wants now (with the tuner's compression for other deltas) */
+  mode: ModeConfig;
   log: Logger;
 }
 

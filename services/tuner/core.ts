@@ -4,7 +4,7 @@
  * when another mode's predicted throughput beats the current one by enough, for long enough.
  */
 import type { StageStats } from '../../shared/migration.js';
-import type { Mode } from '../../shared/mode.js';
+import { DELTA_ALGORITHMS, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
 import { modeKey, predict, rank, type Conditions, type ModeCost, type Prediction, type Profile } from './model.js';
 
@@ -77,6 +77,19 @@ export interface Decision {
   currentBlocksPerSec: number;
   chosenBlocksPerSec: number;
   top: Prediction[];
+  /** for chunks delta-encoded under an earlier mode: the best compression for each other delta */
+  compressFor: NonNullable<ModeConfig['compressFor']>;
+}
+
+/** The best-ranked compression of each delta other than `chosen`'s (see ModeConfig). */
+function compressionsFor(chosen: Mode, ranked: Prediction[]): NonNullable<ModeConfig['compressFor']> {
+  const out: NonNullable<ModeConfig['compressFor']> = {};
+  for (const delta of DELTA_ALGORITHMS) {
+    if (delta === chosen.delta) continue;
+    const best = ranked.find((p) => p.mode.delta === delta);
+    if (best) out[delta] = { compressor: best.mode.compressor, level: best.mode.level };
+  }
+  return out;
 }
 
 /**
@@ -91,6 +104,11 @@ function hopsOf(mode: Mode | undefined): number {
 export class Tuner {
   private readonly options: TunerOptions;
   private readonly profiled = new Map<string, ModeCost>();
+  /**
+   * Each mode's ratio before measurement scales it: the profile's, or what the ratio probe found on
+   * this migration's own pages (see probe.ts)
+   */
+  private readonly ratioBasis = new Map<string, number>();
   private readonly deltaCost = new Map<string, Ewma>();
   private readonly compressCost = new Map<string, Ewma>();
   /** the codec's share of compress's CPU per block, per mode, where the stage reports it */
@@ -126,11 +144,44 @@ export class Tuner {
     options: Partial<TunerOptions> = {},
   ) {
     this.options = { ...DEFAULT_TUNER_OPTIONS, ...options };
-    for (const m of profile.modes) this.profiled.set(modeKey(m.mode), m);
+    for (const m of profile.modes) {
+      this.profiled.set(modeKey(m.mode), m);
+      this.ratioBasis.set(modeKey(m.mode), m.ratio);
+    }
     this.pageCost = { capture: new Ewma(this.options.alpha), dedup: new Ewma(this.options.alpha) };
     this.compressHandling = new Ewma(this.options.alpha);
     this.dedupPages = new Ewma(this.options.alpha);
     this.dedupBlocks = new Ewma(this.options.alpha);
+  }
+
+  /**
+   * Ratios probed on this migration's own pages, all modes on the same pages: they replace the
+   * profile's as the basis that the measured ratio of the mode in use scales. A mode not probed (too
+   * costly to) follows the strongest probed level of its delta and compressor (else of its delta)
+   * as profiled: its probed ratio times its profiled ratio over that mode's.
+   */
+  useProbedRatios(ratios: ReadonlyMap<string, number>): void {
+    const usable = (key: string): boolean => {
+      const r = ratios.get(key);
+      return r !== undefined && Number.isFinite(r) && r > 0 && this.profiled.has(key);
+    };
+    const probed = [...ratios.keys()].filter(usable).map((key) => this.profiled.get(key)!);
+    for (const p of this.profile.modes) {
+      const key = modeKey(p.mode);
+      if (usable(key)) {
+        this.ratioBasis.set(key, ratios.get(key)!);
+        continue;
+      }
+      const sameDelta = probed.filter((q) => q.mode.delta === p.mode.delta && q.ratio > 0);
+      const sameCompressor = sameDelta.filter((q) => q.mode.compressor === p.mode.compressor);
+      const ref = (sameCompressor.length > 0 ? sameCompressor : sameDelta).sort((a, b) => b.mode.level - a.mode.level)[0];
+      if (ref) this.ratioBasis.set(key, Math.min(1, ratios.get(modeKey(ref.mode))! * (p.ratio / ref.ratio)));
+    }
+  }
+
+  /** the ratio a mode is scaled from: probed, else profiled (what the probe's log shows) */
+  ratioBasisOf(mode: Mode): number | undefined {
+    return this.ratioBasis.get(modeKey(mode));
   }
 
   private ewma(map: Map<string, Ewma>, key: string): Ewma {
@@ -245,14 +296,14 @@ export class Tuner {
       delta: scale(this.measured(this.deltaCost, m.delta), p.deltaCpuMsPerBlock),
       compress: split ? scale(codec, p.compressCpuMsPerBlock) : scale(this.measured(this.compressCost, modeKey(m)), p.compressCpuMsPerBlock),
       compressHandlingMs: split ? handling : 0,
-      ratio: scale(this.measured(this.ratio, modeKey(m)), p.ratio),
+      ratio: scale(this.measured(this.ratio, modeKey(m)), this.ratioBasis.get(modeKey(m)) ?? p.ratio),
     };
   }
 
   /**
    * Every profiled mode's cost as it looks now: its own measured CPU costs, else its profile scaled
-   * by measured/profiled of the last measured mode (modes keep their relative cost and ratio across
-   * workloads). Ratios always come from the mode being sent now: another mode's ratio measured a
+   * by measured/profiled of the last measured mode (modes keep their relative cost across
+   * workloads; their relative ratios come from the probe where it ran). Ratios always come from the mode being sent now: another mode's ratio measured a
    * while ago was measured on other pages (a region of random data makes every mode look worse), so
    * comparing it with today's would switch on content, not on mode. No encoding makes data larger
    * (pages are kept raw when delta does not pay), so a scaled ratio stops at 1, and sending pages
@@ -272,7 +323,7 @@ export class Tuner {
       mode: p.mode,
       deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
       compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressHandlingMs),
-      ratio: (current === key ? this.measured(this.ratio, key) : undefined) ?? (plain ? 1 : Math.min(1, p.ratio * k.ratio)),
+      ratio: (current === key ? this.measured(this.ratio, key) : undefined) ?? (plain ? 1 : Math.min(1, (this.ratioBasis.get(key) ?? p.ratio) * k.ratio)),
       overheadCpuMsPerBlock: this.overheadCpuMsPerBlockHop * hopsOf(p.mode),
     };
   }
@@ -369,6 +420,7 @@ export class Tuner {
       currentBlocksPerSec: currentRate,
       chosenBlocksPerSec: best.blocksPerSec,
       top: ranked.slice(0, 3),
+      compressFor: compressionsFor(best.mode, ranked),
     };
     this.decisions.push(decision);
     return decision;

@@ -76,27 +76,36 @@ async function dedupOutput(images: ImageSet): Promise<{ chunks: Chunk[]; fixedCp
   return { chunks, fixedCpuMs: cpuMs(start), blocks };
 }
 
+/**
+ * Every mode's delta and compression over dedup's output chunks: CPU and output ratio per block.
+ * Each delta once (modes sharing one have the same delta cost), then each mode's compression, one
+ * mode at a time, so a caller sharing its thread (the tuner's probe) can yield between.
+ */
+export function* measureModes(chunks: Chunk[], encoder: DeltaEncoder, modes: Mode[]): Generator<ModeCost> {
+  const blocks = chunks.reduce((n, c) => n + c.bodyRawLength / PAGE_SIZE, 0);
+  if (blocks === 0) return;
+  const compressor = new ChunkCompressor();
+  for (const delta of DELTA_ALGORITHMS) {
+    const ofDelta = modes.filter((m) => m.delta === delta);
+    if (ofDelta.length === 0) continue;
+    let t = process.cpuUsage();
+    const encoded = chunks.map((chunk) => encoder.encode(chunk, delta).chunk);
+    const deltaMs = cpuMs(t);
+    for (const mode of ofDelta) {
+      let outBytes = 0;
+      t = process.cpuUsage();
+      for (const chunk of encoded) outBytes += compressor.compress(chunk, mode).body.byteLength;
+      const compressMs = cpuMs(t);
+      yield { mode, deltaCpuMsPerBlock: deltaMs / blocks, compressCpuMsPerBlock: compressMs / blocks, ratio: outBytes / (blocks * PAGE_SIZE) };
+    }
+  }
+}
+
 export async function measureProfile(images: ImageSet, workload: string): Promise<Profile> {
   const { chunks, fixedCpuMs, blocks } = await dedupOutput(images);
   const baseFiles = await Promise.all([readFile(images.baseMemory), readFile(images.baseDisk)]);
   const encoder = new DeltaEncoder((image, index) => baseFiles[image].subarray(index * PAGE_SIZE, (index + 1) * PAGE_SIZE));
-  const compressor = new ChunkCompressor();
-  const modes: ModeCost[] = [];
-  for (const mode of PROFILED_MODES) {
-    let deltaMs = 0;
-    let compressMs = 0;
-    let outBytes = 0;
-    for (const chunk of chunks) {
-      let t = process.cpuUsage();
-      const encoded = encoder.encode(chunk, mode.delta).chunk;
-      deltaMs += cpuMs(t);
-      t = process.cpuUsage();
-      const out = compressor.compress(encoded, mode);
-      compressMs += cpuMs(t);
-      outBytes += out.body.byteLength;
-    }
-    modes.push({ mode, deltaCpuMsPerBlock: deltaMs / blocks, compressCpuMsPerBlock: compressMs / blocks, ratio: outBytes / (blocks * PAGE_SIZE) });
-  }
+  const modes = [...measureModes(chunks, encoder, PROFILED_MODES)];
   return { workload, createdAt: new Date().toISOString(), fixedCpuMsPerBlock: fixedCpuMs / blocks, modes };
 }
 

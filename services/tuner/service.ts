@@ -9,14 +9,15 @@ import { connectBus, publishEvent } from '../../shared/bus.js';
 import { errorMessage } from '../../shared/errors.js';
 import type { RunningService } from '../../shared/stage.js';
 import { createLogger } from '../../shared/log.js';
-import { parseStats, type StageStats, type TunerDecision } from '../../shared/migration.js';
+import { parseStats, type MigrationDescriptor, type StageStats, type TunerDecision } from '../../shared/migration.js';
 import { startSpan } from '../../shared/telemetry.js';
-import { formatMode, type Mode } from '../../shared/mode.js';
+import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
 import type { Prediction } from './model.js';
+import { probeRatios, probedModes } from './probe.js';
 import { loadProfile } from './profile.js';
 
 const DECIDE_EVERY_MS = 500;
@@ -71,7 +72,28 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     f = { tuner: new Tuner(profile), startedMs: performance.now(), measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: performance.now() };
     followed.set(migrationId, f);
     log.info('following', { migration: migrationId, profile: profile.workload });
+    probeFor(migrationId, d, f.tuner);
     return f;
+  };
+
+  /** every mode's ratio on the migration's own pages, off the event loop's path between modes */
+  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner): void => {
+    probeRatios(d, probedModes(profile))
+      .then((probe) => {
+        if (!probe) return log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
+        tuner.useProbedRatios(probe.ratios);
+        const shown = (mode: Mode): string => `${formatMode(mode)} ${(tuner.ratioBasisOf(mode) ?? 0).toFixed(3)}`;
+        log.info('ratios probed', {
+          migration: migrationId,
+          blocks: probe.blocks,
+          pagesRead: probe.pagesRead,
+          cpuMs: Math.round(probe.cpuMs),
+          modes: probe.ratios.size,
+          smallest: shown([...profile.modes].sort((a, b) => (tuner.ratioBasisOf(a.mode) ?? 1) - (tuner.ratioBasisOf(b.mode) ?? 1))[0]!.mode),
+        });
+        log.debug('probed ratios', { migration: migrationId, ratios: profile.modes.map((m) => shown(m.mode)).join(', ') });
+      })
+      .catch((err: unknown) => log.warn('ratio probe failed, profile ratios kept', { migration: migrationId, reason: errorMessage(err) }));
   };
 
   const sub = bus.nc.subscribe('handoff.stats.>', {
@@ -154,7 +176,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         };
         log.info(decision ? 'switching mode' : 'compress workers in use', { migration: migrationId, ...record });
         startSpan('tuner decision', d.traceparent, { 'handoff.actor': 'tuner', ...Object.fromEntries(Object.entries(record).map(([k, v]) => [`handoff.${k}`, v])) }).end();
-        if (decision) await bus.config.put(migrationId, JSON.stringify(decision.to));
+        if (decision) await bus.config.put(migrationId, JSON.stringify({ ...decision.to, compressFor: decision.compressFor } satisfies ModeConfig));
         if (workersChanged) await writeWanted();
         await publishEvent(bus, migrationId, { type: 'tuned', decision: record });
       })

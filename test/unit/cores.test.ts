@@ -13,7 +13,10 @@ import { Rebuilder, type PageStore } from '../../services/receiver/core.js';
 import { PageKind, type Chunk } from '../../shared/chunk.js';
 import { decodeChunk, encodeChunk } from '../../shared/codec.js';
 import { MalformedMessageError, VerificationError } from '../../shared/errors.js';
-import { COMPRESSORS, DELTA_ALGORITHMS, type Mode } from '../../shared/mode.js';
+import { COMPRESSORS, DELTA_ALGORITHMS, compressionFor, isModeConfig, type Mode, type ModeConfig } from '../../shared/mode.js';
+import { createCompressActor } from '../../services/compress/service.js';
+import { createLogger } from '../../shared/log.js';
+import type { MigrationDescriptor } from '../../shared/migration.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, pageCheck, strongHash, type ImageId } from '../../shared/pages.js';
 
 const PAGES = 96;
@@ -184,6 +187,35 @@ describe('delta and compress cores', () => {
     const z = c.compress(chunk, { compressor: 'zstd', level: 5 });
     assert.deepEqual(z.mode, { delta: 'none', compressor: 'zstd', level: 5 });
     assert.throws(() => c.compress(z, { compressor: 'lz4', level: 0 }), /already compressed/);
+  });
+
+  test("after a switch, compress gives a chunk of another delta the tuner's compression for that delta", async () => {
+    // queued at compress when the tuner left xor+zstd-3 for delta=zstd without compression: sent as
+    // xor without compression (no one's choice, 40% larger) before compressFor
+    const vm = smallVm();
+    const xorChunk = pipeline(vm, { delta: 'xor', compressor: 'none', level: 0 }, 1, 1000)[0]!;
+    const plainChunk = pipeline(vm, { delta: 'none', compressor: 'none', level: 0 }, 1, 1000)[0]!;
+    const config: ModeConfig = { delta: 'zstd', compressor: 'none', level: 0, compressFor: { xor: { compressor: 'zstd', level: 1 } } };
+    assert.deepEqual(compressionFor(config, 'xor'), { delta: 'xor', compressor: 'zstd', level: 1 });
+    assert.deepEqual(compressionFor(config, 'zstd'), { delta: 'zstd', compressor: 'none', level: 0 });
+    assert.deepEqual(compressionFor(config, 'none'), { delta: 'none', compressor: 'none', level: 0 }, 'no entry: the config itself');
+    const actor = createCompressActor(1);
+    try {
+      const ctx = { descriptor: {} as MigrationDescriptor, mode: config, log: createLogger({ stage: 'compress' }) };
+      const out = (await actor.handle(xorChunk, ctx)).outputs[0]!;
+      assert.deepEqual(out.chunk.mode, { delta: 'xor', compressor: 'zstd', level: 1 });
+      assert.equal(out.to, 'wire');
+      assert.deepEqual((await actor.handle(plainChunk, ctx)).outputs[0]!.chunk.mode, { delta: 'none', compressor: 'none', level: 0 });
+    } finally {
+      await actor.close?.();
+    }
+  });
+
+  test('a config value is checked whole: a bad compressFor is not a mode', () => {
+    assert.ok(isModeConfig({ delta: 'zstd', compressor: 'none', level: 0, compressFor: { xor: { compressor: 'lz4', level: 0 } } }));
+    assert.ok(!isModeConfig({ delta: 'zstd', compressor: 'none', level: 0, compressFor: { xor: { compressor: 'gzip', level: 0 } } }));
+    assert.ok(!isModeConfig({ delta: 'zstd', compressor: 'none', level: 0, compressFor: { rle: { compressor: 'lz4', level: 0 } } }));
+    assert.ok(!isModeConfig({ delta: 'zstd', compressor: 'none', level: 0, compressFor: 'lz4' }));
   });
 });
 

@@ -148,6 +148,43 @@ describe('tuner', () => {
     for (let look = 0; look < 4; look++) assert.equal(t.decide(ZSTD19, at(5), look * 500), undefined);
   });
 
+  test("the ratio probe's figures replace the profile's; modes not probed follow their probed sibling", () => {
+    // the profile (another workload) rates delta=zstd without compression a little below xor+zstd-3,
+    // and cheaper; on this VM's pages it sends far more
+    const DZ: Mode = { delta: 'zstd', compressor: 'none', level: 0 };
+    const profile: Profile = { ...PROFILE, modes: [...PROFILE.modes, { mode: DZ, deltaCpuMsPerBlock: 0.02, compressCpuMsPerBlock: 0, ratio: 0.34 }] };
+    const probe = new Map([
+      [modeKey(NONE), 1],
+      [modeKey(LZ4), 0.7],
+      [modeKey(ZSTD3), 0.4],
+      [modeKey(DZ), 0.6],
+    ]);
+    const unprobed = new Tuner(profile).decide(ZSTD3, at(100), 0);
+    assert.equal(unprobed && modeKey(unprobed.to), modeKey(DZ), 'by the profile alone');
+    const t = new Tuner(profile);
+    t.useProbedRatios(probe);
+    const costs = (): Map<string, number> => new Map(t.costs().map((c) => [modeKey(c.mode), c.ratio]));
+    assert.equal(costs().get(modeKey(DZ)), 0.6);
+    // zstd-19, too costly to probe: the probed zstd-3 of its delta, times 0.3/0.35 as profiled
+    assert.ok(Math.abs(costs().get(modeKey(ZSTD19))! - 0.4 * (0.3 / 0.35)) < 1e-9);
+    const d = t.decide(ZSTD3, at(100), 0);
+    assert.ok(d === undefined || modeKey(d.to) !== modeKey(DZ), `switched to ${d && modeKey(d.to)}`);
+    // the mode in use measured: its ratio scales the probed ones, whose proportions stay
+    for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD3, 256, 256 * 0.015, 256 * 4096 * 0.5, 'wire'));
+    assert.ok(Math.abs(costs().get(modeKey(DZ))! - 0.6 * (0.5 / 0.4)) < 1e-6);
+    assert.equal(costs().get(modeKey(NONE)), 1);
+  });
+
+  test('a decision names the compression for chunks of the other deltas still in the pipeline', () => {
+    const t = new Tuner(PROFILE);
+    const d = t.decide(ZSTD3, at(10_000), 0);
+    assert.ok(d);
+    assert.equal(modeKey(d.to), modeKey(NONE));
+    // xor-encoded chunks queued at compress: the best xor mode's compression, not none
+    assert.deepEqual(d.compressFor.xor, { compressor: 'zstd', level: 3 });
+    assert.equal(d.compressFor.none, undefined, "the chosen mode's own delta: the config itself");
+  });
+
   test('a profile from another workload is corrected by measurements', () => {
     // the profile believes zstd3 shrinks data to 35%; the running workload does not compress at all
     const t = new Tuner(PROFILE);

@@ -1,0 +1,159 @@
+/**
+ * The ratio probe: every profiled mode's output ratio on a sample of the migrating VM's own dirty
+ * pages, run by the tuner when it starts following a migration. The shipped profile comes from
+ * another workload, and modes do not keep their relative ratios from one workload to another: on
+ * the profile's generated VM, delta=zstd without compression sends as little as xor+zstd-3; on
+ * programs' code and data it sends a third more. The tuner, trusting the profile, switched to it
+ * when the link sped up, and never back: every other mode's ratio is scaled from the one being
+ * sent, and the mode it had left was scaled down with it. All modes probed on the same pages
+ * compare modes, not content.
+ */
+import { open, type FileHandle } from 'node:fs/promises';
+import { setImmediate as yieldToEvents } from 'node:timers/promises';
+import type { Chunk } from '../../shared/chunk.js';
+import type { ImagePair } from '../../shared/migration.js';
+import type { Mode } from '../../shared/mode.js';
+import { PAGE_SIZE, strongHash, type ImageId } from '../../shared/pages.js';
+import { ChunkBuilder, type DirtyPage } from '../capture/core.js';
+import { HashLocationMap, dedupChunk } from '../dedup/core.js';
+import { DeltaEncoder } from '../delta/core.js';
+import { modeKey, type Profile } from './model.js';
+import { measureModes } from './profile.js';
+
+export interface ProbeOptions {
+  /** dirty pages to probe on: ~0.2 ms of CPU each for the probed modes */
+  pages: number;
+  /** consecutive pages read at each place (the pipeline compresses a chunk of neighbours as one) */
+  runPages: number;
+  /** places read at most, spread over both images: where few pages changed, the probe reads little and stops */
+  maxRuns: number;
+  /** pages per chunk, as the migration's */
+  chunkPages: number;
+  random: () => number;
+}
+
+export const DEFAULT_PROBE_OPTIONS: ProbeOptions = { pages: 256, runPages: 32, maxRuns: 512, chunkPages: 256, random: Math.random };
+
+/**
+ * Modes whose profiled CPU per block is above this are not probed: zstd-19 (0.1-0.55 ms a block)
+ * would be 85% of the probe's CPU, 0.2 s on a busy core at the start of a 3 s handoff. The tuner
+ * takes their ratio from the strongest probed level of their delta and compressor, as profiled.
+ */
+export const PROBE_MAX_CPU_MS_PER_BLOCK = 0.06;
+
+export function probedModes(profile: Profile): Mode[] {
+  return profile.modes.filter((m) => m.deltaCpuMsPerBlock + m.compressCpuMsPerBlock <= PROBE_MAX_CPU_MS_PER_BLOCK).map((m) => m.mode);
+}
+
+/** fewer dirty pages than this in the sample: too few to say anything, the profile stays */
+export const MIN_PROBE_PAGES = 32;
+
+export interface ProbeResult {
+  /** output ratio per mode key, on the sampled pages */
+  ratios: Map<string, number>;
+  /** the sample's blocks (pages dedup kept in full) and the pages read to find them */
+  blocks: number;
+  pagesRead: number;
+  cpuMs: number;
+}
+
+/** what the probe reads of a migration: its images' files */
+type ImageFiles = Pick<ImagePair, 'base' | 'current' | 'bytes'>;
+type Images = { memory: ImageFiles; disk: ImageFiles };
+
+/**
+ * Places to read, `runs` of them spread over both images in proportion to their size, each at a
+ * random offset within its stretch, in random order: stopping early still leaves a spread sample.
+ */
+export function probePlaces(pagesOf: readonly [number, number], options: Pick<ProbeOptions, 'runPages' | 'maxRuns' | 'random'>): { image: ImageId; index: number }[] {
+  const total = pagesOf[0] + pagesOf[1];
+  const places: { image: ImageId; index: number }[] = [];
+  for (const image of [0, 1] as const) {
+    const pages = pagesOf[image];
+    if (pages === 0) continue;
+    const runs = Math.max(1, Math.min(Math.floor(pages / options.runPages), Math.round((options.maxRuns * pages) / total)));
+    const stretch = pages / runs;
+    for (let r = 0; r < runs; r++) {
+      const slack = Math.max(0, stretch - options.runPages);
+      places.push({ image, index: Math.floor(r * stretch + options.random() * slack) });
+    }
+  }
+  for (let i = places.length - 1; i > 0; i--) {
+    const j = Math.floor(options.random() * (i + 1));
+    [places[i], places[j]] = [places[j]!, places[i]!];
+  }
+  return places;
+}
+
+/**
+ * Dirty pages of the images (differing from the base page at the same index), as dedup would pass
+ * them on (zero pages and repeats within the sample dropped; pages equal to some other base page
+ * are not looked up: that would need the base's whole index), with their base pages.
+ */
+export async function sampleDirtyPages(
+  d: Images,
+  options: ProbeOptions,
+): Promise<{ chunks: Chunk[]; basePages: Map<string, Uint8Array>; pagesRead: number }> {
+  const files: { base: FileHandle; current: FileHandle }[] = [];
+  try {
+    for (const pair of [d.memory, d.disk]) files.push({ base: await open(pair.base, 'r'), current: await open(pair.current, 'r') });
+    const pagesOf = [Math.floor(d.memory.bytes / PAGE_SIZE), Math.floor(d.disk.bytes / PAGE_SIZE)] as const;
+    const found: [DirtyPage[], DirtyPage[]] = [[], []];
+    const basePages = new Map<string, Uint8Array>();
+    let pagesRead = 0;
+    for (const { image, index } of probePlaces(pagesOf, options)) {
+      if (found[0].length + found[1].length >= options.pages) break;
+      const count = Math.min(options.runPages, pagesOf[image] - index);
+      const current = Buffer.alloc(count * PAGE_SIZE);
+      const base = Buffer.alloc(count * PAGE_SIZE);
+      const { bytesRead } = await files[image]!.current.read(current, 0, current.byteLength, index * PAGE_SIZE);
+      await files[image]!.base.read(base, 0, base.byteLength, index * PAGE_SIZE);
+      const pages = Math.floor(bytesRead / PAGE_SIZE);
+      pagesRead += pages;
+      for (let p = 0; p < pages; p++) {
+        const page = current.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+        const basePage = base.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+        if (page.equals(basePage)) continue;
+        found[image].push({ index: index + p, page, hash: strongHash(page) });
+        basePages.set(`${image}:${index + p}`, basePage);
+      }
+    }
+    const chunks: Chunk[] = [];
+    const sent = new HashLocationMap();
+    for (const image of [0, 1] as const) {
+      const builder = new ChunkBuilder({ migrationId: 'probe', round: 0, image, parts: 1 }, options.chunkPages);
+      const flush = (): void => {
+        for (const slice of builder.take()) chunks.push(dedupChunk(slice, new HashLocationMap(), sent).chunk);
+      };
+      for (const page of found[image].sort((a, b) => a.index - b.index)) if (builder.add(page)) flush();
+      if (builder.pending) flush();
+    }
+    return { chunks, basePages, pagesRead };
+  } finally {
+    for (const f of files) await Promise.all([f.base.close(), f.current.close()]);
+  }
+}
+
+/**
+ * Every mode's ratio on a sample of the migration's dirty pages. Yields to the event loop between
+ * modes: the tuner keeps taking statistics while it probes. Undefined when the sample is too small.
+ */
+export async function probeRatios(d: Images & { chunkPages?: number }, modes: Mode[], options: Partial<ProbeOptions> = {}): Promise<ProbeResult | undefined> {
+  const o: ProbeOptions = { ...DEFAULT_PROBE_OPTIONS, ...(d.chunkPages ? { chunkPages: d.chunkPages } : {}), ...options };
+  const start = process.cpuUsage();
+  const { chunks, basePages, pagesRead } = await sampleDirtyPages(d, o);
+  const blocks = chunks.reduce((n, c) => n + c.bodyRawLength / PAGE_SIZE, 0);
+  if (blocks < MIN_PROBE_PAGES) return undefined;
+  const encoder = new DeltaEncoder((image, index) => {
+    const page = basePages.get(`${image}:${index}`);
+    if (!page) throw new Error(`probe: no base page ${image}:${index}`);
+    return page;
+  });
+  const ratios = new Map<string, number>();
+  for (const cost of measureModes(chunks, encoder, modes)) {
+    ratios.set(modeKey(cost.mode), cost.ratio);
+    await yieldToEvents();
+  }
+  const used = process.cpuUsage(start);
+  return { ratios, blocks, pagesRead, cpuMs: (used.user + used.system) / 1000 };
+}
