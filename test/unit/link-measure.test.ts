@@ -47,6 +47,26 @@ describe('bandwidth from ACKs', () => {
     for (let i = 0; i < 10; i++) e.ack(437_500, t, (t += 100)); // 35 Mbit/s for a second
     near(e.bandwidthBps, 35 * MBIT, 'after the change');
   });
+
+  test('a change of more than 2x shows after a quarter second of link time; a burst does not move it', () => {
+    const e = new BandwidthEstimator();
+    let t = 0;
+    for (let i = 0; i < 30; i++) e.ack(62_500, t, (t += 100)); // 5 Mbit/s
+    // a shaper's burst: 64 KiB more than the rate in one 100 ms ACK
+    e.ack(62_500 + 65_536, t, (t += 100));
+    for (let i = 0; i < 2; i++) e.ack(62_500, t, (t += 100));
+    near(e.bandwidthBps, 5 * MBIT * (1 + 65_536 / 62_500 / 7), 'a burst: the 0.7 s figure');
+    for (let i = 0; i < 3; i++) e.ack(43_750, t, (t += 10)); // 35 Mbit/s, 30 ms: not yet
+    assert.ok(e.bandwidthBps! < 10 * MBIT);
+    for (let i = 0; i < 25; i++) {
+      e.ack(43_750, t, (t += 10));
+      // from a quarter second on, the new rate, not an average that catches up over 0.7 s
+      if (i >= 22) near(e.bandwidthBps, 35 * MBIT, `${(i + 4) * 10} ms after the change`);
+    }
+    // and back: a slower link shows as soon
+    for (let i = 0; i < 3; i++) e.ack(62_500, t, (t += 100));
+    near(e.bandwidthBps, 5 * MBIT, 'back to 5');
+  });
 });
 
 describe('probe timing at the receiver', () => {
