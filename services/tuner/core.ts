@@ -136,7 +136,16 @@ export class Tuner {
   private beatenLooks = 0;
   private looks = 0;
   /** what the last look predicted for the current mode and the best three: what a debug log shows */
-  lastLook: { current: Prediction | undefined; top: Prediction[]; fixedCpuMsPerBlock: number; overheadCpuMsPerBlock: number } | undefined;
+  lastLook:
+    | {
+        current: Prediction | undefined;
+        top: Prediction[];
+        fixedCpuMsPerBlock: number;
+        overheadCpuMsPerBlock: number;
+        /** the best compression now for chunks of each delta other than the mode's (kept current, not only at a switch) */
+        compressFor: NonNullable<ModeConfig['compressFor']>;
+      }
+    | undefined;
   readonly decisions: Decision[] = [];
 
   constructor(
@@ -391,7 +400,13 @@ export class Tuner {
     const currentCost = costs.find((c) => modeKey(c.mode) === modeKey(current));
     const currentPrediction = currentCost ? predict(currentCost, shared, conditions) : undefined;
     const currentRate = currentPrediction?.blocksPerSec ?? 0;
-    this.lastLook = { current: currentPrediction, top: ranked.slice(0, 3), fixedCpuMsPerBlock: shared, overheadCpuMsPerBlock: currentCost?.overheadCpuMsPerBlock ?? 0 };
+    this.lastLook = {
+      current: currentPrediction,
+      top: ranked.slice(0, 3),
+      fixedCpuMsPerBlock: shared,
+      overheadCpuMsPerBlock: currentCost?.overheadCpuMsPerBlock ?? 0,
+      compressFor: compressionsFor(current, ranked),
+    };
     const bestKey = modeKey(best.mode);
     const linkBound = (p: Prediction | undefined): boolean => p !== undefined && p.processingBlocksPerSec >= p.networkBlocksPerSec * LINK_BOUND_MARGIN;
     const firstLook = this.looks++ === 0;
@@ -412,6 +427,7 @@ export class Tuner {
     const clear = best.blocksPerSec > currentRate * (1 + 3 * this.options.hysteresis);
     if (!firstLook && !clear && ++this.beatenLooks < this.options.confirmations) return undefined;
     this.beatenLooks = 0;
+    this.lastLook.compressFor = compressionsFor(best.mode, ranked);
     const decision: Decision = {
       atMs: nowMs,
       from: current,
@@ -420,7 +436,7 @@ export class Tuner {
       currentBlocksPerSec: currentRate,
       chosenBlocksPerSec: best.blocksPerSec,
       top: ranked.slice(0, 3),
-      compressFor: compressionsFor(best.mode, ranked),
+      compressFor: this.lastLook.compressFor,
     };
     this.decisions.push(decision);
     return decision;

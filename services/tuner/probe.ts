@@ -32,7 +32,7 @@ export interface ProbeOptions {
   random: () => number;
 }
 
-export const DEFAULT_PROBE_OPTIONS: ProbeOptions = { pages: 256, runPages: 32, maxRuns: 512, chunkPages: 256, random: Math.random };
+export const DEFAULT_PROBE_OPTIONS: ProbeOptions = { pages: 256, runPages: 16, maxRuns: 512, chunkPages: 256, random: Math.random };
 
 /**
  * Modes whose profiled CPU per block is above this are not probed: zstd-19 (0.1-0.55 ms a block)

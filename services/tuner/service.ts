@@ -33,6 +33,8 @@ interface Followed {
   /** share of the last interval the sender found the link the bottleneck (undefined: not yet measured) */
   linkBoundShare?: number;
   lastStatsMs: number;
+  /** the config last written (the mode and the compression for other deltas) */
+  configWritten?: string;
   /** the ratio probe has started (see probeFor) */
   probed?: boolean;
   /** the bandwidth the last look took, and when it was */
@@ -182,6 +184,14 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         });
         const workersChanged = wantedBy.get(migrationId) !== inUse;
         wantedBy.set(migrationId, inUse);
+        // the compression for chunks of other deltas follows the conditions between switches too: after
+        // a switch at 5 Mbit/s it said zstd-19 for the xor-encoded chunks queued at compress, and when
+        // the link went to 35 a few hundred ms later they were still compressed at zstd-19 on one core
+        const config = JSON.stringify({ ...mode, compressFor: look?.compressFor ?? {} } satisfies ModeConfig);
+        if (decision || (f.configWritten !== undefined && config !== f.configWritten)) {
+          await bus.config.put(migrationId, config);
+          f.configWritten = config;
+        }
         if (!decision && !workersChanged) return;
         const record: TunerDecision = {
           atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
@@ -199,7 +209,6 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         };
         log.info(decision ? 'switching mode' : 'compress workers in use', { migration: migrationId, ...record });
         startSpan('tuner decision', d.traceparent, { 'handoff.actor': 'tuner', ...Object.fromEntries(Object.entries(record).map(([k, v]) => [`handoff.${k}`, v])) }).end();
-        if (decision) await bus.config.put(migrationId, JSON.stringify({ ...decision.to, compressFor: decision.compressFor } satisfies ModeConfig));
         if (workersChanged) await writeWanted();
         await publishEvent(bus, migrationId, { type: 'tuned', decision: record });
       })

@@ -183,6 +183,12 @@ describe('tuner', () => {
     // xor-encoded chunks queued at compress: the best xor mode's compression, not none
     assert.deepEqual(d.compressFor.xor, { compressor: 'zstd', level: 3 });
     assert.equal(d.compressFor.none, undefined, "the chosen mode's own delta: the config itself");
+    // without a switch too, for the conditions of each look
+    const u = new Tuner(PROFILE);
+    assert.equal(u.decide(NONE, at(10_000), 0), undefined);
+    assert.deepEqual(u.lastLook?.compressFor, { xor: { compressor: 'zstd', level: 3 } });
+    assert.equal(u.decide(ZSTD19, at(5), 500), undefined);
+    assert.deepEqual(u.lastLook?.compressFor, { none: { compressor: 'lz4', level: 0 } });
   });
 
   test('a profile from another workload is corrected by measurements', () => {
