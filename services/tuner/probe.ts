@@ -21,28 +21,48 @@ import { modeKey, type Profile } from './model.js';
 import { measureModes } from './profile.js';
 
 export interface ProbeOptions {
-  /** dirty pages to probe on: ~0.2 ms of CPU each for the probed modes */
+  /** dirty pages to probe on: ~0.2 ms of CPU each for the cheap modes */
   pages: number;
   /** consecutive pages read at each place (the pipeline compresses a chunk of neighbours as one) */
   runPages: number;
   /** places read at most, spread over both images: where few pages changed, the probe reads little and stops */
   maxRuns: number;
+  /** the first pages found (a spread sample too): where the costly modes are probed */
+  subsamplePages: number;
   /** pages per chunk, as the migration's */
   chunkPages: number;
   random: () => number;
 }
 
-export const DEFAULT_PROBE_OPTIONS: ProbeOptions = { pages: 256, runPages: 16, maxRuns: 512, chunkPages: 256, random: Math.random };
+export const DEFAULT_PROBE_OPTIONS: ProbeOptions = { pages: 256, runPages: 16, maxRuns: 512, subsamplePages: 64, chunkPages: 256, random: Math.random };
 
 /**
- * Modes whose profiled CPU per block is above this are not probed: zstd-19 (0.1-0.55 ms a block)
- * would be 85% of the probe's CPU, 0.2 s on a busy core at the start of a 3 s handoff. The tuner
- * takes their ratio from the strongest probed level of their delta and compressor, as profiled.
+ * Modes whose profiled CPU per block is above this are probed on the subsample only: zstd-19
+ * (0.1-0.55 ms a block) would be 85% of the probe's CPU on the whole sample.
  */
 export const PROBE_MAX_CPU_MS_PER_BLOCK = 0.06;
 
-export function probedModes(profile: Profile): Mode[] {
-  return profile.modes.filter((m) => m.deltaCpuMsPerBlock + m.compressCpuMsPerBlock <= PROBE_MAX_CPU_MS_PER_BLOCK).map((m) => m.mode);
+/** What to probe: `modes` on the whole sample; each of `costly` on the subsample beside `reference`. */
+export interface ProbePlan {
+  modes: Mode[];
+  costly: { mode: Mode; reference: Mode }[];
+}
+
+/**
+ * The profile's modes, the costly ones each beside the strongest cheap level of its delta and
+ * compressor. Their ratio cannot come from the profile's proportions: zstd-19 sends 2.3% less than
+ * zstd-9 after xor on the profile's workload and 4.8% less on programs' pages, where the difference
+ * decides between it and delta=zstd without compression at 5 Mbit/s.
+ */
+export function probePlan(profile: Profile): ProbePlan {
+  const cheap = profile.modes.filter((m) => m.deltaCpuMsPerBlock + m.compressCpuMsPerBlock <= PROBE_MAX_CPU_MS_PER_BLOCK).map((m) => m.mode);
+  const costly: ProbePlan['costly'] = [];
+  for (const m of profile.modes) {
+    if (cheap.includes(m.mode)) continue;
+    const reference = cheap.filter((c) => c.delta === m.mode.delta && c.compressor === m.mode.compressor).sort((a, b) => b.level - a.level)[0];
+    if (reference) costly.push({ mode: m.mode, reference });
+  }
+  return { modes: cheap, costly };
 }
 
 /** fewer dirty pages than this in the sample: too few to say anything, the profile stays */
@@ -93,16 +113,17 @@ export function probePlaces(pagesOf: readonly [number, number], options: Pick<Pr
 export async function sampleDirtyPages(
   d: Images,
   options: ProbeOptions,
-): Promise<{ chunks: Chunk[]; basePages: Map<string, Uint8Array>; pagesRead: number }> {
+): Promise<{ chunks: Chunk[]; subsample: Chunk[]; basePages: Map<string, Uint8Array>; pagesRead: number }> {
   const files: { base: FileHandle; current: FileHandle }[] = [];
   try {
     for (const pair of [d.memory, d.disk]) files.push({ base: await open(pair.base, 'r'), current: await open(pair.current, 'r') });
     const pagesOf = [Math.floor(d.memory.bytes / PAGE_SIZE), Math.floor(d.disk.bytes / PAGE_SIZE)] as const;
-    const found: [DirtyPage[], DirtyPage[]] = [[], []];
+    /** in the order found: places are in random order, so the first few are a spread sample too */
+    const found: { image: ImageId; page: DirtyPage }[] = [];
     const basePages = new Map<string, Uint8Array>();
     let pagesRead = 0;
     for (const { image, index } of probePlaces(pagesOf, options)) {
-      if (found[0].length + found[1].length >= options.pages) break;
+      if (found.length >= options.pages) break;
       const count = Math.min(options.runPages, pagesOf[image] - index);
       const current = Buffer.alloc(count * PAGE_SIZE);
       const base = Buffer.alloc(count * PAGE_SIZE);
@@ -114,34 +135,43 @@ export async function sampleDirtyPages(
         const page = current.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
         const basePage = base.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
         if (page.equals(basePage)) continue;
-        found[image].push({ index: index + p, page, hash: strongHash(page) });
+        found.push({ image, page: { index: index + p, page, hash: strongHash(page) } });
         basePages.set(`${image}:${index + p}`, basePage);
       }
     }
-    const chunks: Chunk[] = [];
-    const sent = new HashLocationMap();
-    for (const image of [0, 1] as const) {
-      const builder = new ChunkBuilder({ migrationId: 'probe', round: 0, image, parts: 1 }, options.chunkPages);
-      const flush = (): void => {
-        for (const slice of builder.take()) chunks.push(dedupChunk(slice, new HashLocationMap(), sent).chunk);
-      };
-      for (const page of found[image].sort((a, b) => a.index - b.index)) if (builder.add(page)) flush();
-      if (builder.pending) flush();
-    }
-    return { chunks, basePages, pagesRead };
+    return { chunks: chunksOf(found, options.chunkPages), subsample: chunksOf(found.slice(0, options.subsamplePages), options.chunkPages), basePages, pagesRead };
   } finally {
     for (const f of files) await Promise.all([f.base.close(), f.current.close()]);
   }
 }
 
+/** Sampled pages as dedup would pass them on: per image in index order, zero pages and repeats dropped. */
+function chunksOf(found: { image: ImageId; page: DirtyPage }[], chunkPages: number): Chunk[] {
+  const chunks: Chunk[] = [];
+  const sent = new HashLocationMap();
+  for (const image of [0, 1] as const) {
+    const builder = new ChunkBuilder({ migrationId: 'probe', round: 0, image, parts: 1 }, chunkPages);
+    const flush = (): void => {
+      for (const slice of builder.take()) chunks.push(dedupChunk(slice, new HashLocationMap(), sent).chunk);
+    };
+    const pages = found.filter((f) => f.image === image).map((f) => f.page);
+    for (const page of pages.sort((a, b) => a.index - b.index)) if (builder.add(page)) flush();
+    if (builder.pending) flush();
+  }
+  return chunks;
+}
+
 /**
- * Every mode's ratio on a sample of the migration's dirty pages. Yields to the event loop between
- * modes: the tuner keeps taking statistics while it probes. Undefined when the sample is too small.
+ * Every mode's ratio on a sample of the migration's dirty pages: the plan's modes on the whole
+ * sample, its costly ones on the subsample beside their reference mode, and scaled by the
+ * reference's ratio on the whole (same pages for both, so the ratio between them is the modes').
+ * Yields to the event loop between modes: the tuner keeps taking statistics while it probes.
+ * Undefined when the sample is too small.
  */
-export async function probeRatios(d: Images & { chunkPages?: number }, modes: Mode[], options: Partial<ProbeOptions> = {}): Promise<ProbeResult | undefined> {
+export async function probeRatios(d: Images & { chunkPages?: number }, plan: ProbePlan, options: Partial<ProbeOptions> = {}): Promise<ProbeResult | undefined> {
   const o: ProbeOptions = { ...DEFAULT_PROBE_OPTIONS, ...(d.chunkPages ? { chunkPages: d.chunkPages } : {}), ...options };
   const start = process.cpuUsage();
-  const { chunks, basePages, pagesRead } = await sampleDirtyPages(d, o);
+  const { chunks, subsample, basePages, pagesRead } = await sampleDirtyPages(d, o);
   const blocks = chunks.reduce((n, c) => n + c.bodyRawLength / PAGE_SIZE, 0);
   if (blocks < MIN_PROBE_PAGES) return undefined;
   const encoder = new DeltaEncoder((image, index) => {
@@ -150,9 +180,23 @@ export async function probeRatios(d: Images & { chunkPages?: number }, modes: Mo
     return page;
   });
   const ratios = new Map<string, number>();
-  for (const cost of measureModes(chunks, encoder, modes)) {
+  for (const cost of measureModes(chunks, encoder, plan.modes)) {
     ratios.set(modeKey(cost.mode), cost.ratio);
     await yieldToEvents();
+  }
+  const costly = plan.costly.filter((c) => ratios.has(modeKey(c.reference)));
+  if (costly.length > 0) {
+    const onSubsample = new Map<string, number>();
+    const modes = [...new Map([...costly.map((c) => c.mode), ...costly.map((c) => c.reference)].map((m) => [modeKey(m), m])).values()];
+    for (const cost of measureModes(subsample, encoder, modes)) {
+      onSubsample.set(modeKey(cost.mode), cost.ratio);
+      await yieldToEvents();
+    }
+    for (const { mode, reference } of costly) {
+      const sub = onSubsample.get(modeKey(mode));
+      const subReference = onSubsample.get(modeKey(reference));
+      if (sub !== undefined && subReference) ratios.set(modeKey(mode), Math.min(1, ratios.get(modeKey(reference))! * (sub / subReference)));
+    }
   }
   const used = process.cpuUsage(start);
   return { ratios, blocks, pagesRead, cpuMs: (used.user + used.system) / 1000 };

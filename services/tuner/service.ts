@@ -17,8 +17,8 @@ import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
-import type { Prediction } from './model.js';
-import { probeRatios, probedModes } from './probe.js';
+import type { Conditions, Prediction } from './model.js';
+import { probePlan, probeRatios } from './probe.js';
 import { loadProfile } from './profile.js';
 
 const DECIDE_EVERY_MS = 500;
@@ -35,8 +35,9 @@ interface Followed {
   lastStatsMs: number;
   /** the config last written (the mode and the compression for other deltas) */
   configWritten?: string;
-  /** the ratio probe has started (see probeFor) */
+  /** the ratio probe has started, and is running (see probeFor) */
   probed?: boolean;
+  probing?: boolean;
   /** the bandwidth the last look took, and when it was */
   lookedAt?: { bandwidthBps: number; atMs: number };
 }
@@ -91,10 +92,13 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   };
 
   /** every mode's ratio on the migration's own pages, off the event loop's path between modes */
-  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner): void => {
-    probeRatios(d, probedModes(profile))
+  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner): Promise<void> =>
+    probeRatios(d, probePlan(profile))
       .then((probe) => {
-        if (!probe) return log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
+        if (!probe) {
+          log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
+          return;
+        }
         tuner.useProbedRatios(probe.ratios);
         const shown = (mode: Mode): string => `${formatMode(mode)} ${(tuner.ratioBasisOf(mode) ?? 0).toFixed(3)}`;
         log.info('ratios probed', {
@@ -108,7 +112,6 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         log.debug('probed ratios', { migration: migrationId, ratios: profile.modes.map((m) => shown(m.mode)).join(', ') });
       })
       .catch((err: unknown) => log.warn('ratio probe failed, profile ratios kept', { migration: migrationId, reason: errorMessage(err) }));
-  };
 
   const sub = bus.nc.subscribe('handoff.stats.>', {
     callback: (err, msg) => {
@@ -156,20 +159,28 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     void descriptors
       .get(migrationId)
       .then(async (d) => {
-        const current: Mode = modes.get(migrationId, d.mode);
+        if (f.probing) return; // the look after the ratio probe decides
         runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress').catch(() => [])).length || runningWorkers);
-        const conditions = { bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers };
+        const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
+        // Ratios decide only where the link is the bottleneck: on a fast link the probe's CPU (0.1 s
+        // on a one-core source, 3% of a handoff at 1 Gbit/s) buys nothing until it slows down. Where
+        // it is, this look waits for the probe (0.1-0.25 s): deciding on the profile's ratios first
+        // started programs' pages at 10 Mbit/s on xor+zstd-19, whose first chunks on one core held
+        // the link back by half a second, to leave it for delta=zstd a second later
+        if (!f.probed) {
+          const top = f.tuner.bestNow(conditionsNow());
+          if (top && top.networkBlocksPerSec < top.processingBlocksPerSec) {
+            f.probed = true;
+            f.probing = true;
+            await probeFor(migrationId, d, f.tuner).finally(() => (f.probing = false));
+          }
+        }
+        const current: Mode = modes.get(migrationId, d.mode);
+        const conditions = conditionsNow();
         const decision = f.tuner.decide(current, conditions, now);
         const mode = decision?.to ?? current;
         const inUse = f.tuner.workersWanted(mode, conditions, f.linkBoundShare);
         const look = f.tuner.lastLook;
-        // ratios decide only where the link is the bottleneck: on a fast link the probe's CPU (0.1 s
-        // on a one-core source, 3% of a handoff at 1 Gbit/s) buys nothing until it slows down
-        const top = look?.top[0];
-        if (!f.probed && top && top.networkBlocksPerSec < top.processingBlocksPerSec) {
-          f.probed = true;
-          probeFor(migrationId, d, f.tuner);
-        }
         const shown = (p: Prediction): string => `${formatMode(p.mode)} ${Math.round(p.processingBlocksPerSec)}/${Math.round(p.networkBlocksPerSec)}`;
         log.debug('look', {
           migration: migrationId,

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { modeKey } from '../../services/tuner/model.js';
-import { DEFAULT_PROBE_OPTIONS, PROBE_MAX_CPU_MS_PER_BLOCK, probePlaces, probeRatios, probedModes, sampleDirtyPages } from '../../services/tuner/probe.js';
+import { DEFAULT_PROBE_OPTIONS, PROBE_MAX_CPU_MS_PER_BLOCK, probePlaces, probePlan, probeRatios, sampleDirtyPages } from '../../services/tuner/probe.js';
 import { loadProfile, measureProfile } from '../../services/tuner/profile.js';
 import { formatMode, type Mode } from '../../shared/mode.js';
 import { generateImageSet, type ImageSet } from '../../shared/testdata/images.js';
@@ -47,27 +47,35 @@ describe('ratio probe', () => {
   });
 
   test('samples changed pages only, with their base pages', async () => {
-    const { chunks, basePages } = await sampleDirtyPages(descriptorOf(images), { ...DEFAULT_PROBE_OPTIONS, random: seeded(3) });
-    const pages = chunks.reduce((n, c) => n + c.pageIndex.length, 0);
+    const { chunks, subsample, basePages } = await sampleDirtyPages(descriptorOf(images), { ...DEFAULT_PROBE_OPTIONS, random: seeded(3) });
+    const pagesIn = (cs: typeof chunks): number => cs.reduce((n, c) => n + c.pageIndex.length, 0);
+    const pages = pagesIn(chunks);
     assert.ok(pages >= DEFAULT_PROBE_OPTIONS.pages && pages < DEFAULT_PROBE_OPTIONS.pages + DEFAULT_PROBE_OPTIONS.runPages, `${pages} pages`);
-    for (const c of chunks) assert.ok(c.pageIndex.every((index) => basePages.has(`${c.image}:${index}`)));
+    assert.equal(pagesIn(subsample), DEFAULT_PROBE_OPTIONS.subsamplePages);
+    const inSample = new Set(chunks.flatMap((c) => [...c.pageIndex].map((index) => `${c.image}:${index}`)));
+    for (const c of [...chunks, ...subsample]) assert.ok(c.pageIndex.every((index) => basePages.has(`${c.image}:${index}`)));
+    for (const c of subsample) assert.ok(c.pageIndex.every((index) => inSample.has(`${c.image}:${index}`)), 'the subsample is part of the sample');
     // the same files as base and current: nothing changed, nothing to probe
     const same = join(dir, 'same.img');
     await copyFile(images.baseMemory, same);
     const unchanged = { memory: { base: images.baseMemory, current: same, bytes: SIZE }, disk: { base: images.baseMemory, current: same, bytes: SIZE } };
     assert.equal((await sampleDirtyPages(unchanged, DEFAULT_PROBE_OPTIONS)).chunks.length, 0);
-    assert.equal(await probeRatios(unchanged, [{ delta: 'xor', compressor: 'zstd', level: 3 }]), undefined);
+    assert.equal(await probeRatios(unchanged, { modes: [{ delta: 'xor', compressor: 'zstd', level: 3 }], costly: [] }), undefined);
   });
 
   test("finds the VM's own ratios: modes in the order a whole-image measurement puts them", async () => {
     const profile = await loadProfile();
-    const modes = probedModes(profile);
-    assert.ok(modes.length < profile.modes.length && modes.length >= 12, `${modes.length} modes probed`);
-    assert.ok(!modes.some((m) => m.compressor === 'zstd' && m.level === 19), 'zstd-19 probed');
-    for (const m of profile.modes) if (!modes.some((p) => modeKey(p) === modeKey(m.mode))) assert.ok(m.deltaCpuMsPerBlock + m.compressCpuMsPerBlock > PROBE_MAX_CPU_MS_PER_BLOCK);
-    const probe = await probeRatios(descriptorOf(images), modes, { random: seeded(4) });
+    const plan = probePlan(profile);
+    assert.ok(plan.modes.length >= 12 && plan.modes.every((m) => !(m.compressor === 'zstd' && m.level === 19)), `${plan.modes.length} modes on the whole sample`);
+    assert.equal(plan.modes.length + plan.costly.length, profile.modes.length);
+    for (const { mode, reference } of plan.costly) {
+      const cost = profile.modes.find((m) => modeKey(m.mode) === modeKey(mode))!;
+      assert.ok(cost.deltaCpuMsPerBlock + cost.compressCpuMsPerBlock > PROBE_MAX_CPU_MS_PER_BLOCK);
+      assert.deepEqual(reference, { ...mode, level: 9 }, `${formatMode(mode)} beside ${formatMode(reference)}`);
+    }
+    const probe = await probeRatios(descriptorOf(images), plan, { random: seeded(4) });
     assert.ok(probe);
-    assert.equal(probe.ratios.size, modes.length);
+    assert.equal(probe.ratios.size, profile.modes.length);
     assert.ok(probe.blocks >= 32 && probe.pagesRead >= probe.blocks);
     const whole = await measureProfile(images, 'test');
     const ratioOf = (ratios: Map<string, number>, m: Mode): number => ratios.get(modeKey(m))!;
@@ -75,16 +83,18 @@ describe('ratio probe', () => {
     const xor3: Mode = { delta: 'xor', compressor: 'zstd', level: 3 };
     const plain3: Mode = { delta: 'none', compressor: 'zstd', level: 3 };
     const xorOnly: Mode = { delta: 'xor', compressor: 'none', level: 0 };
+    const xor19: Mode = { delta: 'xor', compressor: 'zstd', level: 19 };
     assert.equal(ratioOf(probe.ratios, { delta: 'none', compressor: 'none', level: 0 }), 1);
     for (const [better, worse] of [
       [xor3, plain3],
       [xor3, xorOnly],
+      [xor19, xor3],
     ] as const) {
       assert.ok(ratioOf(wholeRatios, better) < ratioOf(wholeRatios, worse), `whole: ${formatMode(better)} < ${formatMode(worse)}`);
       assert.ok(ratioOf(probe.ratios, better) < ratioOf(probe.ratios, worse), `probe: ${formatMode(better)} < ${formatMode(worse)}`);
     }
     // a sample, not the whole: within a third of the whole image's figure
-    for (const m of modes) {
+    for (const m of profile.modes.map((c) => c.mode)) {
       const r = ratioOf(probe.ratios, m) / ratioOf(wholeRatios, m);
       assert.ok(r > 0.67 && r < 1.5, `${formatMode(m)}: probe/whole ${r.toFixed(2)}`);
     }
@@ -92,6 +102,6 @@ describe('ratio probe', () => {
 
   test('an image it cannot read: an error naming the file', async () => {
     const missing = { ...descriptorOf(images), disk: { base: images.baseDisk, current: join(dir, 'gone.img'), bytes: SIZE } };
-    await assert.rejects(probeRatios(missing, [{ delta: 'xor', compressor: 'zstd', level: 3 }]), /gone\.img/);
+    await assert.rejects(probeRatios(missing, { modes: [{ delta: 'xor', compressor: 'zstd', level: 3 }], costly: [] }), /gone\.img/);
   });
 });
