@@ -93,13 +93,20 @@ function compressionsFor(chosen: Mode, ranked: Prediction[]): NonNullable<ModeCo
 }
 
 /**
- * Messages a block takes on the bus in `mode`: capture to dedup, dedup on, one more for each of
- * delta and compress that it passes (the start mode's 4 before any mode was sent).
+ * Pages' worth of bytes a block moves through the bus and the sender in `mode`: capture to dedup and
+ * dedup on (a page each), delta's output when compress follows it (`deltaRatio`), compress's output,
+ * and the sender's read and TLS of what goes out (`ratio`). JetStream stores and copies each message
+ * and every hop encodes and decodes it, so the CPU no stage reports goes with bytes moved, not
+ * messages: counted per message, delta=none with zstd-1 or zstd-3 (a stage fewer, 30% more bytes)
+ * looked 19% faster on one core at 100 Mbit/s and was 10-15% slower.
  */
-function hopsOf(mode: Mode | undefined): number {
-  if (!mode) return 4;
-  return 2 + (mode.delta !== 'none' ? 1 : 0) + (mode.compressor !== 'none' ? 1 : 0);
+export function busPagesOf(mode: Mode, ratio: number, deltaRatio: number): number {
+  const compressed = mode.compressor !== 'none';
+  return 2 + (mode.delta !== 'none' ? (compressed ? deltaRatio : ratio) : 0) + (compressed ? ratio : 0) + ratio;
 }
+
+/** the start mode's, before any mode was sent */
+const START_BUS_PAGES = 4;
 
 export class Tuner {
   private readonly options: TunerOptions;
@@ -116,6 +123,8 @@ export class Tuner {
   /** compress stage CPU per block beyond the codec (bus, message handling, the thread hand-off) */
   private readonly compressHandling: Ewma;
   private readonly ratio = new Map<string, Ewma>();
+  /** delta's output per block over a page, per delta algorithm: what it puts on the bus */
+  private readonly deltaRatio = new Map<string, Ewma>();
   /** capture's and dedup's CPU per page they take in, each stage its own (they add up) */
   private readonly pageCost: { capture: Ewma; dedup: Ewma };
   /** pages dedup takes in and blocks it passes on, per chunk: turn their per-page cost into per block */
@@ -125,7 +134,7 @@ export class Tuner {
   /** blocks that left the pipeline for the wire since the last `observeOwnCpu` */
   private blocksOut = 0;
   /** since blocks flowed: the whole handoff's CPU (every actor, nats-server), what the stages reported, blocks sent */
-  private readonly flow = { intervals: 0, cpuMs: 0, reportedCpuMs: 0, blockHops: 0 };
+  private readonly flow = { intervals: 0, cpuMs: 0, reportedCpuMs: 0, busPages: 0 };
   /** CPU the stages reported since the last `observeOwnCpu` */
   private reportedCpuMs = 0;
   /** intervals since blocks first reached the wire */
@@ -210,7 +219,10 @@ export class Tuner {
     }
     if (blocks <= 0) return;
     const w = blocks / 64;
-    if (s.stage === 'delta') this.ewma(this.deltaCost, s.mode.delta).add(s.cpuMs / blocks, w);
+    if (s.stage === 'delta') {
+      this.ewma(this.deltaCost, s.mode.delta).add(s.cpuMs / blocks, w);
+      this.ewma(this.deltaRatio, s.mode.delta).add(s.bytesOut / (blocks * PAGE_SIZE), w);
+    }
     if (s.stage === 'compress') {
       this.ewma(this.compressCost, modeKey(s.mode)).add(s.cpuMs / blocks, w);
       const codecMs = s.counts?.codecCpuMs;
@@ -257,31 +269,38 @@ export class Tuner {
     this.flow.intervals++;
     this.flow.cpuMs += cpuMs;
     this.flow.reportedCpuMs += reportedCpuMs;
-    this.flow.blockHops += blocks * hopsOf(this.lastMeasured);
+    this.flow.busPages += blocks * this.busPagesNow();
   }
 
   /**
-   * CPU per block and bus hop that no stage reports: the handoff's whole CPU (its processes, from
-   * /proc) minus what the stages reported, per block sent and message it took on the bus (a mode
-   * without delta or compression skips a stage and its messaging: lz4 without delta, a stage fewer,
-   * beat xor+zstd-3 on one core at 100 Mbit/s), over the intervals the cores were the bottleneck
-   * since blocks flowed. Every mode pays it (the sender, TLS, nats-server, each stage's messaging),
-   * so it bounds how fast any mode can process once the cores are the limit. On a one-core source
-   * it is ~0.15-0.2 ms a block, several times xor+zstd-3's whole cost. Counted since the flow
-   * began, not over the last second or two: a stage reports a chunk's CPU when the chunk is
-   * done, and the tuner, on a busy core, reads reports late, so a short window swung from 0 to
-   * 0.3 ms a block from one look to the next.
+   * CPU per page's worth of bytes moved (see busPagesOf) that no stage reports: the handoff's whole
+   * CPU (its processes, from /proc) minus what the stages reported, per block sent and the bytes it
+   * moved on the bus and out, over the intervals the cores were the bottleneck since blocks flowed.
+   * Every mode pays it (the sender, TLS, nats-server, each stage's messaging), so it bounds how fast
+   * any mode can process once the cores are the limit. On a one-core source it is ~0.15-0.2 ms a
+   * block, several times xor+zstd-3's whole cost. Counted since the flow began, not over the last
+   * second or two: a stage reports a chunk's CPU when the chunk is done, and the tuner, on a busy
+   * core, reads reports late, so a short window swung from 0 to 0.3 ms a block from one look to the next.
    */
-  get overheadCpuMsPerBlockHop(): number {
+  get overheadCpuMsPerBusPage(): number {
     const f = this.flow;
-    // a second of such flow and four times a mode's measuring minimum of blocks, at 4 hops each
-    if (f.intervals < CPU_MIN_INTERVALS || f.blockHops < this.options.minBlocks * 4 * 4) return 0;
-    return Math.max(0, (f.cpuMs - f.reportedCpuMs) / f.blockHops);
+    // a second of such flow and four times a mode's measuring minimum of blocks, at 3 pages each
+    if (f.intervals < CPU_MIN_INTERVALS || f.busPages < this.options.minBlocks * 4 * 3) return 0;
+    return Math.max(0, (f.cpuMs - f.reportedCpuMs) / f.busPages);
   }
 
   /** the unreported CPU per block of the mode sent last (what a decision lists) */
   get overheadCpuMsPerBlock(): number {
-    return this.overheadCpuMsPerBlockHop * hopsOf(this.lastMeasured);
+    return this.overheadCpuMsPerBusPage * this.busPagesNow();
+  }
+
+  /** bus pages per block of the mode sent last, from its measured ratios where it has them */
+  private busPagesNow(): number {
+    const m = this.lastMeasured;
+    if (!m) return START_BUS_PAGES;
+    const k = this.scales();
+    const ratio = this.measured(this.ratio, modeKey(m)) ?? this.ratioOf(m, k);
+    return busPagesOf(m, ratio, this.measured(this.deltaRatio, m.delta) ?? this.ratioOf({ delta: m.delta, compressor: 'none', level: 0 }, k));
   }
 
   private measured(map: Map<string, Ewma>, key: string): number | undefined {
@@ -323,17 +342,34 @@ export class Tuner {
     return this.profile.modes.map((p) => this.costOf(p, k));
   }
 
+  /**
+   * A mode's ratio as it looks now: measured if it is the mode being sent, else its basis (probed or
+   * profiled) scaled by measured/basis of the mode being sent; 1 for a page sent as it is, or where
+   * the mode is unknown.
+   */
+  private ratioOf(mode: Mode, k: Scales): number {
+    const key = modeKey(mode);
+    const current = this.lastMeasured && modeKey(this.lastMeasured);
+    if (current === key) {
+      const measured = this.measured(this.ratio, key);
+      if (measured !== undefined) return measured;
+    }
+    if (mode.compressor === 'none' && mode.delta === 'none') return 1;
+    const basis = this.ratioBasis.get(key);
+    return basis === undefined ? 1 : Math.min(1, basis * k.ratio);
+  }
+
   /** one profiled mode's cost as it looks now, given the scales of the last measured mode */
   private costOf(p: ModeCost, k: Scales): ModeCost {
     const key = modeKey(p.mode);
-    const current = this.lastMeasured && modeKey(this.lastMeasured);
-    const plain = p.mode.compressor === 'none' && p.mode.delta === 'none';
+    const ratio = this.ratioOf(p.mode, k);
+    const deltaRatio = this.measured(this.deltaRatio, p.mode.delta) ?? this.ratioOf({ delta: p.mode.delta, compressor: 'none', level: 0 }, k);
     return {
       mode: p.mode,
       deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
       compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressHandlingMs),
-      ratio: (current === key ? this.measured(this.ratio, key) : undefined) ?? (plain ? 1 : Math.min(1, (this.ratioBasis.get(key) ?? p.ratio) * k.ratio)),
-      overheadCpuMsPerBlock: this.overheadCpuMsPerBlockHop * hopsOf(p.mode),
+      ratio,
+      overheadCpuMsPerBlock: this.overheadCpuMsPerBusPage * busPagesOf(p.mode, ratio, deltaRatio),
     };
   }
 
