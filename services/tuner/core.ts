@@ -331,9 +331,10 @@ export class Tuner {
   /**
    * Every profiled mode's cost as it looks now: its own measured CPU costs, else its profile scaled
    * by measured/profiled of the last measured mode (modes keep their relative cost across
-   * workloads; their relative ratios come from the probe where it ran). Ratios always come from the mode being sent now: another mode's ratio measured a
-   * while ago was measured on other pages (a region of random data makes every mode look worse), so
-   * comparing it with today's would switch on content, not on mode. No encoding makes data larger
+   * workloads; their relative ratios come from the probe where it ran). Ratios always come from the
+   * mode being sent now: another mode's ratio measured a while ago was measured on other pages (a
+   * region of random data makes every mode look worse), so comparing it with today's would switch
+   * on content, not on mode. No encoding makes data larger
    * (pages are kept raw when delta does not pay), so a scaled ratio stops at 1, and sending pages
    * as they are is 1 by definition.
    */
