@@ -427,6 +427,11 @@ export class Tuner {
     return this.workersInUse;
   }
 
+  /** the mode predicted fastest now, without a look (nothing counted, nothing decided) */
+  bestNow(conditions: Conditions): Prediction | undefined {
+    return rank(this.costs(), this.fixedCpuMsPerBlock, conditions)[0];
+  }
+
   /** A decision to switch away from `current`, or undefined to stay. */
   decide(current: Mode, conditions: Conditions, nowMs: number): Decision | undefined {
     const costs = this.costs();

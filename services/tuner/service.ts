@@ -35,8 +35,9 @@ interface Followed {
   lastStatsMs: number;
   /** the config last written (the mode and the compression for other deltas) */
   configWritten?: string;
-  /** the ratio probe has started (see probeFor) */
+  /** the ratio probe has started, and is running (see probeFor) */
   probed?: boolean;
+  probing?: boolean;
   /** the bandwidth the last look took, and when it was */
   lookedAt?: { bandwidthBps: number; atMs: number };
 }
@@ -45,9 +46,6 @@ interface Followed {
 const BANDWIDTH_CHANGE_FACTOR = 1.5;
 /** ... but not twice within this */
 const MIN_LOOK_GAP_MS = 100;
-
-/** the share of time the sender finds the link the bottleneck from which the ratio probe runs */
-const PROBE_LINK_BOUND_SHARE = 0.8;
 
 /** the link's speed as the tuner takes it: measured from ACKs once there are some, else probed */
 function bandwidthOf(f: Followed): number {
@@ -161,21 +159,28 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     void descriptors
       .get(migrationId)
       .then(async (d) => {
+        if (f.probing) return; // the look after the ratio probe decides
         runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress').catch(() => [])).length || runningWorkers);
+        const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
+        // Ratios decide only where the link is the bottleneck: on a fast link the probe's CPU (0.1 s
+        // on a one-core source, 3% of a handoff at 1 Gbit/s) buys nothing until it slows down. Where
+        // it is, this look waits for the probe (0.1-0.25 s): deciding on the profile's ratios first
+        // started programs' pages at 10 Mbit/s on xor+zstd-19, whose first chunks on one core held
+        // the link back by half a second, to leave it for delta=zstd a second later
+        if (!f.probed) {
+          const top = f.tuner.bestNow(conditionsNow());
+          if (top && top.networkBlocksPerSec < top.processingBlocksPerSec) {
+            f.probed = true;
+            f.probing = true;
+            await probeFor(migrationId, d, f.tuner).finally(() => (f.probing = false));
+          }
+        }
         const current: Mode = modes.get(migrationId, d.mode);
-        const conditions: Conditions = { bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers };
+        const conditions = conditionsNow();
         const decision = f.tuner.decide(current, conditions, now);
         const mode = decision?.to ?? current;
         const inUse = f.tuner.workersWanted(mode, conditions, f.linkBoundShare);
         const look = f.tuner.lastLook;
-        // Ratios decide where the link is the bottleneck, and there the cores have time to spare
-        // for the probe (0.1-0.35 s of CPU). Run at the first look, it cost a one-core source
-        // 0.3 s at 100 Mbit/s, where the cores were the bottleneck: a handoff 10-20% slower than
-        // the same mode static. So it waits until the sender finds the link the bottleneck
-        if (!f.probed && (f.linkBoundShare ?? 0) >= PROBE_LINK_BOUND_SHARE) {
-          f.probed = true;
-          void probeFor(migrationId, d, f.tuner);
-        }
         const shown = (p: Prediction): string => `${formatMode(p.mode)} ${Math.round(p.processingBlocksPerSec)}/${Math.round(p.networkBlocksPerSec)}`;
         log.debug('look', {
           migration: migrationId,
