@@ -98,7 +98,7 @@ function compressionsFor(chosen: Mode, ranked: Prediction[]): NonNullable<ModeCo
  * and the sender's read and TLS of what goes out (`ratio`). JetStream stores and copies each message
  * and every hop encodes and decodes it, so the CPU no stage reports goes with bytes moved, not
  * messages: counted per message, delta=none with zstd-1 or zstd-3 (a stage fewer, 30% more bytes)
- * looked 19% faster on one core at 100 Mbit/s and was 10-15% slower.
+ * looked 19% faster on one core at 100 Mbit/s; runs that took them were 10-22% slower.
  */
 export function busPagesOf(mode: Mode, ratio: number, deltaRatio: number): number {
   const compressed = mode.compressor !== 'none';
