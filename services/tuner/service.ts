@@ -163,7 +163,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress').catch(() => [])).length || runningWorkers);
         const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
         // Ratios decide only where the link is the bottleneck: on a fast link the probe's CPU
-        // (0.1-0.35 s on a one-core source) buys nothing until it slows down. Where it is, this
+        // (0.2-0.45 s on a one-core source) buys nothing until it slows down. Where it is, this
         // look waits for the probe (as long): deciding on the profile's ratios first
         // started programs' pages at 10 Mbit/s on xor+zstd-19, whose first chunks on one core held
         // the link back by half a second, to leave it for delta=zstd a second later
