@@ -299,8 +299,7 @@ export class Tuner {
     const m = this.lastMeasured;
     if (!m) return START_BUS_PAGES;
     const k = this.scales();
-    const ratio = this.measured(this.ratio, modeKey(m)) ?? this.ratioOf(m, k);
-    return busPagesOf(m, ratio, this.measured(this.deltaRatio, m.delta) ?? this.ratioOf({ delta: m.delta, compressor: 'none', level: 0 }, k));
+    return busPagesOf(m, this.ratioOf(m, k), this.deltaRatioOf(m.delta, k));
   }
 
   private measured(map: Map<string, Ewma>, key: string): number | undefined {
@@ -360,17 +359,21 @@ export class Tuner {
     return basis === undefined ? 1 : Math.min(1, basis * k.ratio);
   }
 
+  /** what delta puts on the bus per block over a page: measured, else its mode without compression's ratio */
+  private deltaRatioOf(delta: Mode['delta'], k: Scales): number {
+    return this.measured(this.deltaRatio, delta) ?? this.ratioOf({ delta, compressor: 'none', level: 0 }, k);
+  }
+
   /** one profiled mode's cost as it looks now, given the scales of the last measured mode */
   private costOf(p: ModeCost, k: Scales): ModeCost {
     const key = modeKey(p.mode);
     const ratio = this.ratioOf(p.mode, k);
-    const deltaRatio = this.measured(this.deltaRatio, p.mode.delta) ?? this.ratioOf({ delta: p.mode.delta, compressor: 'none', level: 0 }, k);
     return {
       mode: p.mode,
       deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
       compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressHandlingMs),
       ratio,
-      overheadCpuMsPerBlock: this.overheadCpuMsPerBusPage * busPagesOf(p.mode, ratio, deltaRatio),
+      overheadCpuMsPerBlock: this.overheadCpuMsPerBusPage * busPagesOf(p.mode, ratio, this.deltaRatioOf(p.mode.delta, k)),
     };
   }
 

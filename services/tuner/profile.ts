@@ -49,7 +49,8 @@ export async function loadProfile(path?: string): Promise<Profile> {
   return value;
 }
 
-const cpuMs = (start: NodeJS.CpuUsage): number => {
+/** CPU ms this process has used since `start` */
+export const cpuMs = (start: NodeJS.CpuUsage): number => {
   const u = process.cpuUsage(start);
   return (u.user + u.system) / 1000;
 };
