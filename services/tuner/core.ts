@@ -38,7 +38,21 @@ export interface TunerOptions {
   /** blocks of measurement before a mode's own figures replace its scaled profile (a chunk holds up to 256) */
   minBlocks: number;
   alpha: number;
+  /** the unreported CPU per bus page until it is measured (see PRIOR_OVERHEAD_CPU_MS_PER_BUS_PAGE) */
+  priorOverheadCpuMsPerBusPage: number;
 }
+
+/**
+ * The CPU no stage reports, per page's worth of bytes a block moves (see busPagesOf), until the
+ * tuner has measured it: that takes a second of flow with the cores the bottleneck after two of
+ * warming up, and a 64 MiB handoff at 100 Mbit/s on one core is over before then. Measured by the
+ * tuner on a one-core source of the 2-core machine the default profile was made on: 0.043-0.064 ms
+ * (xor+zstd-3 and delta=none zstd-1, mixed content, 64 and 256 MiB). Without it the first looks
+ * predicted xor+zstd-3 at 6000-7400 blocks/s on that core, twice what went through, took the link
+ * for the bottleneck at 100 Mbit/s and chose modes for their ratio; at 1000 Mbit/s, where the
+ * sender's figure read 200 Mbit/s, compression modes and a probe on a busy core.
+ */
+const PRIOR_OVERHEAD_CPU_MS_PER_BUS_PAGE = 0.05;
 
 /** processing this much above the link's rate: the link is the bottleneck, whatever the noise */
 const LINK_BOUND_MARGIN = 1.3;
@@ -66,7 +80,16 @@ const WARMUP_INTERVALS = 4;
 /** intervals (of the tuner's half second) of flow before the unreported CPU has a figure */
 const CPU_MIN_INTERVALS = 2;
 
-export const DEFAULT_TUNER_OPTIONS: TunerOptions = { hysteresis: 0.15, firstHysteresis: 0.02, linkBoundHysteresis: 0.025, confirmations: 2, workerLooks: 4, minBlocks: 256, alpha: 0.05 };
+export const DEFAULT_TUNER_OPTIONS: TunerOptions = {
+  hysteresis: 0.15,
+  firstHysteresis: 0.02,
+  linkBoundHysteresis: 0.025,
+  confirmations: 2,
+  workerLooks: 4,
+  minBlocks: 256,
+  alpha: 0.05,
+  priorOverheadCpuMsPerBusPage: PRIOR_OVERHEAD_CPU_MS_PER_BUS_PAGE,
+};
 
 export interface Decision {
   atMs: number;
@@ -281,11 +304,12 @@ export class Tuner {
    * block, several times xor+zstd-3's whole cost. Counted since the flow began, not over the last
    * second or two: a stage reports a chunk's CPU when the chunk is done, and the tuner, on a busy
    * core, reads reports late, so a short window swung from 0 to 0.3 ms a block from one look to the next.
+   * Until measured, the prior (TunerOptions.priorOverheadCpuMsPerBusPage).
    */
   get overheadCpuMsPerBusPage(): number {
     const f = this.flow;
     // a second of such flow and four times a mode's measuring minimum of blocks, at 3 pages each
-    if (f.intervals < CPU_MIN_INTERVALS || f.busPages < this.options.minBlocks * 4 * 3) return 0;
+    if (f.intervals < CPU_MIN_INTERVALS || f.busPages < this.options.minBlocks * 4 * 3) return this.options.priorOverheadCpuMsPerBusPage;
     return Math.max(0, (f.cpuMs - f.reportedCpuMs) / f.busPages);
   }
 

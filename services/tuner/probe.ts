@@ -1,17 +1,17 @@
 /**
  * The ratio probe: every profiled mode's output ratio on a sample of the migrating VM's own changed
- * pages, run by the tuner the first time a look finds the link the bottleneck. The shipped profile
+ * pages, run by the tuner on a thread of its own at the lowest priority (probe-worker.ts). The shipped profile
  * comes from another workload, and modes do not keep their relative ratios from one workload to
  * another: xor without compression sends 23% more than xor+zstd-3 on the profile's generated VM and
  * 40% more on programs' code and data; zstd-19 after xor 2.3% less than zstd-9 there and 4.8% less
  * here. All modes probed on the same pages compare modes, not content.
  */
 import { open, type FileHandle } from 'node:fs/promises';
-import { setImmediate as yieldToEvents } from 'node:timers/promises';
 import type { Chunk } from '../../shared/chunk.js';
 import type { ImagePair } from '../../shared/migration.js';
 import type { Mode } from '../../shared/mode.js';
 import { PAGE_SIZE, strongHash, type ImageId } from '../../shared/pages.js';
+import { threadCpuMs } from '../../shared/thread-cpu.js';
 import { ChunkBuilder, type DirtyPage } from '../capture/core.js';
 import { HashLocationMap, dedupChunk } from '../dedup/core.js';
 import { DeltaEncoder } from '../delta/core.js';
@@ -72,12 +72,15 @@ export interface ProbeResult {
   /** the sample's blocks (pages dedup kept in full) and the pages read to find them */
   blocks: number;
   pagesRead: number;
+  /** CPU of the thread it ran on (of the process where /proc does not tell) */
   cpuMs: number;
 }
 
 /** what the probe reads of a migration: its images' files */
 type ImageFiles = Pick<ImagePair, 'base' | 'current' | 'bytes'>;
 type Images = { memory: ImageFiles; disk: ImageFiles };
+/** what the probe needs of a migration: its images and its chunk size */
+export type ProbeImages = Images & { chunkPages?: number };
 
 /**
  * Places to read, `runs` of them spread over both images in proportion to their size, each at a
@@ -163,12 +166,11 @@ function chunksOf(found: { image: ImageId; page: DirtyPage }[], chunkPages: numb
  * Every mode's ratio on a sample of the migration's dirty pages: the plan's modes on the whole
  * sample, its costly ones on the subsample beside their reference mode, and scaled by the
  * reference's ratio on the whole (same pages for both, so the ratio between them is the modes').
- * Yields to the event loop between modes: the tuner keeps taking statistics while it probes.
  * Undefined when the sample is too small.
  */
-export async function probeRatios(d: Images & { chunkPages?: number }, plan: ProbePlan, options: Partial<ProbeOptions> = {}): Promise<ProbeResult | undefined> {
+export async function probeRatios(d: ProbeImages, plan: ProbePlan, options: Partial<ProbeOptions> = {}): Promise<ProbeResult | undefined> {
   const o: ProbeOptions = { ...DEFAULT_PROBE_OPTIONS, ...(d.chunkPages ? { chunkPages: d.chunkPages } : {}), ...options };
-  const start = process.cpuUsage();
+  const start = { thread: threadCpuMs(), process: process.cpuUsage() };
   const { chunks, subsample, basePages, pagesRead } = await sampleDirtyPages(d, o);
   const blocks = chunks.reduce((n, c) => n + c.bodyRawLength / PAGE_SIZE, 0);
   if (blocks < MIN_PROBE_PAGES) return undefined;
@@ -180,7 +182,6 @@ export async function probeRatios(d: Images & { chunkPages?: number }, plan: Pro
   const ratios = new Map<string, number>();
   for (const cost of measureModes(chunks, encoder, plan.modes)) {
     ratios.set(modeKey(cost.mode), cost.ratio);
-    await yieldToEvents();
   }
   const costly = plan.costly.filter((c) => ratios.has(modeKey(c.reference)));
   if (costly.length > 0) {
@@ -188,7 +189,6 @@ export async function probeRatios(d: Images & { chunkPages?: number }, plan: Pro
     const modes = [...new Map([...costly.map((c) => c.mode), ...costly.map((c) => c.reference)].map((m) => [modeKey(m), m])).values()];
     for (const cost of measureModes(subsample, encoder, modes)) {
       onSubsample.set(modeKey(cost.mode), cost.ratio);
-      await yieldToEvents();
     }
     for (const { mode, reference } of costly) {
       const sub = onSubsample.get(modeKey(mode));
@@ -196,5 +196,6 @@ export async function probeRatios(d: Images & { chunkPages?: number }, plan: Pro
       if (sub !== undefined && subReference) ratios.set(modeKey(mode), Math.min(1, ratios.get(modeKey(reference))! * (sub / subReference)));
     }
   }
-  return { ratios, blocks, pagesRead, cpuMs: cpuMs(start) };
+  const threadNow = threadCpuMs();
+  return { ratios, blocks, pagesRead, cpuMs: start.thread !== undefined && threadNow !== undefined ? threadNow - start.thread : cpuMs(start.process) };
 }

@@ -3,9 +3,11 @@
  * probed the link, then every half second, and at once when the measured bandwidth moves by half
  * or more (not up to half a second later), writes the chosen mode to the config bucket, where
  * every stage picks it up from its next chunk, and how many of the running compress workers to use
- * to the workers bucket.
+ * to the workers bucket. From the moment it follows a migration it probes the ratios of the
+ * migration's own pages in a process at the lowest priority (probe-process.ts).
  */
 import { hostname } from 'node:os';
+import { setTimeout as delay } from 'node:timers/promises';
 import { connectBus, publishEvent } from '../../shared/bus.js';
 import { errorMessage } from '../../shared/errors.js';
 import type { RunningService } from '../../shared/stage.js';
@@ -18,7 +20,8 @@ import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/prese
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
 import type { Conditions, Prediction } from './model.js';
-import { probePlan, probeRatios } from './probe.js';
+import { probePlan } from './probe.js';
+import { runProbeProcess } from './probe-process.js';
 import { loadProfile } from './profile.js';
 
 const DECIDE_EVERY_MS = 500;
@@ -35,12 +38,22 @@ interface Followed {
   lastStatsMs: number;
   /** the config last written (the mode and the compression for other deltas) */
   configWritten?: string;
-  /** the ratio probe has started, and is running (see probeFor) */
-  probed?: boolean;
-  probing?: boolean;
+  /** the ratio probe, started when following begins: settled once its ratios are in use (or it failed) */
+  probe?: Promise<void>;
+  probeSettled?: boolean;
+  /** a look has waited for the probe (only one does), and is waiting now: other looks skip meanwhile */
+  probeAwaited?: boolean;
+  probeAwaiting?: boolean;
   /** the bandwidth the last look took, and when it was */
   lookedAt?: { bandwidthBps: number; atMs: number };
 }
+
+/**
+ * The longest a link-bound look waits for the ratio probe. On a pipeline waiting on the link the
+ * probe has idle CPU and takes 0.1-0.5 s; where it has not finished by then the cores are busy, so
+ * the ratios matter less than deciding: the look goes on with the profile's, later ones use the probe's.
+ */
+const PROBE_WAIT_MS = 1000;
 
 /** a bandwidth this far from the last look's is looked at once, not at the next half second */
 const BANDWIDTH_CHANGE_FACTOR = 1.5;
@@ -72,6 +85,9 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   const modes = await ModeWatcher.start(bus.config);
   const cpu = new CpuSampler();
   let spareCores = cpu.sample();
+  let stopping = false;
+  /** stops the ratio probes still running when the tuner stops */
+  const probesRunning = new AbortController();
 
   const follow = async (migrationId: string): Promise<Followed | undefined> => {
     if (ignored.has(migrationId)) return undefined;
@@ -85,16 +101,21 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     // another statistic may have started following while the descriptor was read: one tuner per migration
     f = followed.get(migrationId);
     if (f) return f;
-    f = { tuner: new Tuner(profile), startedMs: performance.now(), measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: performance.now() };
+    const followedMs = performance.now();
+    f = { tuner: new Tuner(profile), startedMs: followedMs, measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: followedMs };
+    const following = f;
+    // from the start: in its low-priority process it costs the pipeline nothing it would use, and
+    // is done by the time a look needs it wherever the pipeline waits on the link
+    f.probe = probeFor(migrationId, d, f.tuner, followedMs).finally(() => (following.probeSettled = true));
     followed.set(migrationId, f);
     log.info('following', { migration: migrationId, profile: profile.workload });
     return f;
   };
 
-  /** every mode's ratio on the migration's own pages, off the event loop's path between modes */
-  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner): Promise<void> =>
-    probeRatios(d, probePlan(profile))
-      .then((probe) => {
+  /** every mode's ratio on the migration's own pages, in the probe's process */
+  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner, startedMs: number): Promise<void> =>
+    runProbeProcess({ images: { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages }, plan: probePlan(profile) }, probesRunning.signal)
+      .then(({ probe, niceness }) => {
         if (!probe) {
           log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
           return;
@@ -106,12 +127,16 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           blocks: probe.blocks,
           pagesRead: probe.pagesRead,
           cpuMs: Math.round(probe.cpuMs),
+          wallMs: Math.round(performance.now() - startedMs),
+          niceness,
           modes: probe.ratios.size,
           smallest: shown([...profile.modes].sort((a, b) => (tuner.ratioBasisOf(a.mode) ?? 1) - (tuner.ratioBasisOf(b.mode) ?? 1))[0]!.mode),
         });
         log.debug('probed ratios', { migration: migrationId, ratios: profile.modes.map((m) => shown(m.mode)).join(', ') });
       })
-      .catch((err: unknown) => log.warn('ratio probe failed, profile ratios kept', { migration: migrationId, reason: errorMessage(err) }));
+      .catch((err: unknown) => {
+        if (!stopping) log.warn('ratio probe failed, profile ratios kept', { migration: migrationId, reason: errorMessage(err) });
+      });
 
   const sub = bus.nc.subscribe('handoff.stats.>', {
     callback: (err, msg) => {
@@ -159,20 +184,19 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     void descriptors
       .get(migrationId)
       .then(async (d) => {
-        if (f.probing) return; // the look after the ratio probe decides
+        if (f.probeAwaiting) return; // the look waiting for the ratio probe decides
         runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress').catch(() => [])).length || runningWorkers);
         const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
-        // Ratios decide only where the link is the bottleneck: on a fast link the probe's CPU
-        // (0.2-0.45 s on a one-core source) buys nothing until it slows down. Where it is, this
-        // look waits for the probe (as long): deciding on the profile's ratios first
-        // started programs' pages at 10 Mbit/s on xor+zstd-19, whose first chunks on one core held
-        // the link back by half a second, to leave it for delta=zstd a second later
-        if (!f.probed) {
+        // Ratios decide only where the link is the bottleneck. The first look that finds it so
+        // waits for the probe (up to PROBE_WAIT_MS): deciding on the profile's ratios first started
+        // programs' pages at 10 Mbit/s on xor+zstd-19, whose first chunks on one core held the
+        // link back by half a second, to leave it for delta=zstd a second later
+        if (f.probe && !f.probeSettled && !f.probeAwaited) {
           const top = f.tuner.bestNow(conditionsNow());
           if (top && top.networkBlocksPerSec < top.processingBlocksPerSec) {
-            f.probed = true;
-            f.probing = true;
-            await probeFor(migrationId, d, f.tuner).finally(() => (f.probing = false));
+            f.probeAwaited = true;
+            f.probeAwaiting = true;
+            await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
           }
         }
         const current: Mode = modes.get(migrationId, d.mode);
@@ -251,12 +275,14 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     ready: () => bus.connected(),
     done,
     stop: async () => {
+      stopping = true;
       clearInterval(timer);
       sub.unsubscribe();
       // every worker in use again
       await setWantedWorkers(workers, 'compress', undefined).catch(() => undefined);
       modes.stop();
       descriptors.stop();
+      probesRunning.abort();
       await bus.close();
       resolveDone();
     },

@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { modeKey } from '../../services/tuner/model.js';
+import { PROBE_NICE, runProbeProcess } from '../../services/tuner/probe-process.js';
 import { DEFAULT_PROBE_OPTIONS, PROBE_MAX_CPU_MS_PER_BLOCK, probePlaces, probePlan, probeRatios, sampleDirtyPages } from '../../services/tuner/probe.js';
 import { loadProfile, measureProfile } from '../../services/tuner/profile.js';
 import { formatMode, type Mode } from '../../shared/mode.js';
@@ -98,6 +99,19 @@ describe('ratio probe', () => {
       const r = ratioOf(probe.ratios, m) / ratioOf(wholeRatios, m);
       assert.ok(r > 0.67 && r < 1.5, `${formatMode(m)}: probe/whole ${r.toFixed(2)}`);
     }
+  });
+
+  test('in a process of its own at the lowest priority: every mode, and an error that names what failed', async () => {
+    const profile = await loadProfile();
+    const { probe, niceness } = await runProbeProcess({ images: descriptorOf(images), plan: probePlan(profile) });
+    assert.equal(niceness, PROBE_NICE);
+    assert.ok(probe, 'no probe result');
+    assert.equal(probe.ratios.size, profile.modes.length);
+    const ratio = (m: Mode): number => probe.ratios.get(modeKey(m))!;
+    assert.ok(ratio({ delta: 'xor', compressor: 'zstd', level: 3 }) < ratio({ delta: 'xor', compressor: 'none', level: 0 }));
+    assert.equal(ratio({ delta: 'none', compressor: 'none', level: 0 }), 1);
+    const missing = { ...descriptorOf(images), disk: { base: images.baseDisk, current: join(dir, 'gone.img'), bytes: SIZE } };
+    await assert.rejects(runProbeProcess({ images: missing, plan: probePlan(profile) }), /gone\.img/);
   });
 
   test('an image it cannot read: an error naming the file', async () => {

@@ -67,13 +67,20 @@ describe('model', () => {
   });
 });
 
+/**
+ * A tuner without the prior for unreported CPU: the synthetic profile's costs are 10-20x below a
+ * one-core source's real ones, and these tests give the unreported CPU as measured where they need
+ * it. The prior has a test of its own.
+ */
+const tunerOf = (profile: Profile, options: ConstructorParameters<typeof Tuner>[1] = {}): Tuner => new Tuner(profile, { priorOverheadCpuMsPerBusPage: 0, ...options });
+
 function stats(stage: string, mode: Mode, blocks: number, cpuMs: number, bytesOut: number, next?: string): StageStats {
   return { stage, instance: 'i', migrationId: 'm', round: 0, seq: 0, part: 0, pages: blocks, bytesIn: blocks * 4096, bytesOut, cpuMs, wallMs: cpuMs, mode, ...(next ? { next } : {}), counts: { blocks } };
 }
 
 describe('tuner', () => {
   test('leaves the start mode at once, later switches only after confirmation, never back on the same conditions', () => {
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     const d = t.decide(ZSTD3, at(2), 0);
     assert.ok(d, 'the start mode is a guess: the first better mode is taken at once');
     assert.equal(modeKey(d.to), modeKey(ZSTD19));
@@ -92,7 +99,7 @@ describe('tuner', () => {
   });
 
   test('noisy bandwidth around a crossover causes no flapping', () => {
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     // find the bandwidth where ZSTD3 and ZSTD19 are predicted equal, and wobble around it by 5%
     let lo = 1;
     let hi = 100;
@@ -120,7 +127,7 @@ describe('tuner', () => {
       [0.33, true], // 6% less to send
       [0.345, false], // 1.5%
     ] as const) {
-      const t = new Tuner(withZstd19Ratio(ratio));
+      const t = tunerOf(withZstd19Ratio(ratio));
       assert.equal(t.decide(ZSTD3, at(100), 0), undefined, 'zstd3 is best at 100 Mbit/s');
       // after the first look, two in a row
       assert.equal(t.decide(ZSTD3, at(5), 500), undefined);
@@ -130,7 +137,7 @@ describe('tuner', () => {
     }
     // where the cores (a fifth of one) just keep up with zstd19, running at their limit loses more
     // than its 6% smaller ratio gains
-    const t = new Tuner(withZstd19Ratio(0.33));
+    const t = tunerOf(withZstd19Ratio(0.33));
     t.decide(ZSTD3, at(100), 0);
     const starved = at(5, 0.19);
     const [top] = rank(t.costs(), t.fixedCpuMsPerBlock, starved);
@@ -139,7 +146,7 @@ describe('tuner', () => {
   });
 
   test('a ratio measured earlier on other pages does not call a mode back', () => {
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     // zstd3 sent first, over pages that compress well; then zstd19 over a region of random data
     for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD3, 256, 256 * 0.015, 256 * 4096 * 0.2, 'wire'));
     for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD19, 256, 256 * 0.4, 256 * 4096 * 0.95, 'wire'));
@@ -159,9 +166,9 @@ describe('tuner', () => {
       [modeKey(ZSTD3), 0.4],
       [modeKey(DZ), 0.6],
     ]);
-    const unprobed = new Tuner(profile).decide(ZSTD3, at(100), 0);
+    const unprobed = tunerOf(profile).decide(ZSTD3, at(100), 0);
     assert.equal(unprobed && modeKey(unprobed.to), modeKey(DZ), 'by the profile alone');
-    const t = new Tuner(profile);
+    const t = tunerOf(profile);
     t.useProbedRatios(probe);
     const costs = (): Map<string, number> => new Map(t.costs().map((c) => [modeKey(c.mode), c.ratio]));
     assert.equal(costs().get(modeKey(DZ)), 0.6);
@@ -176,7 +183,7 @@ describe('tuner', () => {
   });
 
   test('a decision names the compression for chunks of the other deltas still in the pipeline', () => {
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     const d = t.decide(ZSTD3, at(10_000), 0);
     assert.ok(d);
     assert.equal(modeKey(d.to), modeKey(NONE));
@@ -184,7 +191,7 @@ describe('tuner', () => {
     assert.deepEqual(d.compressFor.xor, { compressor: 'zstd', level: 3 });
     assert.equal(d.compressFor.none, undefined, "the chosen mode's own delta: the config itself");
     // without a switch too, for the conditions of each look
-    const u = new Tuner(PROFILE);
+    const u = tunerOf(PROFILE);
     assert.equal(u.decide(NONE, at(10_000), 0), undefined);
     assert.deepEqual(u.lastLook?.compressFor, { xor: { compressor: 'zstd', level: 3 } });
     assert.equal(u.decide(ZSTD19, at(5), 500), undefined);
@@ -193,7 +200,7 @@ describe('tuner', () => {
 
   test('a profile from another workload is corrected by measurements', () => {
     // the profile believes zstd3 shrinks data to 35%; the running workload does not compress at all
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     for (let i = 0; i < 20; i++) {
       t.observe(stats('delta', { ...ZSTD3, compressor: 'none', level: 0 }, 256, 256 * 0.01, 256 * 4096));
       t.observe(stats('compress', ZSTD3, 256, 256 * 0.015, 256 * 4096 * 0.99, 'wire'));
@@ -208,7 +215,7 @@ describe('tuner', () => {
   test('a mode that costs more here than profiled is left when it becomes the bottleneck', () => {
     // by the profile zstd19 is best at 25 Mbit/s; here it costs 10x the CPU
     assert.equal(best(at(25)), modeKey(ZSTD19));
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD19, 256, 256 * 4, 256 * 4096 * 0.3, 'wire'));
     const d = t.decide(ZSTD19, at(25), 0);
     assert.ok(d, 'stayed on a mode that cannot keep up');
@@ -220,7 +227,7 @@ describe('tuner', () => {
     const feed = (t: Tuner): void => {
       for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD19, 256, 256 * 0.4, 256 * 4096 * 0.3, 'wire'));
     };
-    const alone = new Tuner(PROFILE);
+    const alone = tunerOf(PROFILE);
     alone.observeOwnCpu(0);
     for (let interval = 0; interval < 5; interval++) {
       feed(alone);
@@ -229,7 +236,7 @@ describe('tuner', () => {
     assert.ok(alone.overheadCpuMsPerBlock < 1e-6);
     assert.equal(alone.decide(ZSTD19, at(25), 0), undefined);
     // the whole handoff took 1 ms more per block than its stages reported: the cores run out first
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     t.observeOwnCpu(5000); // before any block was sent: the pipeline filling, not counted
     t.observe(stats('compress', ZSTD19, 64, 64 * 0.4, 64 * 4096 * 0.3, 'wire'));
     t.observeOwnCpu(5000); // the first blocks
@@ -262,7 +269,7 @@ describe('tuner', () => {
 
   test('CPU no stage reports is counted per block only while the cores are the bottleneck', () => {
     // waiting on a 5 Mbit/s link, a few blocks a second carry the CPU that goes on anyway
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     t.observeOwnCpu(0);
     for (let interval = 0; interval < 6; interval++) {
       t.observe(stats('compress', ZSTD19, 64, 64 * 0.4, 64 * 4096 * 0.3, 'wire'));
@@ -272,8 +279,31 @@ describe('tuner', () => {
     assert.equal(t.decide(ZSTD19, at(5, 1), 0), undefined, 'zstd19 left on a slow link');
   });
 
+  test('until the unreported CPU is measured, a prior stands for it: a one-core source is seen bound by its cores', async () => {
+    // the shipped profile, a one-core source at 65 Mbit/s (what the sender measured at a 100 Mbit/s shaping)
+    const profile = await loadProfile();
+    const oneCore = { bandwidthBps: 65e6, spareCores: 1, compressWorkers: 2 };
+    const withoutPrior = tunerOf(profile).bestNow(oneCore)!;
+    assert.ok(withoutPrior.processingBlocksPerSec > withoutPrior.networkBlocksPerSec, 'the case the prior is for: the link looked the bottleneck');
+    const t = new Tuner(profile);
+    const prior = t.overheadCpuMsPerBusPage;
+    assert.ok(prior > 0.02 && prior < 0.1, `prior ${prior}`);
+    assert.ok(Math.abs(t.overheadCpuMsPerBlock - 4 * prior) < 1e-9, 'the start mode moves 4 pages a block');
+    const withPrior = t.bestNow(oneCore)!;
+    assert.ok(withPrior.processingBlocksPerSec < withPrior.networkBlocksPerSec, `${Math.round(withPrior.processingBlocksPerSec)} blocks/s processed, ${Math.round(withPrior.networkBlocksPerSec)} carried`);
+    // measured, the figure replaces the prior: the stages reported all but 0.01 ms a block (3 bus pages, raw)
+    t.observeOwnCpu(0);
+    t.observe(stats('sender', NONE, 256, 0.02 * 256, 256 * 4096, 'wire'));
+    t.observeOwnCpu(0);
+    for (let interval = 0; interval < 8; interval++) {
+      for (let i = 0; i < 10; i++) t.observe(stats('sender', NONE, 256, 0.02 * 256, 256 * 4096, 'wire'));
+      t.observeOwnCpu(10 * 256 * 0.03);
+    }
+    assert.ok(Math.abs(t.overheadCpuMsPerBusPage - 0.01 / 3) < 1e-9, `measured ${t.overheadCpuMsPerBusPage}`);
+  });
+
   test("capture's and dedup's CPU add up, per block dedup passes on", () => {
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     assert.equal(t.fixedCpuMsPerBlock, PROFILE.fixedCpuMsPerBlock, 'the profile until both reported');
     const page = (stage: string, pages: number, cpuMs: number, blocks: number): StageStats => ({ ...stats(stage, ZSTD3, pages, cpuMs, 0), counts: { blocks } });
     for (let i = 0; i < 20; i++) {
@@ -285,7 +315,7 @@ describe('tuner', () => {
   });
 
   test("a mode not yet run costs the codec's profile scaled, plus the stage's handling as measured", () => {
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     // xor+zstd3's stage: 0.015 ms a block of codec (as profiled) and 0.03 of handling around it
     for (let i = 0; i < 20; i++) t.observe({ ...stats('compress', ZSTD3, 256, 256 * 0.045, 256 * 4096 * 0.35, 'wire'), counts: { blocks: 256, codecCpuMs: 256 * 0.015 } });
     const cost = (m: Mode): number => t.costs().find((c) => modeKey(c.mode) === modeKey(m))!.compressCpuMsPerBlock;
@@ -293,7 +323,7 @@ describe('tuner', () => {
     // scaled whole, zstd19 would be 3x its profile (1.2 ms); the handling does not grow with the level
     assert.ok(Math.abs(cost(ZSTD19) - (0.4 + 0.03)) < 1e-9, `zstd19 ${cost(ZSTD19)}`);
     // without the codec's figure (a stage that cannot tell), the whole stage scales as before
-    const whole = new Tuner(PROFILE);
+    const whole = tunerOf(PROFILE);
     for (let i = 0; i < 20; i++) whole.observe(stats('compress', ZSTD3, 256, 256 * 0.045, 256 * 4096 * 0.35, 'wire'));
     assert.ok(Math.abs(whole.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD19))!.compressCpuMsPerBlock - 1.2) < 1e-9);
   });
@@ -309,7 +339,7 @@ describe('tuner', () => {
         { mode: ZSTD9, deltaCpuMsPerBlock: 0, compressCpuMsPerBlock: 0.0088, ratio: 0.8 },
       ],
     };
-    const t = new Tuner(TIED);
+    const t = tunerOf(TIED);
     assert.ok(t.decide(ZSTD3, at(2), 0), 'first look: to zstd19');
     // the cores are taken (a twentieth of one): lz4 and zstd1 are ahead of the mode in use, and which
     // of them leads changes with the bandwidth
@@ -324,7 +354,7 @@ describe('tuner', () => {
   });
 
   test('measured CPU cost feeds the processing estimate', () => {
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD3, 256, 256 * 0.15, 256 * 4096 * 0.35, 'wire'));
     const zstd3 = t.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD3))!;
     assert.ok(Math.abs(zstd3.compressCpuMsPerBlock - 0.15) < 1e-9);
@@ -335,7 +365,7 @@ describe('tuner', () => {
 
 describe('compress workers in use', () => {
   test('a link-bound mode needs fewer workers than a CPU-bound one, and never more than run', () => {
-    const t = new Tuner(PROFILE);
+    const t = tunerOf(PROFILE);
     // zstd-19 at 5 Mbit/s: 0.4 ms per block, one worker compresses ~2500 blocks/s against the link's ~640
     assert.equal(t.workersFor(ZSTD19, at(5, 8, 4)), 1);
     // at 1 Gbit/s zstd-19 is CPU-bound: every worker counts
@@ -348,9 +378,9 @@ describe('compress workers in use', () => {
   });
 
   test('all workers at first, more at once, fewer only once enough looks in a row found them enough', () => {
-    const first = new Tuner(PROFILE, { workerLooks: 3 });
+    const first = tunerOf(PROFILE, { workerLooks: 3 });
     assert.equal(first.workersWanted(ZSTD19, at(5, 8, 4)), 4, 'fewer workers before any look proved them enough');
-    const t = new Tuner(PROFILE, { workerLooks: 3 });
+    const t = tunerOf(PROFILE, { workerLooks: 3 });
     // the sender finds the link the bottleneck 90% of the time
     const linkBound = 0.9;
     assert.equal(t.workersWanted(ZSTD19, at(1000, 8, 4), linkBound), 4);
@@ -365,7 +395,7 @@ describe('compress workers in use', () => {
     // back up at once
     assert.equal(t.workersWanted(ZSTD19, at(1000, 8, 4), linkBound), 4);
     // fewer only where the sender measures the link as the bottleneck, whatever the model says
-    const unmeasured = new Tuner(PROFILE, { workerLooks: 3 });
+    const unmeasured = tunerOf(PROFILE, { workerLooks: 3 });
     for (let look = 0; look < 6; look++) assert.equal(unmeasured.workersWanted(ZSTD19, at(5, 8, 4), look < 3 ? undefined : 0.5), 4);
   });
 
