@@ -1,12 +1,14 @@
 /**
- * The ratio probe in a process of its own at the lowest CPU priority (nice 19): it takes only the
- * CPU the pipeline leaves idle, which is there when its answer matters, when the pipeline waits on
- * the link. Run at the tuner's priority on a one-core source, its 0.3-0.55 s of CPU came out of the
- * pipeline's, and the look waiting for it waited 2-4 s while the cores were the bottleneck (256
- * MiB at 1000 Mbit/s). Not a worker thread, though Linux keeps a nice value per thread: a thread's
- * start-up and Piscina's hand-off took ~100 ms of CPU at the tuner's priority before the thread
- * could lower its own, at the moment the pipeline starts; `nice` starts this one low from the first
- * instruction. The task goes in on stdin and the result comes out on stdout, as JSON.
+ * The ratio probe in a process of its own, at the priority the tuner gives it: the tuner's own where
+ * the probe's answer decides the next mode (the link is the bottleneck, and the pipeline's CPU goes
+ * to chunks racing ahead of it), the lowest (nice 19) where it may, which takes only the CPU the
+ * pipeline leaves idle. At nice 19 from the start, the probe waited 2-8 s at 5 Mbit/s on one core
+ * while capture, dedup and delta ran through the VM, and the first look chose on the profile's
+ * ratios; at the tuner's priority where the cores were the bottleneck, its 0.3-0.55 s of CPU came
+ * out of the pipeline's. A process, not a worker thread, though Linux keeps a nice value per thread:
+ * a thread's start-up and Piscina's hand-off took ~100 ms of CPU at the tuner's priority before the
+ * thread could lower its own; `nice` starts this one low from the first instruction. The task goes
+ * in on stdin and the result comes out on stdout, as JSON.
  */
 import { spawn } from 'node:child_process';
 import { getPriority, setPriority } from 'node:os';
@@ -14,6 +16,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { errorMessage } from '../../shared/errors.js';
 import { probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 
+/** the probe's priority where its answer may wait */
 export const PROBE_NICE = 19;
 
 export interface ProbeTask {
@@ -38,11 +41,11 @@ interface WireOutcome {
 const SELF = fileURLToPath(import.meta.url);
 
 /**
- * Runs the probe in a child process under `nice -n 19` (where `nice` is missing, the child is
- * lowered once started). Rejects with the child's error, naming what failed (an unreadable image
- * names the file). `signal` stops it.
+ * Runs the probe in a child process, under `nice -n <niceness>` where niceness is above 0 (where
+ * `nice` is missing, the child is lowered once started). Rejects with the child's error, naming
+ * what failed (an unreadable image names the file). `signal` stops it.
  */
-export function runProbeProcess(task: ProbeTask, signal?: AbortSignal): Promise<ProbeOutcome> {
+export function runProbeProcess(task: ProbeTask, niceness: number, signal?: AbortSignal): Promise<ProbeOutcome> {
   return new Promise((resolve, reject) => {
     const start = (command: string, args: string[]): void => {
       const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'inherit'], signal });
@@ -51,9 +54,9 @@ export function runProbeProcess(task: ProbeTask, signal?: AbortSignal): Promise<
       child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
       child.once('spawn', () => {
         spawned = true;
-        if (command === process.execPath && child.pid !== undefined) {
+        if (command === process.execPath && niceness > 0 && child.pid !== undefined) {
           try {
-            setPriority(child.pid, PROBE_NICE);
+            setPriority(child.pid, niceness);
           } catch {
             // left at the tuner's priority: the probe still runs
           }
@@ -77,7 +80,8 @@ export function runProbeProcess(task: ProbeTask, signal?: AbortSignal): Promise<
         resolve({ niceness, ...(probe ? { probe: { ...probe, ratios: new Map(probe.ratios) } } : {}) });
       });
     };
-    start('nice', ['-n', String(PROBE_NICE), process.execPath, SELF]);
+    if (niceness > 0) start('nice', ['-n', String(niceness), process.execPath, SELF]);
+    else start(process.execPath, [SELF]);
   });
 }
 

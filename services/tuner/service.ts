@@ -3,8 +3,8 @@
  * probed the link, then every half second, and at once when the measured bandwidth moves by half
  * or more (not up to half a second later), writes the chosen mode to the config bucket, where
  * every stage picks it up from its next chunk, and how many of the running compress workers to use
- * to the workers bucket. From the moment it follows a migration it probes the ratios of the
- * migration's own pages in a process at the lowest priority (probe-process.ts).
+ * to the workers bucket. From its first look it probes the ratios of the migration's own pages, in
+ * a process of their own (probe-process.ts).
  */
 import { hostname } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -21,7 +21,7 @@ import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
 import type { Conditions, Prediction } from './model.js';
 import { probePlan } from './probe.js';
-import { runProbeProcess } from './probe-process.js';
+import { PROBE_NICE, runProbeProcess } from './probe-process.js';
 import { loadProfile } from './profile.js';
 
 const DECIDE_EVERY_MS = 500;
@@ -38,22 +38,19 @@ interface Followed {
   lastStatsMs: number;
   /** the config last written (the mode and the compression for other deltas) */
   configWritten?: string;
-  /** the ratio probe, started when following begins: settled once its ratios are in use (or it failed) */
+  /** the ratio probe, started at the first look: settled once its ratios are in use (or it failed) */
   probe?: Promise<void>;
-  probeSettled?: boolean;
-  /** a look has waited for the probe (only one does), and is waiting now: other looks skip meanwhile */
-  probeAwaited?: boolean;
+  /** the first look is waiting for the probe: other looks skip meanwhile */
   probeAwaiting?: boolean;
   /** the bandwidth the last look took, and when it was */
   lookedAt?: { bandwidthBps: number; atMs: number };
 }
 
 /**
- * The longest a link-bound look waits for the ratio probe. On a pipeline waiting on the link the
- * probe has idle CPU and takes 0.1-0.5 s; where it has not finished by then the cores are busy, so
- * the ratios matter less than deciding: the look goes on with the profile's, later ones use the probe's.
+ * The longest the first look waits for the ratio probe: 0.2-1.5 s on a one-core source while the
+ * pipeline starts. Past that, it decides on the profile's ratios and later looks use the probe's.
  */
-const PROBE_WAIT_MS = 1000;
+const PROBE_WAIT_MS = 2000;
 
 /** a bandwidth this far from the last look's is looked at once, not at the next half second */
 const BANDWIDTH_CHANGE_FACTOR = 1.5;
@@ -101,20 +98,16 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     // another statistic may have started following while the descriptor was read: one tuner per migration
     f = followed.get(migrationId);
     if (f) return f;
-    const followedMs = performance.now();
-    f = { tuner: new Tuner(profile), startedMs: followedMs, measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: followedMs };
-    const following = f;
-    // from the start: in its low-priority process it costs the pipeline nothing it would use, and
-    // is done by the time a look needs it wherever the pipeline waits on the link
-    f.probe = probeFor(migrationId, d, f.tuner, followedMs).finally(() => (following.probeSettled = true));
+    f = { tuner: new Tuner(profile), startedMs: performance.now(), measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: performance.now() };
     followed.set(migrationId, f);
     log.info('following', { migration: migrationId, profile: profile.workload });
     return f;
   };
 
   /** every mode's ratio on the migration's own pages, in the probe's process */
-  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner, startedMs: number): Promise<void> =>
-    runProbeProcess({ images: { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages }, plan: probePlan(profile) }, probesRunning.signal)
+  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner, niceness: number): Promise<void> => {
+    const startedMs = performance.now();
+    return runProbeProcess({ images: { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages }, plan: probePlan(profile) }, niceness, probesRunning.signal)
       .then(({ probe, niceness }) => {
         if (!probe) {
           log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
@@ -137,6 +130,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       .catch((err: unknown) => {
         if (!stopping) log.warn('ratio probe failed, profile ratios kept', { migration: migrationId, reason: errorMessage(err) });
       });
+  };
 
   const sub = bus.nc.subscribe('handoff.stats.>', {
     callback: (err, msg) => {
@@ -187,14 +181,17 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         if (f.probeAwaiting) return; // the look waiting for the ratio probe decides
         runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress').catch(() => [])).length || runningWorkers);
         const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
-        // Ratios decide only where the link is the bottleneck. The first look that finds it so
-        // waits for the probe (up to PROBE_WAIT_MS): deciding on the profile's ratios first started
-        // programs' pages at 10 Mbit/s on xor+zstd-19, whose first chunks on one core held the
-        // link back by half a second, to leave it for delta=zstd a second later
-        if (f.probe && !f.probeSettled && !f.probeAwaited) {
+        // Ratios decide only where the link is the bottleneck. A first look that finds it so runs
+        // the probe at the tuner's priority and waits for it (PROBE_WAIT_MS at most): deciding on
+        // the profile's ratios first started programs' pages at 10 Mbit/s on xor+zstd-19, whose
+        // first chunks on one core held the link back by half a second, to leave it for delta=zstd
+        // a second later. One that finds the cores the bottleneck runs it at the lowest priority,
+        // for when the link becomes the bottleneck and leaves the cores idle
+        if (!f.probe) {
           const top = f.tuner.bestNow(conditionsNow());
-          if (top && top.networkBlocksPerSec < top.processingBlocksPerSec) {
-            f.probeAwaited = true;
+          const linkBound = top !== undefined && top.networkBlocksPerSec < top.processingBlocksPerSec;
+          f.probe = probeFor(migrationId, d, f.tuner, linkBound ? 0 : PROBE_NICE);
+          if (linkBound) {
             f.probeAwaiting = true;
             await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
           }

@@ -1,7 +1,7 @@
 /** The tuner's ratio probe: where it reads, what it samples, what it finds on real image files. */
 import assert from 'node:assert/strict';
 import { copyFile, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { getPriority, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { modeKey } from '../../services/tuner/model.js';
@@ -101,17 +101,20 @@ describe('ratio probe', () => {
     }
   });
 
-  test('in a process of its own at the lowest priority: every mode, and an error that names what failed', async () => {
+  test('in a process of its own at the priority asked for: every mode, and an error that names what failed', async () => {
     const profile = await loadProfile();
-    const { probe, niceness } = await runProbeProcess({ images: descriptorOf(images), plan: probePlan(profile) });
-    assert.equal(niceness, PROBE_NICE);
+    const { probe, niceness } = await runProbeProcess({ images: descriptorOf(images), plan: probePlan(profile) }, PROBE_NICE);
+    assert.equal(niceness, Math.min(19, getPriority() + PROBE_NICE), 'not lowered');
     assert.ok(probe, 'no probe result');
     assert.equal(probe.ratios.size, profile.modes.length);
     const ratio = (m: Mode): number => probe.ratios.get(modeKey(m))!;
     assert.ok(ratio({ delta: 'xor', compressor: 'zstd', level: 3 }) < ratio({ delta: 'xor', compressor: 'none', level: 0 }));
     assert.equal(ratio({ delta: 'none', compressor: 'none', level: 0 }), 1);
     const missing = { ...descriptorOf(images), disk: { base: images.baseDisk, current: join(dir, 'gone.img'), bytes: SIZE } };
-    await assert.rejects(runProbeProcess({ images: missing, plan: probePlan(profile) }), /gone\.img/);
+    // at the tuner's own priority where its answer decides
+    await assert.rejects(runProbeProcess({ images: missing, plan: probePlan(profile) }, 0), /gone\.img/);
+    const unchanged = { ...descriptorOf(images), memory: { base: images.baseMemory, current: images.baseMemory, bytes: SIZE }, disk: { base: images.baseDisk, current: images.baseDisk, bytes: SIZE } };
+    assert.deepEqual(await runProbeProcess({ images: unchanged, plan: probePlan(profile) }, 0), { niceness: getPriority() }, 'nothing to probe, at the tuner\'s priority');
   });
 
   test('an image it cannot read: an error naming the file', async () => {
