@@ -454,9 +454,9 @@ export class Tuner {
     return this.workersInUse;
   }
 
-  /** the mode predicted fastest now, without a look (nothing counted, nothing decided) */
-  bestNow(conditions: Conditions): Prediction | undefined {
-    return rank(this.costs(), this.fixedCpuMsPerBlock, conditions)[0];
+  /** every mode's prediction now, fastest first, without a look (nothing counted, nothing decided) */
+  predictNow(conditions: Conditions): Prediction[] {
+    return rank(this.costs(), this.fixedCpuMsPerBlock, conditions);
   }
 
   /** A decision to switch away from `current`, or undefined to stay. */

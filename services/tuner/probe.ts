@@ -50,13 +50,15 @@ export interface ProbePlan {
  * The profile's modes, the costly ones each beside the strongest cheap level of its delta and
  * compressor. Their ratio cannot come from the profile's proportions: zstd-19 sends 2.3% less than
  * zstd-9 after xor on the profile's workload and 4.8% less on programs' pages, where the difference
- * decides between it and delta=zstd without compression at 5 Mbit/s.
+ * decides between it and delta=zstd without compression at 5 Mbit/s. `costlyWanted` leaves out
+ * costly modes whose ratio cannot decide (the cores bound them): they are two fifths of the
+ * probe's work (zstd-19 of three deltas on 64 pages), which the tuner waits for.
  */
-export function probePlan(profile: Profile): ProbePlan {
+export function probePlan(profile: Profile, costlyWanted: (mode: Mode) => boolean = () => true): ProbePlan {
   const cheap = profile.modes.filter((m) => m.deltaCpuMsPerBlock + m.compressCpuMsPerBlock <= PROBE_MAX_CPU_MS_PER_BLOCK).map((m) => m.mode);
   const costly: ProbePlan['costly'] = [];
   for (const m of profile.modes) {
-    if (cheap.includes(m.mode)) continue;
+    if (cheap.includes(m.mode) || !costlyWanted(m.mode)) continue;
     const reference = cheap.filter((c) => c.delta === m.mode.delta && c.compressor === m.mode.compressor).sort((a, b) => b.level - a.level)[0];
     if (reference) costly.push({ mode: m.mode, reference });
   }

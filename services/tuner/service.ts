@@ -19,8 +19,8 @@ import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
-import type { Conditions, Prediction } from './model.js';
-import { probePlan } from './probe.js';
+import { modeKey, type Conditions, type Prediction } from './model.js';
+import { probePlan, type ProbePlan } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
 import { loadProfile } from './profile.js';
 
@@ -105,9 +105,9 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   };
 
   /** every mode's ratio on the migration's own pages, in the probe's process */
-  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner, niceness: number): Promise<void> => {
+  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner, plan: ProbePlan, niceness: number): Promise<void> => {
     const startedMs = performance.now();
-    return runProbeProcess({ images: { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages }, plan: probePlan(profile) }, niceness, probesRunning.signal)
+    return runProbeProcess({ images: { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages }, plan }, niceness, probesRunning.signal)
       .then(({ probe, niceness }) => {
         if (!probe) {
           log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
@@ -187,10 +187,14 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // first chunks on one core held the link back by half a second, to leave it for delta=zstd
         // a second later. One that finds the cores the bottleneck runs it at the lowest priority,
         // for when the link becomes the bottleneck and leaves the cores idle
+        // (and leaves out the costly modes the cores bound: at 25 Mbit/s on one core, zstd-19)
         if (!f.probe) {
-          const top = f.tuner.bestNow(conditionsNow());
-          const linkBound = top !== undefined && top.networkBlocksPerSec < top.processingBlocksPerSec;
-          f.probe = probeFor(migrationId, d, f.tuner, linkBound ? 0 : PROBE_NICE);
+          const predicted = f.tuner.predictNow(conditionsNow());
+          const isLinkBound = (p: Prediction | undefined): boolean => p !== undefined && p.networkBlocksPerSec < p.processingBlocksPerSec;
+          const linkBound = isLinkBound(predicted[0]);
+          const linkBoundModes = new Set(predicted.filter(isLinkBound).map((p) => modeKey(p.mode)));
+          const plan = linkBound ? probePlan(profile, (m) => linkBoundModes.has(modeKey(m))) : probePlan(profile);
+          f.probe = probeFor(migrationId, d, f.tuner, plan, linkBound ? 0 : PROBE_NICE);
           if (linkBound) {
             f.probeAwaiting = true;
             await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));

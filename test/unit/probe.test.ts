@@ -69,6 +69,14 @@ describe('ratio probe', () => {
     const plan = probePlan(profile);
     assert.ok(plan.modes.length >= 12 && plan.modes.every((m) => !(m.compressor === 'zstd' && m.level === 19)), `${plan.modes.length} modes on the whole sample`);
     assert.equal(plan.modes.length + plan.costly.length, profile.modes.length);
+    // costly modes the cores bound are left out; the cheap ones stay
+    const xor19Only = probePlan(profile, (m) => m.delta === 'xor');
+    assert.deepEqual(xor19Only.modes, plan.modes);
+    assert.deepEqual(
+      xor19Only.costly.map((c) => formatMode(c.mode)),
+      plan.costly.filter((c) => c.mode.delta === 'xor').map((c) => formatMode(c.mode)),
+    );
+    assert.ok(xor19Only.costly.length >= 1 && xor19Only.costly.length < plan.costly.length);
     for (const { mode, reference } of plan.costly) {
       const cost = profile.modes.find((m) => modeKey(m.mode) === modeKey(mode))!;
       assert.ok(cost.deltaCpuMsPerBlock + cost.compressCpuMsPerBlock > PROBE_MAX_CPU_MS_PER_BLOCK);

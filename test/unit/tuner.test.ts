@@ -283,13 +283,13 @@ describe('tuner', () => {
     // the shipped profile, a one-core source at 65 Mbit/s (what the sender measured at a 100 Mbit/s shaping)
     const profile = await loadProfile();
     const oneCore = { bandwidthBps: 65e6, spareCores: 1, compressWorkers: 2 };
-    const withoutPrior = tunerOf(profile).bestNow(oneCore)!;
+    const withoutPrior = tunerOf(profile).predictNow(oneCore)[0]!;
     assert.ok(withoutPrior.processingBlocksPerSec > withoutPrior.networkBlocksPerSec, 'the case the prior is for: the link looked the bottleneck');
     const t = new Tuner(profile);
     const prior = t.overheadCpuMsPerBusPage;
     assert.ok(prior > 0.02 && prior < 0.1, `prior ${prior}`);
     assert.ok(Math.abs(t.overheadCpuMsPerBlock - 4 * prior) < 1e-9, 'the start mode moves 4 pages a block');
-    const withPrior = t.bestNow(oneCore)!;
+    const withPrior = t.predictNow(oneCore)[0]!;
     assert.ok(withPrior.processingBlocksPerSec < withPrior.networkBlocksPerSec, `${Math.round(withPrior.processingBlocksPerSec)} blocks/s processed, ${Math.round(withPrior.networkBlocksPerSec)} carried`);
     // measured, the figure replaces the prior: the stages reported all but 0.01 ms a block (3 bus pages, raw)
     t.observeOwnCpu(0);
