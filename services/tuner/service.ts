@@ -19,7 +19,7 @@ import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
-import { modeKey, type Conditions, type Prediction } from './model.js';
+import { modeKey, softMin, type Conditions, type Prediction } from './model.js';
 import { probePlan, type ProbePlan } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
 import { loadProfile } from './profile.js';
@@ -51,6 +51,9 @@ interface Followed {
  * pipeline starts. Past that, it decides on the profile's ratios and later looks use the probe's.
  */
 const PROBE_WAIT_MS = 2000;
+
+/** how much smaller than thought a costly mode's ratio may prove to be: the probe leaves out those that could not win even so */
+const COSTLY_RATIO_DOUBT = 0.8;
 
 /** a bandwidth this far from the last look's is looked at once, not at the next half second */
 const BANDWIDTH_CHANGE_FACTOR = 1.5;
@@ -187,13 +190,16 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // first chunks on one core held the link back by half a second, to leave it for delta=zstd
         // a second later. One that finds the cores the bottleneck runs it at the lowest priority,
         // for when the link becomes the bottleneck and leaves the cores idle
-        // (and leaves out the costly modes the cores bound: at 25 Mbit/s on one core, zstd-19)
+        // (and leaves out the costly modes that could not win with a ratio a fifth better than
+        // thought: at 25 Mbit/s on one core, zstd-19)
         if (!f.probe) {
           const predicted = f.tuner.predictNow(conditionsNow());
-          const isLinkBound = (p: Prediction | undefined): boolean => p !== undefined && p.networkBlocksPerSec < p.processingBlocksPerSec;
-          const linkBound = isLinkBound(predicted[0]);
-          const linkBoundModes = new Set(predicted.filter(isLinkBound).map((p) => modeKey(p.mode)));
-          const plan = linkBound ? probePlan(profile, (m) => linkBoundModes.has(modeKey(m))) : probePlan(profile);
+          const best = predicted[0];
+          const linkBound = best !== undefined && best.networkBlocksPerSec < best.processingBlocksPerSec;
+          const couldWin = new Set(
+            predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
+          );
+          const plan = linkBound ? probePlan(profile, (m) => couldWin.has(modeKey(m))) : probePlan(profile);
           f.probe = probeFor(migrationId, d, f.tuner, plan, linkBound ? 0 : PROBE_NICE);
           if (linkBound) {
             f.probeAwaiting = true;
