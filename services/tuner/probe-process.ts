@@ -89,6 +89,7 @@ export function runProbeProcess(task: ProbeTask, niceness: number, signal?: Abor
 async function probeMain(): Promise<void> {
   const niceness = getPriority();
   let input = '';
+  process.stdin.setEncoding('utf8'); // an image's path may hold characters split across reads
   for await (const part of process.stdin) input += String(part);
   let outcome: WireOutcome;
   try {

@@ -47,8 +47,9 @@ interface Followed {
 }
 
 /**
- * The longest the first look waits for the ratio probe: 0.2-1.5 s on a one-core source while the
- * pipeline starts. Past that, it decides on the profile's ratios and later looks use the probe's.
+ * The longest the first look waits for the ratio probe: on a one-core source, where the pipeline
+ * starts at the same time, it took 1.5-2.6 s (0.1-0.3 s of its CPU). Past that, the look decides on
+ * the profile's ratios, and later looks use the probe's.
  */
 const PROBE_WAIT_MS = 2000;
 
@@ -108,9 +109,9 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   };
 
   /** every mode's ratio on the migration's own pages, in the probe's process */
-  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner, plan: ProbePlan, niceness: number): Promise<void> => {
+  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner, plan: ProbePlan, nice: number): Promise<void> => {
     const startedMs = performance.now();
-    return runProbeProcess({ images: { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages }, plan }, niceness, probesRunning.signal)
+    return runProbeProcess({ images: { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages }, plan }, nice, probesRunning.signal)
       .then(({ probe, niceness }) => {
         if (!probe) {
           log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
@@ -181,8 +182,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     void descriptors
       .get(migrationId)
       .then(async (d) => {
-        if (f.probeAwaiting) return; // the look waiting for the ratio probe decides
         runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress').catch(() => [])).length || runningWorkers);
+        if (f.probeAwaiting) return; // the look waiting for the ratio probe decides
         const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
         // Ratios decide only where the link is the bottleneck. A first look that finds it so runs
         // the probe at the tuner's priority and waits for it (PROBE_WAIT_MS at most): deciding on
