@@ -49,8 +49,8 @@ export interface TunerOptions {
  * tuner on a one-core source of the 2-core machine the default profile was made on: 0.043-0.064 ms
  * (xor+zstd-3 and delta=none zstd-1, mixed content, 64 and 256 MiB). Without it the first looks
  * predicted xor+zstd-3 at 6000-7400 blocks/s on that core, twice what went through, took the link
- * for the bottleneck at 100 Mbit/s and chose modes for their ratio; at 1000 Mbit/s, where the
- * sender's figure read 200 Mbit/s, compression modes and a probe on a busy core.
+ * for the bottleneck at 100 Mbit/s and chose modes for their ratio; at 1000 Mbit/s with a 256 MiB
+ * VM, where the sender's figure read 200 Mbit/s, compression modes and a probe on a busy core.
  */
 const PRIOR_OVERHEAD_CPU_MS_PER_BUS_PAGE = 0.05;
 

@@ -1,6 +1,6 @@
 /**
  * The ratio probe: every profiled mode's output ratio on a sample of the migrating VM's own changed
- * pages, run by the tuner on a thread of its own at the lowest priority (probe-worker.ts). The shipped profile
+ * pages, run by the tuner in a process of its own (probe-process.ts). The shipped profile
  * comes from another workload, and modes do not keep their relative ratios from one workload to
  * another: xor without compression sends 23% more than xor+zstd-3 on the profile's generated VM and
  * 40% more on programs' code and data; zstd-19 after xor 2.3% less than zstd-9 there and 4.8% less
@@ -51,8 +51,9 @@ export interface ProbePlan {
  * compressor. Their ratio cannot come from the profile's proportions: zstd-19 sends 2.3% less than
  * zstd-9 after xor on the profile's workload and 4.8% less on programs' pages, where the difference
  * decides between it and delta=zstd without compression at 5 Mbit/s. `costlyWanted` leaves out
- * costly modes whose ratio cannot decide (the cores bound them): they are two fifths of the
- * probe's work (zstd-19 of three deltas on 64 pages), which the tuner waits for.
+ * costly modes whose ratio cannot decide (the tuner's test: they could not win with a better ratio
+ * than thought): by the profile's costs, zstd-19 of three deltas on 64 pages takes as much CPU as
+ * every cheap mode on 256 (~60 ms each), and the tuner may be waiting for the probe.
  */
 export function probePlan(profile: Profile, costlyWanted: (mode: Mode) => boolean = () => true): ProbePlan {
   const cheap = profile.modes.filter((m) => m.deltaCpuMsPerBlock + m.compressCpuMsPerBlock <= PROBE_MAX_CPU_MS_PER_BLOCK).map((m) => m.mode);

@@ -48,7 +48,7 @@ interface Followed {
 
 /**
  * The longest the first look waits for the ratio probe: on a one-core source, where the pipeline
- * starts at the same time, it took 1.5-2.6 s (0.1-0.3 s of its CPU). Past that, the look decides on
+ * starts at the same time, it took 1.4-2.9 s (0.11-0.26 s of its CPU). Past that, the look decides on
  * the profile's ratios, and later looks use the probe's.
  */
 const PROBE_WAIT_MS = 2000;
