@@ -15,7 +15,7 @@ import { JS_DOMAIN, migrateOn, startTwoHosts } from '../load/lib/hosts.js';
 import { stopProcess } from '../shared/child.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { connectBus } from '../shared/bus.js';
-import { liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
+import { PRESENCE_TTL_MS, PresenceView, liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
 import { hashImageFile } from '../shared/pages.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
 
@@ -134,6 +134,40 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       await stopActors(workers);
       await bus.close();
       await dest.stop();
+    }
+  });
+
+  test("the presence view: keys written before and after it starts, a wish, a deleted key gone at once, a silent one after the bucket's age", async () => {
+    const bus = await connectBus(nats.url, 'test-presence');
+    const kv = await workersBucket(bus);
+    const wait = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+    const until = async (what: string, ok: () => boolean): Promise<void> => {
+      for (let i = 0; i < 100 && !ok(); i++) await wait(20);
+      assert.ok(ok(), what);
+    };
+    await kv.put('viewtest.before', '1');
+    const view = await PresenceView.start(kv);
+    try {
+      await until('a key written before the view began is not in it', () => view.live('viewtest').includes('viewtest.before'));
+      await kv.put('viewtest.a', '1');
+      await kv.put('viewtest.b', '1');
+      await setWantedWorkers(kv, 'viewtest', 2);
+      await until('keys written since are not in it', () => view.live('viewtest').length === 3 && view.wanted('viewtest') === 2);
+      assert.deepEqual(view.live('viewtest'), ['viewtest.a', 'viewtest.b', 'viewtest.before'], 'not sorted, or another stage counted');
+      await kv.delete('viewtest.a');
+      await until('a deleted key is still live', () => !view.live('viewtest').includes('viewtest.a'));
+      // b keeps beating, the others fall silent (a killed worker, a stopped tuner)
+      const beat = setInterval(() => void kv.put('viewtest.b', '1'), 500);
+      try {
+        await wait(PRESENCE_TTL_MS + 300);
+      } finally {
+        clearInterval(beat);
+      }
+      assert.deepEqual(view.live('viewtest'), ['viewtest.b'], 'a silent key outlived the bucket\'s age');
+      assert.equal(view.wanted('viewtest'), undefined, 'a wish not written again outlived its age');
+    } finally {
+      view.stop();
+      await bus.close();
     }
   });
 

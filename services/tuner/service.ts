@@ -16,7 +16,7 @@ import { parseStats, type MigrationDescriptor, type StageStats, type TunerDecisi
 import { startSpan } from '../../shared/telemetry.js';
 import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
-import { liveWorkers, setWantedWorkers, workersBucket } from '../../shared/presence.js';
+import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
 import { modeKey, softMin, type Conditions, type Prediction } from './model.js';
@@ -56,6 +56,9 @@ const PROBE_WAIT_MS = 2000;
 /** how much smaller than thought a costly mode's ratio may prove to be: the probe leaves out those that could not win even so */
 const COSTLY_RATIO_DOUBT = 0.8;
 
+/** the wish is written again this long after its last write (it lives PRESENCE_TTL_MS) */
+const WISH_REFRESH_MS = PRESENCE_TTL_MS / 3;
+
 /** a bandwidth this far from the last look's is looked at once, not at the next half second */
 const BANDWIDTH_CHANGE_FACTOR = 1.5;
 /** ... but not twice within this */
@@ -72,17 +75,18 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   const bus = await connectBus(natsUrl, 'handoff-tuner');
   const followed = new Map<string, Followed>();
   const ignored = new Set<string>();
-  /** compress workers running (their presence keys), read at every decision */
+  /** compress workers running (their presence keys, from the view), at the last decision */
   let runningWorkers = 1;
   /** compress workers wanted in use, per followed migration; the bucket holds the largest */
   const wantedBy = new Map<string, number>();
-  let wantedWritten: number | undefined;
+  let wantedWritten: { workers: number | undefined; atMs: number } | undefined;
   const descriptors = await DescriptorCache.following(bus.migrations, (migrationId) => {
     followed.delete(migrationId);
     ignored.delete(migrationId);
     wantedBy.delete(migrationId);
   });
   const workers = await workersBucket(bus);
+  const presence = await PresenceView.start(workers);
   const modes = await ModeWatcher.start(bus.config);
   const cpu = new CpuSampler();
   let spareCores = cpu.sample();
@@ -168,12 +172,13 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     },
   });
 
+  /** the wish, written when it changes and again well inside its age (it expires with the entry if the tuner stops) */
   const writeWanted = async (): Promise<void> => {
     const wanted = wantedBy.size > 0 ? Math.max(...wantedBy.values()) : undefined;
-    // written every tick while a wish holds: the entry expires with its age if the tuner stops
-    if (wanted === undefined && wantedWritten === undefined) return;
+    const now = performance.now();
+    if (wantedWritten === undefined ? wanted === undefined : wantedWritten.workers === wanted && (wanted === undefined || now - wantedWritten.atMs < WISH_REFRESH_MS)) return;
     await setWantedWorkers(workers, 'compress', wanted);
-    wantedWritten = wanted;
+    wantedWritten = { workers: wanted, atMs: now };
   };
 
   const decideFor = (migrationId: string, f: Followed): void => {
@@ -182,7 +187,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     void descriptors
       .get(migrationId)
       .then(async (d) => {
-        runningWorkers = Math.max(1, (await liveWorkers(workers, 'compress').catch(() => [])).length || runningWorkers);
+        runningWorkers = Math.max(1, presence.live('compress').length || runningWorkers);
         if (f.probeAwaiting) return; // the look waiting for the ratio probe decides
         const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
         // Ratios decide only where the link is the bottleneck. A first look that finds it so runs
@@ -290,6 +295,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       await setWantedWorkers(workers, 'compress', undefined).catch(() => undefined);
       modes.stop();
       descriptors.stop();
+      presence.stop();
       probesRunning.abort();
       await bus.close();
       resolveDone();
