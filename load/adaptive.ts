@@ -38,6 +38,9 @@ const CANDIDATES: Candidate[] = [
   { name: 'lz4', args: ['--mode', 'lz4', '--delta', 'none'] },
   { name: 'xor+zstd3', args: ['--mode', 'zstd:3', '--delta', 'xor'] },
   { name: 'xor+zstd19', args: ['--mode', 'zstd:19', '--delta', 'xor'] },
+  // each page zstd-compressed with its base page as the dictionary, nothing after: the best static
+  // mode at 25-100 Mbit/s on programs' pages on one core (measured aside in session 8)
+  { name: 'zstd-delta', args: ['--mode', 'none', '--delta', 'zstd'] },
   { name: 'adaptive', args: ['--mode', 'adaptive'] },
 ];
 
@@ -177,7 +180,7 @@ function svgPlot(runs: Run[], bandwidths: number[]): string {
 
 const HELP = `npm run load:adaptive -- [options]   (root: network namespaces and tc)
 
-Handoff time of static modes (raw, lz4, xor+zstd3, xor+zstd19) and of adaptive over a shaped link
+Handoff time of static modes (raw, lz4, xor+zstd3, xor+zstd19, zstd-delta) and of adaptive over a shaped link
 between two network namespaces: at fixed bandwidths, 5 -> 35 -> 5 Mbit/s mid-handoff, and a CPU hog
 starting 0.7 s into the transfer. Prints tables of medians (handoff time, and transfer time from the destination's accept),
 writes an SVG plot.

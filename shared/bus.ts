@@ -17,7 +17,7 @@ import {
 import { Kvm, type KV } from '@nats-io/kv';
 import { connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
 import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
-import { encodeEvent, type MigrationEvent, type StageStats } from './migration.js';
+import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from './migration.js';
 import { recordStats } from './telemetry.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
 
@@ -249,6 +249,30 @@ export function publishStats(bus: Bus, stats: StageStats): void {
 /** An event, ridden through a bus outage like work (the events stream never fills: it drops its oldest). */
 export async function publishEvent(bus: Bus, migrationId: string, event: MigrationEvent): Promise<void> {
   await publishWork(bus, eventSubject(migrationId, event.type), encodeEvent(event));
+}
+
+/**
+ * The migration's first event of `type`, published before or after the call, or undefined after
+ * `timeoutMs` (an ordered consumer on the events stream, from its start).
+ */
+export async function firstEvent<T extends MigrationEvent['type']>(bus: Bus, migrationId: string, type: T, timeoutMs: number): Promise<Extract<MigrationEvent, { type: T }> | undefined> {
+  const consumer = await bus.js.consumers.get(STREAMS.events, { filter_subjects: eventSubject(migrationId, type), deliver_policy: DeliverPolicy.All });
+  const messages = await consumer.consume();
+  const timer = setTimeout(() => messages.stop(), timeoutMs);
+  try {
+    for await (const m of messages) {
+      try {
+        const event = parseEvent(m.data);
+        if (event.type === type) return event as Extract<MigrationEvent, { type: T }>;
+      } catch {
+        // a malformed event is no answer: wait on
+      }
+    }
+    return undefined;
+  } finally {
+    clearTimeout(timer);
+    messages.stop();
+  }
 }
 
 export type { JsMsg, MsgHdrs, NatsConnection };

@@ -107,7 +107,9 @@ describe('handoff pipeline over NATS JetStream', { timeout: 300_000 }, () => {
     assert.equal(first.measuredBandwidthBps, 0);
     assert.ok(first.probedBandwidthBps !== undefined && first.probedBandwidthBps > 2e6 && first.probedBandwidthBps <= 4e6, `probed ${first.probedBandwidthBps}`);
     assert.equal(first.bandwidthBps, first.probedBandwidthBps);
-    // chunks really went out in the chosen mode, not only the config
+    // chunks really went out in the chosen mode, not only the config; and capture waited for that
+    // first look, so none went out in the start mode
     assert.ok(summary.modes.includes(first.to), `modes ${summary.modes}`);
+    assert.ok(!summary.modes.includes('delta=none none'), `chunks went out in the start mode before the first look: ${summary.modes}`);
   });
 });

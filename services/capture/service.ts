@@ -4,7 +4,7 @@
  * each round's count.
  */
 import { hostname } from 'node:os';
-import { connectBus, ensureEventConsumer, publishEvent } from '../../shared/bus.js';
+import { connectBus, ensureEventConsumer, firstEvent, publishEvent } from '../../shared/bus.js';
 import { errorMessage } from '../../shared/errors.js';
 import type { RunningService } from '../../shared/stage.js';
 import { createLogger } from '../../shared/log.js';
@@ -13,6 +13,13 @@ import { DescriptorCache } from '../../shared/registry.js';
 import { STREAMS } from '../../shared/subjects.js';
 import { captureLive } from './live.js';
 import { captureRound } from './round.js';
+
+/**
+ * The longest an adaptive migration's capture waits for the tuner's first look: the sender's probe
+ * of the link (0.35 s at 5 Mbit/s, up to its 3 s timeout on a very slow link), then the ratio probe
+ * where the link is the bottleneck.
+ */
+const FIRST_LOOK_WAIT_MS = 4000;
 
 /** The capture process: takes `accepted` events (each by one instance) and captures that migration. */
 export async function runCaptureService(natsUrl: string): Promise<RunningService> {
@@ -32,6 +39,20 @@ export async function runCaptureService(natsUrl: string): Promise<RunningService
       try {
         parseEvent(m.data);
         const d = await descriptors.get(migrationId);
+        if (d.adaptive) {
+          // The first chunks go in the mode the tuner chose for this link and these pages, not the
+          // start mode: the wire queue and the bytes in flight hold about two seconds of the link,
+          // encoded already, and at 25 Mbit/s a 64 MiB VM's changed pages are three seconds of it.
+          // A tuner that began on xor+zstd-3 and chose delta=zstd 2 s in had sent every chunk in the
+          // start mode. Waiting, the pipeline leaves the core to the ratio probe: capture waited
+          // 0.2-0.3 s at 25 Mbit/s on one core (the probe had taken 2 s beside capture, dedup and
+          // delta), 55-65 ms at 100 Mbit/s, where the tuner does not wait for the probe.
+          const waitedFrom = performance.now();
+          const tuned = await firstEvent(bus, migrationId, 'tuned', FIRST_LOOK_WAIT_MS);
+          const waitedMs = Math.round(performance.now() - waitedFrom);
+          if (tuned) mlog.info('the tuner has looked', { waitedMs, mode: tuned.decision.to });
+          else mlog.warn('no look from the tuner: capture starts in the start mode', { waitedMs });
+        }
         mlog.info('capture started');
         if (d.live) await captureLive(bus, d, mlog);
         else {

@@ -6,7 +6,7 @@
  * 40% more on programs' code and data; zstd-19 after xor 2.3% less than zstd-9 there and 4.8% less
  * here. All modes probed on the same pages compare modes, not content.
  */
-import { open, type FileHandle } from 'node:fs/promises';
+import { closeSync, openSync, readSync } from 'node:fs';
 import type { Chunk } from '../../shared/chunk.js';
 import type { ImagePair } from '../../shared/migration.js';
 import type { Mode } from '../../shared/mode.js';
@@ -30,6 +30,13 @@ export interface ProbeOptions {
   /** pages per chunk, as the migration's */
   chunkPages: number;
   random: () => number;
+  /**
+   * Run beside other work in one process (the tuner's): yield to the event loop after each mode
+   * (a mode holds it ~5-40 ms) and stop, with undefined, once this is aborted.
+   */
+  shareWith?: AbortSignal;
+  /** the cheap modes' ratios, as soon as they are known (before the costly modes are probed) */
+  onCheap?: (ratios: ReadonlyMap<string, number>) => void;
 }
 
 export const DEFAULT_PROBE_OPTIONS: ProbeOptions = { pages: 256, runPages: 16, maxRuns: 512, subsamplePages: 64, chunkPages: 256, random: Math.random };
@@ -118,9 +125,19 @@ export async function sampleDirtyPages(
   d: Images,
   options: ProbeOptions,
 ): Promise<{ chunks: Chunk[]; subsample: Chunk[]; basePages: Map<string, Uint8Array>; pagesRead: number }> {
-  const files: { base: FileHandle; current: FileHandle }[] = [];
+  // read in the caller's thread, a place at a time: asynchronous reads of 64 KiB, each through
+  // libuv's pool, took 65-130 ms for the ~140 reads of a sample on one busy core, 10x the copying
+  const files: { base: number; current: number }[] = [];
   try {
-    for (const pair of [d.memory, d.disk]) files.push({ base: await open(pair.base, 'r'), current: await open(pair.current, 'r') });
+    for (const pair of [d.memory, d.disk]) {
+      const base = openSync(pair.base, 'r');
+      try {
+        files.push({ base, current: openSync(pair.current, 'r') });
+      } catch (err) {
+        closeSync(base);
+        throw err;
+      }
+    }
     const pagesOf = [Math.floor(d.memory.bytes / PAGE_SIZE), Math.floor(d.disk.bytes / PAGE_SIZE)] as const;
     /** in the order found: places are in random order, so the first few are a spread sample too */
     const found: { image: ImageId; page: DirtyPage }[] = [];
@@ -128,11 +145,15 @@ export async function sampleDirtyPages(
     let pagesRead = 0;
     for (const { image, index } of probePlaces(pagesOf, options)) {
       if (found.length >= options.pages) break;
+      if (options.shareWith) {
+        await new Promise((resolve) => setImmediate(resolve));
+        if (options.shareWith.aborted) break;
+      }
       const count = Math.min(options.runPages, pagesOf[image] - index);
       const current = Buffer.alloc(count * PAGE_SIZE);
       const base = Buffer.alloc(count * PAGE_SIZE);
-      const { bytesRead } = await files[image]!.current.read(current, 0, current.byteLength, index * PAGE_SIZE);
-      await files[image]!.base.read(base, 0, base.byteLength, index * PAGE_SIZE);
+      const bytesRead = readSync(files[image]!.current, current, 0, current.byteLength, index * PAGE_SIZE);
+      readSync(files[image]!.base, base, 0, base.byteLength, index * PAGE_SIZE);
       const pages = Math.floor(bytesRead / PAGE_SIZE);
       pagesRead += pages;
       for (let p = 0; p < pages; p++) {
@@ -145,7 +166,10 @@ export async function sampleDirtyPages(
     }
     return { chunks: chunksOf(found, options.chunkPages), subsample: chunksOf(found.slice(0, options.subsamplePages), options.chunkPages), basePages, pagesRead };
   } finally {
-    for (const f of files) await Promise.all([f.base.close(), f.current.close()]);
+    for (const f of files) {
+      closeSync(f.base);
+      closeSync(f.current);
+    }
   }
 }
 
@@ -169,7 +193,7 @@ function chunksOf(found: { image: ImageId; page: DirtyPage }[], chunkPages: numb
  * Every mode's ratio on a sample of the migration's dirty pages: the plan's modes on the whole
  * sample, its costly ones on the subsample beside their reference mode, and scaled by the
  * reference's ratio on the whole (same pages for both, so the ratio between them is the modes').
- * Undefined when the sample is too small.
+ * Undefined when the sample is too small (or `shareWith` was aborted).
  */
 export async function probeRatios(d: ProbeImages, plan: ProbePlan, options: Partial<ProbeOptions> = {}): Promise<ProbeResult | undefined> {
   const o: ProbeOptions = { ...DEFAULT_PROBE_OPTIONS, ...(d.chunkPages ? { chunkPages: d.chunkPages } : {}), ...options };
@@ -183,15 +207,25 @@ export async function probeRatios(d: ProbeImages, plan: ProbePlan, options: Part
     return page;
   });
   const ratios = new Map<string, number>();
+  /** in a shared process: let the others run, and say whether to stop */
+  const stopHere = async (): Promise<boolean> => {
+    if (!o.shareWith) return false;
+    await new Promise((resolve) => setImmediate(resolve));
+    return o.shareWith.aborted;
+  };
+  if (await stopHere()) return undefined;
   for (const cost of measureModes(chunks, encoder, plan.modes)) {
     ratios.set(modeKey(cost.mode), cost.ratio);
+    if (await stopHere()) return undefined;
   }
   const costly = plan.costly.filter((c) => ratios.has(modeKey(c.reference)));
   if (costly.length > 0) {
+    o.onCheap?.(new Map(ratios));
     const onSubsample = new Map<string, number>();
     const modes = [...new Map([...costly.map((c) => c.mode), ...costly.map((c) => c.reference)].map((m) => [modeKey(m), m])).values()];
     for (const cost of measureModes(subsample, encoder, modes)) {
       onSubsample.set(modeKey(cost.mode), cost.ratio);
+      if (await stopHere()) return undefined;
     }
     for (const { mode, reference } of costly) {
       const sub = onSubsample.get(modeKey(mode));

@@ -3,12 +3,14 @@
  * probed the link, then every half second, and at once when the measured bandwidth moves by half
  * or more (not up to half a second later), writes the chosen mode to the config bucket, where
  * every stage picks it up from its next chunk, and how many of the running compress workers to use
- * to the workers bucket. From its first look it probes the ratios of the migration's own pages, in
- * a process of their own (probe-process.ts).
+ * to the workers bucket. When the destination accepts, it probes the ratios of the migration's own
+ * pages, in this process while capture waits for its first look; where the cores prove the
+ * bottleneck, in a process of their own at the lowest priority instead (probe-process.ts).
  */
 import { hostname } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
 import { connectBus, publishEvent } from '../../shared/bus.js';
+import { eventSubject } from '../../shared/subjects.js';
 import { errorMessage } from '../../shared/errors.js';
 import type { RunningService } from '../../shared/stage.js';
 import { createLogger } from '../../shared/log.js';
@@ -20,7 +22,7 @@ import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
 import { modeKey, softMin, type Conditions, type Prediction } from './model.js';
-import { probePlan, type ProbePlan } from './probe.js';
+import { probePlan, probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
 import { loadProfile } from './profile.js';
 
@@ -38,8 +40,14 @@ interface Followed {
   lastStatsMs: number;
   /** the config last written (the mode and the compression for other deltas) */
   configWritten?: string;
-  /** the ratio probe, started at the first look: settled once its ratios are in use (or it failed) */
+  /** the ratio probe, started when the destination accepts (else at the first look): settled once its ratios are in use (or it failed) */
   probe?: Promise<void>;
+  /** stops the probe started at the accept in the tuner's own process, while it runs (the first look stops it where it need not wait for it) */
+  probeHere?: AbortController;
+  /** the first look is done (it always publishes its decision: capture waits for it) */
+  looked?: boolean;
+  /** settled once the probe's cheap modes' ratios are in use (where the probe started at the accept), or with the probe */
+  probeCheap?: Promise<void>;
   /** the first look is waiting for the probe: other looks skip meanwhile */
   probeAwaiting?: boolean;
   /** the bandwidth the last look took, and when it was */
@@ -47,9 +55,10 @@ interface Followed {
 }
 
 /**
- * The longest the first look waits for the ratio probe: on a one-core source, where the pipeline
- * starts at the same time, it took 1.4-2.9 s (0.11-0.26 s of its CPU). Past that, the look decides on
- * the profile's ratios, and later looks use the probe's.
+ * The longest the first look waits for the ratio probe (its cheap modes, where it started at the
+ * accept): with capture waiting for that look, capture waited 0.2-0.3 s on a one-core source at 25
+ * Mbit/s; a probe beside a running pipeline (a tuner that came after the accept) took 1.4-2.9 s.
+ * Past that, the look decides on the profile's ratios, and later looks use the probe's.
  */
 const PROBE_WAIT_MS = 2000;
 
@@ -63,6 +72,10 @@ const WISH_REFRESH_MS = PRESENCE_TTL_MS / 3;
 const BANDWIDTH_CHANGE_FACTOR = 1.5;
 /** ... but not twice within this */
 const MIN_LOOK_GAP_MS = 100;
+
+function imagesOf(d: MigrationDescriptor): ProbeImages {
+  return { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages };
+}
 
 /** the link's speed as the tuner takes it: measured from ACKs once there are some, else probed */
 function bandwidthOf(f: Followed): number {
@@ -112,11 +125,16 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     return f;
   };
 
-  /** every mode's ratio on the migration's own pages, in the probe's process */
-  const probeFor = (migrationId: string, d: MigrationDescriptor, tuner: Tuner, plan: ProbePlan, nice: number): Promise<void> => {
+  /**
+   * Every mode's ratio on the migration's own pages, into its tuner: `where` runs the probe (in
+   * the tuner's process, or in a process of its own at a nice value)
+   */
+  const useProbe = (migrationId: string, f: Followed, where: string, run: () => Promise<ProbeResult | undefined>): Promise<void> => {
     const startedMs = performance.now();
-    return runProbeProcess({ images: { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages }, plan }, nice, probesRunning.signal)
-      .then(({ probe, niceness }) => {
+    const tuner = f.tuner;
+    return run()
+      .then((probe) => {
+        if (where === 'here' && f.probeHere?.signal.aborted) return; // stopped: the first look handed it to a process
         if (!probe) {
           log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
           return;
@@ -125,11 +143,11 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         const shown = (mode: Mode): string => `${formatMode(mode)} ${(tuner.ratioBasisOf(mode) ?? 0).toFixed(3)}`;
         log.info('ratios probed', {
           migration: migrationId,
+          where,
           blocks: probe.blocks,
           pagesRead: probe.pagesRead,
           cpuMs: Math.round(probe.cpuMs),
           wallMs: Math.round(performance.now() - startedMs),
-          niceness,
           modes: probe.ratios.size,
           smallest: shown([...profile.modes].sort((a, b) => (tuner.ratioBasisOf(a.mode) ?? 1) - (tuner.ratioBasisOf(b.mode) ?? 1))[0]!.mode),
         });
@@ -139,6 +157,41 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         if (!stopping) log.warn('ratio probe failed, profile ratios kept', { migration: migrationId, reason: errorMessage(err) });
       });
   };
+  const probeProcess = (migrationId: string, d: MigrationDescriptor, f: Followed, plan: ProbePlan, nice: number): Promise<void> =>
+    useProbe(migrationId, f, `process at nice ${nice}`, async () => (await runProbeProcess({ images: imagesOf(d), plan }, nice, probesRunning.signal)).probe);
+
+  // The destination has accepted an adaptive migration: its capture waits for the first look, and
+  // the core is free meanwhile. The probe starts now, in this process (a process of its own took
+  // 0.25-0.35 s to start and load its modules on an idle core, more than the probe's own work), of
+  // every mode (the link's speed is not known yet). The first look waits for it where the link is
+  // the bottleneck; where the cores are, it stops it and starts one at the lowest priority instead.
+  const acceptedSub = bus.nc.subscribe(eventSubject('*', 'accepted'), {
+    callback: (err, msg) => {
+      if (err) return;
+      const migrationId = msg.subject.split('.')[2];
+      if (!migrationId) return;
+      void follow(migrationId)
+        .then(async (f) => {
+          if (!f || f.probe) return;
+          const d = await descriptors.get(migrationId);
+          if (f.probe) return;
+          const here = (f.probeHere = new AbortController());
+          let cheapDone: () => void = () => undefined;
+          f.probeCheap = new Promise<void>((resolve) => (cheapDone = resolve));
+          // the cheap modes decide where the link is the bottleneck; the costly ones (zstd-19) follow 50-100 ms later
+          const onCheap = (ratios: ReadonlyMap<string, number>): void => {
+            if (here.signal.aborted) return;
+            f.tuner.useProbedRatios(ratios);
+            cheapDone();
+          };
+          f.probe = useProbe(migrationId, f, 'here', () => probeRatios(imagesOf(d), probePlan(profile), { shareWith: here.signal, onCheap })).finally(() => {
+            if (f.probeHere === here) f.probeHere = undefined;
+            cheapDone();
+          });
+        })
+        .catch((err: unknown) => log.debug('not followed from its accept', { migration: migrationId, reason: errorMessage(err) }));
+    },
+  });
 
   const sub = bus.nc.subscribe('handoff.stats.>', {
     callback: (err, msg) => {
@@ -198,18 +251,27 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // for when the link becomes the bottleneck and leaves the cores idle
         // (and leaves out the costly modes that could not win with a ratio a fifth better than
         // thought: at 25 Mbit/s on one core, zstd-19)
-        if (!f.probe) {
+        const firstLook = !f.looked;
+        f.looked = true;
+        if (!f.probe || firstLook) {
           const predicted = f.tuner.predictNow(conditionsNow());
           const best = predicted[0];
           const linkBound = best !== undefined && best.networkBlocksPerSec < best.processingBlocksPerSec;
-          const couldWin = new Set(
-            predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
-          );
-          const plan = linkBound ? probePlan(profile, (m) => couldWin.has(modeKey(m))) : probePlan(profile);
-          f.probe = probeFor(migrationId, d, f.tuner, plan, linkBound ? 0 : PROBE_NICE);
+          if (f.probe && !linkBound && f.probeHere) {
+            // started at the accept, in this process: the cores are the bottleneck, so it goes on at the lowest priority
+            f.probeHere.abort();
+            f.probe = f.probeCheap = undefined;
+          }
+          if (!f.probe) {
+            const couldWin = new Set(
+              predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
+            );
+            const plan = linkBound ? probePlan(profile, (m) => couldWin.has(modeKey(m))) : probePlan(profile);
+            f.probe = probeProcess(migrationId, d, f, plan, linkBound ? 0 : PROBE_NICE);
+          }
           if (linkBound) {
             f.probeAwaiting = true;
-            await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
+            await Promise.race([f.probeCheap ?? f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
           }
         }
         const current: Mode = modes.get(migrationId, d.mode);
@@ -240,7 +302,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           await bus.config.put(migrationId, config);
           f.configWritten = config;
         }
-        if (!decision && !workersChanged) return;
+        if (!decision && !workersChanged && !firstLook) return;
         const record: TunerDecision = {
           atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
           from: formatMode(current),
@@ -291,12 +353,14 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
       stopping = true;
       clearInterval(timer);
       sub.unsubscribe();
+      acceptedSub.unsubscribe();
       // every worker in use again
       await setWantedWorkers(workers, 'compress', undefined).catch(() => undefined);
       modes.stop();
       descriptors.stop();
       presence.stop();
       probesRunning.abort();
+      for (const f of followed.values()) f.probeHere?.abort();
       await bus.close();
       resolveDone();
     },
