@@ -6,7 +6,7 @@
 import type { StageStats } from '../../shared/migration.js';
 import { DELTA_ALGORITHMS, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
-import { modeKey, predict, rank, type Conditions, type ModeCost, type Prediction, type Profile } from './model.js';
+import { modeKey, pick, predict, rank, type Conditions, type ModeCost, type Prediction, type Profile } from './model.js';
 
 /** Exponentially weighted mean that also counts its samples. */
 class Ewma {
@@ -109,7 +109,7 @@ function compressionsFor(chosen: Mode, ranked: Prediction[]): NonNullable<ModeCo
   const out: NonNullable<ModeConfig['compressFor']> = {};
   for (const delta of DELTA_ALGORITHMS) {
     if (delta === chosen.delta) continue;
-    const best = ranked.find((p) => p.mode.delta === delta);
+    const best = pick(ranked.filter((p) => p.mode.delta === delta));
     if (best) out[delta] = { compressor: best.mode.compressor, level: best.mode.level };
   }
   return out;
@@ -464,7 +464,7 @@ export class Tuner {
     const costs = this.costs();
     const shared = this.fixedCpuMsPerBlock;
     const ranked = rank(costs, shared, conditions);
-    const best = ranked[0];
+    const best = pick(ranked);
     if (!best) return undefined;
     const currentCost = costs.find((c) => modeKey(c.mode) === modeKey(current));
     const currentPrediction = currentCost ? predict(currentCost, shared, conditions) : undefined;

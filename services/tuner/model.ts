@@ -85,3 +85,27 @@ const SOFT_MIN_K = 3;
 export function rank(costs: ModeCost[], fixedCpuMsPerBlock: number, c: Conditions): Prediction[] {
   return costs.map((m) => predict(m, fixedCpuMsPerBlock, c)).sort((a, b) => b.blocksPerSec - a.blocksPerSec);
 }
+
+/**
+ * Predictions within this share of the best are ties. The probe rates modes that compress page by
+ * page 2.5-4.5% apart from those that compress a chunk whole, against the whole image; on mixed
+ * pages at 5 Mbit/s xor+zstd-19, delta=zstd and xor+zstd-3 were within 1-3% of each other, and the
+ * tuner took zstd-19 (10x the CPU of zstd-3) for its 1%: when the link rose to 35 Mbit/s the
+ * pipeline could not fill it.
+ */
+export const TIE_SHARE = 0.03;
+
+/**
+ * The mode to take from a ranking: of those within TIE_SHARE of the first, the cheapest to process
+ * (its CPU is headroom for a faster link or another load on the cloudlet, and the cloudlet's VMs keep it).
+ */
+export function pick(ranked: readonly Prediction[]): Prediction | undefined {
+  const first = ranked[0];
+  if (!first) return undefined;
+  let chosen = first;
+  for (const p of ranked) {
+    if (p.blocksPerSec < first.blocksPerSec * (1 - TIE_SHARE)) break;
+    if (p.processingBlocksPerSec > chosen.processingBlocksPerSec) chosen = p;
+  }
+  return chosen;
+}

@@ -21,7 +21,7 @@ import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
 import { Tuner } from './core.js';
-import { modeKey, softMin, type Conditions, type Prediction } from './model.js';
+import { modeKey, pick, softMin, type Conditions, type Prediction } from './model.js';
 import { probePlan, probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
 import { loadProfile } from './profile.js';
@@ -255,7 +255,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         f.looked = true;
         if (!f.probe || firstLook) {
           const predicted = f.tuner.predictNow(conditionsNow());
-          const best = predicted[0];
+          const best = pick(predicted);
           const linkBound = best !== undefined && best.networkBlocksPerSec < best.processingBlocksPerSec;
           if (f.probe && !linkBound && f.probeHere) {
             // started at the accept, in this process: the cores are the bottleneck, so it goes on at the lowest priority
