@@ -2,7 +2,8 @@
  * Compress workers join and leave while a migration runs: they share its work (each one's chunks
  * in the summary) and the images arrive identical. A worker that leaves (SIGTERM) finishes or hands
  * back its chunks and exits cleanly; workers the tuner does not want take no work until the wish
- * ends; health and readiness answer over HTTP.
+ * ends; health and readiness answer over HTTP. Also the bus helpers they coordinate by: the view of
+ * the workers bucket, and the wait for a migration's first event of a kind (capture's for the tuner's first look).
  */
 import assert from 'node:assert/strict';
 import { createServer } from 'node:net';
@@ -14,7 +15,7 @@ import { spawnReceiverProcess } from '../cli/receive.js';
 import { JS_DOMAIN, migrateOn, startTwoHosts } from '../load/lib/hosts.js';
 import { stopProcess } from '../shared/child.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
-import { connectBus } from '../shared/bus.js';
+import { connectBus, firstEvent, publishEvent } from '../shared/bus.js';
 import { PRESENCE_TTL_MS, PresenceView, liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
 import { hashImageFile } from '../shared/pages.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
@@ -167,6 +168,26 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       assert.equal(view.wanted('viewtest'), undefined, 'a wish not written again outlived its age');
     } finally {
       view.stop();
+      await bus.close();
+    }
+  });
+
+  test("a migration's first event of a kind: one published before the wait, one after, none by the deadline", async () => {
+    const bus = await connectBus(nats.url, 'test-first-event');
+    const decision = { atSeconds: 0, from: 'delta=none none', to: 'delta=xor zstd:3', bandwidthBps: 1e6, measuredBandwidthBps: 0, spareCores: 1, compressWorkers: 1, compressWorkersInUse: 1, overheadCpuMsPerBlock: 0, predictedCurrentBlocksPerSec: 1, predictedChosenBlocksPerSec: 2 };
+    try {
+      await publishEvent(bus, 'm-first-before', { type: 'tuned', decision });
+      assert.equal((await firstEvent(bus, 'm-first-before', 'tuned', 5000))?.decision.to, 'delta=xor zstd:3', 'an event from before the wait was missed');
+      const later = firstEvent(bus, 'm-first-after', 'tuned', 10_000);
+      await new Promise((r) => setTimeout(r, 200));
+      await publishEvent(bus, 'm-first-after', { type: 'start' }); // another kind: no answer
+      await publishEvent(bus, 'm-first-after', { type: 'tuned', decision: { ...decision, to: 'delta=zstd none' } });
+      assert.equal((await later)?.decision.to, 'delta=zstd none');
+      // nobody answers (no tuner runs): undefined at the deadline, not a wait for ever
+      const started = performance.now();
+      assert.equal(await firstEvent(bus, 'm-first-never', 'tuned', 300), undefined);
+      assert.ok(performance.now() - started >= 300);
+    } finally {
       await bus.close();
     }
   });

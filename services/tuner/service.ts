@@ -243,14 +243,14 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         runningWorkers = Math.max(1, presence.live('compress').length || runningWorkers);
         if (f.probeAwaiting) return; // the look waiting for the ratio probe decides
         const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
-        // Ratios decide only where the link is the bottleneck. A first look that finds it so runs
-        // the probe at the tuner's priority and waits for it (PROBE_WAIT_MS at most): deciding on
-        // the profile's ratios first started programs' pages at 10 Mbit/s on xor+zstd-19, whose
-        // first chunks on one core held the link back by half a second, to leave it for delta=zstd
-        // a second later. One that finds the cores the bottleneck runs it at the lowest priority,
-        // for when the link becomes the bottleneck and leaves the cores idle
-        // (and leaves out the costly modes that could not win with a ratio a fifth better than
-        // thought: at 25 Mbit/s on one core, zstd-19)
+        // Ratios decide only where the link is the bottleneck. A first look that finds it so waits
+        // for the probe (PROBE_WAIT_MS at most): deciding on the profile's ratios first started
+        // programs' pages at 10 Mbit/s on xor+zstd-19, whose first chunks on one core held the link
+        // back by half a second. One that finds the cores the bottleneck has the probe run at the
+        // lowest priority, for when the link becomes the bottleneck and leaves the cores idle. A
+        // probe started here (the tuner came after the accept) runs in a process of its own,
+        // beside the pipeline, and leaves out the costly modes that could not win with a ratio a
+        // fifth better than thought (at 25 Mbit/s on one core, zstd-19)
         const firstLook = !f.looked;
         f.looked = true;
         if (!f.probe || firstLook) {
