@@ -125,8 +125,8 @@ export async function sampleDirtyPages(
   d: Images,
   options: ProbeOptions,
 ): Promise<{ chunks: Chunk[]; subsample: Chunk[]; basePages: Map<string, Uint8Array>; pagesRead: number }> {
-  // read in the caller's thread, a place at a time: asynchronous reads of 64 KiB, each through
-  // libuv's pool, took 65-130 ms for the ~140 reads of a sample on one busy core, 10x the copying
+  // read in the caller's thread, a place at a time: with asynchronous reads of 64 KiB, each through
+  // libuv's pool, a sample took 65-130 ms on one core, with these 40-67 ms (the first, cold)
   const files: { base: number; current: number }[] = [];
   try {
     for (const pair of [d.memory, d.disk]) {

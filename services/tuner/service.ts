@@ -56,8 +56,8 @@ interface Followed {
 
 /**
  * The longest the first look waits for the ratio probe (its cheap modes, where it started at the
- * accept): with capture waiting for that look, capture waited 0.2-0.3 s on a one-core source at 25
- * Mbit/s; a probe beside a running pipeline (a tuner that came after the accept) took 1.4-2.9 s.
+ * accept): with capture waiting for that look, capture waited 150-260 ms on a one-core source at
+ * 5-25 Mbit/s; a probe beside a running pipeline (a tuner that came after the accept) took 1.4-2.9 s.
  * Past that, the look decides on the profile's ratios, and later looks use the probe's.
  */
 const PROBE_WAIT_MS = 2000;
