@@ -45,9 +45,9 @@ export async function runCaptureService(natsUrl: string): Promise<RunningService
           // encoded already, and at 25 Mbit/s a 64 MiB VM's changed pages are three seconds of it.
           // A tuner that began on xor+zstd-3 and chose delta=zstd 2 s in had sent every chunk in the
           // start mode. Waiting, the pipeline leaves the core to the ratio probe: on one core capture
-          // waited 150-200 ms at 10-25 Mbit/s (the probe had taken 2 s beside capture, dedup and
-          // delta), 240-260 ms at 5 (the link probe's frames take ~0.3 s there), 30-60 ms at 100
-          // and 1000, where the tuner does not wait for the ratio probe.
+          // waited 150-260 ms at 5-25 Mbit/s (the probe had taken 2 s beside capture, dedup and
+          // delta; the link probe's frames alone take ~0.3 s at 5), 30-65 ms at 100 and 1000, where
+          // the tuner does not wait for the ratio probe.
           const waitedFrom = performance.now();
           const tuned = await firstEvent(bus, migrationId, 'tuned', FIRST_LOOK_WAIT_MS);
           const waitedMs = Math.round(performance.now() - waitedFrom);
