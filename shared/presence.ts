@@ -24,19 +24,12 @@ export function presenceKey(stage: string, instance: string): string {
   return `${stage}.${instance.replace(/[^-\w]/g, '_')}`;
 }
 
-/** Keys of the stage's running workers, sorted: a worker's rank is its place here. */
+/** Keys of the stage's running workers, sorted, listed once (what follows the bucket keeps a PresenceView). */
 export async function liveWorkers(kv: KV, stage: string): Promise<string[]> {
   // a heartbeat written while the keys are listed can show up twice
   const keys = new Set<string>();
   for await (const k of await kv.keys(`${stage}.*`)) keys.add(k);
   return [...keys].sort();
-}
-
-export async function wantedWorkers(kv: KV, stage: string): Promise<number | undefined> {
-  const e = await kv.get(`want.${stage}`);
-  if (!e || e.operation !== 'PUT') return undefined;
-  const n = Number(e.string());
-  return Number.isInteger(n) && n >= 1 ? n : undefined;
 }
 
 /** The tuner's wish (written again while it holds: it expires with the entry's age). */

@@ -8,7 +8,9 @@
  * out of the pipeline's. A process, not a worker thread, though Linux keeps a nice value per thread:
  * a thread's start-up and Piscina's hand-off took ~100 ms of CPU at the tuner's priority before the
  * thread could lower its own; `nice` starts this one low from the first instruction. The task goes
- * in on stdin and the result comes out on stdout, as JSON.
+ * in on stdin and the result comes out on stdout, as JSON. (From the destination's accept, while
+ * capture waits and the core is free, the tuner probes in its own process instead: this one took
+ * 0.25-0.35 s to start and load its modules.)
  */
 import { spawn } from 'node:child_process';
 import { getPriority, setPriority } from 'node:os';

@@ -1,6 +1,7 @@
 /**
  * The ratio probe: every profiled mode's output ratio on a sample of the migrating VM's own changed
- * pages, run by the tuner in a process of its own (probe-process.ts). The shipped profile
+ * pages, run by the tuner in its own process while capture waits for its first look (`shareWith`),
+ * or in a process of its own (probe-process.ts). The shipped profile
  * comes from another workload, and modes do not keep their relative ratios from one workload to
  * another: xor without compression sends 23% more than xor+zstd-3 on the profile's generated VM and
  * 40% more on programs' code and data; zstd-19 after xor 2.3% less than zstd-9 there and 4.8% less
