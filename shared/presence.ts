@@ -10,6 +10,7 @@
 import { Kvm, type KV, type KvWatchEntry } from '@nats-io/kv';
 import type { Bus } from './bus.js';
 import type { Logger } from './log.js';
+import { watchBucket } from './registry.js';
 import { BUCKETS } from './subjects.js';
 
 export const PRESENCE_TTL_MS = 5000;
@@ -60,11 +61,9 @@ export class PresenceView {
 
   static async start(kv: KV): Promise<PresenceView> {
     const view = new PresenceView();
-    const iter = await kv.watch({ key: '>' });
-    view.stopWatch = () => iter.stop();
-    void (async () => {
-      for await (const entry of iter) view.apply(entry);
-    })().catch(() => undefined);
+    const watch = await watchBucket(kv, { key: '>' }, (entry) => view.apply(entry));
+    view.stopWatch = watch.stop;
+    watch.done.catch(() => undefined);
     return view;
   }
 

@@ -1,7 +1,19 @@
 /** Per-process views of the migrations bucket (descriptors) and the config bucket (wanted mode). */
-import { KvWatchInclude, type KV } from '@nats-io/kv';
+import { KvWatchInclude, type KV, type KvWatchEntry, type KvWatchOptions } from '@nats-io/kv';
 import { isDescriptor, type MigrationDescriptor } from './migration.js';
 import { isModeConfig, type Mode, type ModeConfig } from './mode.js';
+
+/**
+ * Hands each entry a watch of `bucket` delivers to `onEntry` until `stop`; `done` settles when the
+ * watch ends (rejected if it failed). What every per-process view of a bucket is kept by.
+ */
+export async function watchBucket(bucket: KV, options: KvWatchOptions, onEntry: (entry: KvWatchEntry) => void): Promise<{ stop: () => void; done: Promise<void> }> {
+  const iter = await bucket.watch(options);
+  const done = (async () => {
+    for await (const entry of iter) onEntry(entry);
+  })();
+  return { stop: () => iter.stop(), done };
+}
 
 export class DescriptorCache {
   private readonly cache = new Map<string, Promise<MigrationDescriptor>>();
@@ -15,15 +27,13 @@ export class DescriptorCache {
    */
   static async following(bucket: KV, onEnd: (migrationId: string) => void): Promise<DescriptorCache> {
     const cache = new DescriptorCache(bucket);
-    const iter = await bucket.watch({ key: '>', include: KvWatchInclude.UpdatesOnly });
-    cache.stopWatch = () => iter.stop();
-    void (async () => {
-      for await (const entry of iter) {
-        if (entry.operation === 'PUT') continue;
-        cache.forget(entry.key);
-        onEnd(entry.key);
-      }
-    })().catch(() => undefined);
+    const watch = await watchBucket(bucket, { key: '>', include: KvWatchInclude.UpdatesOnly }, (entry) => {
+      if (entry.operation === 'PUT') return;
+      cache.forget(entry.key);
+      onEnd(entry.key);
+    });
+    cache.stopWatch = watch.stop;
+    watch.done.catch(() => undefined);
     return cache;
   }
 
@@ -71,23 +81,21 @@ export class ModeWatcher {
 
   static async start(bucket: KV): Promise<ModeWatcher> {
     const watcher = new ModeWatcher();
-    const iter = await bucket.watch({ key: '>' });
-    watcher.stopWatch = () => iter.stop();
-    void (async () => {
-      for await (const entry of iter) {
-        if (watcher.stopped) break;
-        if (entry.operation !== 'PUT') {
-          watcher.modes.delete(entry.key);
-          continue;
-        }
-        try {
-          const value: unknown = entry.json();
-          if (isModeConfig(value)) watcher.modes.set(entry.key, value);
-        } catch {
-          // a malformed config value is ignored: the last good mode stays in force
-        }
+    const watch = await watchBucket(bucket, { key: '>' }, (entry) => {
+      if (watcher.stopped) return;
+      if (entry.operation !== 'PUT') {
+        watcher.modes.delete(entry.key);
+        return;
       }
-    })();
+      try {
+        const value: unknown = entry.json();
+        if (isModeConfig(value)) watcher.modes.set(entry.key, value);
+      } catch {
+        // a malformed config value is ignored: the last good mode stays in force
+      }
+    });
+    watcher.stopWatch = watch.stop;
+    void watch.done;
     return watcher;
   }
 

@@ -117,6 +117,13 @@ export function probePlaces(pagesOf: readonly [number, number], options: Pick<Pr
   return places;
 }
 
+/** In a shared process (`shareWith` given): lets the others run, then says whether to stop. */
+async function yieldedAndStopped(shareWith: AbortSignal | undefined): Promise<boolean> {
+  if (!shareWith) return false;
+  await new Promise((resolve) => setImmediate(resolve));
+  return shareWith.aborted;
+}
+
 /**
  * Dirty pages of the images (differing from the base page at the same index), as dedup would pass
  * them on (zero pages and repeats within the sample dropped; pages equal to some other base page
@@ -146,10 +153,7 @@ export async function sampleDirtyPages(
     let pagesRead = 0;
     for (const { image, index } of probePlaces(pagesOf, options)) {
       if (found.length >= options.pages) break;
-      if (options.shareWith) {
-        await new Promise((resolve) => setImmediate(resolve));
-        if (options.shareWith.aborted) break;
-      }
+      if (await yieldedAndStopped(options.shareWith)) break;
       const count = Math.min(options.runPages, pagesOf[image] - index);
       const current = Buffer.alloc(count * PAGE_SIZE);
       const base = Buffer.alloc(count * PAGE_SIZE);
@@ -208,16 +212,10 @@ export async function probeRatios(d: ProbeImages, plan: ProbePlan, options: Part
     return page;
   });
   const ratios = new Map<string, number>();
-  /** in a shared process: let the others run, and say whether to stop */
-  const stopHere = async (): Promise<boolean> => {
-    if (!o.shareWith) return false;
-    await new Promise((resolve) => setImmediate(resolve));
-    return o.shareWith.aborted;
-  };
-  if (await stopHere()) return undefined;
+  if (await yieldedAndStopped(o.shareWith)) return undefined;
   for (const cost of measureModes(chunks, encoder, plan.modes)) {
     ratios.set(modeKey(cost.mode), cost.ratio);
-    if (await stopHere()) return undefined;
+    if (await yieldedAndStopped(o.shareWith)) return undefined;
   }
   const costly = plan.costly.filter((c) => ratios.has(modeKey(c.reference)));
   if (costly.length > 0) {
@@ -226,7 +224,7 @@ export async function probeRatios(d: ProbeImages, plan: ProbePlan, options: Part
     const modes = [...new Map([...costly.map((c) => c.mode), ...costly.map((c) => c.reference)].map((m) => [modeKey(m), m])).values()];
     for (const cost of measureModes(subsample, encoder, modes)) {
       onSubsample.set(modeKey(cost.mode), cost.ratio);
-      if (await stopHere()) return undefined;
+      if (await yieldedAndStopped(o.shareWith)) return undefined;
     }
     for (const { mode, reference } of costly) {
       const sub = onSubsample.get(modeKey(mode));

@@ -119,7 +119,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     // another statistic may have started following while the descriptor was read: one tuner per migration
     f = followed.get(migrationId);
     if (f) return f;
-    f = { tuner: new Tuner(profile), startedMs: performance.now(), measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: performance.now() };
+    const followedMs = performance.now();
+    f = { tuner: new Tuner(profile), startedMs: followedMs, measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: followedMs };
     followed.set(migrationId, f);
     log.info('following', { migration: migrationId, profile: profile.workload });
     return f;
@@ -127,14 +128,14 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
 
   /**
    * Every mode's ratio on the migration's own pages, into its tuner: `where` runs the probe (in
-   * the tuner's process, or in a process of its own at a nice value)
+   * the tuner's process, or in a process of its own at a nice value); a probe `stopped` has nothing to say
    */
-  const useProbe = (migrationId: string, f: Followed, where: string, run: () => Promise<ProbeResult | undefined>): Promise<void> => {
+  const useProbe = (migrationId: string, f: Followed, where: string, run: () => Promise<ProbeResult | undefined>, stopped?: AbortSignal): Promise<void> => {
     const startedMs = performance.now();
     const tuner = f.tuner;
     return run()
       .then((probe) => {
-        if (where === 'here' && f.probeHere?.signal.aborted) return; // stopped: the first look handed it to a process
+        if (stopped?.aborted) return; // the first look handed it to a process
         if (!probe) {
           log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
           return;
@@ -184,7 +185,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
             f.tuner.useProbedRatios(ratios);
             cheapDone();
           };
-          f.probe = useProbe(migrationId, f, 'here', () => probeRatios(imagesOf(d), probePlan(profile), { shareWith: here.signal, onCheap })).finally(() => {
+          f.probe = useProbe(migrationId, f, 'here', () => probeRatios(imagesOf(d), probePlan(profile), { shareWith: here.signal, onCheap }), here.signal).finally(() => {
             if (f.probeHere === here) f.probeHere = undefined;
             cheapDone();
           });
