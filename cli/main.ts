@@ -8,7 +8,7 @@ import type { ResumeOptions } from '../services/receiver/resume.js';
 import { healthPortFromEnv, startHealthServer } from '../shared/health.js';
 import { createLogger } from '../shared/log.js';
 import { startTelemetry } from '../shared/telemetry.js';
-import { DEFAULT_MODE, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
+import { DEFAULT_MODE, checkMode, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
 import { parseRateBps, parseSizeBytes } from '../shared/units.js';
 import { ACTOR_NAMES, actorMain, type ActorName } from './actors.js';
 import { migrate } from './migrate.js';
@@ -46,8 +46,10 @@ HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or an nkey seed in HANDOFF_NATS_NKEY_SE
   --mode adaptive|none|lz4|zstd:LEVEL
                                  adaptive (default): the tuner picks delta, compressor and level as
                                  bandwidth and spare CPU change; otherwise a fixed compression
-  --delta none|xor|zstd          delta against the base page at the same index (default xor; with
-                                 adaptive, where it starts)
+  --delta none|xor|zstd|patch    against the base: none; each page against its base page (xor, zstd);
+                                 patch: each chunk's pages compressed as one with their base pages
+                                 as dictionary (give --mode zstd:LEVEL). Default xor; with adaptive,
+                                 where it starts
   --compress-workers N           compress processes sharing one work queue (default 2)
   --dedup-instances N            dedup processes, each owning a partition of the hash space (default 1)
   --bandwidth RATE               cap the WAN rate, e.g. 10mbit (default: no cap)
@@ -139,7 +141,7 @@ export function modeFrom(values: { mode?: string; delta?: string }): { mode: Mod
   const adaptive = values.mode === undefined || values.mode === 'adaptive';
   const compression = adaptive ? DEFAULT_MODE : parseCompression(values.mode!);
   const delta = values.delta === undefined ? DEFAULT_MODE.delta : parseDelta(values.delta);
-  return { mode: { delta, compressor: compression.compressor, level: compression.level }, adaptive };
+  return { mode: checkMode({ delta, compressor: compression.compressor, level: compression.level }), adaptive };
 }
 
 function readVmDescription(file: string): VmDescription {

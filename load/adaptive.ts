@@ -41,6 +41,9 @@ const CANDIDATES: Candidate[] = [
   // each page zstd-compressed with its base page as the dictionary, nothing after: the best static
   // mode at 25-100 Mbit/s on programs' pages on one core (measured aside in session 8)
   { name: 'zstd-delta', args: ['--mode', 'none', '--delta', 'zstd'] },
+  // each chunk's pages as one zstd frame against their base pages, cheap and strong
+  { name: 'patch3', args: ['--mode', 'zstd:3', '--delta', 'patch'] },
+  { name: 'patch19', args: ['--mode', 'zstd:19', '--delta', 'patch'] },
   { name: 'adaptive', args: ['--mode', 'adaptive'] },
 ];
 

@@ -124,6 +124,7 @@ export function decodeChunk(bytes: Uint8Array): Chunk {
   const bodyLength = uint32Column(binary(r, 'len', n * 4));
   const check = binary(r, 'chk', n * CHECK_BYTES);
   const strongHash = r.hash === undefined ? undefined : binary(r, 'hash', n * STRONG_HASH_BYTES);
+  const patched = r.mode.delta === 'patch';
   let total = 0;
   for (let i = 0; i < n; i++) {
     const k = kind[i]!;
@@ -132,6 +133,7 @@ export function decodeChunk(bytes: Uint8Array): Chunk {
     if (k === PageKind.Raw && len !== PAGE_SIZE) fail(`raw page ${i} has body ${len}, expected ${PAGE_SIZE}`);
     if ((k === PageKind.Zero || k === PageKind.Base || k === PageKind.Sent) && len !== 0) fail(`reference page ${i} has a body`);
     if ((k === PageKind.Xor || k === PageKind.ZstdDelta) && (len === 0 || len >= PAGE_SIZE)) fail(`delta page ${i} has body ${len}`);
+    if (patched && (k === PageKind.Xor || k === PageKind.ZstdDelta)) fail(`page ${i} of a patch chunk is delta-encoded on its own`);
     if ((k === PageKind.Base || k === PageKind.Sent) && refImage[i]! > 1) fail(`page ${i} refers to image ${refImage[i]}`);
     total += len;
   }

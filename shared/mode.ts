@@ -1,6 +1,12 @@
 /** The encoding mode: delta algorithm x compressor x level. It travels in every chunk. */
 
-export const DELTA_ALGORITHMS = ['none', 'xor', 'zstd'] as const;
+/**
+ * Against the base VM: none; each page against its base page (xor, zstd with the page as
+ * dictionary); or `patch`: the chunk's pages compressed as one with their base pages as dictionary
+ * (like `zstd --patch-from`), which finds both a page's likeness to its base and its neighbours'.
+ * Patch compresses in the delta stage (compress has no base images), so its compressor is zstd.
+ */
+export const DELTA_ALGORITHMS = ['none', 'xor', 'zstd', 'patch'] as const;
 export type DeltaAlgorithm = (typeof DELTA_ALGORITHMS)[number];
 export const COMPRESSORS = ['none', 'lz4', 'zstd'] as const;
 export type Compressor = (typeof COMPRESSORS)[number];
@@ -59,7 +65,13 @@ export function parseDelta(text: string): DeltaAlgorithm {
 export function isMode(value: unknown): value is Mode {
   if (typeof value !== 'object' || value === null) return false;
   const m = value as Record<string, unknown>;
-  return (DELTA_ALGORITHMS as readonly unknown[]).includes(m.delta) && isCompression(m);
+  return (DELTA_ALGORITHMS as readonly unknown[]).includes(m.delta) && isCompression(m) && (m.delta !== 'patch' || m.compressor === 'zstd');
+}
+
+/** Throws, naming the cause, where a mode's parts do not go together. */
+export function checkMode(mode: Mode): Mode {
+  if (mode.delta === 'patch' && mode.compressor !== 'zstd') throw new Error(`delta patch compresses with zstd: give --mode zstd:LEVEL, not ${mode.compressor}`);
+  return mode;
 }
 
 export function isModeConfig(value: unknown): value is ModeConfig {

@@ -61,7 +61,8 @@ export interface StageActor {
 export function nextStage(from: 'dedup' | 'delta' | 'compress', mode: Mode, chunk: Chunk): WorkStage {
   if (chunk.bodyRawLength === 0) return 'wire';
   if (from === 'dedup' && mode.delta !== 'none') return 'delta';
-  if (from !== 'compress' && mode.compressor !== 'none') return 'compress';
+  // a patch is compressed already (in delta, against the base)
+  if (from !== 'compress' && mode.compressor !== 'none' && chunk.mode.compressor === 'none') return 'compress';
   return 'wire';
 }
 

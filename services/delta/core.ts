@@ -1,5 +1,9 @@
-/** Delta's pure core: encode each raw page against the base page at the same index, when smaller. */
+/**
+ * Delta's pure core: encode each raw page against the base page at the same index, when smaller;
+ * or (patch) compress the chunk's raw pages as one against their base pages.
+ */
 import { PageKind, type Chunk } from '../../shared/chunk.js';
+import { PatchEncoder } from '../../shared/codecs/patch.js';
 import { xorEncode } from '../../shared/codecs/xor.js';
 import { ZstdDeltaEncoder } from '../../shared/codecs/zstd-delta.js';
 import type { DeltaAlgorithm } from '../../shared/mode.js';
@@ -15,13 +19,16 @@ export interface DeltaCounts {
 
 export class DeltaEncoder {
   private readonly zstdDelta = new ZstdDeltaEncoder();
+  private readonly patchEncoder = new PatchEncoder();
 
   constructor(private readonly readBasePage: BasePageReader) {}
 
-  encode(chunk: Chunk, algorithm: DeltaAlgorithm): { chunk: Chunk; counts: DeltaCounts } {
+  /** `patchLevel`: the zstd level of a patch (the mode's level); other deltas have none. */
+  encode(chunk: Chunk, algorithm: DeltaAlgorithm, patchLevel = 3): { chunk: Chunk; counts: DeltaCounts } {
     if (chunk.mode.compressor !== 'none') throw new Error('delta takes uncompressed chunks only');
     const counts: DeltaCounts = { encoded: 0, kept: 0 };
     if (algorithm === 'none' || chunk.mode.delta !== 'none') return { chunk, counts };
+    if (algorithm === 'patch') return this.patch(chunk, patchLevel);
     const n = chunk.pageIndex.length;
     const kind = new Uint8Array(chunk.kind);
     const bodyLength = new Uint32Array(chunk.bodyLength);
@@ -50,5 +57,22 @@ export class DeltaEncoder {
       counts,
     };
   }
-}
 
+  /**
+   * The chunk's body (its raw pages, in order: the only pages with a body after dedup) as one zstd
+   * frame with their base pages, in the same order, as dictionary. Pages keep their kind: the
+   * receiver reads the same base pages to undo it.
+   */
+  private patch(chunk: Chunk, level: number): { chunk: Chunk; counts: DeltaCounts } {
+    const bases: Uint8Array[] = [];
+    for (let i = 0; i < chunk.kind.length; i++) {
+      if (chunk.kind[i] === PageKind.Raw) bases.push(this.readBasePage(chunk.image, chunk.pageIndex[i]!));
+    }
+    if (bases.length === 0) return { chunk, counts: { encoded: 0, kept: 0 } };
+    const body = this.patchEncoder.encode(chunk.body, Buffer.concat(bases), level);
+    return {
+      chunk: { ...chunk, mode: { delta: 'patch', compressor: 'zstd', level }, body },
+      counts: { encoded: bases.length, kept: 0 },
+    };
+  }
+}

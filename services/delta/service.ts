@@ -21,7 +21,7 @@ export function createDeltaActor(): StageActor {
     },
     handle(chunk, ctx) {
       const { encoder } = encoders.get(chunk.migrationId)!;
-      const { chunk: out, counts } = encoder.encode(chunk, ctx.mode.delta);
+      const { chunk: out, counts } = encoder.encode(chunk, ctx.mode.delta, ctx.mode.level);
       return { outputs: [{ chunk: out, to: nextStage('delta', ctx.mode, out) }], counts: { ...counts } };
     },
     forget(migrationId) {

@@ -5,6 +5,7 @@
  */
 import { PageKind, chunkKey, type Chunk } from '../../shared/chunk.js';
 import { BlockDecompressor } from '../../shared/codecs/block.js';
+import { PatchDecoder } from '../../shared/codecs/patch.js';
 import { xorDecode } from '../../shared/codecs/xor.js';
 import { ZstdDeltaDecoder } from '../../shared/codecs/zstd-delta.js';
 import { MalformedMessageError, VerificationError } from '../../shared/errors.js';
@@ -34,6 +35,7 @@ export interface ApplyResult {
 export class Rebuilder {
   private readonly decompressor = new BlockDecompressor();
   private readonly zstdDelta = new ZstdDeltaDecoder();
+  private readonly patch = new PatchDecoder();
   private readonly received = new Set<string>();
   /** per image, per page: last round written + 1 (0 = never written in this migration) */
   private readonly writtenRound: Uint16Array[];
@@ -92,7 +94,7 @@ export class Rebuilder {
     const key = chunkKey(chunk);
     if (this.received.has(key)) return { duplicate: true, pagesWritten: 0, pagesDeferred: 0 };
     this.validateIndices(chunk);
-    const body = this.decompressor.decompress(chunk.body, chunk.mode.compressor, chunk.bodyRawLength);
+    const body = chunk.mode.delta === 'patch' ? this.unpatch(chunk) : this.decompressor.decompress(chunk.body, chunk.mode.compressor, chunk.bodyRawLength);
     let offset = 0;
     let written = 0;
     let deferred = 0;
@@ -139,6 +141,19 @@ export class Rebuilder {
           throw new MalformedMessageError(`chunk ${chunkKey(chunk)}: reference to page ${chunk.refIndex[i]} is past the end of the ${IMAGES[refImage]} image`);
         }
       }
+    }
+  }
+
+  /** A patch chunk's body, against the base pages of its raw pages (see DeltaEncoder). */
+  private unpatch(chunk: Chunk): Uint8Array {
+    const bases: Uint8Array[] = [];
+    for (let i = 0; i < chunk.kind.length; i++) {
+      if (chunk.kind[i] === PageKind.Raw) bases.push(this.store.readBase(chunk.image, chunk.pageIndex[i]!));
+    }
+    try {
+      return this.patch.decode(chunk.body, Buffer.concat(bases), chunk.bodyRawLength);
+    } catch (err) {
+      throw new MalformedMessageError(`chunk ${chunkKey(chunk)}: ${err instanceof Error ? err.message : String(err)}`);
     }
   }
 

@@ -6,7 +6,7 @@
 import type { StageStats } from '../../shared/migration.js';
 import { DELTA_ALGORITHMS, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
-import { modeKey, pick, predict, rank, type Conditions, type ModeCost, type Prediction, type Profile } from './model.js';
+import { deltaKey, modeKey, pick, predict, rank, type Conditions, type ModeCost, type Prediction, type Profile } from './model.js';
 
 /** Exponentially weighted mean that also counts its samples. */
 class Ewma {
@@ -108,7 +108,8 @@ export interface Decision {
 function compressionsFor(chosen: Mode, ranked: Prediction[]): NonNullable<ModeConfig['compressFor']> {
   const out: NonNullable<ModeConfig['compressFor']> = {};
   for (const delta of DELTA_ALGORITHMS) {
-    if (delta === chosen.delta) continue;
+    // patch chunks leave delta compressed: compress never sees them
+    if (delta === chosen.delta || delta === 'patch') continue;
     const best = pick(ranked.filter((p) => p.mode.delta === delta));
     if (best) out[delta] = { compressor: best.mode.compressor, level: best.mode.level };
   }
@@ -124,6 +125,8 @@ function compressionsFor(chosen: Mode, ranked: Prediction[]): NonNullable<ModeCo
  * looked 19% faster on one core at 100 Mbit/s; runs that took them were 10-22% slower.
  */
 export function busPagesOf(mode: Mode, ratio: number, deltaRatio: number): number {
+  // a patch leaves delta compressed, for the wire
+  if (mode.delta === 'patch') return 2 + ratio + ratio;
   const compressed = mode.compressor !== 'none';
   return 2 + (mode.delta !== 'none' ? (compressed ? deltaRatio : ratio) : 0) + (compressed ? ratio : 0) + ratio;
 }
@@ -243,8 +246,8 @@ export class Tuner {
     if (blocks <= 0) return;
     const w = blocks / 64;
     if (s.stage === 'delta') {
-      this.ewma(this.deltaCost, s.mode.delta).add(s.cpuMs / blocks, w);
-      this.ewma(this.deltaRatio, s.mode.delta).add(s.bytesOut / (blocks * PAGE_SIZE), w);
+      this.ewma(this.deltaCost, deltaKey(s.mode)).add(s.cpuMs / blocks, w);
+      this.ewma(this.deltaRatio, deltaKey(s.mode)).add(s.bytesOut / (blocks * PAGE_SIZE), w);
     }
     if (s.stage === 'compress') {
       this.ewma(this.compressCost, modeKey(s.mode)).add(s.cpuMs / blocks, w);
@@ -323,7 +326,7 @@ export class Tuner {
     const m = this.lastMeasured;
     if (!m) return START_BUS_PAGES;
     const k = this.scales();
-    return busPagesOf(m, this.ratioOf(m, k), this.deltaRatioOf(m.delta, k));
+    return busPagesOf(m, this.ratioOf(m, k), this.deltaRatioOf(m, k));
   }
 
   private measured(map: Map<string, Ewma>, key: string): number | undefined {
@@ -344,7 +347,7 @@ export class Tuner {
     const handling = this.compressHandling.weight * 64 >= this.options.minBlocks ? this.compressHandling.value : undefined;
     const split = codec !== undefined && handling !== undefined;
     return {
-      delta: scale(this.measured(this.deltaCost, m.delta), p.deltaCpuMsPerBlock),
+      delta: scale(this.measured(this.deltaCost, deltaKey(m)), p.deltaCpuMsPerBlock),
       compress: split ? scale(codec, p.compressCpuMsPerBlock) : scale(this.measured(this.compressCost, modeKey(m)), p.compressCpuMsPerBlock),
       compressHandlingMs: split ? handling : 0,
       ratio: scale(this.measured(this.ratio, modeKey(m)), this.ratioBasis.get(modeKey(m)) ?? p.ratio),
@@ -384,8 +387,9 @@ export class Tuner {
   }
 
   /** what delta puts on the bus per block over a page: measured, else its mode without compression's ratio */
-  private deltaRatioOf(delta: Mode['delta'], k: Scales): number {
-    return this.measured(this.deltaRatio, delta) ?? this.ratioOf({ delta, compressor: 'none', level: 0 }, k);
+  private deltaRatioOf(mode: Mode, k: Scales): number {
+    if (mode.delta === 'patch') return this.ratioOf(mode, k);
+    return this.measured(this.deltaRatio, deltaKey(mode)) ?? this.ratioOf({ delta: mode.delta, compressor: 'none', level: 0 }, k);
   }
 
   /** one profiled mode's cost as it looks now, given the scales of the last measured mode */
@@ -394,10 +398,11 @@ export class Tuner {
     const ratio = this.ratioOf(p.mode, k);
     return {
       mode: p.mode,
-      deltaCpuMsPerBlock: this.measured(this.deltaCost, p.mode.delta) ?? p.deltaCpuMsPerBlock * k.delta,
-      compressCpuMsPerBlock: p.mode.compressor === 'none' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressHandlingMs),
+      deltaCpuMsPerBlock: this.measured(this.deltaCost, deltaKey(p.mode)) ?? p.deltaCpuMsPerBlock * k.delta,
+      // patch compresses in delta: compress never sees its chunks
+      compressCpuMsPerBlock: p.mode.compressor === 'none' || p.mode.delta === 'patch' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressHandlingMs),
       ratio,
-      overheadCpuMsPerBlock: this.overheadCpuMsPerBusPage * busPagesOf(p.mode, ratio, this.deltaRatioOf(p.mode.delta, k)),
+      overheadCpuMsPerBlock: this.overheadCpuMsPerBusPage * busPagesOf(p.mode, ratio, this.deltaRatioOf(p.mode, k)),
     };
   }
 

@@ -49,6 +49,11 @@ export function modeKey(mode: Mode): string {
   return formatMode(mode);
 }
 
+/** What delta's cost and output depend on: its algorithm, and for a patch (compressed in delta) the level too. */
+export function deltaKey(mode: Mode): string {
+  return mode.delta === 'patch' ? modeKey(mode) : mode.delta;
+}
+
 /**
  * Blocks per second a mode achieves. Stages run in their own processes, so each bounds throughput
  * alone (delta has one instance, compress has `compressWorkers`), and together they share the spare

@@ -64,6 +64,8 @@ describe('chunk codec', () => {
     ['part out of range', mutate('part', 3), /part out of range/],
     ['image not 0 or 1', mutate('image', 2), /image is not 0/],
     ['invalid mode', mutate('mode', { delta: 'rot13', compressor: 'none', level: 0 }), /mode is not a valid mode/],
+    ['patch with a compressor other than zstd', mutate('mode', { delta: 'patch', compressor: 'lz4', level: 0 }), /mode is not a valid mode/],
+    ['patch chunk with a page delta-encoded on its own', mutate('mode', { delta: 'patch', compressor: 'zstd', level: 3 }), /page 3 of a patch chunk is delta-encoded on its own/],
     ['column length mismatch', mutate('idx', Buffer.alloc(3)), /field idx has 3 bytes, expected 16/],
     ['unknown page kind', mutate('kind', Uint8Array.from([0, 1, 2, 9])), /unknown kind 9/],
     ['raw page with a short body', mutate('len', Buffer.from(Uint32Array.from([100, 0, 0, 10]).buffer)), /raw page 0 has body 100/],

@@ -13,8 +13,9 @@ import { Rebuilder, type PageStore } from '../../services/receiver/core.js';
 import { PageKind, type Chunk } from '../../shared/chunk.js';
 import { decodeChunk, encodeChunk } from '../../shared/codec.js';
 import { MalformedMessageError, VerificationError } from '../../shared/errors.js';
-import { COMPRESSORS, DELTA_ALGORITHMS, compressionFor, isModeConfig, type Mode, type ModeConfig } from '../../shared/mode.js';
+import { COMPRESSORS, DELTA_ALGORITHMS, checkMode, compressionFor, isMode, isModeConfig, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { createCompressActor } from '../../services/compress/service.js';
+import { nextStage } from '../../shared/stage.js';
 import { createLogger } from '../../shared/log.js';
 import type { MigrationDescriptor } from '../../shared/migration.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, pageCheck, strongHash, type ImageId } from '../../shared/pages.js';
@@ -90,8 +91,9 @@ function pipeline(vm: ReturnType<typeof smallVm>, mode: Mode, parts = 1, chunkPa
   const compressor = new ChunkCompressor();
   return capture(vm, parts, chunkPages).map((c) => {
     const d = dedupChunk(decodeChunk(encodeChunk(c)), base, sent[c.part]!).chunk;
-    const e = delta.encode(d, mode.delta).chunk;
-    return decodeChunk(encodeChunk(compressor.compress(e, mode)));
+    const e = delta.encode(d, mode.delta, mode.level).chunk;
+    // as the stages route it: a patch leaves delta compressed
+    return decodeChunk(encodeChunk(e.mode.compressor === 'none' ? compressor.compress(e, mode) : e));
   });
 }
 
@@ -217,11 +219,27 @@ describe('delta and compress cores', () => {
     assert.ok(!isModeConfig({ delta: 'zstd', compressor: 'none', level: 0, compressFor: { rle: { compressor: 'lz4', level: 0 } } }));
     assert.ok(!isModeConfig({ delta: 'zstd', compressor: 'none', level: 0, compressFor: 'lz4' }));
   });
+
+  test('patch compresses in delta, with zstd only: the mode says so, and compress is skipped', () => {
+    assert.ok(isMode({ delta: 'patch', compressor: 'zstd', level: 19 }));
+    assert.ok(!isMode({ delta: 'patch', compressor: 'none', level: 0 }));
+    assert.throws(() => checkMode({ delta: 'patch', compressor: 'lz4', level: 0 }), /delta patch compresses with zstd: give --mode zstd:LEVEL, not lz4/);
+    assert.deepEqual(checkMode({ delta: 'patch', compressor: 'zstd', level: 9 }), { delta: 'patch', compressor: 'zstd', level: 9 });
+    const vm = smallVm();
+    const delta = new DeltaEncoder((image, index) => Buffer.from(page(vm.base[image], index)));
+    const raw = capture(vm, 1, 32).find((c) => c.image === 0)!;
+    const { chunk: out, counts } = delta.encode(raw, 'patch', 9);
+    assert.deepEqual(out.mode, { delta: 'patch', compressor: 'zstd', level: 9 });
+    assert.equal(counts.encoded, raw.kind.filter((k) => k === PageKind.Raw).length);
+    assert.equal(nextStage('delta', { delta: 'patch', compressor: 'zstd', level: 9 }, out), 'wire');
+    assert.equal(nextStage('delta', { delta: 'xor', compressor: 'zstd', level: 9 }, delta.encode(raw, 'xor').chunk), 'compress');
+  });
 });
 
 describe('rebuilder', () => {
   for (const delta of DELTA_ALGORITHMS) {
     for (const compressor of COMPRESSORS) {
+      if (!isMode({ delta, compressor, level: 3 })) continue;
       test(`delta ${delta}, ${compressor}: rebuilt images equal the current ones`, () => {
         const vm = smallVm();
         const { store, rebuilder } = rebuild(vm, pipeline(vm, { delta, compressor, level: compressor === 'zstd' ? 3 : 0 }, 2));
@@ -263,6 +281,29 @@ describe('rebuilder', () => {
     })();
     const index = chunk.pageIndex[chunk.kind.indexOf(PageKind.Raw)]!;
     assert.deepEqual(page(store.rebuilt[0], index), page(vm.base[0], index));
+  });
+
+  test('patch: one frame per chunk against its base pages; a wrong base or a damaged frame is refused, naming the cause', () => {
+    const vm = smallVm();
+    const chunks = pipeline(vm, { delta: 'patch', compressor: 'zstd', level: 19 });
+    const patched = chunks.filter((c) => c.mode.delta === 'patch');
+    assert.ok(patched.length > 0 && patched.every((c) => c.mode.compressor === 'zstd' && c.mode.level === 19 && !c.kind.some((k) => k === PageKind.Xor || k === PageKind.ZstdDelta)));
+    const chunk = patched.find((c) => c.image === 0)!;
+    const index = chunk.pageIndex[chunk.kind.indexOf(PageKind.Raw)]!;
+    // the destination's base differs at one of the chunk's pages: the frame's checksum fails
+    const wrongBase: [Buffer, Buffer] = [Buffer.from(vm.base[0]), vm.base[1]];
+    flip(page(wrongBase[0], index), 100);
+    const wrong = new MemoryStore(wrongBase);
+    const r = new Rebuilder(wrong, 'unit', [hashIndex(wrongBase[0]), hashIndex(wrongBase[1])]);
+    assert.throws(() => r.apply(chunk), (e: Error) => e instanceof MalformedMessageError && /chunk 0\.\d+\.0: patch: /.test(e.message));
+    assert.deepEqual(page(wrong.rebuilt[0], index), page(wrongBase[0], index));
+    const damaged = { ...chunk, body: Buffer.from(chunk.body) };
+    flip(damaged.body, damaged.body.byteLength >> 1, 0x10);
+    const r2 = new Rebuilder(new MemoryStore(vm.base), 'unit', [hashIndex(vm.base[0]), hashIndex(vm.base[1])]);
+    assert.throws(() => r2.apply(damaged), MalformedMessageError);
+    const r3 = new Rebuilder(new MemoryStore(vm.base), 'unit', [hashIndex(vm.base[0]), hashIndex(vm.base[1])]);
+    const applied = r3.apply(chunk);
+    assert.equal(applied.pagesWritten + applied.pagesDeferred, chunk.pageIndex.length);
   });
 
   test('index past the end, another migration: malformed', () => {
