@@ -1,5 +1,5 @@
 /** Per-process views of the migrations bucket (descriptors) and the config bucket (wanted mode). */
-import { KvWatchInclude, type KV, type KvWatchEntry, type KvWatchOptions } from '@nats-io/kv';
+import { type KV, type KvWatchEntry, type KvWatchOptions } from '@nats-io/kv';
 import { isDescriptor, type MigrationDescriptor } from './migration.js';
 import { isModeConfig, type Mode, type ModeConfig } from './mode.js';
 
@@ -22,15 +22,28 @@ export class DescriptorCache {
   constructor(private readonly bucket: KV) {}
 
   /**
-   * Also follows the end of migrations (their descriptor deleted when the control path finishes):
-   * forgets them and calls `onEnd`, so a long-running actor drops per-migration state.
+   * Also follows the bucket: a migration's descriptor, there or put later, is kept and handed to
+   * `onPut` (an actor can prepare for it before its first chunk comes); the end of a migration (its
+   * descriptor deleted when the control path finishes) is forgotten and handed to `onEnd`, so a
+   * long-running actor drops per-migration state.
    */
-  static async following(bucket: KV, onEnd: (migrationId: string) => void): Promise<DescriptorCache> {
+  static async following(bucket: KV, onEnd: (migrationId: string) => void, onPut?: (descriptor: MigrationDescriptor) => void): Promise<DescriptorCache> {
     const cache = new DescriptorCache(bucket);
-    const watch = await watchBucket(bucket, { key: '>', include: KvWatchInclude.UpdatesOnly }, (entry) => {
-      if (entry.operation === 'PUT') return;
-      cache.forget(entry.key);
-      onEnd(entry.key);
+    const watch = await watchBucket(bucket, { key: '>' }, (entry) => {
+      if (entry.operation !== 'PUT') {
+        cache.forget(entry.key);
+        onEnd(entry.key);
+        return;
+      }
+      let value: unknown;
+      try {
+        value = entry.json();
+      } catch {
+        return; // a malformed descriptor is said by `get`, to the chunk that needs it
+      }
+      if (!isDescriptor(value) || value.migrationId !== entry.key) return;
+      cache.cache.set(entry.key, Promise.resolve(value));
+      onPut?.(value);
     });
     cache.stopWatch = watch.stop;
     watch.done.catch(() => undefined);

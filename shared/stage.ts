@@ -66,6 +66,9 @@ export function nextStage(from: 'dedup' | 'delta' | 'compress', mode: Mode, chun
   return 'wire';
 }
 
+/** descriptors older than this are prepared for at their first chunk only (see runStage) */
+const PREPARE_AHEAD_MAX_AGE_MS = 10 * 60_000;
+
 /** Redeliveries before a failing chunk is given up on and its migration failed with the reason. */
 const MAX_ATTEMPTS = 5;
 
@@ -88,23 +91,6 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
   const log = createLogger({ stage: actor.name, instance, ...(actor.partition !== undefined ? { partition: actor.partition } : {}) });
   const bus = await connectBus(natsUrl, `handoff-${actor.name}`);
   const prepared = new Map<string, Promise<void>>();
-  const descriptors = await DescriptorCache.following(bus.migrations, (migrationId) => {
-    const p = prepared.get(migrationId);
-    if (!p) return;
-    prepared.delete(migrationId);
-    void p.then(() => actor.forget?.(migrationId)).catch(() => undefined);
-    log.debug('migration ended: state dropped', { migration: migrationId });
-  });
-  const modes = await ModeWatcher.start(bus.config);
-  // a short ack wait, kept alive while a chunk is worked on: a killed instance's chunks go to another soon
-  const ackWaitMs = actor.ackWaitMs ?? 10_000;
-  const durable = await ensureWorkConsumer(bus, actor.input, actor.partition, ackWaitMs);
-  const consumer = await bus.js.consumers.get(streamOf(actor.input), durable);
-  const concurrency = actor.concurrency ?? 1;
-  const gate = actor.gated ? await WorkerGate.start(bus, actor.name, instance, log) : undefined;
-  const messages = gate ? undefined : await consumer.consume({ max_messages: Math.max(2, concurrency * 2) });
-  log.info('ready', { consumer: durable, ...(gate ? { gated: true } : {}) });
-
   const prepare = (descriptor: MigrationDescriptor, mlog: Logger): Promise<void> => {
     let p = prepared.get(descriptor.migrationId);
     if (!p) {
@@ -114,6 +100,33 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
     }
     return p;
   };
+  const descriptors = await DescriptorCache.following(
+    bus.migrations,
+    (migrationId) => {
+      const p = prepared.get(migrationId);
+      if (!p) return;
+      prepared.delete(migrationId);
+      void p.then(() => actor.forget?.(migrationId)).catch(() => undefined);
+      log.debug('migration ended: state dropped', { migration: migrationId });
+    },
+    // Prepared when the descriptor appears, not at the first chunk: dedup's base index took 250 ms
+    // on one core after capture had started, while the link waited for the first chunk. Not for an
+    // old descriptor a crashed control path left: that one waits for a chunk, as before.
+    (descriptor) => {
+      if (!actor.prepare || Date.now() - descriptor.createdAtMs > PREPARE_AHEAD_MAX_AGE_MS) return;
+      const mlog = log.child({ migration: descriptor.migrationId });
+      prepare(descriptor, mlog).catch((err: unknown) => mlog.warn('cannot prepare ahead: will try again at the first chunk', { reason: errorMessage(err) }));
+    },
+  );
+  const modes = await ModeWatcher.start(bus.config);
+  // a short ack wait, kept alive while a chunk is worked on: a killed instance's chunks go to another soon
+  const ackWaitMs = actor.ackWaitMs ?? 10_000;
+  const durable = await ensureWorkConsumer(bus, actor.input, actor.partition, ackWaitMs);
+  const consumer = await bus.js.consumers.get(streamOf(actor.input), durable);
+  const concurrency = actor.concurrency ?? 1;
+  const gate = actor.gated ? await WorkerGate.start(bus, actor.name, instance, log) : undefined;
+  const messages = gate ? undefined : await consumer.consume({ max_messages: Math.max(2, concurrency * 2) });
+  log.info('ready', { consumer: durable, ...(gate ? { gated: true } : {}) });
 
   /** Gives up on a message: kept as a dead letter with the reason, its migration failed naming it. */
   const giveUp = async (m: JsMsg, migrationId: string, reason: string): Promise<void> => {

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { imageDigest } from '../shared/base-index.js';
 import { hashImageFile as sha256File } from '../shared/pages.js';
 import type { MigrationSummary } from '../cli/summary.js';
-import type { Mode } from '../shared/mode.js';
+import { formatMode, type Mode } from '../shared/mode.js';
 import { handoff, makeWorkspace, type Workspace } from './helpers/cloudlets.js';
 
 let ws: Workspace;
@@ -38,6 +38,7 @@ describe('handoff pipeline over NATS JetStream', { timeout: 300_000 }, () => {
     ['none', { delta: 'none', compressor: 'none', level: 0 }],
     ['lz4', { delta: 'xor', compressor: 'lz4', level: 0 }],
     ['zstd', { delta: 'zstd', compressor: 'zstd', level: 3 }],
+    ['patch', { delta: 'patch', compressor: 'zstd', level: 9 }],
   ];
   for (const [name, mode] of modes) {
     test(`mode ${name}: images byte-identical`, async () => {
@@ -48,6 +49,12 @@ describe('handoff pipeline over NATS JetStream', { timeout: 300_000 }, () => {
         assert.equal(summary.stages.compress, undefined);
         assert.equal(summary.stages.delta, undefined);
         assert.ok(summary.wireBytes >= summary.stages.dedup!.bytesOut);
+      } else if (mode.delta === 'patch') {
+        // compressed in delta, against the base: compress never sees a chunk
+        assert.equal(summary.stages.compress, undefined);
+        assert.ok(summary.stages.delta!.chunks > 0);
+        assert.deepEqual(summary.modes, ['delta=patch zstd:9']);
+        assert.ok(summary.wireBytes < summary.inputBytes, 'patch made nothing smaller');
       } else {
         assert.ok(summary.stages.compress!.chunks > 0);
         assert.ok(summary.wireBytes < summary.inputBytes, 'compression made nothing smaller');
@@ -71,9 +78,11 @@ describe('handoff pipeline over NATS JetStream', { timeout: 300_000 }, () => {
     assert.ok(summary.stages.dedup!.counts.sent! > 0, 'duplicates within the migration were not found across partitions');
   });
 
-  test('mode changed mid-migration: the receiver decodes both, images identical', async () => {
-    const first: Mode = { delta: 'xor', compressor: 'zstd', level: 3 };
-    const second: Mode = { delta: 'none', compressor: 'lz4', level: 0 };
+  const changes: [Mode, Mode][] = [
+    [{ delta: 'xor', compressor: 'zstd', level: 3 }, { delta: 'none', compressor: 'lz4', level: 0 }],
+    [{ delta: 'xor', compressor: 'zstd', level: 3 }, { delta: 'patch', compressor: 'zstd', level: 3 }],
+  ];
+  for (const [first, second] of changes) test(`mode changed mid-migration to ${formatMode(second)}: the receiver decodes both, images identical`, async () => {
     let changed = false;
     const { summary, dest } = await handoff(ws, {
       mode: first,
@@ -90,8 +99,8 @@ describe('handoff pipeline over NATS JetStream', { timeout: 300_000 }, () => {
     });
     assert.ok(changed);
     await assertIdentical(summary, dest.outDir);
-    assert.ok(summary.modes.includes('delta=xor zstd:3'), `modes ${summary.modes}`);
-    assert.ok(summary.modes.includes('delta=none lz4'), `modes ${summary.modes}`);
+    assert.ok(summary.modes.includes(formatMode(first)), `modes ${summary.modes}`);
+    assert.ok(summary.modes.includes(formatMode(second)), `modes ${summary.modes}`);
   });
 
   test('adaptive: started uncompressed on a slow link, the tuner switches to compression once the sender has probed it', async () => {

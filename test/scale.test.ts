@@ -3,7 +3,8 @@
  * in the summary) and the images arrive identical. A worker that leaves (SIGTERM) finishes or hands
  * back its chunks and exits cleanly; workers the tuner does not want take no work until the wish
  * ends; health and readiness answer over HTTP. Also the bus helpers they coordinate by: the view of
- * the workers bucket, and the wait for a migration's first event of a kind (capture's for the tuner's first look).
+ * the workers bucket, the descriptors an actor prepares for ahead, and the wait for a migration's first event
+ * of a kind (capture's for the tuner's first look).
  */
 import assert from 'node:assert/strict';
 import { createServer } from 'node:net';
@@ -18,6 +19,8 @@ import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { connectBus, firstEvent, publishEvent } from '../shared/bus.js';
 import { PRESENCE_TTL_MS, PresenceView, liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
 import { hashImageFile } from '../shared/pages.js';
+import type { MigrationDescriptor } from '../shared/migration.js';
+import { DescriptorCache } from '../shared/registry.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
 
 let ws: Workspace;
@@ -168,6 +171,45 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       assert.equal(view.wanted('viewtest'), undefined, 'a wish not written again outlived its age');
     } finally {
       view.stop();
+      await bus.close();
+    }
+  });
+
+  test('descriptors, put before and after an actor follows the bucket, are handed over to prepare ahead; a deleted one ends', async () => {
+    const bus = await connectBus(nats.url, 'test-descriptors');
+    const descriptor = (migrationId: string): MigrationDescriptor => ({
+      migrationId,
+      createdAtMs: Date.now(),
+      memory: { base: '/b/m', current: '/c/m', baseHash: 'h', bytes: 4096 },
+      disk: { base: '/b/d', current: '/c/d', baseHash: 'h', bytes: 4096 },
+      destination: '127.0.0.1:1',
+      parts: 1,
+      chunkPages: 16,
+      bandwidthCapBps: 0,
+      mode: { delta: 'patch', compressor: 'zstd', level: 3 },
+    });
+    const put: string[] = [];
+    const ended: string[] = [];
+    let cache: DescriptorCache | undefined;
+    try {
+      await bus.migrations.put('m-desc-before', JSON.stringify(descriptor('m-desc-before')));
+      await bus.migrations.put('m-desc-malformed', JSON.stringify({ migrationId: 'm-desc-malformed' }));
+      cache = await DescriptorCache.following(bus.migrations, (id) => ended.push(id), (d) => put.push(d.migrationId));
+      await bus.migrations.put('m-desc-after', JSON.stringify(descriptor('m-desc-after')));
+      const until = async (what: () => boolean): Promise<void> => {
+        for (let i = 0; i < 100 && !what(); i++) await new Promise((r) => setTimeout(r, 50));
+      };
+      await until(() => put.includes('m-desc-after'));
+      assert.ok(put.includes('m-desc-before') && put.includes('m-desc-after'), `handed over: ${put}`);
+      assert.ok(!put.includes('m-desc-malformed'));
+      assert.equal((await cache.get('m-desc-after')).mode.delta, 'patch');
+      await bus.migrations.delete('m-desc-after');
+      await until(() => ended.includes('m-desc-after'));
+      assert.ok(ended.includes('m-desc-after'));
+      await assert.rejects(cache.get('m-desc-after'), /unknown migration id m-desc-after/);
+    } finally {
+      cache?.stop();
+      for (const id of ['m-desc-before', 'm-desc-malformed']) await bus.migrations.delete(id).catch(() => undefined);
       await bus.close();
     }
   });

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { Tuner, busPagesOf } from '../../services/tuner/core.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
-import { TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type Profile } from '../../services/tuner/model.js';
+import { TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
 import { loadProfile } from '../../services/tuner/profile.js';
 import type { StageStats } from '../../shared/migration.js';
 import { inUse } from '../../shared/presence.js';
@@ -372,6 +372,27 @@ describe('tuner', () => {
     assert.ok(Math.abs(zstd3.compressCpuMsPerBlock - 0.15) < 1e-9);
     const zstd19 = t.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD19))!;
     assert.ok(Math.abs(zstd19.compressCpuMsPerBlock - 4) < 1e-9, 'unmeasured mode not scaled by 10x');
+  });
+
+  test('patch: each level its own delta cost, no compress cost, strong at a slow link and cheap at a fast one', () => {
+    const PATCH3: Mode = { delta: 'patch', compressor: 'zstd', level: 3 };
+    const PATCH19: Mode = { delta: 'patch', compressor: 'zstd', level: 19 };
+    const profile: Profile = {
+      ...PROFILE,
+      modes: [...PROFILE.modes, { mode: PATCH3, deltaCpuMsPerBlock: 0.02, compressCpuMsPerBlock: 0, ratio: 0.33 }, { mode: PATCH19, deltaCpuMsPerBlock: 0.6, compressCpuMsPerBlock: 0, ratio: 0.29 }],
+    };
+    assert.equal(best(at(2), profile), modeKey(PATCH19));
+    assert.equal(best(at(50), profile), modeKey(PATCH3));
+    const t = tunerOf(profile);
+    // patch-3 measured at twice its profile: patch-19 scales by that, but is not given patch-3's own figure
+    for (let i = 0; i < 20; i++) t.observe(stats('delta', PATCH3, 256, 256 * 0.04, 256 * 4096 * 0.33, 'wire'));
+    const costs = t.costs();
+    const cost = (m: Mode): ModeCost => costs.find((c) => modeKey(c.mode) === modeKey(m))!;
+    assert.ok(Math.abs(cost(PATCH3).deltaCpuMsPerBlock - 0.04) < 1e-9);
+    assert.ok(Math.abs(cost(PATCH19).deltaCpuMsPerBlock - 1.2) < 1e-9, `patch-19 ${cost(PATCH19).deltaCpuMsPerBlock} ms a block`);
+    assert.equal(cost(PATCH19).compressCpuMsPerBlock, 0, 'compress never sees a patch');
+    // a patch goes from delta to the wire: bus pages are capture's, dedup's, delta's output and the sender's
+    assert.equal(busPagesOf(PATCH3, 0.33, 1), 2 + 0.33 + 0.33);
   });
 });
 
