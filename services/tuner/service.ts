@@ -62,6 +62,15 @@ interface Followed {
  */
 const PROBE_WAIT_MS = 2000;
 
+/**
+ * Where the cores are the bottleneck, the ratio probe's process starts this long after the first
+ * look, if the handoff still runs: ratios matter only once the link becomes the bottleneck, and the
+ * process costs 0.3-0.4 s of CPU (node and the modules) on the cores that are short. At 100 Mbit/s
+ * on one core (a 1.6 s transfer) adaptive took 0.1 s and 0.4 s of CPU more than static patch-3 with
+ * it started at once, at nice 19.
+ */
+const CORES_BOUND_PROBE_AFTER_MS = 3000;
+
 /** how much smaller than thought a costly mode's ratio may prove to be: the probe leaves out those that could not win even so */
 const COSTLY_RATIO_DOUBT = 0.8;
 
@@ -135,7 +144,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     const tuner = f.tuner;
     return run()
       .then((probe) => {
-        if (stopped?.aborted) return; // the first look handed it to a process
+        if (stopped?.aborted) return; // the first look handed it to a process, or the handoff ended before it began
         if (!probe) {
           log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
           return;
@@ -158,8 +167,21 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         if (!stopping) log.warn('ratio probe failed, profile ratios kept', { migration: migrationId, reason: errorMessage(err) });
       });
   };
-  const probeProcess = (migrationId: string, d: MigrationDescriptor, f: Followed, plan: ProbePlan, nice: number): Promise<void> =>
-    useProbe(migrationId, f, `process at nice ${nice}`, async () => (await runProbeProcess({ images: imagesOf(d), plan }, nice, probesRunning.signal)).probe);
+  /** the probe in a process of its own, at `nice`, `afterMs` from now if the migration still runs then */
+  const probeProcess = (migrationId: string, d: MigrationDescriptor, f: Followed, plan: ProbePlan, nice: number, afterMs = 0): Promise<void> => {
+    const ended = new AbortController();
+    const run = async (): Promise<ProbeResult | undefined> => {
+      if (afterMs > 0) {
+        await delay(afterMs, undefined, { signal: probesRunning.signal });
+        if (followed.get(migrationId) !== f) {
+          ended.abort();
+          return undefined;
+        }
+      }
+      return (await runProbeProcess({ images: imagesOf(d), plan }, nice, probesRunning.signal)).probe;
+    };
+    return useProbe(migrationId, f, `process at nice ${nice}`, run, ended.signal);
+  };
 
   // The destination has accepted an adaptive migration: its capture waits for the first look, and
   // the core is free meanwhile. The probe starts now, in this process (a process of its own took
@@ -268,7 +290,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
               predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
             );
             const plan = linkBound ? probePlan(profile, (m) => couldWin.has(modeKey(m))) : probePlan(profile);
-            f.probe = probeProcess(migrationId, d, f, plan, linkBound ? 0 : PROBE_NICE);
+            f.probe = linkBound ? probeProcess(migrationId, d, f, plan, 0) : probeProcess(migrationId, d, f, plan, PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
           }
           if (linkBound) {
             f.probeAwaiting = true;
