@@ -39,6 +39,10 @@ export async function runActor(name: ActorName, natsUrl: string, partition = 0):
 export async function actorMain(name: ActorName, natsUrl: string, partition: number): Promise<void> {
   const actor = await runActor(name, natsUrl, partition);
   const log = createLogger({ stage: name, instance: `${hostname()}:${process.pid}` });
+  // spawned by a command (spawnActor): it is told we take work, and the channel is let go
+  if (process.send) {
+    process.send({ type: 'ready' } satisfies ReadyMessage, () => process.disconnect?.());
+  }
   const port = healthPortFromEnv();
   const health = port === undefined ? undefined : await startHealthServer(port, actor, await startTelemetry(name), log);
   let stopping: Promise<void> | undefined;
@@ -62,6 +66,12 @@ const MAIN = fileURLToPath(new URL('./main.js', import.meta.url));
 export interface ActorProcess {
   name: string;
   child: ChildProcess;
+  /** resolves once the actor takes work; rejects, naming it, if it exits before */
+  ready: Promise<void>;
+}
+
+interface ReadyMessage {
+  type: 'ready';
 }
 
 /** Spawns `handoff actor NAME` as its own process; its logs go to our stderr. */
@@ -74,10 +84,21 @@ export function spawnActor(name: ActorName, natsUrl: string, options: { partitio
   // prefix: a command it runs under, e.g. ['ip', 'netns', 'exec', NS] on another host
   const [command, ...prefixArgs] = options.prefix?.length ? [...options.prefix, process.execPath] : [process.execPath];
   const child = spawn(command!, [...prefixArgs, ...args], {
-    stdio: ['ignore', 'inherit', 'inherit'],
+    // ipc: the actor says when it takes work (see actorMain)
+    stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
     env: { ...nats.env, HANDOFF_LOG_LEVEL: options.logLevel ?? process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
   });
-  return { name: options.partition !== undefined ? `${name}-${options.partition}` : name, child };
+  const label = options.partition !== undefined ? `${name}-${options.partition}` : name;
+  const ready = new Promise<void>((resolve, reject) => {
+    child.on('message', (m: unknown) => {
+      if (typeof m === 'object' && m !== null && (m as ReadyMessage).type === 'ready') resolve();
+    });
+    child.once('exit', (code, signal) => reject(new Error(`actor ${label} exited (${signal ?? `code ${code}`}) before it was ready`)));
+    child.once('error', reject);
+  });
+  // callers that do not wait for it see its failure as the child's exit
+  ready.catch(() => undefined);
+  return { name: label, child, ready };
 }
 
 export async function stopActors(actors: ActorProcess[], graceMs = 10_000): Promise<void> {

@@ -4,6 +4,7 @@
  * returns the summary.
  */
 import { randomBytes } from 'node:crypto';
+import { setTimeout as delay } from 'node:timers/promises';
 import { DeliverPolicy } from '@nats-io/jetstream';
 import { checkImage, loadBaseIndex } from '../shared/base-index.js';
 import { connectBus, publishEvent, type Bus } from '../shared/bus.js';
@@ -65,6 +66,9 @@ async function checkPair(base: string, current: string, what: string): Promise<n
   return currentBytes;
 }
 
+/** the longest a migration waits for the actors it spawned to take work before it starts */
+const ACTORS_READY_WAIT_MS = 30_000;
+
 export async function migrate(options: MigrateOptions): Promise<MigrationSummary> {
   const migrationId = options.migrationId ?? newMigrationId();
   const log = createLogger({ stage: 'control', migration: migrationId });
@@ -120,6 +124,13 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
         a.child.once('exit', (code, signal) => {
           if (code !== 0 && signal !== 'SIGTERM') log.warn('actor exited', { actor: a.name, code, signal });
         });
+      }
+      // The handoff starts once they take work. Started at once, the sender opened and probed the
+      // link while the others were still starting on the same cores: a one-core source read a 1000
+      // Mbit/s link as 37, and adaptive chose for that.
+      const allReady = Promise.all(actors.map((a) => a.ready)).then(() => true);
+      if (!(await Promise.race([allReady, delay(ACTORS_READY_WAIT_MS, false, { ref: false })]))) {
+        log.warn('actors not all ready: starting anyway', { waitedMs: ACTORS_READY_WAIT_MS });
       }
     }
 

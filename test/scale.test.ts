@@ -250,6 +250,8 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
         if (ready !== 200) await new Promise((r) => setTimeout(r, 100));
       }
       assert.equal(ready, 200, 'never ready');
+      // and the command that spawned it was told so (a migration starts once its actors are)
+      await worker.ready;
       assert.equal((await fetch(`${base}/healthz`)).status, 200);
       const metrics = await (await fetch(`${base}/metrics`)).text();
       assert.match(metrics, /handoff_queue_depth\{stage="compress"[^}]*\} \d+/);
@@ -258,6 +260,15 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       assert.equal(await exitOf(worker), 0);
     } finally {
       await stopActors([worker]);
+    }
+  });
+
+  test('an actor that cannot start says so to the command that spawned it, by name', async () => {
+    const broken = spawnActor('delta', 'nats://127.0.0.1:1', { partition: 3 });
+    try {
+      await assert.rejects(broken.ready, /actor delta-3 exited \(code 1\) before it was ready/);
+    } finally {
+      await stopActors([broken]);
     }
   });
 
