@@ -15,6 +15,13 @@ export async function watchBucket(bucket: KV, options: KvWatchOptions, onEntry: 
   return { stop: () => iter.stop(), done };
 }
 
+/** A migrations-bucket entry's descriptor; throws where it is not one. */
+function descriptorOf(migrationId: string, entry: { json(): unknown }): MigrationDescriptor {
+  const value: unknown = entry.json();
+  if (!isDescriptor(value)) throw new UnknownMigrationError(`migration ${migrationId}: descriptor is malformed`);
+  return value;
+}
+
 export class DescriptorCache {
   private readonly cache = new Map<string, Promise<MigrationDescriptor>>();
   private stopWatch: (() => void) | undefined;
@@ -35,13 +42,13 @@ export class DescriptorCache {
         onEnd(entry.key);
         return;
       }
-      let value: unknown;
+      let value: MigrationDescriptor;
       try {
-        value = entry.json();
+        value = descriptorOf(entry.key, entry);
       } catch {
         return; // a malformed descriptor is said by `get`, to the chunk that needs it
       }
-      if (!isDescriptor(value) || value.migrationId !== entry.key) return;
+      if (value.migrationId !== entry.key) return;
       cache.cache.set(entry.key, Promise.resolve(value));
       onPut?.(value);
     });
@@ -67,9 +74,7 @@ export class DescriptorCache {
   private async load(migrationId: string): Promise<MigrationDescriptor> {
     const entry = await this.bucket.get(migrationId);
     if (!entry || entry.length === 0) throw new UnknownMigrationError(`unknown migration id ${migrationId}: no descriptor in the migrations bucket`);
-    const value: unknown = entry.json();
-    if (!isDescriptor(value)) throw new UnknownMigrationError(`migration ${migrationId}: descriptor is malformed`);
-    return value;
+    return descriptorOf(migrationId, entry);
   }
 
   forget(migrationId: string): void {

@@ -3,11 +3,11 @@
  * or (patch) compress the chunk's raw pages as one against their base pages.
  */
 import { PageKind, type Chunk } from '../../shared/chunk.js';
-import { PatchEncoder } from '../../shared/codecs/patch.js';
+import { PatchEncoder, patchReference } from '../../shared/codecs/patch.js';
 import { xorEncode } from '../../shared/codecs/xor.js';
 import { ZstdDeltaEncoder } from '../../shared/codecs/zstd-delta.js';
 import type { DeltaAlgorithm } from '../../shared/mode.js';
-import type { ImageId } from '../../shared/pages.js';
+import { PAGE_SIZE, type ImageId } from '../../shared/pages.js';
 
 /** Reads page `index` of base image `image` (4096 bytes). */
 export type BasePageReader = (image: ImageId, index: number) => Uint8Array;
@@ -64,15 +64,12 @@ export class DeltaEncoder {
    * receiver reads the same base pages to undo it.
    */
   private patch(chunk: Chunk, level: number): { chunk: Chunk; counts: DeltaCounts } {
-    const bases: Uint8Array[] = [];
-    for (let i = 0; i < chunk.kind.length; i++) {
-      if (chunk.kind[i] === PageKind.Raw) bases.push(this.readBasePage(chunk.image, chunk.pageIndex[i]!));
-    }
-    if (bases.length === 0) return { chunk, counts: { encoded: 0, kept: 0 } };
-    const body = this.patchEncoder.encode(chunk.body, Buffer.concat(bases), level);
+    const reference = patchReference(chunk, this.readBasePage);
+    if (!reference) return { chunk, counts: { encoded: 0, kept: 0 } };
+    const body = this.patchEncoder.encode(chunk.body, reference, level);
     return {
       chunk: { ...chunk, mode: { delta: 'patch', compressor: 'zstd', level }, body },
-      counts: { encoded: bases.length, kept: 0 },
+      counts: { encoded: reference.byteLength / PAGE_SIZE, kept: 0 },
     };
   }
 }

@@ -5,7 +5,7 @@
  */
 import { PageKind, chunkKey, type Chunk } from '../../shared/chunk.js';
 import { BlockDecompressor } from '../../shared/codecs/block.js';
-import { PatchDecoder } from '../../shared/codecs/patch.js';
+import { PatchDecoder, patchReference } from '../../shared/codecs/patch.js';
 import { xorDecode } from '../../shared/codecs/xor.js';
 import { ZstdDeltaDecoder } from '../../shared/codecs/zstd-delta.js';
 import { MalformedMessageError, VerificationError } from '../../shared/errors.js';
@@ -146,12 +146,9 @@ export class Rebuilder {
 
   /** A patch chunk's body, against the base pages of its raw pages (see DeltaEncoder). */
   private unpatch(chunk: Chunk): Uint8Array {
-    const bases: Uint8Array[] = [];
-    for (let i = 0; i < chunk.kind.length; i++) {
-      if (chunk.kind[i] === PageKind.Raw) bases.push(this.store.readBase(chunk.image, chunk.pageIndex[i]!));
-    }
+    const reference = patchReference(chunk, (image, index) => this.store.readBase(image, index)) ?? Buffer.alloc(0);
     try {
-      return this.patch.decode(chunk.body, Buffer.concat(bases), chunk.bodyRawLength);
+      return this.patch.decode(chunk.body, reference, chunk.bodyRawLength);
     } catch (err) {
       throw new MalformedMessageError(`chunk ${chunkKey(chunk)}: ${err instanceof Error ? err.message : String(err)}`);
     }

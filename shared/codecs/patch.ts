@@ -5,7 +5,9 @@
  * (delta=patch) 4-12% less than each page against its own base page or xor then zstd over the
  * chunk, at about their CPU (level 3, measured on both load contents). Layout: [length u32 LE][zstd frame].
  */
+import { PageKind, type Chunk } from '../chunk.js';
 import { MalformedMessageError } from '../errors.js';
+import type { ImageId } from '../pages.js';
 import { zstd as binding } from './zstd-binding.js';
 
 /** Largest blob decoded: a device state is about 1 MB, a chunk's pages 1 MiB. */
@@ -55,6 +57,18 @@ export class PatchDecoder {
     if (written !== length) throw new MalformedMessageError(`patch: decoded ${written} bytes, expected ${length}`);
     return out;
   }
+}
+
+/**
+ * What a patch chunk (delta=patch) is compressed against: the base pages of its raw pages (the only
+ * pages with a body), in their order. Source and destination build it here, so they agree.
+ */
+export function patchReference(chunk: Chunk, readBasePage: (image: ImageId, index: number) => Uint8Array): Buffer | undefined {
+  const bases: Uint8Array[] = [];
+  for (let i = 0; i < chunk.kind.length; i++) {
+    if (chunk.kind[i] === PageKind.Raw) bases.push(readBasePage(chunk.image, chunk.pageIndex[i]!));
+  }
+  return bases.length > 0 ? Buffer.concat(bases) : undefined;
 }
 
 export function encodePatch(data: Uint8Array, reference: Uint8Array, level = 19): Buffer {
