@@ -8,7 +8,7 @@ import type { ResumeOptions } from '../services/receiver/resume.js';
 import { healthPortFromEnv, startHealthServer } from '../shared/health.js';
 import { createLogger } from '../shared/log.js';
 import { startTelemetry } from '../shared/telemetry.js';
-import { DEFAULT_MODE, checkMode, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
+import { ADAPTIVE_START_MODE, DEFAULT_MODE, checkMode, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
 import { parseRateBps, parseSizeBytes } from '../shared/units.js';
 import { ACTOR_NAMES, actorMain, type ActorName } from './actors.js';
 import { migrate } from './migrate.js';
@@ -49,7 +49,7 @@ HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or an nkey seed in HANDOFF_NATS_NKEY_SE
   --delta none|xor|zstd|patch    against the base: none; each page against its base page (xor, zstd);
                                  patch: each chunk's pages compressed as one with their base pages
                                  as dictionary (give --mode zstd:LEVEL). Default xor; with adaptive,
-                                 where it starts
+                                 where it starts (default patch at zstd:3)
   --compress-workers N           compress processes sharing one work queue (default 2)
   --dedup-instances N            dedup processes, each owning a partition of the hash space (default 1)
   --bandwidth RATE               cap the WAN rate, e.g. 10mbit (default: no cap)
@@ -136,11 +136,12 @@ function need(values: Record<string, unknown>, names: string[], command: string)
   if (missing.length) throw new UsageError(`${command}: missing ${missing.map((n) => `--${n}`).join(', ')} (see 'handoff ${command} --help')`);
 }
 
-/** `--mode adaptive` (the default) starts from the default mode and lets the tuner choose. */
+/** `--mode adaptive` (the default) starts from patch-3 (or `--delta` at zstd-3) and lets the tuner choose. */
 export function modeFrom(values: { mode?: string; delta?: string }): { mode: Mode; adaptive: boolean } {
   const adaptive = values.mode === undefined || values.mode === 'adaptive';
-  const compression = adaptive ? DEFAULT_MODE : parseCompression(values.mode!);
-  const delta = values.delta === undefined ? DEFAULT_MODE.delta : parseDelta(values.delta);
+  const start = adaptive ? ADAPTIVE_START_MODE : DEFAULT_MODE;
+  const compression = adaptive ? start : parseCompression(values.mode!);
+  const delta = values.delta === undefined ? start.delta : parseDelta(values.delta);
   return { mode: checkMode({ delta, compressor: compression.compressor, level: compression.level }), adaptive };
 }
 

@@ -35,6 +35,8 @@ export interface MigrationSummary {
   /** bandwidth measured from the receiver's ACKs, averaged over the transfer */
   measuredBandwidthBps: number;
   modes: string[];
+  /** chunks (slices) sent to the wire in each mode */
+  chunksByMode: Record<string, number>;
   adaptive: boolean;
   /** the tuner's switches, with what it measured and predicted */
   decisions: TunerDecision[];
@@ -53,7 +55,8 @@ export const STAGE_ORDER = ['capture', 'dedup', 'delta', 'compress', 'sender'] a
 
 export class StatsCollector {
   readonly stages: Record<string, StageSummary> = {};
-  readonly modes = new Set<string>();
+  /** chunks (slices) sent to the wire in each mode, in the order the modes first came */
+  readonly chunksByMode = new Map<string, number>();
   scannedBytes = 0;
   wireBytes = 0;
   ackedChunks = 0;
@@ -77,7 +80,10 @@ export class StatsCollector {
       if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'averageBandwidthBps' || k === 'blocks' || k === 'linkBoundPct') continue;
       st.counts[k] = (st.counts[k] ?? 0) + v;
     }
-    if (s.next === 'wire') this.modes.add(formatMode(s.mode));
+    if (s.next === 'wire') {
+      const mode = formatMode(s.mode);
+      this.chunksByMode.set(mode, (this.chunksByMode.get(mode) ?? 0) + 1);
+    }
     if (s.stage === 'capture') {
       this.scannedBytes = Math.max(this.scannedBytes, s.counts?.scannedBytes ?? 0);
       this.emittedSlices += s.counts?.slices ?? 0;
@@ -113,7 +119,7 @@ export function formatSummary(s: MigrationSummary): string {
     for (const r of s.rounds) lines.push(`  round ${r.round}: ${r.dirtyPages} dirty pages in ${r.seconds.toFixed(2)} s; ${r.decision}`);
   }
   const switches = s.decisions.filter((d) => d.from !== d.to).length;
-  lines.push(`modes: ${s.modes.join(', ') || 'none'}${s.adaptive ? ` (adaptive, ${switches} switches)` : ''}`);
+  lines.push(`modes: ${s.modes.map((m) => (s.modes.length > 1 ? `${m} (${s.chunksByMode[m] ?? 0} chunks)` : m)).join(', ') || 'none'}${s.adaptive ? ` (adaptive, ${switches} switches)` : ''}`);
   for (const d of s.decisions) {
     const workers = `${d.compressWorkersInUse ?? d.compressWorkers} of ${d.compressWorkers} compress workers in use`;
     lines.push(

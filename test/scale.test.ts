@@ -7,6 +7,7 @@
  * of a kind (capture's for the tuner's first look).
  */
 import assert from 'node:assert/strict';
+import { stat } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -21,6 +22,12 @@ import { PRESENCE_TTL_MS, PresenceView, liveWorkers, setWantedWorkers, workersBu
 import { hashImageFile } from '../shared/pages.js';
 import type { MigrationDescriptor } from '../shared/migration.js';
 import { DescriptorCache } from '../shared/registry.js';
+import { loadBaseIndex } from '../shared/base-index.js';
+import { createLogger } from '../shared/log.js';
+import { ADAPTIVE_START_MODE } from '../shared/mode.js';
+import { STREAMS, workSubject } from '../shared/subjects.js';
+import { captureRound } from '../services/capture/round.js';
+import { HEAD_START_CHUNKS } from '../services/capture/service.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
 
 let ws: Workspace;
@@ -230,6 +237,40 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       assert.equal(await firstEvent(bus, 'm-first-never', 'tuned', 300), undefined);
       assert.ok(performance.now() - started >= 300);
     } finally {
+      await bus.close();
+    }
+  });
+
+  test("capture holds an adaptive migration's chunks past its head start until the tuner's look, then sends the rest", async () => {
+    const bus = await connectBus(nats.url, 'test-head-start');
+    const migrationId = 'm-head-start';
+    const subject = workSubject('dedup', migrationId, 0);
+    const pair = async (base: string, current: string) => ({ base, current, baseHash: (await loadBaseIndex(base)).contentHash, bytes: (await stat(current)).size });
+    const d: MigrationDescriptor = {
+      migrationId,
+      createdAtMs: Date.now(),
+      memory: await pair(ws.images.baseMemory, ws.images.memory),
+      disk: await pair(ws.images.baseDisk, ws.images.disk),
+      destination: '127.0.0.1:1',
+      parts: 1,
+      chunkPages: 16,
+      bandwidthCapBps: 0,
+      mode: ADAPTIVE_START_MODE,
+      adaptive: true,
+    };
+    const queued = async (): Promise<number> => (await bus.jsm.streams.info(STREAMS.dedup, { subjects_filter: subject })).state.subjects?.[subject] ?? 0;
+    let open: () => void = () => undefined;
+    const looked = new Promise<void>((resolve) => (open = resolve));
+    try {
+      const round = captureRound(bus, d, 0, createLogger({ stage: 'capture' }), undefined, { afterChunks: HEAD_START_CHUNKS, open: looked });
+      await new Promise((r) => setTimeout(r, 1500));
+      assert.equal(await queued(), HEAD_START_CHUNKS, 'chunks queued before the look');
+      open();
+      const r = await round;
+      assert.ok(r.slices > 4 * HEAD_START_CHUNKS, `${r.slices} chunks: too few to tell`);
+      assert.equal(await queued(), r.slices, 'chunks queued after the look');
+    } finally {
+      await bus.jsm.streams.purge(STREAMS.dedup, { filter: subject }).catch(() => undefined);
       await bus.close();
     }
   });

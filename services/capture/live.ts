@@ -19,7 +19,7 @@ import { saveDeviceState } from '../../shared/vm/qemu.js';
 import { newPageRecord } from './core.js';
 import { mapImage } from './mapping.js';
 import { decideAfterRound, type RoundStat } from './policy.js';
-import { captureRound, type LiveImages } from './round.js';
+import { captureRound, type CaptureGate, type LiveImages } from './round.js';
 
 /** What the stop costs besides the last round's pages: device state, the final scan, the resume. */
 const STOP_OVERHEAD_MS = 150;
@@ -39,7 +39,8 @@ async function waitDelivered(bus: Bus, d: MigrationDescriptor): Promise<void> {
   }
 }
 
-export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger): Promise<void> {
+/** `gate`: round 0's, see captureRound */
+export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger, gate?: CaptureGate): Promise<void> {
   const live = d.live!;
   const images: LiveImages = {
     records: [newPageRecord(d.memory.bytes / PAGE_SIZE), newPageRecord(d.disk.bytes / PAGE_SIZE)],
@@ -55,7 +56,7 @@ export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger)
       await stopAndCopy(bus, d, round, images, rounds, log);
       return;
     }
-    const r = await captureRound(bus, d, round, log, images);
+    const r = await captureRound(bus, d, round, log, images, round === 0 ? gate : undefined);
     await publishEvent(bus, d.migrationId, { type: 'captured', round, slices: r.slices, imageHashes: r.imageHashes, dirtyPages: r.dirtyPages, scannedBytes: r.scannedBytes, final: false });
     const started = performance.now() - r.seconds * 1000;
     await waitDelivered(bus, d);

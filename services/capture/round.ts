@@ -39,8 +39,17 @@ export interface LiveImages {
   views: [Buffer | undefined, Buffer | undefined];
 }
 
-/** Captures round `round` (`live`: of a live handoff, whose later rounds compare with the round before). */
-export async function captureRound(bus: Bus, d: MigrationDescriptor, round: number, log: Logger, live?: LiveImages): Promise<RoundResult> {
+/** Chunks publish freely up to `afterChunks`; the next waits for `open` (an adaptive migration's first look). */
+export interface CaptureGate {
+  afterChunks: number;
+  open: Promise<unknown>;
+}
+
+/**
+ * Captures round `round` (`live`: of a live handoff, whose later rounds compare with the round
+ * before; `gate`: hold chunks past the first few until it opens).
+ */
+export async function captureRound(bus: Bus, d: MigrationDescriptor, round: number, log: Logger, live?: LiveImages, gate?: CaptureGate): Promise<RoundResult> {
   const records = live?.records;
   if (round > 0 && !records) throw new Error('a later round needs the hashes of the round before');
   const started = performance.now();
@@ -48,6 +57,10 @@ export async function captureRound(bus: Bus, d: MigrationDescriptor, round: numb
   const inFlight = new Set<Promise<void>>();
   const span = startSpan('capture', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture', 'handoff.round': round });
   const publish = async (chunk: Chunk): Promise<void> => {
+    if (gate && chunk.seq >= gate.afterChunks) {
+      await gate.open;
+      gate = undefined;
+    }
     // a traced chunk starts its chain of spans here (one per stage it passes)
     let traceparent: string | undefined;
     if (d.traceparent && chunkTraced(chunk.seq, d.traceEveryChunks)) {

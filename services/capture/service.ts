@@ -12,14 +12,24 @@ import { parseEvent } from '../../shared/migration.js';
 import { DescriptorCache } from '../../shared/registry.js';
 import { STREAMS } from '../../shared/subjects.js';
 import { captureLive } from './live.js';
-import { captureRound } from './round.js';
+import { captureRound, type CaptureGate } from './round.js';
 
 /**
- * The longest an adaptive migration's capture waits for the tuner's first look: the sender's probe
- * of the link (0.35 s at 5 Mbit/s, up to its 3 s timeout on a very slow link), then the ratio probe
- * where the link is the bottleneck.
+ * The longest an adaptive migration's capture holds its chunks for the tuner's first look: the
+ * sender's probe of the link (0.35 s at 5 Mbit/s, up to its 3 s timeout on a very slow link), then
+ * the ratio probe where the link is the bottleneck.
  */
 const FIRST_LOOK_WAIT_MS = 4000;
+
+/**
+ * An adaptive migration's first chunks go in the start mode (patch-3, within a few percent of the
+ * best static mode at every bandwidth measured) while the tuner looks: enough to fill the pipeline
+ * and the link's first ~100 ms at 100 Mbit/s. With every chunk held for the look, the link idled
+ * 160-310 ms at 5-25 Mbit/s on a one-core source (the look waits for the link probe and the
+ * ratio probe); with all of them let go, a slow link's queue (2 MiB, 3 s at 5 Mbit/s) fills in the
+ * start mode before the look can choose a stronger one.
+ */
+export const HEAD_START_CHUNKS = 3;
 
 /** The capture process: takes `accepted` events (each by one instance) and captures that migration. */
 export async function runCaptureService(natsUrl: string): Promise<RunningService> {
@@ -39,25 +49,24 @@ export async function runCaptureService(natsUrl: string): Promise<RunningService
       try {
         parseEvent(m.data);
         const d = await descriptors.get(migrationId);
+        let gate: CaptureGate | undefined;
         if (d.adaptive) {
-          // The first chunks go in the mode the tuner chose for this link and these pages, not the
-          // start mode: the wire queue and the bytes in flight hold about two seconds of the link,
-          // encoded already, and at 25 Mbit/s a 64 MiB VM's changed pages are three seconds of it.
-          // A tuner that began on xor+zstd-3 and chose delta=zstd 2 s in had sent every chunk in the
-          // start mode. Waiting, the pipeline leaves the core to the ratio probe: on one core capture
-          // waited 150-260 ms at 5-25 Mbit/s (the probe had taken 2 s beside capture, dedup and
-          // delta; the link probe's frames alone take ~0.3 s at 5), 30-65 ms at 100 and 1000, where
-          // the tuner does not wait for the ratio probe.
+          // The chunks after the head start go in the mode the tuner chose for this link and these
+          // pages: the wire queue and the bytes in flight hold about two seconds of the link, encoded
+          // already, and at 25 Mbit/s a 64 MiB VM's changed pages are three seconds of it. A tuner
+          // that began on xor+zstd-3 and chose delta=zstd 2 s in had sent every chunk in the start mode.
           const waitedFrom = performance.now();
-          const tuned = await firstEvent(bus, migrationId, 'tuned', FIRST_LOOK_WAIT_MS);
-          const waitedMs = Math.round(performance.now() - waitedFrom);
-          if (tuned) mlog.info('the tuner has looked', { waitedMs, mode: tuned.decision.to });
-          else mlog.warn('no look from the tuner: capture starts in the start mode', { waitedMs });
+          const open = firstEvent(bus, migrationId, 'tuned', FIRST_LOOK_WAIT_MS).then((tuned) => {
+            const waitedMs = Math.round(performance.now() - waitedFrom);
+            if (tuned) mlog.info('the tuner has looked', { waitedMs, mode: tuned.decision.to });
+            else mlog.warn('no look from the tuner: capture goes on in the start mode', { waitedMs });
+          }, (err: unknown) => mlog.warn('cannot wait for the tuner: capture goes on in the start mode', { reason: errorMessage(err) }));
+          gate = { afterChunks: HEAD_START_CHUNKS, open };
         }
         mlog.info('capture started');
-        if (d.live) await captureLive(bus, d, mlog);
+        if (d.live) await captureLive(bus, d, mlog, gate);
         else {
-          const r = await captureRound(bus, d, 0, mlog);
+          const r = await captureRound(bus, d, 0, mlog, undefined, gate);
           await publishEvent(bus, migrationId, { type: 'captured', round: 0, slices: r.slices, imageHashes: r.imageHashes, dirtyPages: r.dirtyPages, scannedBytes: r.scannedBytes });
         }
       } catch (err) {
