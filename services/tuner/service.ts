@@ -3,9 +3,9 @@
  * probed the link, then every half second, and at once when the measured bandwidth moves by half
  * or more (not up to half a second later), writes the chosen mode to the config bucket, where
  * every stage picks it up from its next chunk, and how many of the running compress workers to use
- * to the workers bucket. When the destination accepts, it probes the ratios of the migration's own
- * pages, in this process while capture waits for its first look; where the cores prove the
- * bottleneck, in a process of their own at the lowest priority instead (probe-process.ts).
+ * to the workers bucket. Where its first look finds the link the bottleneck, it probes the ratios
+ * of the migration's own pages in this process while capture holds all but its first chunks; where
+ * the cores are, later, in a process of its own at the lowest priority (probe-process.ts).
  */
 import { hostname } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -40,13 +40,15 @@ interface Followed {
   lastStatsMs: number;
   /** the config last written (the mode and the compression for other deltas) */
   configWritten?: string;
-  /** the ratio probe, started when the destination accepts (else at the first look): settled once its ratios are in use (or it failed) */
+  /** when the tuner saw the destination accept (undefined: it came later) */
+  acceptedAtMs?: number;
+  /** the ratio probe, started at the first look: settled once its ratios are in use (or it failed) */
   probe?: Promise<void>;
-  /** stops the probe started at the accept in the tuner's own process, while it runs (the first look stops it where it need not wait for it) */
+  /** stops the probe running in the tuner's own process */
   probeHere?: AbortController;
   /** the first look is done (it always publishes its decision: capture waits for it) */
   looked?: boolean;
-  /** settled once the probe's cheap modes' ratios are in use (where the probe started at the accept), or with the probe */
+  /** settled once the probe's cheap modes' ratios are in use (where it runs in this process), or with the probe */
   probeCheap?: Promise<void>;
   /** the first look is waiting for the probe: other looks skip meanwhile */
   probeAwaiting?: boolean;
@@ -70,6 +72,9 @@ const PROBE_WAIT_MS = 2000;
  * it started at once, at nice 19.
  */
 const CORES_BOUND_PROBE_AFTER_MS = 3000;
+
+/** a first look this soon after the accept probes in the tuner's process (the pipeline has its head start only) */
+const PROBE_HERE_WITHIN_MS = 2000;
 
 /** how much smaller than thought a costly mode's ratio may prove to be: the probe leaves out those that could not win even so */
 const COSTLY_RATIO_DOUBT = 0.8;
@@ -183,34 +188,37 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     return useProbe(migrationId, f, `process at nice ${nice}`, run, ended.signal);
   };
 
-  // The destination has accepted an adaptive migration: its capture waits for the first look, and
-  // the core is free meanwhile. The probe starts now, in this process (a process of its own took
-  // 0.25-0.35 s to start and load its modules on an idle core, more than the probe's own work), of
-  // every mode (the link's speed is not known yet). The first look waits for it where the link is
-  // the bottleneck; where the cores are, it stops it and starts one at the lowest priority instead.
+  /**
+   * The probe of every mode in this process, yielding between modes (a process of its own took
+   * 0.25-0.35 s to start and load its modules on an idle core, more than the probe's own work);
+   * `probeCheap` settles once the cheap modes' ratios are in use.
+   */
+  const probeHere = (migrationId: string, d: MigrationDescriptor, f: Followed): void => {
+    const here = (f.probeHere = new AbortController());
+    let cheapDone: () => void = () => undefined;
+    f.probeCheap = new Promise<void>((resolve) => (cheapDone = resolve));
+    // the cheap modes decide where the link is the bottleneck; the costly ones (zstd-19) follow 50-100 ms later
+    const onCheap = (ratios: ReadonlyMap<string, number>): void => {
+      if (here.signal.aborted) return;
+      f.tuner.useProbedRatios(ratios);
+      cheapDone();
+    };
+    f.probe = useProbe(migrationId, f, 'here', () => probeRatios(imagesOf(d), probePlan(profile), { shareWith: here.signal, onCheap }), here.signal).finally(() => {
+      if (f.probeHere === here) f.probeHere = undefined;
+      cheapDone();
+    });
+  };
+
+  // The destination has accepted an adaptive migration: the tuner follows it from now (its first
+  // look, at the sender's link probe, may probe the ratios in this process: see decideFor).
   const acceptedSub = bus.nc.subscribe(eventSubject('*', 'accepted'), {
     callback: (err, msg) => {
       if (err) return;
       const migrationId = msg.subject.split('.')[2];
       if (!migrationId) return;
       void follow(migrationId)
-        .then(async (f) => {
-          if (!f || f.probe) return;
-          const d = await descriptors.get(migrationId);
-          if (f.probe) return;
-          const here = (f.probeHere = new AbortController());
-          let cheapDone: () => void = () => undefined;
-          f.probeCheap = new Promise<void>((resolve) => (cheapDone = resolve));
-          // the cheap modes decide where the link is the bottleneck; the costly ones (zstd-19) follow 50-100 ms later
-          const onCheap = (ratios: ReadonlyMap<string, number>): void => {
-            if (here.signal.aborted) return;
-            f.tuner.useProbedRatios(ratios);
-            cheapDone();
-          };
-          f.probe = useProbe(migrationId, f, 'here', () => probeRatios(imagesOf(d), probePlan(profile), { shareWith: here.signal, onCheap }), here.signal).finally(() => {
-            if (f.probeHere === here) f.probeHere = undefined;
-            cheapDone();
-          });
+        .then((f) => {
+          if (f) f.acceptedAtMs ??= performance.now();
         })
         .catch((err: unknown) => log.debug('not followed from its accept', { migration: migrationId, reason: errorMessage(err) }));
     },
@@ -269,29 +277,27 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // Ratios decide only where the link is the bottleneck. A first look that finds it so waits
         // for the probe (PROBE_WAIT_MS at most): deciding on the profile's ratios first started
         // programs' pages at 10 Mbit/s on xor+zstd-19, whose first chunks on one core held the link
-        // back by half a second. One that finds the cores the bottleneck has the probe run at the
-        // lowest priority, for when the link becomes the bottleneck and leaves the cores idle. A
-        // probe started here (the tuner came after the accept) runs in a process of its own,
-        // beside the pipeline, and leaves out the costly modes that could not win with a ratio a
-        // fifth better than thought (at 25 Mbit/s on one core, zstd-19)
+        // back by half a second. It runs in this process where the look comes soon after the accept
+        // (the pipeline has only its head start to do). One that finds the cores the bottleneck
+        // leaves them to the pipeline: the probe runs later at the lowest priority, for when the
+        // link becomes the bottleneck and leaves the cores idle (started at the accept and stopped
+        // here, it took 0.1 s of CPU on a one-core source at 100 Mbit/s, 6% of the transfer). A
+        // tuner that came later probes in a process of its own, beside the pipeline, and leaves
+        // out the costly modes that could not win with a ratio a fifth better than thought (at 25
+        // Mbit/s on one core, zstd-19)
         const firstLook = !f.looked;
         f.looked = true;
-        if (!f.probe || firstLook) {
+        if (!f.probe) {
           const predicted = f.tuner.predictNow(conditionsNow());
           const best = pick(predicted);
           const linkBound = best !== undefined && best.networkBlocksPerSec < best.processingBlocksPerSec;
-          if (f.probe && !linkBound && f.probeHere) {
-            // started at the accept, in this process: the cores are the bottleneck, so it goes on at the lowest priority
-            f.probeHere.abort();
-            f.probe = f.probeCheap = undefined;
-          }
-          if (!f.probe) {
+          if (linkBound && firstLook && f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f);
+          else if (linkBound) {
             const couldWin = new Set(
               predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
             );
-            const plan = linkBound ? probePlan(profile, (m) => couldWin.has(modeKey(m))) : probePlan(profile);
-            f.probe = linkBound ? probeProcess(migrationId, d, f, plan, 0) : probeProcess(migrationId, d, f, plan, PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
-          }
+            f.probe = probeProcess(migrationId, d, f, probePlan(profile, (m) => couldWin.has(modeKey(m))), 0);
+          } else f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
           if (linkBound) {
             f.probeAwaiting = true;
             await Promise.race([f.probeCheap ?? f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
