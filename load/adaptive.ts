@@ -194,7 +194,7 @@ writes an SVG plot.
 
   --bandwidths LIST     fixed bandwidths in Mbit/s (default 5,10,25,100,1000)
   --repeat N            runs of each scenario and mode, interleaved; medians compared (default 3)
-  --only LIST           only scenarios whose name contains one of these, e.g. "hog,35"
+  --only LIST           only scenarios whose name is, or else contains, one of these, e.g. "hog,35"
   --modes LIST          only these modes, e.g. "xor+zstd3,adaptive" (also xor+zstd19, not compared unless named)
   --content KIND        mixed (heap, text, random; default) or programs (this machine's executables)
   --cpus N|all          the source cloudlet's cores (the first N; default half the machine's), the
@@ -260,7 +260,9 @@ async function main(): Promise<void> {
     ];
     const runs: Run[] = [];
     const only = values.only?.split(',');
-    if (only) scenarios.splice(0, scenarios.length, ...scenarios.filter((s) => only.some((o) => s.name.includes(o))));
+    // a whole name picks just that scenario ("5 Mbit/s", not 25 or 5->35->5 too); a part, every one holding it
+    const picks = (s: Scenario, o: string): boolean => (scenarios.some((t) => t.name === o) ? s.name === o : s.name.includes(o));
+    if (only) scenarios.splice(0, scenarios.length, ...scenarios.filter((s) => only.some((o) => picks(s, o))));
     const wantedModes = values.modes?.split(',');
     const unknownMode = wantedModes?.find((m) => !CANDIDATES.some((c) => c.name === m));
     if (unknownMode) throw new Error(`--modes: unknown mode ${unknownMode} (one of ${CANDIDATES.map((c) => c.name).join(', ')})`);

@@ -36,8 +36,6 @@ export interface ProbeOptions {
    * (a mode holds it ~5-40 ms) and stop, with undefined, once this is aborted.
    */
   shareWith?: AbortSignal;
-  /** the cheap modes' ratios, as soon as they are known (before the costly modes are probed) */
-  onCheap?: (ratios: ReadonlyMap<string, number>) => void;
 }
 
 export const DEFAULT_PROBE_OPTIONS: ProbeOptions = { pages: 256, runPages: 16, maxRuns: 512, subsamplePages: 64, chunkPages: 256, random: Math.random };
@@ -219,7 +217,6 @@ export async function probeRatios(d: ProbeImages, plan: ProbePlan, options: Part
   }
   const costly = plan.costly.filter((c) => ratios.has(modeKey(c.reference)));
   if (costly.length > 0) {
-    o.onCheap?.(new Map(ratios));
     const onSubsample = new Map<string, number>();
     const modes = [...new Map([...costly.map((c) => c.mode), ...costly.map((c) => c.reference)].map((m) => [modeKey(m), m])).values()];
     for (const cost of measureModes(subsample, encoder, modes)) {

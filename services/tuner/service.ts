@@ -48,8 +48,6 @@ interface Followed {
   probeHere?: AbortController;
   /** the first look is done (it always publishes its decision: capture waits for it) */
   looked?: boolean;
-  /** settled once the probe's cheap modes' ratios are in use (where it runs in this process), or with the probe */
-  probeCheap?: Promise<void>;
   /** the first look is waiting for the probe: other looks skip meanwhile */
   probeAwaiting?: boolean;
   /** the bandwidth the last look took, and when it was */
@@ -57,10 +55,10 @@ interface Followed {
 }
 
 /**
- * The longest the first look waits for the ratio probe (its cheap modes, where it started at the
- * accept): with capture waiting for that look, capture waited 150-260 ms on a one-core source at
- * 5-25 Mbit/s; a probe beside a running pipeline (a tuner that came after the accept) took 1.4-2.9 s.
- * Past that, the look decides on the profile's ratios, and later looks use the probe's.
+ * The longest the first look waits for the ratio probe: in the tuner's process beside the
+ * pipeline's head start it took 0.4-0.55 s of wall time on a one-core source at 5-25 Mbit/s; a
+ * probe in a process of its own beside a running pipeline (a tuner that came after the accept)
+ * took 1.4-2.9 s. Past that, the look decides on the profile's ratios, and later looks use the probe's.
  */
 const PROBE_WAIT_MS = 2000;
 
@@ -189,23 +187,13 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   };
 
   /**
-   * The probe of every mode in this process, yielding between modes (a process of its own took
-   * 0.25-0.35 s to start and load its modules on an idle core, more than the probe's own work);
-   * `probeCheap` settles once the cheap modes' ratios are in use.
+   * The probe of `plan`'s modes in this process, yielding between modes (a process of its own took
+   * 0.25-0.35 s to start and load its modules on an idle core, more than the probe's own work).
    */
-  const probeHere = (migrationId: string, d: MigrationDescriptor, f: Followed): void => {
+  const probeHere = (migrationId: string, d: MigrationDescriptor, f: Followed, plan: ProbePlan): void => {
     const here = (f.probeHere = new AbortController());
-    let cheapDone: () => void = () => undefined;
-    f.probeCheap = new Promise<void>((resolve) => (cheapDone = resolve));
-    // the cheap modes decide where the link is the bottleneck; the costly ones (zstd-19) follow 50-100 ms later
-    const onCheap = (ratios: ReadonlyMap<string, number>): void => {
-      if (here.signal.aborted) return;
-      f.tuner.useProbedRatios(ratios);
-      cheapDone();
-    };
-    f.probe = useProbe(migrationId, f, 'here', () => probeRatios(imagesOf(d), probePlan(profile), { shareWith: here.signal, onCheap }), here.signal).finally(() => {
+    f.probe = useProbe(migrationId, f, 'here', () => probeRatios(imagesOf(d), plan, { shareWith: here.signal }), here.signal).finally(() => {
       if (f.probeHere === here) f.probeHere = undefined;
-      cheapDone();
     });
   };
 
@@ -275,33 +263,33 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         if (f.probeAwaiting) return; // the look waiting for the ratio probe decides
         const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
         // Ratios decide only where the link is the bottleneck. A first look that finds it so waits
-        // for the probe (PROBE_WAIT_MS at most): deciding on the profile's ratios first started
-        // programs' pages at 10 Mbit/s on xor+zstd-19, whose first chunks on one core held the link
-        // back by half a second. It runs in this process where the look comes soon after the accept
-        // (the pipeline has only its head start to do). One that finds the cores the bottleneck
-        // leaves them to the pipeline: the probe runs later at the lowest priority, for when the
-        // link becomes the bottleneck and leaves the cores idle (started at the accept and stopped
-        // here, it took 0.1 s of CPU on a one-core source at 100 Mbit/s, 6% of the transfer). A
-        // tuner that came later probes in a process of its own, beside the pipeline, and leaves
-        // out the costly modes that could not win with a ratio a fifth better than thought (at 25
-        // Mbit/s on one core, zstd-19)
+        // for the probe of the modes that could win (PROBE_WAIT_MS at most; the costly ones only
+        // where they could win even with a ratio a fifth better than thought, not zstd-19 at 25
+        // Mbit/s on one core): deciding on the profile's ratios first started programs' pages at
+        // 10 Mbit/s on xor+zstd-19, whose first chunks on one core held the link back by half a
+        // second; deciding on the cheap modes' ratios alone kept programs' pages at 5 Mbit/s on
+        // patch-3 in two runs of three, where patch-19 sends 7% less. It runs in this process
+        // where the look comes soon after the accept (the pipeline has only its head start to
+        // do), else in a process of its own. One that finds the cores the bottleneck leaves them
+        // to the pipeline: the probe runs later at the lowest priority, for when the link becomes
+        // the bottleneck and leaves the cores idle (started at the accept and stopped here, it took
+        // 0.1 s of CPU on a one-core source at 100 Mbit/s, 6% of the transfer)
         const firstLook = !f.looked;
         f.looked = true;
         if (!f.probe) {
           const predicted = f.tuner.predictNow(conditionsNow());
           const best = pick(predicted);
           const linkBound = best !== undefined && best.networkBlocksPerSec < best.processingBlocksPerSec;
-          if (linkBound && firstLook && f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f);
-          else if (linkBound) {
+          if (linkBound) {
             const couldWin = new Set(
               predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
             );
-            f.probe = probeProcess(migrationId, d, f, probePlan(profile, (m) => couldWin.has(modeKey(m))), 0);
-          } else f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
-          if (linkBound) {
+            const plan = probePlan(profile, (m) => couldWin.has(modeKey(m)));
+            if (firstLook && f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
+            else f.probe = probeProcess(migrationId, d, f, plan, 0);
             f.probeAwaiting = true;
-            await Promise.race([f.probeCheap ?? f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
-          }
+            await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
+          } else f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
         }
         const current: Mode = modes.get(migrationId, d.mode);
         const conditions = conditionsNow();
