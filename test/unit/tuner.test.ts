@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { Tuner, busPagesOf } from '../../services/tuner/core.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
-import { TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
+import { TIE_CPU_FACTOR, TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
 import { loadProfile } from '../../services/tuner/profile.js';
 import type { StageStats } from '../../shared/migration.js';
 import { inUse } from '../../shared/presence.js';
@@ -57,6 +57,23 @@ describe('model', () => {
     // by more than a tie, the ratio wins
     assert.equal(best(at(5)), modeKey(ZSTD19));
     assert.equal(pick([]), undefined);
+  });
+  test('a tie goes to the better prediction where it costs at most TIE_CPU_FACTOR the CPU of the cheapest tied mode', () => {
+    // programs' pages at 5 Mbit/s on one core, as probed: patch-9 sends 3% less than patch-3 at 1.3x its CPU a block
+    const fixed = 0.13;
+    const patch3: ModeCost = { mode: { delta: 'patch', compressor: 'zstd', level: 3 }, deltaCpuMsPerBlock: 0.021, compressCpuMsPerBlock: 0, ratio: 0.517 };
+    const patch9: ModeCost = { mode: { delta: 'patch', compressor: 'zstd', level: 9 }, deltaCpuMsPerBlock: 0.063, compressCpuMsPerBlock: 0, ratio: 0.502 };
+    const oneCore = at(5, 1, 1);
+    const ranked = rank([patch3, patch9], fixed, oneCore);
+    assert.equal(modeKey(ranked[0]!.mode), modeKey(patch9.mode));
+    assert.ok(ranked[1]!.blocksPerSec >= ranked[0]!.blocksPerSec * (1 - TIE_SHARE), 'a tie');
+    assert.ok(ranked[0]!.processingBlocksPerSec * TIE_CPU_FACTOR >= ranked[1]!.processingBlocksPerSec);
+    assert.equal(modeKey(pick(ranked)!.mode), modeKey(patch9.mode), 'the better ratio, at little more CPU');
+    // the same ratio at 3x patch-3's CPU a block (fixed share included): the cheaper one
+    const costly: ModeCost = { ...patch9, deltaCpuMsPerBlock: 2 * (fixed + patch3.deltaCpuMsPerBlock) + patch3.deltaCpuMsPerBlock };
+    const rankedCostly = rank([patch3, costly], fixed, oneCore);
+    assert.equal(modeKey(rankedCostly[0]!.mode), modeKey(costly.mode), 'still ahead: the link is the bottleneck');
+    assert.equal(modeKey(pick(rankedCostly)!.mode), modeKey(patch3.mode));
   });
   test('a starved CPU picks cheaper modes', () => {
     assert.equal(best(at(5, 2)), modeKey(ZSTD19));
