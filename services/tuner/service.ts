@@ -267,8 +267,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // where they could win even with a ratio a fifth better than thought, not zstd-19 at 25
         // Mbit/s on one core): deciding on the profile's ratios first started programs' pages at
         // 10 Mbit/s on xor+zstd-19, whose first chunks on one core held the link back by half a
-        // second; deciding on the cheap modes' ratios alone kept programs' pages at 5 Mbit/s on
-        // patch-3 in two runs of three, where patch-19 sends 7% less. It runs in this process
+        // second; deciding on the cheap modes' ratios alone decided before patch-9's and
+        // patch-19's were in, and switching later took two more looks. It runs in this process
         // where the look comes soon after the accept (the pipeline has only its head start to
         // do), else in a process of its own. One that finds the cores the bottleneck leaves them
         // to the pipeline: the probe runs later at the lowest priority, for when the link becomes
