@@ -42,12 +42,13 @@ interface Followed {
   configWritten?: string;
   /** when the tuner saw the destination accept (undefined: it came later) */
   acceptedAtMs?: number;
-  /** the ratio probe, started at the first look: settled once its ratios are in use (or it failed) */
+  /**
+   * the ratio probe, started at the first look (so set once that look is done; the first look always
+   * publishes its decision: capture waits for it): settled once its ratios are in use (or it failed)
+   */
   probe?: Promise<void>;
   /** stops the probe running in the tuner's own process */
   probeHere?: AbortController;
-  /** the first look is done (it always publishes its decision: capture waits for it) */
-  looked?: boolean;
   /** the first look is waiting for the probe: other looks skip meanwhile */
   probeAwaiting?: boolean;
   /** the bandwidth the last look took, and when it was */
@@ -274,9 +275,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // to the pipeline: the probe runs later at the lowest priority, for when the link becomes
         // the bottleneck and leaves the cores idle (started at the accept and stopped here, it took
         // 0.1 s of CPU on a one-core source at 100 Mbit/s, 6% of the transfer)
-        const firstLook = !f.looked;
-        f.looked = true;
-        if (!f.probe) {
+        const firstLook = !f.probe;
+        if (firstLook) {
           const predicted = f.tuner.predictNow(conditionsNow());
           const best = pick(predicted);
           const linkBound = best !== undefined && best.networkBlocksPerSec < best.processingBlocksPerSec;
@@ -285,7 +285,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
               predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
             );
             const plan = probePlan(profile, (m) => couldWin.has(modeKey(m)));
-            if (firstLook && f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
+            if (f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
             else f.probe = probeProcess(migrationId, d, f, plan, 0);
             f.probeAwaiting = true;
             await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
