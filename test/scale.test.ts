@@ -17,7 +17,7 @@ import { spawnReceiverProcess } from '../cli/receive.js';
 import { JS_DOMAIN, migrateOn, startTwoHosts } from '../load/lib/hosts.js';
 import { stopProcess } from '../shared/child.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
-import { connectBus, firstEvent, publishEvent } from '../shared/bus.js';
+import { announceEvent, connectBus, firstEvent, publishEvent } from '../shared/bus.js';
 import { PRESENCE_TTL_MS, PresenceView, liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
 import { hashImageFile } from '../shared/pages.js';
 import type { MigrationDescriptor } from '../shared/migration.js';
@@ -221,7 +221,7 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
     }
   });
 
-  test("a migration's first event of a kind: one published before the wait, one after, none by the deadline", async () => {
+  test("a migration's first event of a kind: one published before the wait, one after, one announced, none by the deadline", async () => {
     const bus = await connectBus(nats.url, 'test-first-event');
     const decision = { atSeconds: 0, from: 'delta=none none', to: 'delta=xor zstd:3', bandwidthBps: 1e6, measuredBandwidthBps: 0, spareCores: 1, compressWorkers: 1, compressWorkersInUse: 1, overheadCpuMsPerBlock: 0, predictedCurrentBlocksPerSec: 1, predictedChosenBlocksPerSec: 2 };
     try {
@@ -232,6 +232,12 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       await publishEvent(bus, 'm-first-after', { type: 'start' }); // another kind: no answer
       await publishEvent(bus, 'm-first-after', { type: 'tuned', decision: { ...decision, to: 'delta=zstd none' } });
       assert.equal((await later)?.decision.to, 'delta=zstd none');
+      // announced on core NATS and never on the stream: the waiter gets it from the announcement
+      const announced = firstEvent(bus, 'm-first-announced', 'tuned', 5000);
+      await new Promise((r) => setTimeout(r, 200));
+      announceEvent(bus, 'm-first-announced', { type: 'start' }); // another kind: no answer
+      announceEvent(bus, 'm-first-announced', { type: 'tuned', decision: { ...decision, to: 'delta=patch zstd:9' } });
+      assert.equal((await announced)?.decision.to, 'delta=patch zstd:9', 'the announcement was missed');
       // nobody answers (no tuner runs): undefined at the deadline, not a wait for ever
       const started = performance.now();
       assert.equal(await firstEvent(bus, 'm-first-never', 'tuned', 300), undefined);
