@@ -26,7 +26,7 @@ import { loadBaseIndex } from '../shared/base-index.js';
 import { createLogger } from '../shared/log.js';
 import { ADAPTIVE_START_MODE } from '../shared/mode.js';
 import { STREAMS, workSubject } from '../shared/subjects.js';
-import { captureRound } from '../services/capture/round.js';
+import { captureRound, type CaptureGate } from '../services/capture/round.js';
 import { HEAD_START_CHUNKS } from '../services/capture/service.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
 
@@ -247,9 +247,9 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
     }
   });
 
-  test("capture holds an adaptive migration's chunks past its head start until the tuner's look, then sends the rest", async () => {
-    const bus = await connectBus(nats.url, 'test-head-start');
-    const migrationId = 'm-head-start';
+  /** captures the test images for an adaptive migration through `gate`, with `check` run while it does */
+  const gatedCapture = async (migrationId: string, gate: (looked: Promise<void>) => CaptureGate, check: (queued: () => Promise<number>, open: () => void) => Promise<void>): Promise<number> => {
+    const bus = await connectBus(nats.url, `test-${migrationId}`);
     const subject = workSubject('dedup', migrationId, 0);
     const pair = async (base: string, current: string) => ({ base, current, baseHash: (await loadBaseIndex(base)).contentHash, bytes: (await stat(current)).size });
     const d: MigrationDescriptor = {
@@ -268,17 +268,32 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
     let open: () => void = () => undefined;
     const looked = new Promise<void>((resolve) => (open = resolve));
     try {
-      const round = captureRound(bus, d, 0, createLogger({ stage: 'capture' }), undefined, { afterChunks: HEAD_START_CHUNKS, open: looked });
-      await new Promise((r) => setTimeout(r, 1500));
-      assert.equal(await queued(), HEAD_START_CHUNKS, 'chunks queued before the look');
-      open();
+      const round = captureRound(bus, d, 0, createLogger({ stage: 'capture' }), undefined, gate(looked));
+      await check(queued, open);
       const r = await round;
       assert.ok(r.slices > 4 * HEAD_START_CHUNKS, `${r.slices} chunks: too few to tell`);
       assert.equal(await queued(), r.slices, 'chunks queued after the look');
+      return r.slices;
     } finally {
       await bus.jsm.streams.purge(STREAMS.dedup, { filter: subject }).catch(() => undefined);
       await bus.close();
     }
+  };
+
+  test("capture holds an adaptive migration's chunks past its head start until the tuner's look, then sends the rest", async () => {
+    await gatedCapture('m-head-start', (open) => ({ afterChunks: HEAD_START_CHUNKS, open }), async (queued, open) => {
+      await new Promise((r) => setTimeout(r, 1500));
+      assert.equal(await queued(), HEAD_START_CHUNKS, 'chunks queued before the look');
+      open();
+    });
+  });
+
+  test('the head start itself waits for a look that comes soon, then goes with the rest', async () => {
+    await gatedCapture('m-head-start-wait', (open) => ({ afterChunks: HEAD_START_CHUNKS, open, headStartWaitMs: 60_000 }), async (queued, open) => {
+      await new Promise((r) => setTimeout(r, 1500));
+      assert.equal(await queued(), 0, 'the head start went before the look, within its wait');
+      open();
+    });
   });
 
   test('an actor answers health, readiness and metrics, and leaves cleanly on SIGTERM', async () => {

@@ -43,6 +43,8 @@ export interface LiveImages {
 export interface CaptureGate {
   afterChunks: number;
   open: Promise<unknown>;
+  /** ... and the first waits for `open` this long from the round's start: a look that comes soon chooses the head start's mode too */
+  headStartWaitMs?: number;
 }
 
 /**
@@ -56,11 +58,12 @@ export async function captureRound(bus: Bus, d: MigrationDescriptor, round: numb
   const instance = `${hostname()}:${process.pid}`;
   const inFlight = new Set<Promise<void>>();
   const span = startSpan('capture', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture', 'handoff.round': round });
+  const headStart = gate?.headStartWaitMs ? Promise.race([gate.open, new Promise((resolve) => setTimeout(resolve, gate!.headStartWaitMs).unref())]) : undefined;
   const publish = async (chunk: Chunk): Promise<void> => {
     if (gate && chunk.seq >= gate.afterChunks) {
       await gate.open;
       gate = undefined;
-    }
+    } else if (headStart) await headStart;
     // a traced chunk starts its chain of spans here (one per stage it passes)
     let traceparent: string | undefined;
     if (d.traceparent && chunkTraced(chunk.seq, d.traceEveryChunks)) {

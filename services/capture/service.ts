@@ -32,6 +32,15 @@ const FIRST_LOOK_WAIT_MS = 4000;
  */
 export const HEAD_START_CHUNKS = 3;
 
+/**
+ * The head start itself waits this long for the look: where the link is fast the look comes
+ * within it (the link probe took 18-25 ms at 1000 Mbit/s, the decision ~15 ms more), and the head
+ * start goes in the chosen mode rather than patch-3 (three chunks of it cost a one-core source
+ * ~0.1 s at 1000 Mbit/s, where adaptive then sent raw). Where the link is slow the link probe's
+ * padding holds it longer than this anyway (192 KiB: 63 ms at 25 Mbit/s, less the shaper's burst).
+ */
+export const HEAD_START_WAIT_MS = 50;
+
 /** The capture process: takes `accepted` events (each by one instance) and captures that migration. */
 export async function runCaptureService(natsUrl: string): Promise<RunningService> {
   const log = createLogger({ stage: 'capture', instance: `${hostname()}:${process.pid}` });
@@ -62,7 +71,7 @@ export async function runCaptureService(natsUrl: string): Promise<RunningService
             if (tuned) mlog.info('the tuner has looked', { waitedMs, mode: tuned.decision.to });
             else mlog.warn('no look from the tuner: capture goes on in the start mode', { waitedMs });
           }, (err: unknown) => mlog.warn('cannot wait for the tuner: capture goes on in the start mode', { reason: errorMessage(err) }));
-          gate = { afterChunks: HEAD_START_CHUNKS, open };
+          gate = { afterChunks: HEAD_START_CHUNKS, open, headStartWaitMs: HEAD_START_WAIT_MS };
         }
         mlog.info('capture started');
         if (d.live) await captureLive(bus, d, mlog, gate);
