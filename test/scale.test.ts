@@ -248,7 +248,7 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
   });
 
   /** captures the test images for an adaptive migration through `gate`, with `check` run while it does */
-  const gatedCapture = async (migrationId: string, gate: (looked: Promise<void>) => CaptureGate, check: (queued: () => Promise<number>, open: () => void) => Promise<void>): Promise<number> => {
+  const gatedCapture = async (migrationId: string, gate: (looked: Promise<void>) => CaptureGate, check: (queued: () => Promise<number>, open: () => void) => Promise<void>): Promise<void> => {
     const bus = await connectBus(nats.url, `test-${migrationId}`);
     const subject = workSubject('dedup', migrationId, 0);
     const pair = async (base: string, current: string) => ({ base, current, baseHash: (await loadBaseIndex(base)).contentHash, bytes: (await stat(current)).size });
@@ -273,7 +273,6 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       const r = await round;
       assert.ok(r.slices > 4 * HEAD_START_CHUNKS, `${r.slices} chunks: too few to tell`);
       assert.equal(await queued(), r.slices, 'chunks queued after the look');
-      return r.slices;
     } finally {
       await bus.jsm.streams.purge(STREAMS.dedup, { filter: subject }).catch(() => undefined);
       await bus.close();
