@@ -34,9 +34,9 @@ export const HEAD_START_CHUNKS = 3;
 
 /**
  * The head start itself waits this long for the look: where the link is fast the look comes
- * within it (the link probe took 18-25 ms at 1000 Mbit/s, the decision ~15 ms more), and the head
- * start goes in the chosen mode rather than patch-3 (three chunks of it cost a one-core source
- * ~0.1 s at 1000 Mbit/s, where adaptive then sent raw). Where the link is slow the link probe's
+ * within it (the link probe took 18-21 ms at 1000 Mbit/s, the decision 13-21 ms more), and the head
+ * start goes in the chosen mode rather than patch-3 (three chunks of it, ~0.18 s of a one-core
+ * source at 1000 Mbit/s, where adaptive then sent raw). Where the link is slow the link probe's
  * padding holds it longer than this anyway (192 KiB: 63 ms at 25 Mbit/s, less the shaper's burst).
  */
 export const HEAD_START_WAIT_MS = 50;
