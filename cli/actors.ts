@@ -35,22 +35,40 @@ export async function runActor(name: ActorName, natsUrl: string, partition = 0):
   }
 }
 
+/** the longest an actor told to stop takes to finish its in-flight work (a command gives its own 10 s, then SIGKILL) */
+const STOP_DEADLINE_MS = 15_000;
+
 /** `handoff actor NAME`: runs until SIGTERM/SIGINT, then finishes in-flight work and returns. */
 export async function actorMain(name: ActorName, natsUrl: string, partition: number): Promise<void> {
   const actor = await runActor(name, natsUrl, partition);
   const log = createLogger({ stage: name, instance: `${hostname()}:${process.pid}` });
-  // spawned by a command (spawnActor): it is told we take work, and the channel is let go
-  if (process.send) {
-    process.send({ type: 'ready' } satisfies ReadyMessage, () => process.disconnect?.());
-  }
-  const port = healthPortFromEnv();
-  const health = port === undefined ? undefined : await startHealthServer(port, actor, await startTelemetry(name), log);
   let stopping: Promise<void> | undefined;
   const shutdown = (): void => {
-    stopping ??= actor.stop();
+    if (stopping) return;
+    stopping = actor.stop();
+    // finishing in-flight work needs the bus: with its nats-server gone too (the command's process
+    // group stopped at once) a delta and a sender waited on it for good
+    setTimeout(() => {
+      log.error('in-flight work not finished in time: exiting', { waitedMs: STOP_DEADLINE_MS });
+      process.exit(1);
+    }, STOP_DEADLINE_MS).unref();
   };
   process.once('SIGTERM', shutdown);
   process.once('SIGINT', shutdown);
+  // spawned by a command (spawnActor): it is told we take work. The channel then stays as the
+  // command's lifeline (unref'd: it keeps nothing alive): a command killed outright (SIGKILL, a
+  // crash) sends no SIGTERM, and its actors ran on under init, connected to a nats-server
+  if (process.send) {
+    process.send({ type: 'ready' } satisfies ReadyMessage);
+    process.channel?.unref();
+    process.once('disconnect', () => {
+      if (stopping) return;
+      log.warn('the command that started this actor is gone: stopping');
+      shutdown();
+    });
+  }
+  const port = healthPortFromEnv();
+  const health = port === undefined ? undefined : await startHealthServer(port, actor, await startTelemetry(name), log);
   await actor.done;
   await stopping;
   health?.close();
@@ -88,6 +106,8 @@ export function spawnActor(name: ActorName, natsUrl: string, options: { partitio
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
     env: { ...nats.env, HANDOFF_LOG_LEVEL: options.logLevel ?? process.env.HANDOFF_LOG_LEVEL ?? 'warn' },
   });
+  // the actor's lifeline to us (see actorMain): it holds our process no more than the child does
+  child.channel?.unref();
   const label = options.partition !== undefined ? `${name}-${options.partition}` : name;
   const ready = new Promise<void>((resolve, reject) => {
     child.on('message', (m: unknown) => {

@@ -98,6 +98,9 @@ function placement(cpus: string): Placement {
   return { source: ['taskset', '-c', `0-${n - 1}`], destination: ['taskset', '-c', `${n}-${cores - 1}`], sourceCpus: n };
 }
 
+/** stops the run under way (its command's process group, the hog, the receiver): for a benchmark stopped by a signal */
+const running = new Set<() => void>();
+
 async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number, cpus: Placement): Promise<Run> {
   link.setRate(s.startMbit * 1e6);
   const receiver = await spawnReceiverProcess({
@@ -108,6 +111,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     prefix: [...cpus.destination, 'ip', 'netns', 'exec', link.destNs],
     // its "accepted" line starts the scenario's clock
     env: { HANDOFF_LOG_LEVEL: 'info' },
+    ownProcessGroup: true,
   });
   const timers: NodeJS.Timeout[] = [];
   let finished = false;
@@ -119,8 +123,23 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     const child = spawn(
       command!,
       [...args, 'netns', 'exec', link.sourceNs, process.execPath, MAIN, 'migrate', '--base-memory', images.baseMemory, '--memory', images.memory, '--base-disk', images.baseDisk, '--disk', images.disk, '--to', receiver.address, '--json', '--no-progress', ...c.args],
-      { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' } },
+      // its own process group: a benchmark stopped mid-run stops the command with its actors and nats-server
+      { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' }, detached: true },
     );
+    const stopRun = (): void => {
+      try {
+        if (child.pid !== undefined) process.kill(-child.pid, 'SIGTERM');
+      } catch {
+        // ended already
+      }
+      hog?.kill('SIGKILL');
+      try {
+        if (receiver.child.pid !== undefined) process.kill(-receiver.child.pid, 'SIGTERM');
+      } catch {
+        // ended already
+      }
+    };
+    running.add(stopRun);
     // the changes are timed from when the destination accepts, when data starts to flow: the same
     // share of the transfer on a machine whose actors take 0.5 s to start or 2 s (one core)
     void receiver.waitForLog(/ accepted /).then(() => {
@@ -157,6 +176,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
       ...(summary.adaptive ? { decisions: summary.decisions.map((d) => `${d.atSeconds}s: ${d.to}, ${d.compressWorkersInUse ?? d.compressWorkers}/${d.compressWorkers} workers (${(d.bandwidthBps / 1e6).toFixed(1)} Mbit/s, ${d.spareCores} cores)`) } : {}),
     };
   } finally {
+    running.clear();
     finished = true;
     timers.forEach(clearTimeout);
     hog?.kill('SIGKILL');
@@ -253,6 +273,7 @@ async function main(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'bench-adaptive-'));
   const link = createShapedLink(bandwidths[0]! * 1e6);
   const stop = (): void => {
+    for (const stopRun of running) stopRun();
     link.destroy();
     process.exit(130);
   };

@@ -7,6 +7,8 @@
  * of a kind (capture's for the tuner's first look).
  */
 import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -330,6 +332,83 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       await assert.rejects(broken.ready, /actor delta-3 exited \(code 1\) before it was ready/);
     } finally {
       await stopActors([broken]);
+    }
+  });
+
+  test('the actors of a command killed outright (SIGKILL) stop on their own', async () => {
+    // a command that spawns one actor, says its pid once the actor takes work, and is then killed
+    const actorsModule = new URL('../cli/actors.js', import.meta.url).href;
+    const script = `const { spawnActor } = await import(${JSON.stringify(actorsModule)});
+      const a = spawnActor('compress', ${JSON.stringify(nats.url)});
+      await a.ready;
+      console.log(a.child.pid);
+      setInterval(() => undefined, 1000);`;
+    const command = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let actorPid = 0;
+    try {
+      actorPid = await new Promise<number>((resolve, reject) => {
+        let out = '';
+        command.stdout!.on('data', (d: Buffer) => {
+          out += d.toString();
+          if (out.includes('\n')) resolve(Number(out.trim()));
+        });
+        command.once('exit', (code) => reject(new Error(`the command exited (${code}) before its actor was ready`)));
+      });
+      assert.ok(actorPid > 0);
+      command.kill('SIGKILL');
+      // a zombie (ended, not yet reaped where PID 1 does not reap) counts as gone
+      const alive = (): boolean => {
+        try {
+          const stat = readFileSync(`/proc/${actorPid}/stat`, 'utf8');
+          return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+        } catch {
+          return false;
+        }
+      };
+      // it finishes in-flight work and leaves; reaped by init, not by us
+      for (let i = 0; i < 100 && alive(); i++) await new Promise((r) => setTimeout(r, 100));
+      assert.equal(alive(), false, 'the actor ran on after its command was killed');
+    } finally {
+      command.kill('SIGKILL');
+      if (actorPid > 0) {
+        try {
+          process.kill(actorPid, 'SIGKILL');
+        } catch {
+          // gone, as it should be
+        }
+      }
+    }
+  });
+
+  test("a handoff command's process group stopped mid-handoff, its nats-server with it, leaves no process behind", async () => {
+    const receiver = await spawnReceiverProcess({ baseMemory: ws.destBaseMemory, baseDisk: ws.destBaseDisk, outDir: join(ws.dir, 'stopped-group'), ownProcessGroup: true, env: { HANDOFF_LOG_LEVEL: 'info' } });
+    const i = ws.images;
+    const main = new URL('../cli/main.js', import.meta.url).pathname;
+    // a slow link: the handoff is mid-way when its group is stopped
+    const command = spawn(process.execPath, [main, 'migrate', '--base-memory', i.baseMemory, '--memory', i.memory, '--base-disk', i.baseDisk, '--disk', i.disk, '--to', receiver.address, '--bandwidth', '20mbit', '--json', '--no-progress'], {
+      stdio: 'ignore',
+      detached: true,
+    });
+    const group = command.pid!;
+    const left = (): string[] => {
+      const r = spawnSync('pgrep', ['-g', String(group)], { encoding: 'utf8' });
+      return r.stdout.split('\n').filter(Boolean);
+    };
+    try {
+      await receiver.waitForLog(/ accepted /);
+      await new Promise((r) => setTimeout(r, 300));
+      assert.ok(left().length >= 7, `the command, its actors and nats-server run: ${left().length} processes`);
+      process.kill(-group, 'SIGTERM');
+      // the actors' in-flight work cannot finish without the bus: each exits at its deadline (15 s) at the latest
+      for (let t = 0; t < 250 && left().length > 0; t++) await new Promise((r) => setTimeout(r, 100));
+      assert.deepEqual(left(), [], 'processes of the stopped handoff ran on');
+    } finally {
+      try {
+        process.kill(-group, 'SIGKILL');
+      } catch {
+        // none left
+      }
+      process.kill(-receiver.child.pid!, 'SIGKILL');
     }
   });
 
