@@ -33,10 +33,8 @@ import {
   type Hello,
 } from '../../shared/wire.js';
 import { BandwidthEstimator } from './bandwidth.js';
+import { probeRound } from './link-probe.js';
 import { RateLimiter } from './rate.js';
-
-/** the receiver's timing of a probe frame is trusted from this span (below, a larger frame follows) */
-const PROBE_MIN_SPAN_MS = 10;
 
 export interface LinkOptions {
   address: string;
@@ -485,28 +483,22 @@ export class WanLink {
    * services/receiver/arrival.ts). On tbf links that read 5 Mbit/s as 4.6-6.7, 10 as 11-13, 100 as
    * 83-104 and 1000 as 0.35-16 Gbit/s (tbf lets 10 ms of its rate through at once); the spacing of
    * the two answers at the sender had read 5 Mbit/s as 12-14 (a packet of 64 KiB holds the end of
-   * one frame and most of the next), and 1000 Mbit/s as 140 Gbit/s. A second frame, sized to take
-   * twice the shortest span worth timing (10 ms) at the speed the first suggests, follows when the
-   * first was quicker; it stops at 1 MiB (a frame of it the receiver got in one delivery reads as
+   * one frame and most of the next), and 1000 Mbit/s as 140 Gbit/s. Further rounds (see
+   * link-probe.ts) follow when a frame crossed within 10 ms; they stop at 1 MiB (a frame of it the receiver got in one delivery reads as
    * 1 MiB in 10 ms, 839 Mbit/s: a floor). Growing in steps to 2 MiB cost 3.7 MB of padding at
    * 1000 Mbit/s. The ACKs of chunks measure the link properly later. Undefined when the link did
    * not answer.
    */
   async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 1024 * 1024): Promise<number | undefined> {
     let bps: number | undefined;
-    let measuredBytes = Math.min(64 * 1024, maxMeasuredBytes);
-    for (;;) {
+    let measuredBytes: number | undefined = Math.min(64 * 1024, maxMeasuredBytes);
+    for (let round = 1; measuredBytes !== undefined; round++) {
       const answers = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
       if (!answers) break;
-      const { bytes, spanMs } = answers[1]!;
-      const timed = bytes > 0 && spanMs > 0;
-      // untimed: it all came in one delivery, in less than the shortest span worth timing
-      bps = timed ? (bytes * 8 * 1000) / spanMs : (measuredBytes * 8 * 1000) / PROBE_MIN_SPAN_MS;
-      if ((timed && spanMs >= PROBE_MIN_SPAN_MS) || measuredBytes >= maxMeasuredBytes) break;
-      // next, a frame that takes about twice that span at the speed this one suggests: one more
-      // round, not a ladder of them (each megabyte of padding is CPU on a fast link)
-      const wantedBytes = timed ? ((bps / 8) * 2 * PROBE_MIN_SPAN_MS) / 1000 : maxMeasuredBytes;
-      measuredBytes = Math.min(maxMeasuredBytes, Math.max(measuredBytes * 2, Math.ceil(wantedBytes)));
+      const reading = probeRound(round, measuredBytes, answers[1]!, maxMeasuredBytes);
+      this.options.log?.debug('link probe round', { round, leadBytes, measuredBytes, timedBytes: answers[1]!.bytes, spanMs: Number(answers[1]!.spanMs.toFixed(2)), bandwidthBps: Math.round(reading.bps) });
+      bps = reading.bps;
+      measuredBytes = reading.nextMeasuredBytes;
       leadBytes = 64 * 1024;
     }
     return bps !== undefined && this.options.rateCapBps > 0 ? Math.min(bps, this.options.rateCapBps) : bps;

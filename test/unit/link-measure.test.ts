@@ -4,6 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
 import { ArrivalTimer } from '../../services/receiver/arrival.js';
 import { BandwidthEstimator } from '../../services/sender/bandwidth.js';
+import { probeRound } from '../../services/sender/link-probe.js';
 import { FrameReader, FrameType, encodeFrame, encodeProbeAckFrame, parseProbeAck } from '../../shared/wire.js';
 import { MalformedMessageError } from '../../shared/errors.js';
 
@@ -133,5 +134,31 @@ describe('probe timing at the receiver', () => {
         assert.ok(err instanceof MalformedMessageError, String(err));
       }
     }
+  });
+});
+
+describe("the link probe's rounds", () => {
+  const MAX = 1024 * 1024;
+  test('a frame timed over 10 ms or more is the answer; a quicker one asks for one that takes about 20 ms', () => {
+    // 64 KiB in 105 ms: 5 Mbit/s
+    assert.deepEqual(probeRound(1, 65_536, { bytes: 65_536, spanMs: 104.86 }, MAX).nextMeasuredBytes, undefined);
+    // 100 Mbit/s: 64 KiB in 5.2 ms; next, 250 KB
+    const r = probeRound(1, 65_536, { bytes: 65_536, spanMs: 5.24 }, MAX);
+    near(r.bps, 100 * MBIT, 'the first round');
+    assert.ok(r.nextMeasuredBytes! > 240_000 && r.nextMeasuredBytes! < 260_000, `next ${r.nextMeasuredBytes}`);
+    // in one delivery: untimed, the largest frame next
+    assert.equal(probeRound(1, 65_536, { bytes: 0, spanMs: 0 }, MAX).nextMeasuredBytes, MAX);
+  });
+
+  test('from the second round, a reading at which even the largest frame would cross within 10 ms ends it', () => {
+    // 1000 Mbit/s as measured: the second round's 757 KB read 1.7 Gbit/s in 3.5 ms; 1 MiB would take 4.9 ms
+    const second = probeRound(2, 757_734, { bytes: 757_750, spanMs: 3.52 }, MAX);
+    assert.equal(second.nextMeasuredBytes, undefined);
+    assert.ok(second.bps > 1e9);
+    // the first round's reading of the same speed asks for another: its frame only followed the lead
+    assert.equal(probeRound(1, 65_536, { bytes: 65_552, spanMs: 0.3 }, MAX).nextMeasuredBytes, MAX);
+    // a second round reading 300 Mbit/s (1 MiB would take 28 ms) goes on, with 750 KB
+    const next = probeRound(2, 250_000, { bytes: 250_000, spanMs: 6.67 }, MAX).nextMeasuredBytes;
+    assert.ok(next !== undefined && next > 740_000 && next < 760_000, `next ${next}`);
   });
 });

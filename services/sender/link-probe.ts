@@ -1,0 +1,36 @@
+/**
+ * The link probe's rounds (WanLink.probe sends them): what a round's answer reads, and whether a
+ * larger measured frame, one more round, could read more.
+ */
+import type { ProbeArrival } from '../../shared/wire.js';
+
+/** the receiver's timing of a probe frame is trusted from this span (below, a larger frame follows) */
+export const PROBE_MIN_SPAN_MS = 10;
+
+export interface ProbeRound {
+  /** what this round reads (bits/s) */
+  bps: number;
+  /** the next round's measured frame; undefined: this reading is the answer */
+  nextMeasuredBytes?: number;
+}
+
+/**
+ * Round `round` (from 1) timed a frame of `measuredBytes`. Another round follows when the frame
+ * crossed within the shortest span worth timing, with a frame that takes about twice that span at
+ * the speed this one suggests (one more round, not a ladder of them: each megabyte of padding is
+ * CPU on a fast link), up to `maxMeasuredBytes`. From the second round on, a reading at which even
+ * that largest frame would cross within the span ends it too: no round could time it, and such a
+ * reading is low if anything (at 1000 Mbit/s the receiver set the pace: a second round of 342-757 KB read
+ * 1.7-4.8 Gbit/s, and a third of 1 MiB 1.2-5.5 Gbit/s, 10-15 ms later, while capture waited for the look).
+ * The first round's frame follows a lead sized for a shaper's burst, not for the reading: its
+ * reading alone decides nothing of the kind.
+ */
+export function probeRound(round: number, measuredBytes: number, answer: ProbeArrival, maxMeasuredBytes: number): ProbeRound {
+  const timed = answer.bytes > 0 && answer.spanMs > 0;
+  // untimed: it all came in one delivery, in less than the shortest span worth timing
+  const bps = timed ? (answer.bytes * 8 * 1000) / answer.spanMs : (measuredBytes * 8 * 1000) / PROBE_MIN_SPAN_MS;
+  if ((timed && answer.spanMs >= PROBE_MIN_SPAN_MS) || measuredBytes >= maxMeasuredBytes) return { bps };
+  if (timed && round >= 2 && (maxMeasuredBytes * 8 * 1000) / bps < PROBE_MIN_SPAN_MS) return { bps };
+  const wantedBytes = timed ? ((bps / 8) * 2 * PROBE_MIN_SPAN_MS) / 1000 : maxMeasuredBytes;
+  return { bps, nextMeasuredBytes: Math.min(maxMeasuredBytes, Math.max(measuredBytes * 2, Math.ceil(wantedBytes))) };
+}
