@@ -16,7 +16,7 @@ import {
 } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
 import { connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
-import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, announceSubject, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
+import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
 import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from './migration.js';
 import { recordStats } from './telemetry.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
@@ -252,20 +252,13 @@ export async function publishEvent(bus: Bus, migrationId: string, event: Migrati
 }
 
 /**
- * An event at once on core NATS, before its publication on the stream: a waiter in firstEvent gets
- * it a hop later. Capture holds its chunks for the tuner's first look; on a one-core source the
- * stream's publish took 2-15 ms and the ordered consumer's delivery 13-33 ms more (decision to
- * capture 4-26 ms at 10-25 Mbit/s, 2-9 ms announced; at 100-1000 Mbit/s the core is busy with the
- * head start and the hop took 30-56 ms either way).
- */
-export function announceEvent(bus: Bus, migrationId: string, event: MigrationEvent): void {
-  bus.nc.publish(announceSubject(migrationId, event.type), encodeEvent(event));
-}
-
-/**
  * The migration's first event of `type`, published before or after the call, or undefined after
- * `timeoutMs`: announced (announceEvent) once this waits, or on the events stream (an ordered
- * consumer from its start), whichever comes first.
+ * `timeoutMs`. A JetStream publish is a core NATS message on its subject before the stream stores
+ * it: a subscription there gets an event published once this waits a hop later, where the stream's
+ * ordered consumer took 13-33 ms more on a one-core source (capture holds its chunks for the tuner's
+ * first look: decision to capture 4-26 ms at 10-25 Mbit/s by the stream, 2-9 ms by core NATS). The
+ * consumer brings one published before the call. Without the stream (it could not be read), the
+ * subscription may still answer; at the deadline the wait then fails with the stream's error.
  */
 export function firstEvent<T extends MigrationEvent['type']>(bus: Bus, migrationId: string, type: T, timeoutMs: number): Promise<Extract<MigrationEvent, { type: T }> | undefined> {
   type Wanted = Extract<MigrationEvent, { type: T }>;
@@ -277,28 +270,30 @@ export function firstEvent<T extends MigrationEvent['type']>(bus: Bus, migration
       return undefined; // a malformed event is no answer: wait on
     }
   };
+  const subject = eventSubject(migrationId, type);
   return new Promise((resolve, reject) => {
     let settled = false;
     let stopStream: (() => void) | undefined;
-    const finish = (event: Wanted | undefined, err?: unknown): void => {
+    let streamFailure: unknown;
+    const finish = (event: Wanted | undefined): void => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
-      announced.unsubscribe();
+      published.unsubscribe();
       stopStream?.();
-      if (err === undefined) resolve(event);
-      else reject(err);
+      if (event === undefined && streamFailure !== undefined) reject(streamFailure);
+      else resolve(event);
     };
     const timer = setTimeout(() => finish(undefined), timeoutMs);
-    // subscribed first: an announcement while the consumer is being made is not missed
-    const announced = bus.nc.subscribe(announceSubject(migrationId, type), {
+    // subscribed first: an event published while the consumer is being made is not missed
+    const published = bus.nc.subscribe(subject, {
       callback: (err, m) => {
         const event = err ? undefined : wanted(m.data);
         if (event) finish(event);
       },
     });
     void (async () => {
-      const consumer = await bus.js.consumers.get(STREAMS.events, { filter_subjects: eventSubject(migrationId, type), deliver_policy: DeliverPolicy.All });
+      const consumer = await bus.js.consumers.get(STREAMS.events, { filter_subjects: subject, deliver_policy: DeliverPolicy.All });
       const messages = await consumer.consume();
       stopStream = () => messages.stop();
       if (settled) messages.stop();
@@ -306,7 +301,7 @@ export function firstEvent<T extends MigrationEvent['type']>(bus: Bus, migration
         const event = wanted(m.data);
         if (event) return finish(event);
       }
-    })().catch((err: unknown) => finish(undefined, err));
+    })().catch((err: unknown) => (streamFailure = err));
   });
 }
 

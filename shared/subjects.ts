@@ -33,15 +33,6 @@ export function eventSubject(migrationId: string, type: string): string {
 }
 export const EVENTS_FILTER = 'handoff.events.>';
 
-/**
- * `handoff.announce.<migrationId>.<type>`: an event announced on core NATS as it happens, for a
- * waiter that cannot afford the stream's round trips (capture holding its chunks for the tuner's
- * first look); the stream still holds it, for waiters that came later and for the record.
- */
-export function announceSubject(migrationId: string, type: string): string {
-  return `handoff.announce.${migrationId}.${type}`;
-}
-
 /** `handoff.dead.<stage>.<migrationId>`: where a stage puts a message it gives up on */
 export function deadLetterSubject(stage: string, migrationId: string): string {
   return `handoff.dead.${stage}.${migrationId}`;

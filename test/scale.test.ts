@@ -19,15 +19,15 @@ import { spawnReceiverProcess } from '../cli/receive.js';
 import { JS_DOMAIN, migrateOn, startTwoHosts } from '../load/lib/hosts.js';
 import { stopProcess } from '../shared/child.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
-import { announceEvent, connectBus, firstEvent, publishEvent } from '../shared/bus.js';
+import { connectBus, firstEvent, publishEvent } from '../shared/bus.js';
 import { PRESENCE_TTL_MS, PresenceView, liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
 import { hashImageFile } from '../shared/pages.js';
-import type { MigrationDescriptor } from '../shared/migration.js';
+import { encodeEvent, type MigrationDescriptor } from '../shared/migration.js';
 import { DescriptorCache } from '../shared/registry.js';
 import { loadBaseIndex } from '../shared/base-index.js';
 import { createLogger } from '../shared/log.js';
 import { ADAPTIVE_START_MODE } from '../shared/mode.js';
-import { STREAMS, workSubject } from '../shared/subjects.js';
+import { STREAMS, eventSubject, workSubject } from '../shared/subjects.js';
 import { captureRound, type CaptureGate } from '../services/capture/round.js';
 import { HEAD_START_CHUNKS } from '../services/capture/service.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
@@ -223,7 +223,7 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
     }
   });
 
-  test("a migration's first event of a kind: one published before the wait, one after, one announced, none by the deadline", async () => {
+  test("a migration's first event of a kind: one published before the wait, one after, none by the deadline", async () => {
     const bus = await connectBus(nats.url, 'test-first-event');
     const decision = { atSeconds: 0, from: 'delta=none none', to: 'delta=xor zstd:3', bandwidthBps: 1e6, measuredBandwidthBps: 0, spareCores: 1, compressWorkers: 1, compressWorkersInUse: 1, overheadCpuMsPerBlock: 0, predictedCurrentBlocksPerSec: 1, predictedChosenBlocksPerSec: 2 };
     try {
@@ -234,18 +234,32 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       await publishEvent(bus, 'm-first-after', { type: 'start' }); // another kind: no answer
       await publishEvent(bus, 'm-first-after', { type: 'tuned', decision: { ...decision, to: 'delta=zstd none' } });
       assert.equal((await later)?.decision.to, 'delta=zstd none');
-      // announced on core NATS and never on the stream: the waiter gets it from the announcement
-      const announced = firstEvent(bus, 'm-first-announced', 'tuned', 5000);
-      await new Promise((r) => setTimeout(r, 200));
-      announceEvent(bus, 'm-first-announced', { type: 'start' }); // another kind: no answer
-      announceEvent(bus, 'm-first-announced', { type: 'tuned', decision: { ...decision, to: 'delta=patch zstd:9' } });
-      assert.equal((await announced)?.decision.to, 'delta=patch zstd:9', 'the announcement was missed');
       // nobody answers (no tuner runs): undefined at the deadline, not a wait for ever
       const started = performance.now();
       assert.equal(await firstEvent(bus, 'm-first-never', 'tuned', 300), undefined);
       assert.ok(performance.now() - started >= 300);
     } finally {
       await bus.close();
+    }
+  });
+
+  test("a migration's first event, published on core NATS: the waiter has it from its subject, without the stream", async () => {
+    // a nats-server of its own, whose events stream is gone: only the core path can answer
+    const own = await startEmbeddedNats();
+    const bus = await connectBus(own.url, 'test-first-event-core');
+    const decision = { atSeconds: 0, from: 'delta=none none', to: 'delta=patch zstd:9', bandwidthBps: 1e6, measuredBandwidthBps: 0, spareCores: 1, compressWorkers: 1, compressWorkersInUse: 1, overheadCpuMsPerBlock: 0, predictedCurrentBlocksPerSec: 1, predictedChosenBlocksPerSec: 2 };
+    try {
+      await bus.jsm.streams.delete(STREAMS.events);
+      const waiting = firstEvent(bus, 'm-first-core', 'tuned', 5000);
+      await new Promise((r) => setTimeout(r, 200));
+      bus.nc.publish(eventSubject('m-first-core', 'start'), encodeEvent({ type: 'start' })); // another kind: no answer
+      bus.nc.publish(eventSubject('m-first-core', 'tuned'), encodeEvent({ type: 'tuned', decision }));
+      assert.equal((await waiting)?.decision.to, 'delta=patch zstd:9', 'the event on its subject was missed');
+      // and with nothing published, the stream's failure is what the deadline gives, not a silent undefined
+      await assert.rejects(firstEvent(bus, 'm-first-core-none', 'tuned', 300), /stream/i);
+    } finally {
+      await bus.close();
+      await own.stop();
     }
   });
 

@@ -9,7 +9,7 @@
  */
 import { hostname } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
-import { announceEvent, connectBus, publishEvent } from '../../shared/bus.js';
+import { connectBus, publishEvent } from '../../shared/bus.js';
 import { eventSubject } from '../../shared/subjects.js';
 import { errorMessage } from '../../shared/errors.js';
 import type { RunningService } from '../../shared/stage.js';
@@ -334,12 +334,13 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           predictedCurrentBlocksPerSec: Math.round(decision?.currentBlocksPerSec ?? 0),
           predictedChosenBlocksPerSec: Math.round(decision?.chosenBlocksPerSec ?? 0),
         };
-        // capture waits for the first one, with its chunks held: announced at once, on the stream after the wish
-        announceEvent(bus, migrationId, { type: 'tuned', decision: record });
+        // capture waits for the first one, with its chunks held: published before the log and the wish
+        // (its subscription has it a hop later, see firstEvent), after the config its stages follow
+        const published = publishEvent(bus, migrationId, { type: 'tuned', decision: record });
         log.info(decision ? 'switching mode' : 'compress workers in use', { migration: migrationId, ...record });
         startSpan('tuner decision', d.traceparent, { 'handoff.actor': 'tuner', ...Object.fromEntries(Object.entries(record).map(([k, v]) => [`handoff.${k}`, v])) }).end();
-        if (workersChanged) await writeWanted();
-        await publishEvent(bus, migrationId, { type: 'tuned', decision: record });
+        if (workersChanged) await writeWanted().catch((err: unknown) => log.debug('wish not written', { reason: errorMessage(err) }));
+        await published;
       })
       .catch((err: unknown) => log.warn('decision failed', { migration: migrationId, reason: errorMessage(err) }));
   };
