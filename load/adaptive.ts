@@ -3,7 +3,8 @@
  * network namespaces, `tc tbf` on the source side), at fixed bandwidths, with the bandwidth changing
  * mid-handoff (5 -> 35 -> 5 Mbit/s), and with another process taking a core mid-handoff.
  * Prints a table of handoff times, one of transfer times (from the destination's accept, without the
- * actors' start-up) and one of the source's CPU seconds, writes an SVG plot of handoff time against bandwidth, `--json` prints every run.
+ * actors' start-up) and one of the source's CPU seconds, writes an SVG plot of handoff time against
+ * bandwidth; `--json` prints every run.
  * Each scenario runs every mode `--repeat` times (default 3; 5 where a transfer takes about two
  * seconds or less: 100 Mbit/s and up, the hog run), interleaved, and compares medians: one run of
  * a few seconds on a shared 2-core machine varies by more than the 5% being judged, and one of a
@@ -250,7 +251,7 @@ async function main(): Promise<void> {
       content: { type: 'string', default: 'mixed' },
       svg: { type: 'string', default: 'load/adaptive.svg' },
       json: { type: 'boolean', default: false },
-      /** default: 3, and 5 for the short runs (see shortRuns) */
+      /** default: 3, and 5 for the short runs (see repeatOf) */
       repeat: { type: 'string' },
       /** only scenarios whose name contains one of these (comma-separated), e.g. "hog,35" */
       only: { type: 'string' },
