@@ -484,9 +484,9 @@ export class WanLink {
    * 83-104 and 1000 as 0.35-16 Gbit/s (tbf lets 10 ms of its rate through at once); the spacing of
    * the two answers at the sender had read 5 Mbit/s as 12-14 (a packet of 64 KiB holds the end of
    * one frame and most of the next), and 1000 Mbit/s as 140 Gbit/s. Further rounds (see
-   * link-probe.ts) follow when a frame crossed within 10 ms; they stop at 1 MiB (a frame of it the receiver got in one delivery reads as
-   * 1 MiB in 10 ms, 839 Mbit/s: a floor). Growing in steps to 2 MiB cost 3.7 MB of padding at
-   * 1000 Mbit/s. The ACKs of chunks measure the link properly later. Undefined when the link did
+   * link-probe.ts) follow when a frame crossed within 10 ms; they stop at 1 MiB (a frame of it the
+   * receiver got in one delivery reads as 1 MiB in 10 ms, 839 Mbit/s: a floor). Growing in steps to
+   * 2 MiB cost 3.7 MB of padding at 1000 Mbit/s. The ACKs of chunks measure the link properly later. Undefined when the link did
    * not answer.
    */
   async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 1024 * 1024): Promise<number | undefined> {
