@@ -27,7 +27,7 @@ import { spawnReceiverProcess } from '../cli/receive.js';
 import { formatTable, type MigrationSummary } from '../cli/summary.js';
 import { generateImageSet, type ImageSet } from '../shared/testdata/images.js';
 import { parseSizeBytes } from '../shared/units.js';
-import { endedChildrenCpuSeconds } from './lib/processes.js';
+import { endedChildrenCpuSeconds, stopWithChildren } from './lib/processes.js';
 import { createShapedLink, type ShapedLink } from './lib/wan.js';
 
 const MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
@@ -101,7 +101,7 @@ function placement(cpus: string): Placement {
   return { source: ['taskset', '-c', `0-${n - 1}`], destination: ['taskset', '-c', `${n}-${cores - 1}`], sourceCpus: n };
 }
 
-/** stops the run under way (its command's process group, the hog, the receiver): for a benchmark stopped by a signal */
+/** stops the run under way (its command, the hog, the receiver): for a benchmark stopped by a signal */
 const running = new Set<() => void>();
 
 async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number, cpus: Placement): Promise<Run> {
@@ -114,7 +114,6 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     prefix: [...cpus.destination, 'ip', 'netns', 'exec', link.destNs],
     // its "accepted" line starts the scenario's clock
     env: { HANDOFF_LOG_LEVEL: 'info' },
-    ownProcessGroup: true,
   });
   const timers: NodeJS.Timeout[] = [];
   let finished = false;
@@ -126,21 +125,13 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     const child = spawn(
       command!,
       [...args, 'netns', 'exec', link.sourceNs, process.execPath, MAIN, 'migrate', '--base-memory', images.baseMemory, '--memory', images.memory, '--base-disk', images.baseDisk, '--disk', images.disk, '--to', receiver.address, '--json', '--no-progress', ...c.args],
-      // its own process group: a benchmark stopped mid-run stops the command with its actors and nats-server
-      { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' }, detached: true },
+      { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' } },
     );
+    // a benchmark stopped mid-run stops the command with its actors and nats-server, and the receiver with its own
     const stopRun = (): void => {
-      try {
-        if (child.pid !== undefined) process.kill(-child.pid, 'SIGTERM');
-      } catch {
-        // ended already
-      }
+      stopWithChildren(child.pid);
       hog?.kill('SIGKILL');
-      try {
-        if (receiver.child.pid !== undefined) process.kill(-receiver.child.pid, 'SIGTERM');
-      } catch {
-        // ended already
-      }
+      stopWithChildren(receiver.child.pid);
     };
     running.add(stopRun);
     // the changes are timed from when the destination accepts, when data starts to flow: the same

@@ -1,4 +1,5 @@
 /** Benchmark plumbing: waiting for a stage to drain its input, the CPU its processes used. */
+import { readFileSync, readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import type { Bus } from '../../shared/bus.js';
 
@@ -26,4 +27,37 @@ export async function endedChildrenCpuSeconds(): Promise<number> {
   // fields after the command's closing parenthesis start at field 3 (state); cutime and cstime are 16 and 17
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   return (Number(fields[16 - 3]) + Number(fields[17 - 3])) / 100;
+}
+
+/** The processes whose parent is `pid` (from /proc): a command's actors and nats-server. */
+export function childrenOf(pid: number): number[] {
+  const children: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      // the parent's pid is the second field after the command's closing parenthesis
+      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) children.push(Number(entry));
+    } catch {
+      // it ended meanwhile
+    }
+  }
+  return children;
+}
+
+/**
+ * SIGTERM to `pid` and its children: a command stopped with what it started, nats-server too (an
+ * actor would stop on its own once its command is gone; a nats-server would not). Not by process
+ * group: a command in a session of its own is a scheduling group of its own (autogroup), and a
+ * CPU hog outside it then took half the core from the whole handoff, not a task's share.
+ */
+export function stopWithChildren(pid: number | undefined): void {
+  if (pid === undefined) return;
+  for (const p of [...childrenOf(pid), pid]) {
+    try {
+      process.kill(p, 'SIGTERM');
+    } catch {
+      // ended already
+    }
+  }
 }
