@@ -102,7 +102,7 @@ function placement(cpus: string): Placement {
 }
 
 /** stops the run under way (its command, the hog, the receiver): for a benchmark stopped by a signal */
-const running = new Set<() => void>();
+let stopRunning: (() => void) | undefined;
 
 async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number, cpus: Placement): Promise<Run> {
   link.setRate(s.startMbit * 1e6);
@@ -128,12 +128,11 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
       { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HANDOFF_LOG_LEVEL: process.env.HANDOFF_LOG_LEVEL ?? 'warn' } },
     );
     // a benchmark stopped mid-run stops the command with its actors and nats-server, and the receiver with its own
-    const stopRun = (): void => {
+    stopRunning = (): void => {
       stopWithChildren(child.pid);
       hog?.kill('SIGKILL');
       stopWithChildren(receiver.child.pid);
     };
-    running.add(stopRun);
     // the changes are timed from when the destination accepts, when data starts to flow: the same
     // share of the transfer on a machine whose actors take 0.5 s to start or 2 s (one core)
     void receiver.waitForLog(/ accepted /).then(() => {
@@ -170,7 +169,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
       ...(summary.adaptive ? { decisions: summary.decisions.map((d) => `${d.atSeconds}s: ${d.to}, ${d.compressWorkersInUse ?? d.compressWorkers}/${d.compressWorkers} workers (${(d.bandwidthBps / 1e6).toFixed(1)} Mbit/s, ${d.spareCores} cores)`) } : {}),
     };
   } finally {
-    running.clear();
+    stopRunning = undefined;
     finished = true;
     timers.forEach(clearTimeout);
     hog?.kill('SIGKILL');
@@ -271,7 +270,7 @@ async function main(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'bench-adaptive-'));
   const link = createShapedLink(bandwidths[0]! * 1e6);
   const stop = (): void => {
-    for (const stopRun of running) stopRun();
+    stopRunning?.();
     link.destroy();
     process.exit(130);
   };

@@ -22,6 +22,7 @@ import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { connectBus, firstEvent, publishEvent } from '../shared/bus.js';
 import { PRESENCE_TTL_MS, PresenceView, liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
 import { hashImageFile } from '../shared/pages.js';
+import { parseProcStat } from '../shared/proc-stat.js';
 import { encodeEvent, type MigrationDescriptor } from '../shared/migration.js';
 import { DescriptorCache } from '../shared/registry.js';
 import { loadBaseIndex } from '../shared/base-index.js';
@@ -373,8 +374,7 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       // a zombie (ended, not yet reaped where PID 1 does not reap) counts as gone
       const alive = (): boolean => {
         try {
-          const stat = readFileSync(`/proc/${actorPid}/stat`, 'utf8');
-          return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+          return parseProcStat(readFileSync(`/proc/${actorPid}/stat`, 'utf8')).state !== 'Z';
         } catch {
           return false;
         }

@@ -2,6 +2,7 @@
 import { readFileSync, readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import type { Bus } from '../../shared/bus.js';
+import { TICKS_PER_SECOND, parseProcStat } from '../../shared/proc-stat.js';
 
 export async function waitDrained(bus: Bus, stream: string, durable: string, timeoutMs = 600_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -20,13 +21,10 @@ export async function waitDrained(bus: Bus, stream: string, durable: string, tim
 /**
  * CPU seconds of this process's children that have ended and been waited for, with theirs
  * (/proc/self/stat cutime + cstime): read before and after a child's exit, what that child's tree used.
- * Linux counts them in ticks of 1/100 s (USER_HZ, the same on every architecture's /proc).
  */
 export async function endedChildrenCpuSeconds(): Promise<number> {
-  const stat = await readFile('/proc/self/stat', 'utf8');
-  // fields after the command's closing parenthesis start at field 3 (state); cutime and cstime are 16 and 17
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[16 - 3]) + Number(fields[17 - 3])) / 100;
+  const stat = parseProcStat(await readFile('/proc/self/stat', 'utf8'));
+  return (stat.cutimeTicks + stat.cstimeTicks) / TICKS_PER_SECOND;
 }
 
 /** The processes whose parent is `pid` (from /proc): a command's actors and nats-server. */
@@ -35,9 +33,7 @@ export function childrenOf(pid: number): number[] {
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
-      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
-      // the parent's pid is the second field after the command's closing parenthesis
-      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) children.push(Number(entry));
+      if (parseProcStat(readFileSync(`/proc/${entry}/stat`, 'utf8')).ppid === pid) children.push(Number(entry));
     } catch {
       // it ended meanwhile
     }

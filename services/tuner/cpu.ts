@@ -5,9 +5,9 @@
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
+import { TICKS_PER_SECOND, parseProcStat } from '../../shared/proc-stat.js';
 
-/** /proc counts CPU in USER_HZ ticks: 100 a second on every Linux architecture Node runs on */
-const MS_PER_TICK = 10;
+const MS_PER_TICK = 1000 / TICKS_PER_SECOND;
 
 /** The CPUs of a `Cpus_allowed_list` such as "0-3,6". */
 export function parseCpuList(text: string): number[] {
@@ -56,9 +56,8 @@ function ownJiffies(cpuList: string | undefined): number {
       const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
       if (!cmd.includes('nats-server') && !/handoff|cli\/main\.js/.test(cmd)) continue;
       if (cpuList !== undefined && allowedCpuList(pid) !== cpuList) continue;
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      sum += Number(fields[11]) + Number(fields[12]);
+      const stat = parseProcStat(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+      sum += stat.utimeTicks + stat.stimeTicks;
     } catch {
       // the process ended meanwhile
     }

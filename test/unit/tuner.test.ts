@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { Tuner, busPagesOf } from '../../services/tuner/core.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
+import { parseProcStat } from '../../shared/proc-stat.js';
 import { TIE_CPU_FACTOR, TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
 import { loadProfile } from '../../services/tuner/profile.js';
 import type { StageStats } from '../../shared/migration.js';
@@ -484,5 +485,12 @@ describe('spare CPU on the cores the handoff may use', () => {
     // pinned to cpu0 the handoff sees a nearly full core; the machine-wide figure said 60% idle
     assert.deepEqual(cpuJiffies(stat, [0]), { busy: 380, total: 400 });
     assert.deepEqual(cpuJiffies(stat, [0, 1]), { busy: 400, total: 1000 });
+  });
+
+  test("a process's stat: fields counted after the command, which may hold spaces and parentheses", () => {
+    // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime ...
+    const stat = '4242 (node (a) b) S 17 4242 4242 0 -1 4194304 10 0 0 0 250 30 1200 80 20 0 11 0 1234 5678 99';
+    assert.deepEqual(parseProcStat(stat), { state: 'S', ppid: 17, utimeTicks: 250, stimeTicks: 30, cutimeTicks: 1200, cstimeTicks: 80 });
+    assert.equal(parseProcStat('7 (nats-server) Z 1 7 7 0 -1 0 0 0 0 0 5 6 0 0').state, 'Z');
   });
 });
