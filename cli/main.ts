@@ -69,6 +69,8 @@ HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or an nkey seed in HANDOFF_NATS_NKEY_SE
                                  and resends what the destination has not acknowledged
   --progress / --no-progress     progress bar with ETA on stderr (default: on a terminal)
   --json                         print one JSON summary object on stdout
+SIGTERM or Ctrl-C stops the handoff with its actors and nats-server and prints the summary (a
+second one exits at once); a live VM already stopped for the switch is left stopped.
 Exit status: 0 when the destination verified both images, 1 otherwise.`,
   receive: `handoff receive: the destination cloudlet
 
@@ -202,7 +204,17 @@ async function main(argv: string[]): Promise<number> {
       if (values.help) return console.log(HELP.migrate), 0;
       need(values, ['base-memory', 'memory', 'base-disk', 'disk', 'to'], 'migrate');
       if (values['external-actors'] && !(values.nats ?? process.env.NATS_URL)) throw new UsageError('migrate: --external-actors needs --nats (where the actors run)');
+      // SIGTERM or Ctrl-C: the handoff stops with its actors and nats-server (killed outright, its
+      // actors stop on their own but the nats-server would run on); a second one exits at once
+      const stop = new AbortController();
+      const onSignal = (signal: NodeJS.Signals): void => {
+        if (stop.signal.aborted) process.exit(128 + (signal === 'SIGINT' ? 2 : 15));
+        stop.abort();
+      };
+      process.on('SIGTERM', onSignal);
+      process.on('SIGINT', onSignal);
       const summary = await migrate({
+        stop: stop.signal,
         baseMemory: values['base-memory']!,
         memory: values.memory!,
         baseDisk: values['base-disk']!,

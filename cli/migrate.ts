@@ -48,6 +48,12 @@ export interface MigrateOptions {
   /** a running VM (memory = its shared RAM file, disk = its disk): pre-copy, stop, resume there */
   live?: LiveVm;
   /** called once the migration runs (tests change the mode mid-way through it) */
+  /**
+   * Ends the handoff early (SIGTERM, Ctrl-C): its actors and nats-server stop with it, and the
+   * summary says it was stopped. A live VM the source stopped is left stopped: the destination may
+   * have had the go and resumed it, and two running copies are worse than none.
+   */
+  stop?: AbortSignal;
   onStarted?: (ctl: { bus: Bus; migrationId: string; stats: StatsCollector; actors: readonly ActorProcess[] }) => void;
 }
 
@@ -64,6 +70,19 @@ async function checkPair(base: string, current: string, what: string): Promise<n
   const [baseBytes, currentBytes] = await Promise.all([checkImage(base, `base ${what} image`), checkImage(current, `${what} image`)]);
   if (baseBytes !== currentBytes) throw new BadImageError(`${what} image ${current} is ${currentBytes} bytes but its base ${base} is ${baseBytes}: sizes must match`);
   return currentBytes;
+}
+
+/** A handoff stopped (by its `stop` signal) before it started. */
+export class MigrationStoppedError extends Error {
+  constructor() {
+    super('the handoff was stopped (by a signal) before it started');
+    this.name = 'MigrationStoppedError';
+  }
+}
+
+/** resolves false once `signal` aborts (never, without one) */
+function stopped(signal: AbortSignal | undefined): Promise<false> {
+  return new Promise((resolve) => signal?.addEventListener('abort', () => resolve(false), { once: true }));
 }
 
 /** the longest a migration waits for the actors it spawned to take work before it starts */
@@ -129,10 +148,12 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       // link while the others were still starting on the same cores: a one-core source read a 1000
       // Mbit/s link as 37, and adaptive chose for that.
       const allReady = Promise.all(actors.map((a) => a.ready)).then(() => true);
-      if (!(await Promise.race([allReady, delay(ACTORS_READY_WAIT_MS, false, { ref: false })]))) {
+      if (!(await Promise.race([allReady, delay(ACTORS_READY_WAIT_MS, false, { ref: false }), stopped(options.stop)]))) {
+        if (options.stop?.aborted) throw new MigrationStoppedError();
         log.warn('actors not all ready: starting anyway', { waitedMs: ACTORS_READY_WAIT_MS });
       }
     }
+    if (options.stop?.aborted) throw new MigrationStoppedError();
 
     const stats = new StatsCollector();
     const statsSub = bus.nc.subscribe(statsSubject(migrationId, '*'), {
@@ -166,6 +187,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     let outcome: MigrationEvent | undefined;
     let acceptedMs: number | undefined;
     const decisions: TunerDecision[] = [];
+    // the events end (and the loop with them) when the handoff is stopped
+    const stopEvents = (): void => void events.stop();
+    options.stop?.addEventListener('abort', stopEvents, { once: true });
+    if (options.stop?.aborted) stopEvents();
     try {
       for await (const m of events) {
         let event: MigrationEvent;
@@ -187,9 +212,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
         }
       }
     } finally {
+      options.stop?.removeEventListener('abort', stopEvents);
       clearInterval(ticker);
       bar?.done();
     }
+    if (!outcome && options.stop?.aborted) log.warn('stopped before the destination\'s result', { phase: captured ? 'sending' : 'capturing' });
     const endMs = performance.now();
     const handoffSeconds = (endMs - started) / 1000;
     // statistics of the last chunks can trail the result by a moment
@@ -220,7 +247,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       if (!outcome.result.verified) summary.reason = outcome.result.reason ?? 'destination could not verify the images';
     } else if (outcome?.type === 'failed') summary.reason = `${outcome.stage}: ${outcome.reason}`;
     else if (outcome?.type === 'refused') summary.reason = `destination refused: ${outcome.reason}`;
-    if (options.live) await settleLiveVm(options.live, summary, captured, outcome, log);
+    else if (options.stop?.aborted) summary.reason = 'stopped (by a signal) before the destination\'s result';
+    if (options.live) await settleLiveVm(options.live, summary, captured, outcome, log, options.stop?.aborted ?? false);
     return summary;
   } finally {
     rootSpan?.end();
@@ -237,7 +265,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
  * unless the destination may have resumed it: never two running copies (and never none, unless
  * the link failed in the instant between the go and the destination's answer: then it says so).
  */
-async function settleLiveVm(live: LiveVm, summary: MigrationSummary, captured: Extract<MigrationEvent, { type: 'captured' }> | undefined, outcome: MigrationEvent | undefined, log: Logger): Promise<void> {
+async function settleLiveVm(live: LiveVm, summary: MigrationSummary, captured: Extract<MigrationEvent, { type: 'captured' }> | undefined, outcome: MigrationEvent | undefined, log: Logger, interrupted: boolean): Promise<void> {
   if (captured?.rounds) summary.rounds = captured.rounds;
   const stopped = captured?.final !== false && captured?.stoppedAtMs !== undefined;
   const result = outcome?.type === 'result' ? outcome.result : undefined;
@@ -253,6 +281,13 @@ async function settleLiveVm(live: LiveVm, summary: MigrationSummary, captured: E
   if (!stopped) {
     // capture resumes the VM itself if it fails after stopping it
     summary.sourceVm = 'running';
+    return;
+  }
+  if (interrupted && !outcome) {
+    // the go may have crossed: the destination may run it
+    summary.sourceVm = 'stopped';
+    summary.reason = `${summary.reason ?? 'stopped'}; the source VM stopped for the switch and is left stopped: the destination may have resumed it`;
+    log.warn('stopped mid-switch: source VM left stopped', { reason: summary.reason });
     return;
   }
   const why = result?.vmError ?? summary.reason ?? 'the destination did not resume the VM';

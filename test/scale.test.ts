@@ -7,7 +7,7 @@
  * of a kind (capture's for the tuner's first look).
  */
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { createServer } from 'node:net';
@@ -16,6 +16,7 @@ import { after, before, describe, test } from 'node:test';
 import { spawnActor, stopActors, type ActorProcess } from '../cli/actors.js';
 import { migrate } from '../cli/migrate.js';
 import { spawnReceiverProcess } from '../cli/receive.js';
+import type { MigrationSummary } from '../cli/summary.js';
 import { JS_DOMAIN, migrateOn, startTwoHosts } from '../load/lib/hosts.js';
 import { stopProcess } from '../shared/child.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
@@ -53,6 +54,22 @@ async function freePort(): Promise<number> {
   const { port } = server.address() as { port: number };
   await new Promise<void>((r) => server.close(() => r()));
   return port;
+}
+
+/** the processes of a process group (a command spawned detached, and what it started) */
+function processesOfGroup(group: number): string[] {
+  return spawnSync('pgrep', ['-g', String(group)], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean);
+}
+
+/** SIGKILL to each of these process groups that still has a process */
+function killGroups(groups: readonly number[]): void {
+  for (const group of groups) {
+    try {
+      process.kill(-group, 'SIGKILL');
+    } catch {
+      // none left
+    }
+  }
 }
 
 describe('scale-out of compress workers', { timeout: 300_000 }, () => {
@@ -394,35 +411,59 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
     }
   });
 
-  test("a handoff command's process group stopped mid-handoff, its nats-server with it, leaves no process behind", async () => {
-    const receiver = await spawnReceiverProcess({ baseMemory: ws.destBaseMemory, baseDisk: ws.destBaseDisk, outDir: join(ws.dir, 'stopped-group'), ownProcessGroup: true, env: { HANDOFF_LOG_LEVEL: 'info' } });
+  /**
+   * A `migrate` command in a process group of its own (to count what it started) on a slow link,
+   * once the destination accepted: the command, its actors and its nats-server run.
+   */
+  const handoffMidWay = async (outDir: string, stdout: 'pipe' | 'ignore'): Promise<{ receiver: Awaited<ReturnType<typeof spawnReceiverProcess>>; command: ChildProcess; group: number; left: () => string[] }> => {
+    const receiver = await spawnReceiverProcess({ baseMemory: ws.destBaseMemory, baseDisk: ws.destBaseDisk, outDir: join(ws.dir, outDir), ownProcessGroup: true, env: { HANDOFF_LOG_LEVEL: 'info' } });
     const i = ws.images;
     const main = new URL('../cli/main.js', import.meta.url).pathname;
-    // a slow link: the handoff is mid-way when its group is stopped
     const command = spawn(process.execPath, [main, 'migrate', '--base-memory', i.baseMemory, '--memory', i.memory, '--base-disk', i.baseDisk, '--disk', i.disk, '--to', receiver.address, '--bandwidth', '20mbit', '--json', '--no-progress'], {
-      stdio: 'ignore',
+      stdio: ['ignore', stdout, 'ignore'],
       detached: true,
     });
     const group = command.pid!;
-    const left = (): string[] => {
-      const r = spawnSync('pgrep', ['-g', String(group)], { encoding: 'utf8' });
-      return r.stdout.split('\n').filter(Boolean);
-    };
+    const left = (): string[] => processesOfGroup(group);
     try {
       await receiver.waitForLog(/ accepted /);
       await new Promise((r) => setTimeout(r, 300));
       assert.ok(left().length >= 7, `the command, its actors and nats-server run: ${left().length} processes`);
+    } catch (err) {
+      killGroups([group, receiver.child.pid!]);
+      throw err;
+    }
+    return { receiver, command, group, left };
+  };
+
+  test("a handoff command's process group stopped mid-handoff, its nats-server with it, leaves no process behind", async () => {
+    const { receiver, group, left } = await handoffMidWay('stopped-group', 'ignore');
+    try {
       process.kill(-group, 'SIGTERM');
       // the actors' in-flight work cannot finish without the bus: each exits at its deadline (15 s) at the latest
       for (let t = 0; t < 250 && left().length > 0; t++) await new Promise((r) => setTimeout(r, 100));
       assert.deepEqual(left(), [], 'processes of the stopped handoff ran on');
     } finally {
-      try {
-        process.kill(-group, 'SIGKILL');
-      } catch {
-        // none left
-      }
-      process.kill(-receiver.child.pid!, 'SIGKILL');
+      killGroups([group, receiver.child.pid!]);
+    }
+  });
+
+  test('a handoff command stopped alone (SIGTERM) mid-handoff stops its actors and nats-server, and says so in its summary', async () => {
+    const { receiver, command, group, left } = await handoffMidWay('stopped-command', 'pipe');
+    let out = '';
+    command.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    const exited = new Promise<number | null>((resolve) => command.once('exit', (code) => resolve(code)));
+    try {
+      process.kill(group, 'SIGTERM');
+      const code = await Promise.race([exited, new Promise<'running'>((r) => setTimeout(() => r('running'), 30_000))]);
+      assert.equal(code, 1, 'the stopped command exits 1 (not verified), having written its summary');
+      const summary = JSON.parse(out) as MigrationSummary;
+      assert.equal(summary.verified, false);
+      assert.match(summary.reason ?? '', /stopped \(by a signal\)/);
+      for (let t = 0; t < 50 && left().length > 0; t++) await new Promise((r) => setTimeout(r, 100));
+      assert.deepEqual(left(), [], 'actors or the nats-server of the stopped command ran on');
+    } finally {
+      killGroups([group, receiver.child.pid!]);
     }
   });
 
