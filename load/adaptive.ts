@@ -17,7 +17,7 @@
  * moves with bandwidth and load.
  * Needs root (namespaces and tc); it sets up and removes its own namespaces.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -27,7 +27,7 @@ import { spawnReceiverProcess } from '../cli/receive.js';
 import { formatTable, type MigrationSummary } from '../cli/summary.js';
 import { generateImageSet, type ImageSet } from '../shared/testdata/images.js';
 import { parseSizeBytes } from '../shared/units.js';
-import { endedChildrenCpuSeconds, stopWithChildren } from './lib/processes.js';
+import { cpuSecondsOf, endedChildrenCpuSeconds, stopWithChildren, stoppedHog } from './lib/processes.js';
 import { createShapedLink, type ShapedLink } from './lib/wan.js';
 
 const MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
@@ -69,6 +69,8 @@ interface Run {
    * included: what a mode costs the source cloudlet, without the scheduler's noise in wall time
    */
   sourceCpuSeconds: number;
+  /** the hog run: the share of a core the hog took from when it started spinning to the transfer's end */
+  hogCoreShare?: number;
   verified: boolean;
   switches: number;
   /** adaptive: the tuner's switches, "at seconds: mode" */
@@ -80,9 +82,12 @@ interface Scenario {
   startMbit: number;
   /** [seconds after start, Mbit/s] */
   changes?: [number, number][];
-  /** seconds after start when a CPU hog starts */
+  /** seconds after the destination's accept when the CPU hog starts spinning */
   hogAfterSeconds?: number;
 }
+
+/** the hog's scheduling group: its own (another tenant's process) or the handoff's (one more task) */
+type HogGroup = 'own' | 'shared';
 
 /** where each cloudlet runs: `taskset` arguments for its commands (none: any core) */
 interface Placement {
@@ -101,11 +106,24 @@ function placement(cpus: string): Placement {
   return { source: ['taskset', '-c', `0-${n - 1}`], destination: ['taskset', '-c', `${n}-${cores - 1}`], sourceCpus: n };
 }
 
+/** The share of a core the hog took from its first sample to the last before the transfer's end. */
+function hogShare(samples: readonly { atMs: number; cpuSeconds: number }[], transferSeconds: number): { hogCoreShare?: number } {
+  const first = samples[0];
+  const last = samples.filter((x) => x.atMs <= transferSeconds * 1000).at(-1);
+  if (!first || !last || last.atMs - first.atMs < 100) return {};
+  return { hogCoreShare: Number(((last.cpuSeconds - first.cpuSeconds) / ((last.atMs - first.atMs) / 1000)).toFixed(2)) };
+}
+
 /** stops the run under way (its command, the hog, the receiver): for a benchmark stopped by a signal */
 let stopRunning: (() => void) | undefined;
 
-async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number, cpus: Placement): Promise<Run> {
+async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number, cpus: Placement, hogGroup: HogGroup): Promise<Run> {
   link.setRate(s.startMbit * 1e6);
+  // on the source's cores: it takes one of the cloudlet's own; stopped until its moment
+  const hog = s.hogAfterSeconds === undefined ? undefined : await stoppedHog(cpus.source, hogGroup === 'own');
+  /** the hog's CPU seconds every 50 ms from the accept: what it took during the transfer */
+  const hogCpu: { atMs: number; cpuSeconds: number }[] = [];
+  let acceptedMs: number | undefined;
   const receiver = await spawnReceiverProcess({
     baseMemory: images.baseMemory,
     baseDisk: images.baseDisk,
@@ -117,7 +135,6 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
   });
   const timers: NodeJS.Timeout[] = [];
   let finished = false;
-  let hog: ChildProcess | undefined;
   try {
     const [command, ...args] = [...cpus.source, 'ip'];
     // the previous run's processes have all been waited for: from here, only this run's source ends
@@ -137,11 +154,20 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     // share of the transfer on a machine whose actors take 0.5 s to start or 2 s (one core)
     void receiver.waitForLog(/ accepted /).then(() => {
       if (finished) return;
+      acceptedMs = performance.now();
       for (const [atSeconds, mbit] of s.changes ?? []) timers.push(setTimeout(() => link.setRate(mbit * 1e6), atSeconds * 1000));
-      if (s.hogAfterSeconds !== undefined) {
-        // on the source's cores: it takes one of the cloudlet's own
-        const [hogCommand, ...hogArgs] = [...cpus.source, process.execPath, '-e', 'for (;;) {}'];
-        timers.push(setTimeout(() => (hog = spawn(hogCommand!, hogArgs, { stdio: 'ignore' })), s.hogAfterSeconds * 1000));
+      if (hog && s.hogAfterSeconds !== undefined) {
+        timers.push(
+          setTimeout(() => {
+            hog.kill('SIGCONT');
+            const sample = (): void => {
+              const cpuSeconds = cpuSecondsOf(hog.pid);
+              if (cpuSeconds !== undefined) hogCpu.push({ atMs: performance.now() - acceptedMs!, cpuSeconds });
+            };
+            sample();
+            timers.push(setInterval(sample, 50));
+          }, s.hogAfterSeconds * 1000),
+        );
       }
     });
     let out = '';
@@ -164,6 +190,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
       transferSeconds: summary.transferSeconds,
       wireBytes: summary.wireBytes,
       sourceCpuSeconds: Number(sourceCpuSeconds.toFixed(2)),
+      ...hogShare(hogCpu, summary.transferSeconds),
       verified: summary.verified,
       switches: summary.decisions.filter((d) => d.from !== d.to).length,
       ...(summary.adaptive ? { decisions: summary.decisions.map((d) => `${d.atSeconds}s: ${d.to}, ${d.compressWorkersInUse ?? d.compressWorkers}/${d.compressWorkers} workers (${(d.bandwidthBps / 1e6).toFixed(1)} Mbit/s, ${d.spareCores} cores)`) } : {}),
@@ -171,9 +198,10 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
   } finally {
     stopRunning = undefined;
     finished = true;
-    timers.forEach(clearTimeout);
-    hog?.kill('SIGKILL');
+    timers.forEach(clearTimeout); // the hog's sampling interval too
     receiver.child.kill('SIGTERM');
+    // reaped before the next run reads its children's CPU
+    if (hog && hog.exitCode === null && hog.signalCode === null) await new Promise((resolve) => (hog.once('exit', resolve), hog.kill('SIGKILL')));
     await receiver.exited;
   }
 }
@@ -213,7 +241,7 @@ const HELP = `npm run load:adaptive -- [options]   (root: network namespaces and
 
 Handoff time of static modes (raw, lz4, xor+zstd3, zstd-delta, patch3, patch19) and of adaptive over a shaped link
 between two network namespaces: at fixed bandwidths, 5 -> 35 -> 5 Mbit/s mid-handoff, and a CPU hog
-starting 0.7 s into the transfer. Prints tables of medians (handoff time, transfer time from the destination's accept, and the
+set spinning on the source's core at the destination's accept. Prints tables of medians (handoff time, transfer time from the destination's accept, and the
 source's CPU seconds),
 writes an SVG plot.
 
@@ -226,6 +254,9 @@ writes an SVG plot.
   --cpus N|all          the source cloudlet's cores (the first N; default half the machine's), the
                         destination on the rest; all: both share every core
   --hog-mbit RATE       bandwidth of the CPU hog run (default 100)
+  --hog-group shared|own  the hog in the handoff's scheduling group, one more task beside its
+                        processes (default), or in a group of its own under autogroup (another
+                        tenant's session; it took less there: 0.15-0.20 of the core against 0.26-0.29)
   --memory-size SIZE    --disk-size SIZE   the VM (default 64MiB each)
   --svg FILE            where the plot goes (default load/adaptive.svg)
   --json                one JSON object with every run instead of the table
@@ -251,6 +282,8 @@ async function main(): Promise<void> {
       cpus: { type: 'string' },
       /** the bandwidth of the run where a CPU hog starts mid-handoff */
       'hog-mbit': { type: 'string', default: '100' },
+      /** the hog's scheduling group: shared (the handoff's) or own (a session of its own) */
+      'hog-group': { type: 'string', default: 'shared' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -267,6 +300,8 @@ async function main(): Promise<void> {
   const cpus = placement(values.cpus ?? String(Math.max(1, Math.floor(availableParallelism() / 2))));
   const hogMbit = Number(values['hog-mbit']);
   if (!(hogMbit > 0)) throw new Error('--hog-mbit must be a bandwidth in Mbit/s');
+  const hogGroup = values['hog-group'];
+  if (hogGroup !== 'own' && hogGroup !== 'shared') throw new Error('--hog-group must be own or shared');
   const dir = await mkdtemp(join(tmpdir(), 'bench-adaptive-'));
   const link = createShapedLink(bandwidths[0]! * 1e6);
   const stop = (): void => {
@@ -285,8 +320,9 @@ async function main(): Promise<void> {
       // each phase carries a good part of the data (a handoff here takes 5-10 s): 1.2 MB at 5 Mbit/s,
       // up to 6.5 MB at 35 Mbit/s, the rest at 5 Mbit/s again
       { name: '5->35->5 Mbit/s', startMbit: 5, changes: [[2, 35], [3.5, 5]] },
-      // the hog takes a core for the better part of a ~2 s handoff
-      { name: `CPU hog at ${hogMbit} Mbit/s`, startMbit: hogMbit, hogAfterSeconds: 0.7 },
+      // the hog is set spinning at the accept: the scheduler gave it its share only after 0.5-1 s
+      // (a hog set spinning 0.7 s in took 0-10% of the core until the ~2 s transfer was nearly over)
+      { name: `CPU hog at ${hogMbit} Mbit/s`, startMbit: hogMbit, hogAfterSeconds: 0 },
     ];
     const runs: Run[] = [];
     const only = values.only?.split(',');
@@ -300,9 +336,9 @@ async function main(): Promise<void> {
     for (const s of scenarios) {
       for (let rep = 0; rep < repeatOf(s); rep++) {
         for (const c of candidates) {
-          const r = await handoff(link, images, dir, c, s, rep, cpus);
+          const r = await handoff(link, images, dir, c, s, rep, cpus, hogGroup);
           runs.push(r);
-          process.stderr.write(`${s.name} ${c.name} #${rep + 1}: ${r.handoffSeconds.toFixed(2)} s, transfer ${r.transferSeconds.toFixed(2)} s, source CPU ${r.sourceCpuSeconds.toFixed(2)} s, wire ${(r.wireBytes / 1e6).toFixed(2)} MB${r.switches ? `, ${r.switches} switches` : ''}${r.verified ? '' : ' NOT VERIFIED'}\n`);
+          process.stderr.write(`${s.name} ${c.name} #${rep + 1}: ${r.handoffSeconds.toFixed(2)} s, transfer ${r.transferSeconds.toFixed(2)} s, source CPU ${r.sourceCpuSeconds.toFixed(2)} s${r.hogCoreShare === undefined ? '' : `, hog ${r.hogCoreShare.toFixed(2)} of a core`}, wire ${(r.wireBytes / 1e6).toFixed(2)} MB${r.switches ? `, ${r.switches} switches` : ''}${r.verified ? '' : ' NOT VERIFIED'}\n`);
           for (const d of r.decisions ?? []) process.stderr.write(`    ${d}\n`);
         }
       }

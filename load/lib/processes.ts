@@ -1,4 +1,5 @@
 /** Benchmark plumbing: waiting for a stage to drain its input, the CPU its processes used. */
+import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import type { Bus } from '../../shared/bus.js';
@@ -55,5 +56,39 @@ export function stopWithChildren(pid: number | undefined): void {
     } catch {
       // ended already
     }
+  }
+}
+
+/**
+ * A CPU hog (a process spinning on one core), started now and stopped by itself once it runs
+ * (node's start-up takes CPU from whatever runs then): `SIGCONT` sets it spinning. `ownGroup`: a
+ * session, so a scheduling group (autogroup) of its own.
+ */
+export async function stoppedHog(prefix: readonly string[], ownGroup: boolean): Promise<ChildProcess> {
+  const [command, ...args] = [...prefix, process.execPath, '-e', "process.kill(process.pid, 'SIGSTOP'); for (;;) {}"];
+  const hog = spawn(command!, args, { stdio: 'ignore', detached: ownGroup });
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    if (hog.exitCode !== null || hog.signalCode !== null) throw new Error(`the CPU hog ended before it stopped itself (${hog.exitCode ?? hog.signalCode})`);
+    try {
+      if (parseProcStat(readFileSync(`/proc/${hog.pid}/stat`, 'utf8')).state === 'T') return hog;
+    } catch {
+      // not there yet
+    }
+    if (Date.now() > deadline) {
+      hog.kill('SIGKILL');
+      throw new Error('the CPU hog did not stop itself within 30 s');
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** CPU seconds a process has taken so far (utime + stime); undefined once it is gone */
+export function cpuSecondsOf(pid: number | undefined): number | undefined {
+  try {
+    const stat = parseProcStat(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+    return (stat.utimeTicks + stat.stimeTicks) / TICKS_PER_SECOND;
+  } catch {
+    return undefined;
   }
 }
