@@ -47,13 +47,13 @@ export interface MigrateOptions {
   linkDeadlineMs?: number;
   /** a running VM (memory = its shared RAM file, disk = its disk): pre-copy, stop, resume there */
   live?: LiveVm;
-  /** called once the migration runs (tests change the mode mid-way through it) */
   /**
    * Ends the handoff early (SIGTERM, Ctrl-C): its actors and nats-server stop with it, and the
    * summary says it was stopped. A live VM the source stopped is left stopped: the destination may
    * have had the go and resumed it, and two running copies are worse than none.
    */
   stop?: AbortSignal;
+  /** called once the migration runs (tests change the mode mid-way through it) */
   onStarted?: (ctl: { bus: Bus; migrationId: string; stats: StatsCollector; actors: readonly ActorProcess[] }) => void;
 }
 
