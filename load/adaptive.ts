@@ -121,6 +121,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
   link.setRate(s.startMbit * 1e6);
   // on the source's cores: it takes one of the cloudlet's own; stopped until its moment
   const hog = s.hogAfterSeconds === undefined ? undefined : await stoppedHog(cpus.source, hogGroup === 'own');
+  stopRunning = (): void => void hog?.kill('SIGKILL');
   /** the hog's CPU seconds every 50 ms from the accept: what it took during the transfer */
   const hogCpu: { atMs: number; cpuSeconds: number }[] = [];
   let acceptedMs: number | undefined;
@@ -132,6 +133,9 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     prefix: [...cpus.destination, 'ip', 'netns', 'exec', link.destNs],
     // its "accepted" line starts the scenario's clock
     env: { HANDOFF_LOG_LEVEL: 'info' },
+  }).catch((err: unknown) => {
+    hog?.kill('SIGKILL'); // stopped, it would stay behind
+    throw err;
   });
   const timers: NodeJS.Timeout[] = [];
   let finished = false;
