@@ -1,4 +1,4 @@
-/** Benchmark plumbing: waiting for a stage to drain its input, the CPU its processes used. */
+/** Benchmark plumbing: waiting for a stage to drain its input, the CPU its processes used, a CPU hog. */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
