@@ -1,4 +1,5 @@
 /** A process's /proc/PID/stat, the fields this project reads (see proc(5)). */
+import { readFileSync } from 'node:fs';
 
 /** /proc counts CPU in USER_HZ ticks: 100 a second on every Linux architecture Node runs on */
 export const TICKS_PER_SECOND = 100;
@@ -31,4 +32,14 @@ export function parseProcStat(text: string): ProcStat {
     cutimeTicks: Number(at(16)),
     cstimeTicks: Number(at(17)),
   };
+}
+
+/** The stat of process `pid` (or "self"); undefined where there is none to read (it ended, or no /proc). */
+export function readProcStat(pid: number | string | undefined): ProcStat | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    return parseProcStat(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return undefined;
+  }
 }

@@ -8,7 +8,6 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -23,7 +22,7 @@ import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
 import { connectBus, firstEvent, publishEvent } from '../shared/bus.js';
 import { PRESENCE_TTL_MS, PresenceView, liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
 import { hashImageFile } from '../shared/pages.js';
-import { parseProcStat } from '../shared/proc-stat.js';
+import { readProcStat } from '../shared/proc-stat.js';
 import { encodeEvent, type MigrationDescriptor } from '../shared/migration.js';
 import { DescriptorCache } from '../shared/registry.js';
 import { loadBaseIndex } from '../shared/base-index.js';
@@ -390,11 +389,8 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       command.kill('SIGKILL');
       // a zombie (ended, not yet reaped where PID 1 does not reap) counts as gone
       const alive = (): boolean => {
-        try {
-          return parseProcStat(readFileSync(`/proc/${actorPid}/stat`, 'utf8')).state !== 'Z';
-        } catch {
-          return false;
-        }
+        const state = readProcStat(actorPid)?.state;
+        return state !== undefined && state !== 'Z';
       };
       // it finishes in-flight work and leaves; reaped by init, not by us
       for (let i = 0; i < 100 && alive(); i++) await new Promise((r) => setTimeout(r, 100));

@@ -1,9 +1,9 @@
 /** Benchmark plumbing: waiting for a stage to drain its input, the CPU its processes used, a CPU hog. */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync, readdirSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import type { Bus } from '../../shared/bus.js';
-import { TICKS_PER_SECOND, parseProcStat } from '../../shared/proc-stat.js';
+import { TICKS_PER_SECOND, parseProcStat, readProcStat } from '../../shared/proc-stat.js';
 
 export async function waitDrained(bus: Bus, stream: string, durable: string, timeoutMs = 600_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -32,12 +32,8 @@ export async function endedChildrenCpuSeconds(): Promise<number> {
 export function childrenOf(pid: number): number[] {
   const children: number[] = [];
   for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      if (parseProcStat(readFileSync(`/proc/${entry}/stat`, 'utf8')).ppid === pid) children.push(Number(entry));
-    } catch {
-      // it ended meanwhile
-    }
+    // one that ended meanwhile has no stat
+    if (/^\d+$/.test(entry) && readProcStat(entry)?.ppid === pid) children.push(Number(entry));
   }
   return children;
 }
@@ -70,11 +66,7 @@ export async function stoppedHog(prefix: readonly string[], ownGroup: boolean): 
   const deadline = Date.now() + 30_000;
   for (;;) {
     if (hog.exitCode !== null || hog.signalCode !== null) throw new Error(`the CPU hog ended before it stopped itself (${hog.exitCode ?? hog.signalCode})`);
-    try {
-      if (parseProcStat(readFileSync(`/proc/${hog.pid}/stat`, 'utf8')).state === 'T') return hog;
-    } catch {
-      // not there yet
-    }
+    if (readProcStat(hog.pid)?.state === 'T') return hog;
     if (Date.now() > deadline) {
       hog.kill('SIGKILL');
       throw new Error('the CPU hog did not stop itself within 30 s');
@@ -85,10 +77,6 @@ export async function stoppedHog(prefix: readonly string[], ownGroup: boolean): 
 
 /** CPU seconds a process has taken so far (utime + stime); undefined once it is gone */
 export function cpuSecondsOf(pid: number | undefined): number | undefined {
-  try {
-    const stat = parseProcStat(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-    return (stat.utimeTicks + stat.stimeTicks) / TICKS_PER_SECOND;
-  } catch {
-    return undefined;
-  }
+  const stat = readProcStat(pid);
+  return stat && (stat.utimeTicks + stat.stimeTicks) / TICKS_PER_SECOND;
 }

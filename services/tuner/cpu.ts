@@ -5,7 +5,7 @@
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { TICKS_PER_SECOND, parseProcStat } from '../../shared/proc-stat.js';
+import { TICKS_PER_SECOND, readProcStat } from '../../shared/proc-stat.js';
 
 const MS_PER_TICK = 1000 / TICKS_PER_SECOND;
 
@@ -56,8 +56,8 @@ function ownJiffies(cpuList: string | undefined): number {
       const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
       if (!cmd.includes('nats-server') && !/handoff|cli\/main\.js/.test(cmd)) continue;
       if (cpuList !== undefined && allowedCpuList(pid) !== cpuList) continue;
-      const stat = parseProcStat(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-      sum += stat.utimeTicks + stat.stimeTicks;
+      const stat = readProcStat(pid);
+      if (stat) sum += stat.utimeTicks + stat.stimeTicks;
     } catch {
       // the process ended meanwhile
     }
