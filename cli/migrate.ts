@@ -148,10 +148,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       // link while the others were still starting on the same cores: a one-core source read a 1000
       // Mbit/s link as 37, and adaptive chose for that.
       const allReady = Promise.all(actors.map((a) => a.ready)).then(() => true);
-      if (!(await Promise.race([allReady, delay(ACTORS_READY_WAIT_MS, false, { ref: false }), stopped(options.stop)]))) {
-        if (options.stop?.aborted) throw new MigrationStoppedError();
-        log.warn('actors not all ready: starting anyway', { waitedMs: ACTORS_READY_WAIT_MS });
-      }
+      const ready = await Promise.race([allReady, delay(ACTORS_READY_WAIT_MS, false, { ref: false }), stopped(options.stop)]);
+      if (!ready && !options.stop?.aborted) log.warn('actors not all ready: starting anyway', { waitedMs: ACTORS_READY_WAIT_MS });
     }
     if (options.stop?.aborted) throw new MigrationStoppedError();
 
