@@ -28,6 +28,7 @@ import { formatTable, type MigrationSummary } from '../cli/summary.js';
 import { generateImageSet, type ImageSet } from '../shared/testdata/images.js';
 import { parseSizeBytes } from '../shared/units.js';
 import { cpuSecondsOf, endedChildrenCpuSeconds, stopWithChildren, stoppedHog } from './lib/processes.js';
+import { createCpuGroups, type CpuGroups } from './lib/cgroups.js';
 import { createShapedLink, type ShapedLink } from './lib/wan.js';
 
 const MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
@@ -86,8 +87,12 @@ interface Scenario {
   hogAfterSeconds?: number;
 }
 
-/** the hog's scheduling group: its own (another tenant's process) or the handoff's (one more task) */
-type HogGroup = 'own' | 'shared';
+/**
+ * the hog's scheduling group: the handoff's (one more task beside its processes), a session of its
+ * own (autogroup), or `tenant`: the handoff and the hog each in a CPU cgroup of equal weight, two
+ * containers on one cloudlet (the hog then takes half the core whenever the handoff wants all of it)
+ */
+type HogGroup = 'own' | 'shared' | 'tenant';
 
 /** where each cloudlet runs: `taskset` arguments for its commands (none: any core) */
 interface Placement {
@@ -117,10 +122,10 @@ function hogShare(samples: readonly { atMs: number; cpuSeconds: number }[], tran
 /** stops the run under way (its command, the hog, the receiver): for a benchmark stopped by a signal */
 let stopRunning: (() => void) | undefined;
 
-async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number, cpus: Placement, hogGroup: HogGroup): Promise<Run> {
+async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number, cpus: Placement, hogGroup: HogGroup, groups: CpuGroups | undefined): Promise<Run> {
   link.setRate(s.startMbit * 1e6);
   // on the source's cores: it takes one of the cloudlet's own; stopped until its moment
-  const hog = s.hogAfterSeconds === undefined ? undefined : await stoppedHog(cpus.source, hogGroup === 'own');
+  const hog = s.hogAfterSeconds === undefined ? undefined : await stoppedHog([...(groups?.prefix('hog') ?? []), ...cpus.source], hogGroup === 'own');
   stopRunning = (): void => void hog?.kill('SIGKILL');
   /** the hog's CPU seconds every 50 ms from the accept: what it took during the transfer */
   const hogCpu: { atMs: number; cpuSeconds: number }[] = [];
@@ -140,7 +145,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
   const timers: NodeJS.Timeout[] = [];
   let finished = false;
   try {
-    const [command, ...args] = [...cpus.source, 'ip'];
+    const [command, ...args] = [...(groups?.prefix('handoff') ?? []), ...cpus.source, 'ip'];
     // the previous run's processes have all been waited for: from here, only this run's source ends
     const cpuBefore = await endedChildrenCpuSeconds();
     const child = spawn(
@@ -258,9 +263,11 @@ writes an SVG plot.
   --cpus N|all          the source cloudlet's cores (the first N; default half the machine's), the
                         destination on the rest; all: both share every core
   --hog-mbit RATE       bandwidth of the CPU hog run (default 100)
-  --hog-group shared|own  the hog in the handoff's scheduling group, one more task beside its
-                        processes (default), or in a group of its own under autogroup (another
-                        tenant's session; it took less there: 0.15-0.20 of the core against 0.26-0.29)
+  --hog-group shared|own|tenant  the hog in the handoff's scheduling group, one more task beside
+                        its processes (default); in a group of its own under autogroup (another
+                        session; it took less there: 0.15-0.20 of the core against 0.26-0.29); or
+                        tenant: the handoff and the hog each in a CPU cgroup of equal weight, as two
+                        containers (the hog takes half the core whenever both want it)
   --memory-size SIZE    --disk-size SIZE   the VM (default 64MiB each)
   --svg FILE            where the plot goes (default load/adaptive.svg)
   --json                one JSON object with every run instead of the table
@@ -305,12 +312,14 @@ async function main(): Promise<void> {
   const hogMbit = Number(values['hog-mbit']);
   if (!(hogMbit > 0)) throw new Error('--hog-mbit must be a bandwidth in Mbit/s');
   const hogGroup = values['hog-group'];
-  if (hogGroup !== 'own' && hogGroup !== 'shared') throw new Error('--hog-group must be own or shared');
+  if (hogGroup !== 'own' && hogGroup !== 'shared' && hogGroup !== 'tenant') throw new Error('--hog-group must be shared, own or tenant');
   const dir = await mkdtemp(join(tmpdir(), 'bench-adaptive-'));
   const link = createShapedLink(bandwidths[0]! * 1e6);
+  const groups = hogGroup === 'tenant' ? createCpuGroups(['handoff', 'hog']) : undefined;
   const stop = (): void => {
     stopRunning?.();
     link.destroy();
+    groups?.destroy();
     process.exit(130);
   };
   process.once('SIGINT', stop);
@@ -340,7 +349,7 @@ async function main(): Promise<void> {
     for (const s of scenarios) {
       for (let rep = 0; rep < repeatOf(s); rep++) {
         for (const c of candidates) {
-          const r = await handoff(link, images, dir, c, s, rep, cpus, hogGroup);
+          const r = await handoff(link, images, dir, c, s, rep, cpus, hogGroup, groups);
           runs.push(r);
           process.stderr.write(`${s.name} ${c.name} #${rep + 1}: ${r.handoffSeconds.toFixed(2)} s, transfer ${r.transferSeconds.toFixed(2)} s, source CPU ${r.sourceCpuSeconds.toFixed(2)} s${r.hogCoreShare === undefined ? '' : `, hog ${r.hogCoreShare.toFixed(2)} of a core`}, wire ${(r.wireBytes / 1e6).toFixed(2)} MB${r.switches ? `, ${r.switches} switches` : ''}${r.verified ? '' : ' NOT VERIFIED'}\n`);
           for (const d of r.decisions ?? []) process.stderr.write(`    ${d}\n`);
@@ -392,6 +401,7 @@ async function main(): Promise<void> {
     }
   } finally {
     link.destroy();
+    groups?.destroy();
     await rm(dir, { recursive: true, force: true });
   }
 }

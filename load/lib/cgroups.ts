@@ -1,0 +1,56 @@
+/**
+ * CPU cgroups for a benchmark: two tenants of one cloudlet (the handoff's container and another's)
+ * that the scheduler shares a core between by weight, as container runtimes set them up, rather
+ * than by how many tasks each has runnable. cgroup v1's cpu controller or v2's; needs root. Each
+ * group is made here and removed by `destroy` once its processes have ended.
+ */
+import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+export interface CpuGroups {
+  /** a command prefix that runs what follows in group `name` (its children stay in it) */
+  prefix(name: string): string[];
+  destroy(): void;
+}
+
+/** The cpu controller's root directory where groups can be made: v1's `cpu` hierarchy, or v2 with cpu enabled. */
+function cpuRoot(): { dir: string; weightFile: string } {
+  for (const dir of ['/sys/fs/cgroup/cpu', '/sys/fs/cgroup/cpu,cpuacct']) {
+    if (existsSync(join(dir, 'cpu.shares'))) return { dir, weightFile: 'cpu.shares' };
+  }
+  const v2 = '/sys/fs/cgroup';
+  const controllers = existsSync(join(v2, 'cgroup.controllers')) ? readFileSync(join(v2, 'cgroup.controllers'), 'utf8') : '';
+  if (controllers.split(/\s+/).includes('cpu')) {
+    // v2 gives a controller to children only when the parent enables it
+    writeFileSync(join(v2, 'cgroup.subtree_control'), '+cpu');
+    return { dir: v2, weightFile: 'cpu.weight' };
+  }
+  throw new Error('no cgroup cpu controller to make groups in (neither v1 /sys/fs/cgroup/cpu nor v2 with cpu)');
+}
+
+/** Groups `names` of equal CPU weight, named after `tag` so parallel benchmarks do not meet. */
+export function createCpuGroups(names: readonly string[], tag = String(process.pid)): CpuGroups {
+  const root = cpuRoot();
+  const dirOf = (name: string): string => join(root.dir, `handoff-bench-${tag}-${name}`);
+  for (const name of names) {
+    mkdirSync(dirOf(name));
+    // the default weight, written so a parent's setting does not decide it
+    writeFileSync(join(dirOf(name), root.weightFile), root.weightFile === 'cpu.shares' ? '1024' : '100');
+  }
+  return {
+    prefix(name: string): string[] {
+      if (!names.includes(name)) throw new Error(`no CPU group ${name}`);
+      // the shell moves itself into the group, then becomes the command
+      return ['sh', '-c', `echo $$ > ${join(dirOf(name), 'cgroup.procs')} && exec "$@"`, 'sh'];
+    },
+    destroy(): void {
+      for (const name of names) {
+        try {
+          rmdirSync(dirOf(name));
+        } catch {
+          // a process still in it (or removed already): the kernel keeps it until it is empty
+        }
+      }
+    },
+  };
+}
