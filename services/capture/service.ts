@@ -16,9 +16,8 @@ import { captureRound, type CaptureGate } from './round.js';
 
 /**
  * The longest an adaptive migration's capture holds its chunks for the tuner's first look: the
- * sender's probe of the link (0.35 s at 5 Mbit/s, up to its 3 s timeout on a very slow link). The
- * ratio probe, where the link is the bottleneck, comes after: the tuner lets capture go on in the
- * start mode and decides once the ratios are in.
+ * sender's probe of the link (0.35 s at 5 Mbit/s, up to its 3 s timeout on a very slow link), then
+ * the ratio probe where the link is the bottleneck.
  */
 const FIRST_LOOK_WAIT_MS = 4000;
 

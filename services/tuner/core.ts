@@ -63,53 +63,6 @@ const LINK_BOUND_SHARE = 0.8;
 /** ... and from which an interval is the link's, not the cores': its unreported CPU is not counted */
 const LINK_BOUND_INTERVAL_SHARE = 0.5;
 
-/**
- * The link's rate as the tuner takes it: the sender's figure from ACKs once it has one, else the
- * probe's. A figure taken while the link mostly waited on the pipeline (`linkBoundShare` below
- * LINK_BOUND_INTERVAL_SHARE) is a floor, not the link's rate: on a starved core the sender reads
- * its ACKs and refills its socket late, and its figure is its own pace. With another container
- * taking half of a one-core source it read 30-36 Mbit/s on a 100 Mbit/s link, the link never the
- * bottleneck; the tuner took the link for the limit and switched to stronger compression, which
- * the cores could not afford. Below the probe it then stays the probe's. A real drop below the
- * probe makes the link the bottleneck, and the figure counts again.
- */
-export function linkBandwidthBps(measuredBps: number, probedBps: number, linkBoundShare: number | undefined): number {
-  if (measuredBps <= 0) return probedBps;
-  const floorOnly = linkBoundShare !== undefined && linkBoundShare < LINK_BOUND_INTERVAL_SHARE;
-  return floorOnly ? Math.max(measuredBps, probedBps) : measuredBps;
-}
-
-/**
- * While the first decision waits for the ratio probe, capture goes on in the start mode where the
- * profile predicts it within this share of the best mode: held for the probe, capture waited
- * 0.9-1.2 s on a one-core source at 25 Mbit/s, the link idle, where the start mode (patch-3) was
- * 2.5% behind the best (patch-9) for the chunks encoded before the decision. A start mode far
- * behind (sending pages as they are on a slow link) is held as before.
- */
-export const START_MODE_GOOD_SHARE = 0.05;
-
-/** Whether capture goes on in the start mode while the first decision waits for the probe (see START_MODE_GOOD_SHARE). */
-export function startModeGoodEnough(start: Prediction | undefined, best: Prediction | undefined): boolean {
-  return start !== undefined && best !== undefined && start.blocksPerSec >= best.blocksPerSec * (1 - START_MODE_GOOD_SHARE);
-}
-
-/**
- * The spare cores from which the first decision waits for the ratio probe in the tuner's process
- * (where the link is the bottleneck). The probe gets only what the cores spare: with another
- * container taking half of a one-core source, its 0.3 s of CPU took 1.7 s of wall time (while
- * capture held its chunks for it, the link idle: adaptive finished 25-50% behind every static
- * mode). With fewer spare, the look decides on the profile's ratios and the probe comes later at the
- * lowest priority, as where the cores are the bottleneck. Checked again while the probe runs:
- * spare cores are sampled every half second, and a load that starts with the handoff is not in
- * the first look's figure.
- */
-export const PROBE_FIRST_MIN_SPARE_CORES = 0.75;
-
-/** Whether the first decision waits for the ratio probe: the link the bottleneck, and the cores to probe quickly. */
-export function decidesAfterProbe(linkBound: boolean, spareCores: number): boolean {
-  return linkBound && spareCores >= PROBE_FIRST_MIN_SPARE_CORES;
-}
-
 /** how the last measured mode's figures compare with its profile */
 interface Scales {
   /** measured / profiled */

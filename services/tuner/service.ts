@@ -20,7 +20,7 @@ import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
-import { Tuner, decidesAfterProbe, linkBandwidthBps, startModeGoodEnough } from './core.js';
+import { Tuner } from './core.js';
 import { modeKey, pick, softMin, type Conditions, type Prediction } from './model.js';
 import { probePlan, probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
@@ -72,9 +72,6 @@ const PROBE_WAIT_MS = 2000;
  */
 const CORES_BOUND_PROBE_AFTER_MS = 3000;
 
-/** how often the first look, waiting for the ratio probe, checks that the cores are still spare (30 ticks of each core) */
-const PROBE_CORES_CHECK_MS = 300;
-
 /** a first look this soon after the accept probes in the tuner's process (the pipeline has its head start only) */
 const PROBE_HERE_WITHIN_MS = 2000;
 
@@ -93,9 +90,9 @@ function imagesOf(d: MigrationDescriptor): ProbeImages {
   return { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages };
 }
 
-/** the link's speed as the tuner takes it (see linkBandwidthBps) */
+/** the link's speed as the tuner takes it: measured from ACKs once there are some, else probed */
 function bandwidthOf(f: Followed): number {
-  return linkBandwidthBps(f.measuredBandwidthBps, f.probedBandwidthBps, f.linkBoundShare);
+  return f.measuredBandwidthBps > 0 ? f.measuredBandwidthBps : f.probedBandwidthBps;
 }
 
 export async function runTunerService(natsUrl: string, profilePath?: string): Promise<RunningService> {
@@ -257,20 +254,6 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     wantedWritten = { workers: wanted, atMs: now };
   };
 
-  /**
-   * resolves 'taken' once other work takes the cores the first look's probe needs (decidesAfterProbe on
-   * the spare cores of each PROBE_CORES_CHECK_MS while it runs), until `stop`
-   */
-  const whenCoresTaken = async (stop: AbortSignal): Promise<'taken'> => {
-    const sampler = new CpuSampler();
-    sampler.sample();
-    for (;;) {
-      await delay(PROBE_CORES_CHECK_MS, undefined, { signal: stop }).catch(() => undefined);
-      if (stop.aborted) return new Promise<never>(() => undefined);
-      if (!decidesAfterProbe(true, sampler.sample())) return 'taken';
-    }
-  };
-
   const decideFor = (migrationId: string, f: Followed): void => {
     const now = performance.now();
     f.lookedAt = { bandwidthBps: bandwidthOf(f), atMs: now };
@@ -286,62 +269,26 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // Mbit/s on one core): deciding on the profile's ratios first started programs' pages at
         // 10 Mbit/s on xor+zstd-19, whose first chunks on one core held the link back by half a
         // second; deciding on the cheap modes' ratios alone decided before patch-9's and
-        // patch-19's were in, and switching later took two more looks. Capture goes on in the
-        // start mode meanwhile. The probe runs in this process where the look comes soon after the
-        // accept, else in a process of its own. One that finds the cores the bottleneck, or too
-        // few spare to probe quickly (decidesAfterProbe), leaves them to the pipeline: the probe
-        // runs later at the lowest priority, for when the link becomes the bottleneck and leaves
-        // the cores idle (started at the accept and stopped here, it took 0.1 s of CPU on a
-        // one-core source at 100 Mbit/s, 6% of the transfer)
+        // patch-19's were in, and switching later took two more looks. It runs in this process
+        // where the look comes soon after the accept (the pipeline has only its head start to
+        // do), else in a process of its own. One that finds the cores the bottleneck leaves them
+        // to the pipeline: the probe runs later at the lowest priority, for when the link becomes
+        // the bottleneck and leaves the cores idle (started at the accept and stopped here, it took
+        // 0.1 s of CPU on a one-core source at 100 Mbit/s, 6% of the transfer)
         const firstLook = !f.probe;
         if (firstLook) {
           const predicted = f.tuner.predictNow(conditionsNow());
           const best = pick(predicted);
           const linkBound = best !== undefined && best.networkBlocksPerSec < best.processingBlocksPerSec;
-          if (decidesAfterProbe(linkBound, spareCores)) {
+          if (linkBound) {
             const couldWin = new Set(
               predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
             );
             const plan = probePlan(profile, (m) => couldWin.has(modeKey(m)));
-            const here = f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS;
-            if (here) probeHere(migrationId, d, f, plan);
+            if (f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
             else f.probe = probeProcess(migrationId, d, f, plan, 0);
-            const probing = f.probe ?? Promise.resolve();
             f.probeAwaiting = true;
-            // capture (waiting for a first look) goes on in a start mode good enough meanwhile
-            const start = modes.get(migrationId, d.mode);
-            const startMode = formatMode(start);
-            const release = startModeGoodEnough(
-              predicted.find((p) => modeKey(p.mode) === modeKey(start)),
-              best,
-            );
-            if (release) await publishEvent(bus, migrationId, {
-              type: 'tuned',
-              decision: {
-                atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
-                from: startMode,
-                to: startMode,
-                bandwidthBps: Math.round(bandwidthOf(f)),
-                measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
-                ...(f.probedBandwidthBps > 0 ? { probedBandwidthBps: Math.round(f.probedBandwidthBps) } : {}),
-                spareCores: Number(spareCores.toFixed(2)),
-                compressWorkers: runningWorkers,
-                predictedCurrentBlocksPerSec: 0,
-                predictedChosenBlocksPerSec: 0,
-              },
-            }).catch((err: unknown) => log.debug('start mode not published', { reason: errorMessage(err) }));
-            const waited = new AbortController();
-            const taken = here ? whenCoresTaken(waited.signal) : new Promise<never>(() => undefined);
-            const outcome = await Promise.race([probing.then(() => 'probed' as const), delay(PROBE_WAIT_MS).then(() => 'late' as const), taken]).finally(() => {
-              f.probeAwaiting = false;
-              waited.abort();
-            });
-            if (outcome === 'taken') {
-              // other work took the cores: capture goes on, and the probe comes later at the lowest priority
-              log.info('cores taken by other work while probing ratios, deciding on the profile', { migration: migrationId });
-              f.probeHere?.abort();
-              f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
-            }
+            await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
           } else f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
         }
         const current: Mode = modes.get(migrationId, d.mode);
@@ -355,8 +302,6 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           migration: migrationId,
           atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
           bandwidthBps: Math.round(conditions.bandwidthBps),
-          measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
-          linkBoundShare: f.linkBoundShare,
           spareCores: Number(spareCores.toFixed(2)),
           fixedCpuMsPerBlock: Number((look?.fixedCpuMsPerBlock ?? 0).toFixed(4)),
           overheadCpuMsPerBlock: Number((look?.overheadCpuMsPerBlock ?? 0).toFixed(4)),

@@ -1,7 +1,7 @@
 /** The tuner's decisions on given measurements. */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { PROBE_FIRST_MIN_SPARE_CORES, START_MODE_GOOD_SHARE, Tuner, busPagesOf, decidesAfterProbe, linkBandwidthBps, startModeGoodEnough } from '../../services/tuner/core.js';
+import { Tuner, busPagesOf } from '../../services/tuner/core.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
 import { parseProcStat } from '../../shared/proc-stat.js';
 import { TIE_CPU_FACTOR, TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
@@ -468,63 +468,6 @@ describe('compress workers in use', () => {
     assert.equal(inUse(3, undefined), true);
     // not listed yet (its first heartbeat is on the way): in use
     assert.equal(inUse(-1, 1), true);
-  });
-});
-
-describe("the link's rate and the first look", () => {
-  test("the sender's figure is the link's rate where the link was the bottleneck, a floor where it waited on the pipeline", () => {
-    // nothing from ACKs yet: the probe's
-    assert.equal(linkBandwidthBps(0, 95e6, undefined), 95e6);
-    // the link the bottleneck: a drop below the probe is a drop (35 -> 5 Mbit/s)
-    assert.equal(linkBandwidthBps(5e6, 35e6, 0.9), 5e6);
-    // the share not known yet: the figure as it is
-    assert.equal(linkBandwidthBps(5e6, 35e6, undefined), 5e6);
-    // the link waiting on a starved pipeline: the sender's pace, not the link's, stays the probe's
-    assert.equal(linkBandwidthBps(31e6, 95e6, 0), 95e6);
-    assert.equal(linkBandwidthBps(31e6, 95e6, 0.3), 95e6);
-    // ... but a figure above the probe is the link's (5 -> 35 Mbit/s while the pipeline keeps up)
-    assert.equal(linkBandwidthBps(35e6, 5e6, 0.2), 35e6);
-  });
-
-  test('the first decision waits for the ratio probe only where the link is the bottleneck and the cores can probe quickly', () => {
-    assert.equal(decidesAfterProbe(true, 1), true);
-    assert.equal(decidesAfterProbe(true, PROBE_FIRST_MIN_SPARE_CORES), true);
-    // another container taking half the core: the probe would take seconds of wall time
-    assert.equal(decidesAfterProbe(true, 0.5), false);
-    assert.equal(decidesAfterProbe(false, 1), false);
-  });
-
-  test('capture goes on in the start mode while the probe runs only where the profile puts it near the best', () => {
-    const ranked = rank(PROFILE.modes, PROFILE.fixedCpuMsPerBlock, { bandwidthBps: 5e6, spareCores: 1, compressWorkers: 1 });
-    const best = pick(ranked)!;
-    const of = (mode: Mode) => ranked.find((p) => modeKey(p.mode) === modeKey(mode));
-    assert.deepEqual(best.mode, ZSTD19);
-    assert.equal(startModeGoodEnough(of(ZSTD19), best), true);
-    // 14% behind on the link (ratio 0.35 against 0.3), and pages as they are: held for the decision
-    assert.equal(startModeGoodEnough(of(ZSTD3), best), false);
-    assert.equal(startModeGoodEnough(of(NONE), best), false);
-    assert.equal(startModeGoodEnough({ ...best, blocksPerSec: best.blocksPerSec * (1 - START_MODE_GOOD_SHARE) }, best), true);
-    assert.equal(startModeGoodEnough({ ...best, blocksPerSec: best.blocksPerSec * (1 - 2 * START_MODE_GOOD_SHARE) }, best), false);
-    assert.equal(startModeGoodEnough(undefined, best), false);
-  });
-
-
-  test('a starved core whose sender reads half the link is not taken for a slow link', () => {
-    // the cores bound every mode at half a core; read as the link's rate, the sender's own pace
-    // makes the link the limit, and stronger compression wins
-    const profile: Profile = {
-      workload: 'synthetic',
-      createdAt: '2026-12-02',
-      fixedCpuMsPerBlock: 0.3,
-      modes: [
-        { mode: NONE, deltaCpuMsPerBlock: 0, compressCpuMsPerBlock: 0, ratio: 1 },
-        { mode: ZSTD3, deltaCpuMsPerBlock: 0.02, compressCpuMsPerBlock: 0.1, ratio: 0.35 },
-      ],
-    };
-    const tuner = new Tuner(profile);
-    const at = (bandwidthBps: number): Mode | undefined => pick(tuner.predictNow({ bandwidthBps, spareCores: 0.5, compressWorkers: 2 }))?.mode;
-    assert.deepEqual(at(20e6), ZSTD3);
-    assert.deepEqual(at(linkBandwidthBps(20e6, 95e6, 0)), NONE);
   });
 });
 
