@@ -314,8 +314,9 @@ async function main(): Promise<void> {
   const hogGroup = values['hog-group'];
   if (hogGroup !== 'own' && hogGroup !== 'shared' && hogGroup !== 'tenant') throw new Error('--hog-group must be shared, own or tenant');
   const dir = await mkdtemp(join(tmpdir(), 'bench-adaptive-'));
-  const link = createShapedLink(bandwidths[0]! * 1e6);
+  // before the link: a machine without a cgroup cpu controller fails here, with nothing to undo
   const groups = hogGroup === 'tenant' ? createCpuGroups(['handoff', 'hog']) : undefined;
+  const link = createShapedLink(bandwidths[0]! * 1e6);
   const stop = (): void => {
     stopRunning?.();
     link.destroy();
