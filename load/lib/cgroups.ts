@@ -32,10 +32,24 @@ function cpuRoot(): { dir: string; weightFile: string } {
 export function createCpuGroups(names: readonly string[], tag = String(process.pid)): CpuGroups {
   const root = cpuRoot();
   const dirOf = (name: string): string => join(root.dir, `handoff-bench-${tag}-${name}`);
-  for (const name of names) {
-    mkdirSync(dirOf(name));
-    // the default weight, written so a parent's setting does not decide it
-    writeFileSync(join(dirOf(name), root.weightFile), root.weightFile === 'cpu.shares' ? '1024' : '100');
+  const destroy = (): void => {
+    for (const name of names) {
+      try {
+        rmdirSync(dirOf(name));
+      } catch {
+        // not made, or a process still in it: rmdir refuses a group that holds one, and it stays
+      }
+    }
+  };
+  try {
+    for (const name of names) {
+      mkdirSync(dirOf(name));
+      // the default weight, written so a parent's setting does not decide it
+      writeFileSync(join(dirOf(name), root.weightFile), root.weightFile === 'cpu.shares' ? '1024' : '100');
+    }
+  } catch (err) {
+    destroy(); // the groups made before the one that failed
+    throw err;
   }
   return {
     prefix(name: string): string[] {
@@ -43,14 +57,6 @@ export function createCpuGroups(names: readonly string[], tag = String(process.p
       // the shell moves itself into the group, then becomes the command
       return ['sh', '-c', `echo $$ > ${join(dirOf(name), 'cgroup.procs')} && exec "$@"`, 'sh'];
     },
-    destroy(): void {
-      for (const name of names) {
-        try {
-          rmdirSync(dirOf(name));
-        } catch {
-          // a process still in it (or removed already): the kernel keeps it until it is empty
-        }
-      }
-    },
+    destroy,
   };
 }
