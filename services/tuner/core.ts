@@ -57,20 +57,46 @@ const PRIOR_OVERHEAD_CPU_MS_PER_BUS_PAGE = 0.05;
 /** processing this much above the link's rate: the link is the bottleneck, whatever the noise */
 const LINK_BOUND_MARGIN = 1.3;
 
+/** Whether a prediction has the link as its bottleneck by LINK_BOUND_MARGIN: noise in either figure would not change it. */
+export function clearlyLinkBound(p: Prediction | undefined): boolean {
+  return p !== undefined && p.processingBlocksPerSec >= p.networkBlocksPerSec * LINK_BOUND_MARGIN;
+}
+
 /** The share of time the sender found the link the bottleneck from which compress workers may leave use. */
 const LINK_BOUND_SHARE = 0.8;
 
 /** ... and from which an interval is the link's, not the cores': its unreported CPU is not counted */
 const LINK_BOUND_INTERVAL_SHARE = 0.5;
 
+/**
+ * The link's rate as the tuner takes it: the sender's figure from ACKs once it has one, else the
+ * probe's. A figure taken while the link mostly waited on the pipeline (`linkBoundShare` below
+ * LINK_BOUND_INTERVAL_SHARE) is a floor, not the link's rate: each frame is then alone on the link,
+ * and its time counts the starved sender's late writes and ACK reads and the receiver's handling
+ * with the link's. With a CPU hog on a one-core source it read 42-47 Mbit/s on a 100 Mbit/s link
+ * (probed at 89-132); the tuner took the link for the limit and went back from a cheap mode to
+ * stronger compression, which the cores could not afford. Below the probe it then stays the
+ * probe's. A real drop below the probe makes the link the bottleneck, and the figure counts again.
+ */
+export function linkBandwidthBps(measuredBps: number, probedBps: number, linkBoundShare: number | undefined): number {
+  if (measuredBps <= 0) return probedBps;
+  const floorOnly = linkBoundShare !== undefined && linkBoundShare < LINK_BOUND_INTERVAL_SHARE;
+  return floorOnly ? Math.max(measuredBps, probedBps) : measuredBps;
+}
+
 /** how the last measured mode's figures compare with its profile */
 interface Scales {
   /** measured / profiled */
   delta: number;
+  /** delta CPU per block beyond the scaled profile: where delta was never measured, compress's handling */
+  deltaExtraMs: number;
   /** measured / profiled of the codec alone where the stage reports it, else of the whole stage */
   compress: number;
-  /** compress stage CPU per block beyond the codec's: the same whatever the mode */
-  compressHandlingMs: number;
+  /**
+   * compress stage CPU per block beyond the scaled codec: its handling, the same whatever the mode;
+   * where compress was never measured, what delta measured beyond its profile
+   */
+  compressExtraMs: number;
   ratio: number;
 }
 
@@ -160,6 +186,9 @@ export class Tuner {
   private readonly dedupPages: Ewma;
   private readonly dedupBlocks: Ewma;
   private lastMeasured: Mode | undefined;
+  /** the modes that last went through delta and through compress (their CPU scales the others') */
+  private lastDeltaMode: Mode | undefined;
+  private lastCompressMode: Mode | undefined;
   /** blocks that left the pipeline for the wire since the last `observeOwnCpu` */
   private blocksOut = 0;
   /** since blocks flowed: the whole handoff's CPU (every actor, nats-server), what the stages reported, blocks sent */
@@ -249,10 +278,12 @@ export class Tuner {
     if (blocks <= 0) return;
     const w = blocks / 64;
     if (s.stage === 'delta') {
+      this.lastDeltaMode = s.mode;
       this.ewma(this.deltaCost, deltaKey(s.mode)).add(s.cpuMs / blocks, w);
       this.ewma(this.deltaRatio, deltaKey(s.mode)).add(s.bytesOut / (blocks * PAGE_SIZE), w);
     }
     if (s.stage === 'compress') {
+      this.lastCompressMode = s.mode;
       this.ewma(this.compressCost, modeKey(s.mode)).add(s.cpuMs / blocks, w);
       const codecMs = s.counts?.codecCpuMs;
       if (codecMs !== undefined) {
@@ -337,23 +368,48 @@ export class Tuner {
     return e && e.weight * 64 >= this.options.minBlocks ? e.value : undefined;
   }
 
-  /** measured / profiled of the most recently measured mode, per figure (1 where unknown) */
+  /**
+   * How the figures measured compare with the profile: the CPU of the modes that last went through
+   * delta and through compress, the ratio of the mode sent last. Within a stage a mode's codec
+   * scales from another's as profiled. A stage the mode in use skips keeps what it last measured.
+   * A stage never measured in this migration is priced from the other: delta from compress's codec
+   * scale and handling (compress reports its codec's CPU apart); compress from what delta measured
+   * beyond its profile, added to its own: delta cannot tell its codec from its handling (reading
+   * base pages, buffers), and with the cheap codecs of the start modes that excess is mostly
+   * handling, which every stage pays whatever its codec (copies to and from a thread). Taken at its
+   * profile, an unmeasured stage looked several times cheaper than the one measured: on a one-core
+   * source, with patch-3's delta at 0.14-0.18 ms a block against 0.021 profiled, delta=none zstd-1
+   * was priced at its profile's 0.007 (0.048 scaled by patch-3's 6.7), measured 0.09-0.17 once
+   * chosen, and the tuner went back and forth between the two stages, two switches a run.
+   */
   private scales(): Scales {
     const m = this.lastMeasured;
     const p = m && this.profiled.get(modeKey(m));
-    if (!m || !p) return { delta: 1, compress: 1, compressHandlingMs: 0, ratio: 1 };
-    const scale = (measured: number | undefined, profiled: number): number => (measured !== undefined && profiled > 0 ? measured / profiled : 1);
+    const scale = (measured: number | undefined, profiled: number | undefined): number | undefined =>
+      measured !== undefined && profiled !== undefined && profiled > 0 ? measured / profiled : undefined;
+    const excess = (measured: number | undefined, profiled: number | undefined): number | undefined =>
+      measured !== undefined && profiled !== undefined ? Math.max(0, measured - profiled) : undefined;
+    const dm = this.lastDeltaMode;
+    const deltaMeasured = dm && this.measured(this.deltaCost, deltaKey(dm));
+    const deltaProfiled = dm && this.profiled.get(modeKey(dm))?.deltaCpuMsPerBlock;
     // the codec's CPU scales from mode to mode as profiled; the handling around it does not. Scaled
     // whole, xor+zstd-3's stage (3x its codec: 0.012 ms a block of handling) made zstd-19 look 3x
     // its cost, and zstd-19's made zstd-3 look 1.4x its
-    const codec = this.measured(this.codecCost, modeKey(m));
+    const cm = this.lastCompressMode;
+    const compressProfiled = cm && this.profiled.get(modeKey(cm))?.compressCpuMsPerBlock;
+    const compressMeasured = cm && this.measured(this.compressCost, modeKey(cm));
+    const codec = cm && this.measured(this.codecCost, modeKey(cm));
     const handling = this.compressHandling.weight * 64 >= this.options.minBlocks ? this.compressHandling.value : undefined;
-    const split = codec !== undefined && handling !== undefined;
+    const split = handling !== undefined ? scale(codec, compressProfiled) : undefined;
+    const whole = scale(compressMeasured, compressProfiled);
+    const delta = scale(deltaMeasured, deltaProfiled);
     return {
-      delta: scale(this.measured(this.deltaCost, deltaKey(m)), p.deltaCpuMsPerBlock),
-      compress: split ? scale(codec, p.compressCpuMsPerBlock) : scale(this.measured(this.compressCost, modeKey(m)), p.compressCpuMsPerBlock),
-      compressHandlingMs: split ? handling : 0,
-      ratio: scale(this.measured(this.ratio, modeKey(m)), this.ratioBasis.get(modeKey(m)) ?? p.ratio),
+      // delta never measured: the codec's scale and the handling compress measured (else its whole scale)
+      delta: delta ?? split ?? whole ?? 1,
+      deltaExtraMs: delta === undefined && split !== undefined ? handling! : 0,
+      compress: split ?? whole ?? 1,
+      compressExtraMs: split !== undefined ? handling! : whole !== undefined ? 0 : (excess(deltaMeasured, deltaProfiled) ?? 0),
+      ratio: (m && p && scale(this.measured(this.ratio, modeKey(m)), this.ratioBasis.get(modeKey(m)) ?? p.ratio)) ?? 1,
     };
   }
 
@@ -401,9 +457,9 @@ export class Tuner {
     const ratio = this.ratioOf(p.mode, k);
     return {
       mode: p.mode,
-      deltaCpuMsPerBlock: this.measured(this.deltaCost, deltaKey(p.mode)) ?? p.deltaCpuMsPerBlock * k.delta,
+      deltaCpuMsPerBlock: p.mode.delta === 'none' ? 0 : (this.measured(this.deltaCost, deltaKey(p.mode)) ?? p.deltaCpuMsPerBlock * k.delta + k.deltaExtraMs),
       // patch compresses in delta: compress never sees its chunks
-      compressCpuMsPerBlock: p.mode.compressor === 'none' || p.mode.delta === 'patch' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressHandlingMs),
+      compressCpuMsPerBlock: p.mode.compressor === 'none' || p.mode.delta === 'patch' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressExtraMs),
       ratio,
       overheadCpuMsPerBlock: this.overheadCpuMsPerBusPage * busPagesOf(p.mode, ratio, this.deltaRatioOf(p.mode, k)),
     };
@@ -485,10 +541,9 @@ export class Tuner {
       compressFor: compressionsFor(current, ranked),
     };
     const bestKey = modeKey(best.mode);
-    const linkBound = (p: Prediction | undefined): boolean => p !== undefined && p.processingBlocksPerSec >= p.networkBlocksPerSec * LINK_BOUND_MARGIN;
     const firstLook = this.looks++ === 0;
     const hysteresis =
-      firstLook ? this.options.firstHysteresis : linkBound(currentPrediction) && linkBound(best) ? this.options.linkBoundHysteresis : this.options.hysteresis;
+      firstLook ? this.options.firstHysteresis : clearlyLinkBound(currentPrediction) && clearlyLinkBound(best) ? this.options.linkBoundHysteresis : this.options.hysteresis;
     if (bestKey === modeKey(current) || best.blocksPerSec <= currentRate * (1 + hysteresis)) {
       this.beatenLooks = 0;
       return undefined;

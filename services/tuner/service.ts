@@ -20,7 +20,7 @@ import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
-import { Tuner } from './core.js';
+import { Tuner, clearlyLinkBound, linkBandwidthBps } from './core.js';
 import { modeKey, pick, softMin, type Conditions, type Prediction } from './model.js';
 import { probePlan, probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
@@ -90,9 +90,9 @@ function imagesOf(d: MigrationDescriptor): ProbeImages {
   return { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages };
 }
 
-/** the link's speed as the tuner takes it: measured from ACKs once there are some, else probed */
+/** the link's speed as the tuner takes it (see linkBandwidthBps) */
 function bandwidthOf(f: Followed): number {
-  return f.measuredBandwidthBps > 0 ? f.measuredBandwidthBps : f.probedBandwidthBps;
+  return linkBandwidthBps(f.measuredBandwidthBps, f.probedBandwidthBps, f.linkBoundShare);
 }
 
 export async function runTunerService(natsUrl: string, profilePath?: string): Promise<RunningService> {
@@ -238,7 +238,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           f.measuredBandwidthBps = s.counts.bandwidthBps;
           f.linkBoundShare = (s.counts.linkBoundPct ?? 100) / 100;
           const last = f.lookedAt;
-          const factor = last ? Math.max(f.measuredBandwidthBps / last.bandwidthBps, last.bandwidthBps / f.measuredBandwidthBps) : 1;
+          const nowBps = bandwidthOf(f);
+          const factor = last ? Math.max(nowBps / last.bandwidthBps, last.bandwidthBps / nowBps) : 1;
           if (last && factor >= BANDWIDTH_CHANGE_FACTOR && performance.now() - last.atMs >= MIN_LOOK_GAP_MS) decideFor(s.migrationId, f);
         }
       });
@@ -274,13 +275,15 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // do), else in a process of its own. One that finds the cores the bottleneck leaves them
         // to the pipeline: the probe runs later at the lowest priority, for when the link becomes
         // the bottleneck and leaves the cores idle (started at the accept and stopped here, it took
-        // 0.1 s of CPU on a one-core source at 100 Mbit/s, 6% of the transfer)
+        // 0.1 s of CPU on a one-core source at 100 Mbit/s, 6% of the transfer). The link must be the
+        // bottleneck by a margin: this look prices the modes on the profile's costs, and a link probe
+        // that read 50-60 Mbit/s of a 100 Mbit/s link from a one-core source passed for one by a few
+        // percent there; capture then waited 0.9-1.4 s for ratios that decided nothing (the cores were)
         const firstLook = !f.probe;
         if (firstLook) {
           const predicted = f.tuner.predictNow(conditionsNow());
           const best = pick(predicted);
-          const linkBound = best !== undefined && best.networkBlocksPerSec < best.processingBlocksPerSec;
-          if (linkBound) {
+          if (clearlyLinkBound(best)) {
             const couldWin = new Set(
               predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
             );
@@ -302,12 +305,20 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
           migration: migrationId,
           atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
           bandwidthBps: Math.round(conditions.bandwidthBps),
+          measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
+          linkBoundShare: f.linkBoundShare,
           spareCores: Number(spareCores.toFixed(2)),
           fixedCpuMsPerBlock: Number((look?.fixedCpuMsPerBlock ?? 0).toFixed(4)),
           overheadCpuMsPerBlock: Number((look?.overheadCpuMsPerBlock ?? 0).toFixed(4)),
           // blocks/s each could process / the link could carry
           current: look?.current ? shown(look.current) : '-',
           top: look?.top.map(shown).join(', ') ?? '-',
+          // CPU ms a block of the current mode and the top three: delta + compress + unreported
+          costs: f.tuner
+            .costs()
+            .filter((c) => [current, ...(look?.top.map((p) => p.mode) ?? [])].some((m) => modeKey(m) === modeKey(c.mode)))
+            .map((c) => `${formatMode(c.mode)} ${c.deltaCpuMsPerBlock.toFixed(3)}+${c.compressCpuMsPerBlock.toFixed(3)}+${(c.overheadCpuMsPerBlock ?? 0).toFixed(3)}`)
+            .join(', '),
         });
         const workersChanged = wantedBy.get(migrationId) !== inUse;
         wantedBy.set(migrationId, inUse);

@@ -1,7 +1,7 @@
 /** The tuner's decisions on given measurements. */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { Tuner, busPagesOf } from '../../services/tuner/core.js';
+import { Tuner, busPagesOf, clearlyLinkBound, linkBandwidthBps } from '../../services/tuner/core.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
 import { parseProcStat } from '../../shared/proc-stat.js';
 import { TIE_CPU_FACTOR, TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
@@ -369,6 +369,38 @@ describe('tuner', () => {
     assert.ok(Math.abs(whole.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD19))!.compressCpuMsPerBlock - 1.2) < 1e-9);
   });
 
+  test('a stage never measured costs its profile plus what the other stage measured beyond its own; a stage skipped keeps its figures', () => {
+    const PATCH3: Mode = { delta: 'patch', compressor: 'zstd', level: 3 };
+    const XOR: Mode = { delta: 'xor', compressor: 'none', level: 0 };
+    const profile: Profile = {
+      ...PROFILE,
+      modes: [...PROFILE.modes, { mode: PATCH3, deltaCpuMsPerBlock: 0.02, compressCpuMsPerBlock: 0, ratio: 0.33 }, { mode: XOR, deltaCpuMsPerBlock: 0.01, compressCpuMsPerBlock: 0, ratio: 0.5 }],
+    };
+    const t = tunerOf(profile);
+    const cost = (m: Mode): ModeCost => t.costs().find((c) => modeKey(c.mode) === modeKey(m))!;
+    const near = (a: number, b: number): boolean => Math.abs(a - b) < 1e-9;
+    // patch-3 (no compress stage) measured at 0.16 ms a block against 0.02 profiled, as on a starved
+    // one-core source: lz4's compress stage is priced at its profile plus those 0.14 ms, not at 0.006
+    for (let i = 0; i < 20; i++) t.observe(stats('delta', PATCH3, 256, 256 * 0.16, 256 * 4096 * 0.33, 'wire'));
+    assert.ok(near(cost(LZ4).compressCpuMsPerBlock, 0.006 + 0.14), `lz4 ${cost(LZ4).compressCpuMsPerBlock}`);
+    // within delta, the codec scales as profiled (8x); sending pages as they are has no stage to pay
+    assert.ok(near(cost(XOR).deltaCpuMsPerBlock, 0.01 * 8));
+    assert.equal(cost(NONE).deltaCpuMsPerBlock + cost(NONE).compressCpuMsPerBlock + cost(LZ4).deltaCpuMsPerBlock, 0);
+    // lz4 then runs (no delta stage) at 5x its profile: delta keeps patch-3's figures, and compress
+    // scales from lz4's
+    for (let i = 0; i < 20; i++) t.observe(stats('compress', LZ4, 256, 256 * 0.03, 256 * 4096 * 0.6, 'wire'));
+    assert.ok(near(cost(XOR).deltaCpuMsPerBlock, 0.01 * 8), `xor ${cost(XOR).deltaCpuMsPerBlock}`);
+    assert.ok(near(cost(ZSTD19).compressCpuMsPerBlock, 0.4 * 5), `zstd19 ${cost(ZSTD19).compressCpuMsPerBlock}`);
+    // compress measured first, its codec at 2x its profile and 0.018 ms of handling: delta never
+    // measured costs its profile at the codec's scale plus that handling
+    const other = tunerOf(profile);
+    for (let i = 0; i < 20; i++) other.observe({ ...stats('compress', LZ4, 256, 256 * 0.03, 256 * 4096 * 0.6, 'wire'), counts: { blocks: 256, codecCpuMs: 256 * 0.012 } });
+    assert.ok(near(other.costs().find((c) => modeKey(c.mode) === modeKey(PATCH3))!.deltaCpuMsPerBlock, 0.02 * 2 + 0.018));
+    // nothing measured: the profile as it is
+    const fresh = tunerOf(profile);
+    assert.equal(fresh.costs().find((c) => modeKey(c.mode) === modeKey(LZ4))!.compressCpuMsPerBlock, 0.006);
+  });
+
   test('a mode beaten in consecutive looks is left even when a different mode comes first in each', () => {
     const TIED: Profile = {
       ...PROFILE,
@@ -423,6 +455,46 @@ describe('tuner', () => {
     assert.equal(cost(PATCH19).compressCpuMsPerBlock, 0, 'compress never sees a patch');
     // a patch goes from delta to the wire: bus pages are capture's, dedup's, delta's output and the sender's
     assert.equal(busPagesOf(PATCH3, 0.33, 1), 2 + 0.33 + 0.33);
+  });
+});
+
+describe("the link's rate", () => {
+  test("the sender's figure is the link's where the link was the bottleneck, a floor where it waited on the pipeline", () => {
+    // nothing from ACKs yet: the probe's
+    assert.equal(linkBandwidthBps(0, 95e6, undefined), 95e6);
+    // the link the bottleneck: a drop below the probe is a drop (35 -> 5 Mbit/s)
+    assert.equal(linkBandwidthBps(5e6, 35e6, 0.9), 5e6);
+    // the share not known yet: the figure as it is
+    assert.equal(linkBandwidthBps(5e6, 35e6, undefined), 5e6);
+    // the link waiting on a starved pipeline: the sender's pace, not the link's; the probe's stands
+    assert.equal(linkBandwidthBps(45e6, 95e6, 0), 95e6);
+    assert.equal(linkBandwidthBps(45e6, 95e6, 0.3), 95e6);
+    // ... but a figure above the probe is the link's (5 -> 35 Mbit/s while the pipeline keeps up)
+    assert.equal(linkBandwidthBps(35e6, 5e6, 0.2), 35e6);
+  });
+
+  test('the link is the bottleneck only by a margin: a reading a few percent below the cores decides nothing', () => {
+    const p = (processingBlocksPerSec: number, networkBlocksPerSec: number) => ({ mode: NONE, processingBlocksPerSec, networkBlocksPerSec, blocksPerSec: softMin(processingBlocksPerSec, networkBlocksPerSec) });
+    // patch-3 on the profile's costs against a probe that read 60 Mbit/s of a 100 Mbit/s link
+    assert.equal(clearlyLinkBound(p(4250, 4069)), false);
+    // ... and against 25 Mbit/s
+    assert.equal(clearlyLinkBound(p(4250, 1695)), true);
+    assert.equal(clearlyLinkBound(p(1000, 2000)), false);
+    assert.equal(clearlyLinkBound(undefined), false);
+  });
+
+  test('a starved core whose sender reads half the link is not taken for a slow link', () => {
+    // the cores bound both modes on half a core; taken as the link's rate, the sender's own pace
+    // makes the link the limit, and stronger compression wins
+    const costly = new Map([[modeKey(ZSTD3), { deltaCpuMsPerBlock: 0.02, compressCpuMsPerBlock: 0.1 }]]);
+    const profile: Profile = { ...PROFILE, fixedCpuMsPerBlock: 0.3, modes: PROFILE.modes.filter((m) => [NONE, ZSTD3].includes(m.mode)).map((m) => ({ ...m, ...costly.get(modeKey(m.mode)) })) };
+    const tuner = tunerOf(profile);
+    const chosen = (bandwidthBps: number): string | undefined => {
+      const p = pick(tuner.predictNow({ bandwidthBps, spareCores: 0.5, compressWorkers: 2 }));
+      return p && modeKey(p.mode);
+    };
+    assert.equal(chosen(10e6), modeKey(ZSTD3));
+    assert.equal(chosen(linkBandwidthBps(10e6, 95e6, 0)), modeKey(NONE));
   });
 });
 
