@@ -9,7 +9,7 @@ import { imageDigest } from '../shared/base-index.js';
 import { hashImageFile as sha256File } from '../shared/pages.js';
 import type { MigrationSummary } from '../cli/summary.js';
 import { formatMode, type Mode } from '../shared/mode.js';
-import { HEAD_START_CHUNKS } from '../services/capture/service.js';
+import { HEAD_START_CHUNKS } from '../shared/migration.js';
 import { handoff, makeWorkspace, type Workspace } from './helpers/cloudlets.js';
 
 let ws: Workspace;

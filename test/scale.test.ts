@@ -23,14 +23,13 @@ import { connectBus, firstEvent, publishEvent } from '../shared/bus.js';
 import { PRESENCE_TTL_MS, PresenceView, liveWorkers, setWantedWorkers, workersBucket } from '../shared/presence.js';
 import { hashImageFile } from '../shared/pages.js';
 import { readProcStat } from '../shared/proc-stat.js';
-import { encodeEvent, type MigrationDescriptor } from '../shared/migration.js';
+import { HEAD_START_CHUNKS, encodeEvent, type MigrationDescriptor } from '../shared/migration.js';
 import { DescriptorCache } from '../shared/registry.js';
 import { loadBaseIndex } from '../shared/base-index.js';
 import { createLogger } from '../shared/log.js';
 import { ADAPTIVE_START_MODE } from '../shared/mode.js';
 import { STREAMS, eventSubject, workSubject } from '../shared/subjects.js';
 import { captureRound, type CaptureGate } from '../services/capture/round.js';
-import { HEAD_START_CHUNKS } from '../services/capture/service.js';
 import { makeWorkspace, migrateOptions, startDestination, type Workspace } from './helpers/cloudlets.js';
 
 let ws: Workspace;

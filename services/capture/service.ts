@@ -8,7 +8,7 @@ import { connectBus, ensureEventConsumer, firstEvent, publishEvent } from '../..
 import { errorMessage } from '../../shared/errors.js';
 import type { RunningService } from '../../shared/stage.js';
 import { createLogger } from '../../shared/log.js';
-import { parseEvent } from '../../shared/migration.js';
+import { HEAD_START_CHUNKS, parseEvent } from '../../shared/migration.js';
 import { DescriptorCache } from '../../shared/registry.js';
 import { STREAMS } from '../../shared/subjects.js';
 import { captureLive } from './live.js';
@@ -20,17 +20,6 @@ import { captureRound, type CaptureGate } from './round.js';
  * the ratio probe where the link is the bottleneck.
  */
 const FIRST_LOOK_WAIT_MS = 4000;
-
-/**
- * An adaptive migration's first chunks go in the start mode (patch-3, within a few percent of the
- * best static mode at every bandwidth measured) while the tuner looks: ~0.9 MB on the wire with the
- * load's pages, 0.3 s of a 25 Mbit/s link, 1.4 s of a 5 Mbit/s one, where the look (after the link
- * probe and the ratio probe) came 0.3-0.4 s after the accept. With every chunk held for the look, the link idled
- * 160-310 ms at 5-25 Mbit/s on a one-core source (the look waits for the link probe and the
- * ratio probe); with all of them let go, a slow link's queue (2 MiB, 3 s at 5 Mbit/s) fills in the
- * start mode before the look can choose a stronger one.
- */
-export const HEAD_START_CHUNKS = 3;
 
 /**
  * The head start itself waits this long for the look: where the link is fast the look comes

@@ -84,6 +84,29 @@ export function linkBandwidthBps(measuredBps: number, probedBps: number, linkBou
   return floorOnly ? Math.max(measuredBps, probedBps) : measuredBps;
 }
 
+/**
+ * The wall time the first look typically waits for the ratio probe in the tuner's process beside
+ * the head start: 0.8-1.1 s on a one-core source of this project's 2-core test machine (0.4-0.55 s
+ * on a faster one).
+ */
+export const PROBE_EXPECTED_WAIT_MS = 1000;
+
+/** The start mode within this share of the best mode's prediction is good enough to go on in while the probe runs. */
+export const START_MODE_GOOD_SHARE = 0.05;
+
+/**
+ * Whether capture goes on in the start mode while the first look waits for the ratio probe: where
+ * the head start (`headStartBlocks`, in the start mode) would be on the link in less time than the
+ * probe is expected to take, and the profile puts the start mode within START_MODE_GOOD_SHARE of
+ * the best. Held for the probe at 25 Mbit/s, capture waited 0.9-1.1 s while the head start took
+ * 0.3-0.45 s of the link, and adaptive finished 0.15-0.35 s after static patch-3. At 5 Mbit/s the
+ * head start fills the wait (2 s of the link), and the chunks after it go in the mode chosen.
+ */
+export function goesOnWhileProbing(start: Prediction | undefined, best: Prediction | undefined, headStartBlocks: number, expectedWaitMs = PROBE_EXPECTED_WAIT_MS): boolean {
+  if (!start || !best || start.blocksPerSec < best.blocksPerSec * (1 - START_MODE_GOOD_SHARE)) return false;
+  return (headStartBlocks / start.networkBlocksPerSec) * 1000 < expectedWaitMs;
+}
+
 /** how the last measured mode's figures compare with its profile */
 interface Scales {
   /** measured / profiled */

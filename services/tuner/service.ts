@@ -14,13 +14,13 @@ import { eventSubject } from '../../shared/subjects.js';
 import { errorMessage } from '../../shared/errors.js';
 import type { RunningService } from '../../shared/stage.js';
 import { createLogger } from '../../shared/log.js';
-import { parseStats, type MigrationDescriptor, type StageStats, type TunerDecision } from '../../shared/migration.js';
+import { HEAD_START_CHUNKS, parseStats, type MigrationDescriptor, type StageStats, type TunerDecision } from '../../shared/migration.js';
 import { startSpan } from '../../shared/telemetry.js';
 import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
-import { Tuner, clearlyLinkBound, linkBandwidthBps } from './core.js';
+import { Tuner, clearlyLinkBound, goesOnWhileProbing, linkBandwidthBps } from './core.js';
 import { modeKey, pick, softMin, type Conditions, type Prediction } from './model.js';
 import { probePlan, probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
@@ -291,6 +291,25 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
             if (f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
             else f.probe = probeProcess(migrationId, d, f, plan, 0);
             f.probeAwaiting = true;
+            // capture, waiting for this look, goes on meanwhile where the head start would not fill the wait
+            const start = modes.get(migrationId, d.mode);
+            if (goesOnWhileProbing(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best, HEAD_START_CHUNKS * d.chunkPages)) {
+              const startMode = formatMode(start);
+              const record: TunerDecision = {
+                atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
+                from: startMode,
+                to: startMode,
+                bandwidthBps: Math.round(bandwidthOf(f)),
+                measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
+                ...(f.probedBandwidthBps > 0 ? { probedBandwidthBps: Math.round(f.probedBandwidthBps) } : {}),
+                spareCores: Number(spareCores.toFixed(2)),
+                compressWorkers: runningWorkers,
+                predictedCurrentBlocksPerSec: 0,
+                predictedChosenBlocksPerSec: 0,
+              };
+              log.info('start mode kept while the ratios are probed', { migration: migrationId, ...record });
+              await publishEvent(bus, migrationId, { type: 'tuned', decision: record }).catch((err: unknown) => log.warn('start mode not published', { migration: migrationId, reason: errorMessage(err) }));
+            }
             await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
           } else f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
         }
