@@ -120,6 +120,13 @@ interface Scales {
    * where compress was never measured, what delta measured beyond its profile
    */
   compressExtraMs: number;
+  /**
+   * where compress was never measured, delta's scale: a costly codec is priced at its profile times
+   * that at least (zstd-19, 0.35 ms a block profiled, taken at 0.46 from patch-3's excess on a
+   * one-core source whose page faults made it several times that, was chosen at 5 Mbit/s and
+   * held the link back)
+   */
+  compressAtLeast: number;
   ratio: number;
 }
 
@@ -399,7 +406,8 @@ export class Tuner {
    * scale and handling (compress reports its codec's CPU apart); compress from what delta measured
    * beyond its profile, added to its own: delta cannot tell its codec from its handling (reading
    * base pages, buffers), and with the cheap codecs of the start modes that excess is mostly
-   * handling, which every stage pays whatever its codec (copies to and from a thread). Taken at its
+   * handling, which every stage pays whatever its codec (copies to and from a thread), and at least
+   * its profile at delta's scale (a costly codec slows down with the machine). Taken at its
    * profile, an unmeasured stage looked several times cheaper than the one measured: on a one-core
    * source, with patch-3's delta at 0.14-0.18 ms a block against 0.021 profiled, delta=none zstd-1
    * was priced at its profile's 0.007 (0.048 scaled by patch-3's 6.7), measured 0.09-0.17 once
@@ -432,6 +440,7 @@ export class Tuner {
       deltaExtraMs: delta === undefined && split !== undefined ? handling! : 0,
       compress: split ?? whole ?? 1,
       compressExtraMs: split !== undefined ? handling! : whole !== undefined ? 0 : (excess(deltaMeasured, deltaProfiled) ?? 0),
+      compressAtLeast: split === undefined && whole === undefined ? (delta ?? 0) : 0,
       ratio: (m && p && scale(this.measured(this.ratio, modeKey(m)), this.ratioBasis.get(modeKey(m)) ?? p.ratio)) ?? 1,
     };
   }
@@ -482,7 +491,7 @@ export class Tuner {
       mode: p.mode,
       deltaCpuMsPerBlock: p.mode.delta === 'none' ? 0 : (this.measured(this.deltaCost, deltaKey(p.mode)) ?? p.deltaCpuMsPerBlock * k.delta + k.deltaExtraMs),
       // patch compresses in delta: compress never sees its chunks
-      compressCpuMsPerBlock: p.mode.compressor === 'none' || p.mode.delta === 'patch' ? 0 : (this.measured(this.compressCost, key) ?? p.compressCpuMsPerBlock * k.compress + k.compressExtraMs),
+      compressCpuMsPerBlock: p.mode.compressor === 'none' || p.mode.delta === 'patch' ? 0 : (this.measured(this.compressCost, key) ?? Math.max(p.compressCpuMsPerBlock * k.compress + k.compressExtraMs, p.compressCpuMsPerBlock * k.compressAtLeast)),
       ratio,
       overheadCpuMsPerBlock: this.overheadCpuMsPerBusPage * busPagesOf(p.mode, ratio, this.deltaRatioOf(p.mode, k)),
     };

@@ -288,12 +288,15 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
               predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
             );
             const plan = probePlan(profile, (m) => couldWin.has(modeKey(m)));
-            if (f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
+            // capture, waiting for this look, goes on meanwhile where the head start would not fill the
+            // wait; the probe then takes only what the pipeline leaves of the cores
+            const start = modes.get(migrationId, d.mode);
+            const goesOn = goesOnWhileProbing(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best, HEAD_START_CHUNKS * d.chunkPages);
+            if (goesOn) f.probe = probeProcess(migrationId, d, f, plan, PROBE_NICE);
+            else if (f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
             else f.probe = probeProcess(migrationId, d, f, plan, 0);
             f.probeAwaiting = true;
-            // capture, waiting for this look, goes on meanwhile where the head start would not fill the wait
-            const start = modes.get(migrationId, d.mode);
-            if (goesOnWhileProbing(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best, HEAD_START_CHUNKS * d.chunkPages)) {
+            if (goesOn) {
               const startMode = formatMode(start);
               const record: TunerDecision = {
                 atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),

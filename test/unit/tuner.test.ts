@@ -383,6 +383,8 @@ describe('tuner', () => {
     // one-core source: lz4's compress stage is priced at its profile plus those 0.14 ms, not at 0.006
     for (let i = 0; i < 20; i++) t.observe(stats('delta', PATCH3, 256, 256 * 0.16, 256 * 4096 * 0.33, 'wire'));
     assert.ok(near(cost(LZ4).compressCpuMsPerBlock, 0.006 + 0.14), `lz4 ${cost(LZ4).compressCpuMsPerBlock}`);
+    // a costly codec at least at delta's scale (8x), not its profile plus 0.14
+    assert.ok(near(cost(ZSTD19).compressCpuMsPerBlock, 0.4 * 8), `zstd19 ${cost(ZSTD19).compressCpuMsPerBlock}`);
     // within delta, the codec scales as profiled (8x); sending pages as they are has no stage to pay
     assert.ok(near(cost(XOR).deltaCpuMsPerBlock, 0.01 * 8));
     assert.equal(cost(NONE).deltaCpuMsPerBlock + cost(NONE).compressCpuMsPerBlock + cost(LZ4).deltaCpuMsPerBlock, 0);
