@@ -95,6 +95,22 @@ function bandwidthOf(f: Followed): number {
   return linkBandwidthBps(f.measuredBandwidthBps, f.probedBandwidthBps, f.linkBoundShare);
 }
 
+/** The `tuned` event's record of a look at `c` (at `nowMs`) from `from` to `to` (the same mode where it stays), before any prediction. */
+function decisionRecord(f: Followed, nowMs: number, from: Mode, to: Mode, c: Conditions): TunerDecision {
+  return {
+    atSeconds: Number(((nowMs - f.startedMs) / 1000).toFixed(2)),
+    from: formatMode(from),
+    to: formatMode(to),
+    bandwidthBps: Math.round(c.bandwidthBps),
+    measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
+    ...(f.probedBandwidthBps > 0 ? { probedBandwidthBps: Math.round(f.probedBandwidthBps) } : {}),
+    spareCores: Number(c.spareCores.toFixed(2)),
+    compressWorkers: c.compressWorkers,
+    predictedCurrentBlocksPerSec: 0,
+    predictedChosenBlocksPerSec: 0,
+  };
+}
+
 export async function runTunerService(natsUrl: string, profilePath?: string): Promise<RunningService> {
   const log = createLogger({ stage: 'tuner', instance: `${hostname()}:${process.pid}` });
   const profile = await loadProfile(profilePath);
@@ -297,19 +313,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
             else f.probe = probeProcess(migrationId, d, f, plan, 0);
             f.probeAwaiting = true;
             if (goesOn) {
-              const startMode = formatMode(start);
-              const record: TunerDecision = {
-                atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
-                from: startMode,
-                to: startMode,
-                bandwidthBps: Math.round(bandwidthOf(f)),
-                measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
-                ...(f.probedBandwidthBps > 0 ? { probedBandwidthBps: Math.round(f.probedBandwidthBps) } : {}),
-                spareCores: Number(spareCores.toFixed(2)),
-                compressWorkers: runningWorkers,
-                predictedCurrentBlocksPerSec: 0,
-                predictedChosenBlocksPerSec: 0,
-              };
+              const record = decisionRecord(f, now, start, start, conditionsNow());
               log.info('start mode kept while the ratios are probed', { migration: migrationId, ...record });
               await publishEvent(bus, migrationId, { type: 'tuned', decision: record }).catch((err: unknown) => log.warn('start mode not published', { migration: migrationId, reason: errorMessage(err) }));
             }
@@ -354,14 +358,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         }
         if (!decision && !workersChanged && !firstLook) return;
         const record: TunerDecision = {
-          atSeconds: Number(((now - f.startedMs) / 1000).toFixed(2)),
-          from: formatMode(current),
-          to: formatMode(mode),
-          bandwidthBps: Math.round(conditions.bandwidthBps),
-          measuredBandwidthBps: Math.round(f.measuredBandwidthBps),
-          ...(f.probedBandwidthBps > 0 ? { probedBandwidthBps: Math.round(f.probedBandwidthBps) } : {}),
-          spareCores: Number(conditions.spareCores.toFixed(2)),
-          compressWorkers: conditions.compressWorkers,
+          ...decisionRecord(f, now, current, mode, conditions),
           compressWorkersInUse: inUse,
           overheadCpuMsPerBlock: Number(f.tuner.overheadCpuMsPerBlock.toFixed(4)),
           predictedCurrentBlocksPerSec: Math.round(decision?.currentBlocksPerSec ?? 0),
