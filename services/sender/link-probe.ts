@@ -7,8 +7,21 @@ import type { ProbeArrival } from '../../shared/wire.js';
 /** the receiver's timing of a probe frame is trusted from this span (below, a larger frame follows) */
 export const PROBE_MIN_SPAN_MS = 10;
 
+/**
+ * A sender that waited for a core this share of a round or more (runnable, not running: the
+ * actors start their work at the accept, on the same cores) set the frame's pace, not the link:
+ * on a one-core source its rounds waited 46-55% of the time and read a 1000 Mbit/s link as 169-324
+ * Mbit/s (at 169 the tuner took raw for link-bound and kept patch-3, 20% slower there), 100 as 75-78.
+ * Rounds that were not starved waited 2-8%. Such a reading is scaled by the share of the round the
+ * sender ran, as if the link had idled while it waited, at most twice: data already queued kept it
+ * busy then (scaled, 1000 Mbit/s read 542-589 and 100 read 118-166). The ACKs of chunks measure
+ * the link properly later.
+ */
+export const STARVED_SENDER_SHARE = 0.25;
+const MAX_STARVED_SHARE = 0.5;
+
 export interface ProbeRound {
-  /** what this round reads (bits/s) */
+  /** what this round reads (bits/s), scaled where the sender was starved */
   bps: number;
   /** the next round's measured frame; undefined: this reading is the answer */
   nextMeasuredBytes?: number;
@@ -23,12 +36,14 @@ export interface ProbeRound {
  * reading is low if anything (at 1000 Mbit/s the receiver set the pace: a second round of 342-757 KB read
  * 1.7-4.8 Gbit/s, and a third of 1 MiB 1.2-5.5 Gbit/s, 10-15 ms later, while capture waited for the look).
  * The first round's frame follows a lead sized for a shaper's burst, not for the reading: its
- * reading alone decides nothing of the kind.
+ * reading alone decides nothing of the kind. `senderWaitShare`: the share of the round the sender
+ * waited for a core (see STARVED_SENDER_SHARE).
  */
-export function probeRound(round: number, measuredBytes: number, answer: ProbeArrival, maxMeasuredBytes: number): ProbeRound {
+export function probeRound(round: number, measuredBytes: number, answer: ProbeArrival, maxMeasuredBytes: number, senderWaitShare = 0): ProbeRound {
   const timed = answer.bytes > 0 && answer.spanMs > 0;
   // untimed: it all came in one delivery, in less than the shortest span worth timing
-  const bps = timed ? (answer.bytes * 8 * 1000) / answer.spanMs : (measuredBytes * 8 * 1000) / PROBE_MIN_SPAN_MS;
+  const read = timed ? (answer.bytes * 8 * 1000) / answer.spanMs : (measuredBytes * 8 * 1000) / PROBE_MIN_SPAN_MS;
+  const bps = senderWaitShare >= STARVED_SENDER_SHARE ? read / (1 - Math.min(senderWaitShare, MAX_STARVED_SHARE)) : read;
   if ((timed && answer.spanMs >= PROBE_MIN_SPAN_MS) || measuredBytes >= maxMeasuredBytes) return { bps };
   if (timed && round >= 2 && (maxMeasuredBytes * 8 * 1000) / bps < PROBE_MIN_SPAN_MS) return { bps };
   const wantedBytes = timed ? ((bps / 8) * 2 * PROBE_MIN_SPAN_MS) / 1000 : maxMeasuredBytes;

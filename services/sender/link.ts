@@ -32,6 +32,7 @@ import {
   type Frame,
   type Hello,
 } from '../../shared/wire.js';
+import { runQueueWaitMs } from '../../shared/thread-cpu.js';
 import { BandwidthEstimator } from './bandwidth.js';
 import { probeRound } from './link-probe.js';
 import { RateLimiter } from './rate.js';
@@ -486,17 +487,31 @@ export class WanLink {
    * one frame and most of the next), and 1000 Mbit/s as 140 Gbit/s. Further rounds (see
    * link-probe.ts) follow when a frame crossed within 10 ms; they stop at 1 MiB (a frame of it the
    * receiver got in one delivery reads as 1 MiB in 10 ms, 839 Mbit/s: a floor). Growing in steps to
-   * 2 MiB cost 3.7 MB of padding at 1000 Mbit/s. The ACKs of chunks measure the link properly later. Undefined when the link did
-   * not answer.
+   * 2 MiB cost 3.7 MB of padding at 1000 Mbit/s. A round in which this thread waited long for a
+   * core reads the sender's pace: it is scaled up (see STARVED_SENDER_SHARE). The ACKs of chunks
+   * measure the link properly later. Undefined when the link did not answer.
    */
   async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 1024 * 1024): Promise<number | undefined> {
     let bps: number | undefined;
     let measuredBytes: number | undefined = Math.min(64 * 1024, maxMeasuredBytes);
     for (let round = 1; measuredBytes !== undefined; round++) {
+      const waitedFromMs = runQueueWaitMs();
+      const startedMs = performance.now();
       const answers = await this.probeFrames([leadBytes, measuredBytes], timeoutMs);
       if (!answers) break;
-      const reading = probeRound(round, measuredBytes, answers[1]!, maxMeasuredBytes);
-      this.options.log?.debug('link probe round', { round, leadBytes, measuredBytes, timedBytes: answers[1]!.bytes, spanMs: Number(answers[1]!.spanMs.toFixed(2)), bandwidthBps: Math.round(reading.bps) });
+      const waitedToMs = runQueueWaitMs();
+      const wallMs = performance.now() - startedMs;
+      const senderWaitShare = waitedFromMs !== undefined && waitedToMs !== undefined && wallMs > 0 ? (waitedToMs - waitedFromMs) / wallMs : 0;
+      const reading = probeRound(round, measuredBytes, answers[1]!, maxMeasuredBytes, senderWaitShare);
+      this.options.log?.debug('link probe round', {
+        round,
+        leadBytes,
+        measuredBytes,
+        timedBytes: answers[1]!.bytes,
+        spanMs: Number(answers[1]!.spanMs.toFixed(2)),
+        senderWaitShare: Number(senderWaitShare.toFixed(2)),
+        bandwidthBps: Math.round(reading.bps),
+      });
       bps = reading.bps;
       measuredBytes = reading.nextMeasuredBytes;
       leadBytes = 64 * 1024;

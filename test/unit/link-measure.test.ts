@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
 import { ArrivalTimer } from '../../services/receiver/arrival.js';
 import { BandwidthEstimator } from '../../services/sender/bandwidth.js';
-import { probeRound } from '../../services/sender/link-probe.js';
+import { STARVED_SENDER_SHARE, probeRound } from '../../services/sender/link-probe.js';
 import { FrameReader, FrameType, encodeFrame, encodeProbeAckFrame, parseProbeAck } from '../../shared/wire.js';
 import { MalformedMessageError } from '../../shared/errors.js';
 
@@ -160,5 +160,16 @@ describe("the link probe's rounds", () => {
     // a second round reading 300 Mbit/s (1 MiB would take 28 ms) goes on, with 750 KB
     const next = probeRound(2, 250_000, { bytes: 250_000, spanMs: 6.67 }, MAX).nextMeasuredBytes;
     assert.ok(next !== undefined && next > 740_000 && next < 760_000, `next ${next}`);
+  });
+
+  test("a round whose sender waited for a core reads the sender's pace: scaled by the share it ran, at most twice", () => {
+    // 1000 Mbit/s on a one-core source as measured: 390 KB in 18.5 ms, the sender waiting half the round
+    const starved = probeRound(2, 390_661, { bytes: 390_677, spanMs: 18.47 }, MAX, 0.51);
+    const plain = probeRound(2, 390_661, { bytes: 390_677, spanMs: 18.47 }, MAX);
+    near(plain.bps, 169 * MBIT, 'as read');
+    near(starved.bps, 2 * plain.bps, 'at most twice');
+    near(probeRound(2, 390_661, { bytes: 390_677, spanMs: 18.47 }, MAX, 0.3).bps, plain.bps / 0.7, 'by the share it ran');
+    // a sender that waited a few percent (as at 25 Mbit/s, not starved) reads the link as it is
+    assert.equal(probeRound(1, 65_536, { bytes: 65_552, spanMs: 22 }, MAX, STARVED_SENDER_SHARE - 0.01).bps, probeRound(1, 65_536, { bytes: 65_552, spanMs: 22 }, MAX).bps);
   });
 });
