@@ -172,4 +172,17 @@ describe("the link probe's rounds", () => {
     // a sender that waited a few percent (as at 25 Mbit/s, not starved) reads the link as it is
     assert.equal(probeRound(1, 65_536, { bytes: 65_552, spanMs: 22 }, MAX, STARVED_SENDER_SHARE - 0.01).bps, probeRound(1, 65_536, { bytes: 65_552, spanMs: 22 }, MAX).bps);
   });
+
+  test('a first round the sender waited through for more than half its time is followed by another, whatever its span', () => {
+    // a one-core source: 64 KiB of a 1000 Mbit/s link in 16.44 ms with the sender waiting 86% (read 64 Mbit/s, scaled)
+    const starved = probeRound(1, 65_536, { bytes: 65_552, spanMs: 16.44 }, MAX, 0.86);
+    near(starved.bps, 63.8 * MBIT, 'scaled at most twice');
+    // a frame twice the span at that reading: 160 KB
+    assert.ok(starved.nextMeasuredBytes !== undefined && starved.nextMeasuredBytes > 155_000 && starved.nextMeasuredBytes < 165_000, `next ${starved.nextMeasuredBytes}`);
+    // at half, the span over 10 ms decides as before; nor does a second round go on for starving
+    assert.equal(probeRound(1, 65_536, { bytes: 65_552, spanMs: 16.44 }, MAX, 0.5).nextMeasuredBytes, undefined);
+    assert.equal(probeRound(2, 163_000, { bytes: 163_016, spanMs: 20 }, MAX, 0.86).nextMeasuredBytes, undefined);
+    // nor past the largest frame
+    assert.equal(probeRound(1, MAX, { bytes: MAX, spanMs: 16.44 }, MAX, 0.86).nextMeasuredBytes, undefined);
+  });
 });
