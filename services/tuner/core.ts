@@ -6,7 +6,7 @@
 import type { StageStats } from '../../shared/migration.js';
 import { DELTA_ALGORITHMS, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { PAGE_SIZE } from '../../shared/pages.js';
-import { deltaKey, modeKey, pick, predict, rank, type Conditions, type ModeCost, type Prediction, type Profile } from './model.js';
+import { TIE_SHARE, deltaKey, modeKey, pick, predict, rank, type Conditions, type ModeCost, type Prediction, type Profile } from './model.js';
 
 /** Exponentially weighted mean that also counts its samples. */
 class Ewma {
@@ -40,6 +40,8 @@ export interface TunerOptions {
   alpha: number;
   /** the unreported CPU per bus page until it is measured (see PRIOR_OVERHEAD_CPU_MS_PER_BUS_PAGE) */
   priorOverheadCpuMsPerBusPage: number;
+  /** what the profile and the prior say a block costs, times this, in a handoff's first seconds (see WARMUP_CPU_FACTOR) */
+  warmupCpuFactor: number;
 }
 
 /**
@@ -133,21 +135,36 @@ interface Scales {
 /** intervals (of the tuner's half second) of flow not counted in the unreported CPU: warming up */
 const WARMUP_INTERVALS = 4;
 
+/**
+ * A block's CPU in a handoff's first seconds (WARMUP_INTERVALS of flow, and before it) over what it
+ * costs later: every actor starts its work at once (JIT, fresh memory, streams filling). Measured on
+ * a one-core source at 100 Mbit/s, the handoff's whole CPU a block, half second by half second:
+ * 0.86, 0.57, 0.33 ms, then 0.17; capture's and dedup's own 0.2-0.46 against 0.07 later, patch-3's
+ * delta 0.10-0.12 against 0.037. Priced at the profile's steady figures, the first look took the
+ * cores for 3x as fast as they were: at 100 Mbit/s it kept patch-3 for a predicted 41% over raw,
+ * which finished first (2.50 s of transfer against 2.95); the figures measured then made raw look
+ * 20-26% ahead at 1.3-1.7 s, and a switch that late gained nothing. What is measured replaces it.
+ */
+const WARMUP_CPU_FACTOR = 3;
+
 /** intervals (of the tuner's half second) of flow before the unreported CPU has a figure */
 const CPU_MIN_INTERVALS = 2;
 
 export const DEFAULT_TUNER_OPTIONS: TunerOptions = {
   hysteresis: 0.15,
-  // The ratio probe's sample (pages from 16 places) sees less of what a stronger level gains on
-  // whole chunks: patch-9 against patch-3 1.7% smaller on programs' pages (2.6% on whole chunks),
-  // 1.2% on mixed ones (1.5%). At 0.02 the first look kept patch-3 where patch-9 sends 2.6% less.
-  firstHysteresis: 0.01,
+  // A tie (see TIE_SHARE) keeps the start mode. At 0.01 the first look at 5 Mbit/s went from patch-3
+  // to patch-9 for a predicted 1.0-1.6% (it sends 1.5% less on mixed pages, 2.6% on programs'): in
+  // the first seconds patch-9 took 0.36 ms a block, and when the link went to 35 Mbit/s at 2 s the
+  // delta stage made 1100-1470 blocks/s of the link's 2400 until the switch back: 8.3-9.4 s of
+  // transfer against patch-3's 5.3-7.6. Where patch-9 would have won, the loss is its ratio's edge.
+  firstHysteresis: TIE_SHARE,
   linkBoundHysteresis: 0.025,
   confirmations: 2,
   workerLooks: 4,
   minBlocks: 256,
   alpha: 0.05,
   priorOverheadCpuMsPerBusPage: PRIOR_OVERHEAD_CPU_MS_PER_BUS_PAGE,
+  warmupCpuFactor: WARMUP_CPU_FACTOR,
 };
 
 export interface Decision {
@@ -371,13 +388,19 @@ export class Tuner {
    * block, several times xor+zstd-3's whole cost. Counted since the flow began, not over the last
    * second or two: a stage reports a chunk's CPU when the chunk is done, and the tuner, on a busy
    * core, reads reports late, so a short window swung from 0 to 0.3 ms a block from one look to the next.
-   * Until measured, the prior (TunerOptions.priorOverheadCpuMsPerBusPage).
+   * Until measured, the prior (TunerOptions.priorOverheadCpuMsPerBusPage), at warm-up's cost in the
+   * first seconds (WARMUP_CPU_FACTOR).
    */
   get overheadCpuMsPerBusPage(): number {
     const f = this.flow;
     // a second of such flow and four times a mode's measuring minimum of blocks, at 3 pages each
-    if (f.intervals < CPU_MIN_INTERVALS || f.busPages < this.options.minBlocks * 4 * 3) return this.options.priorOverheadCpuMsPerBusPage;
+    if (f.intervals < CPU_MIN_INTERVALS || f.busPages < this.options.minBlocks * 4 * 3) return this.options.priorOverheadCpuMsPerBusPage * this.unmeasuredScale;
     return Math.max(0, (f.cpuMs - f.reportedCpuMs) / f.busPages);
+  }
+
+  /** what a figure neither measured nor scaled from a measurement is priced at, over the profile's or the prior's: warm-up's, then 1 */
+  private get unmeasuredScale(): number {
+    return this.flowIntervals < WARMUP_INTERVALS ? this.options.warmupCpuFactor : 1;
   }
 
   /** the unreported CPU per block of the mode sent last (what a decision lists) */
@@ -411,7 +434,8 @@ export class Tuner {
    * profile, an unmeasured stage looked several times cheaper than the one measured: on a one-core
    * source, with patch-3's delta at 0.14-0.18 ms a block against 0.021 profiled, delta=none zstd-1
    * was priced at its profile's 0.007 (0.048 scaled by patch-3's 6.7), measured 0.09-0.17 once
-   * chosen, and the tuner went back and forth between the two stages, two switches a run.
+   * chosen, and the tuner went back and forth between the two stages, two switches a run. With
+   * neither measured, both are their profile's, at warm-up's cost in the first seconds.
    */
   private scales(): Scales {
     const m = this.lastMeasured;
@@ -436,9 +460,9 @@ export class Tuner {
     const delta = scale(deltaMeasured, deltaProfiled);
     return {
       // delta never measured: the codec's scale and the handling compress measured (else its whole scale)
-      delta: delta ?? split ?? whole ?? 1,
+      delta: delta ?? split ?? whole ?? this.unmeasuredScale,
       deltaExtraMs: delta === undefined && split !== undefined ? handling! : 0,
-      compress: split ?? whole ?? 1,
+      compress: split ?? whole ?? this.unmeasuredScale,
       compressExtraMs: split !== undefined ? handling! : whole !== undefined ? 0 : (excess(deltaMeasured, deltaProfiled) ?? 0),
       compressAtLeast: split === undefined && whole === undefined ? (delta ?? 0) : 0,
       ratio: (m && p && scale(this.measured(this.ratio, modeKey(m)), this.ratioBasis.get(modeKey(m)) ?? p.ratio)) ?? 1,
@@ -497,10 +521,10 @@ export class Tuner {
     };
   }
 
-  /** capture's and dedup's CPU per block sent on (the profile's until both reported) */
+  /** capture's and dedup's CPU per block sent on (the profile's, at warm-up's cost in the first seconds, until both reported) */
   get fixedCpuMsPerBlock(): number {
     const { capture, dedup } = this.pageCost;
-    if (capture.weight === 0 || dedup.weight === 0 || this.dedupBlocks.value <= 0) return this.profile.fixedCpuMsPerBlock;
+    if (capture.weight === 0 || dedup.weight === 0 || this.dedupBlocks.value <= 0) return this.profile.fixedCpuMsPerBlock * this.unmeasuredScale;
     return (capture.value + dedup.value) * (this.dedupPages.value / this.dedupBlocks.value);
   }
 
