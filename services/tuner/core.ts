@@ -434,8 +434,9 @@ export class Tuner {
    * profile, an unmeasured stage looked several times cheaper than the one measured: on a one-core
    * source, with patch-3's delta at 0.14-0.18 ms a block against 0.021 profiled, delta=none zstd-1
    * was priced at its profile's 0.007 (0.048 scaled by patch-3's 6.7), measured 0.09-0.17 once
-   * chosen, and the tuner went back and forth between the two stages, two switches a run. With
-   * neither measured, both are their profile's, at warm-up's cost in the first seconds.
+   * chosen, and the tuner went back and forth between the two stages, two switches a run. In the
+   * first seconds a compress stage never measured is at warm-up's cost (with delta measured, on top
+   * of delta's excess, which carries warm-up too), and so is delta where neither was measured.
    */
   private scales(): Scales {
     const m = this.lastMeasured;

@@ -16,6 +16,9 @@ const ZSTD3: Mode = { delta: 'xor', compressor: 'zstd', level: 3 };
 const ZSTD19: Mode = { delta: 'xor', compressor: 'zstd', level: 19 };
 const ZSTD1: Mode = { delta: 'none', compressor: 'zstd', level: 1 };
 const ZSTD9: Mode = { delta: 'none', compressor: 'zstd', level: 9 };
+const PATCH3: Mode = { delta: 'patch', compressor: 'zstd', level: 3 };
+
+const near = (a: number, b: number): boolean => Math.abs(a - b) < 1e-9;
 
 /** Costs in the shape real ones have: stronger compression costs more CPU for a smaller ratio. */
 const PROFILE: Profile = {
@@ -347,19 +350,16 @@ describe('tuner', () => {
 
   test("in a handoff's first seconds what is not measured costs warm-up's CPU: a one-core source at 100 Mbit/s starts raw", async () => {
     const profile = await loadProfile();
-    const PATCH3: Mode = { delta: 'patch', compressor: 'zstd', level: 3 };
-    const oneCore = (mbit: number): Conditions => ({ bandwidthBps: mbit * 1e6, spareCores: 1, compressWorkers: 2 });
     // at the profile's steady figures patch-3 looks 40% ahead at 100 Mbit/s; raw finished first (2.50 s against 2.95)
-    assert.equal(new Tuner(profile, { warmupCpuFactor: 1 }).decide(PATCH3, oneCore(100), 0), undefined);
-    const first = new Tuner(profile).decide(PATCH3, oneCore(120), 0);
+    assert.equal(new Tuner(profile, { warmupCpuFactor: 1 }).decide(PATCH3, at(100, 1), 0), undefined);
+    const first = new Tuner(profile).decide(PATCH3, at(120, 1), 0);
     assert.ok(first, 'the first look kept patch-3 at 120 Mbit/s');
     assert.equal(modeKey(first.to), modeKey(NONE));
     // slower links stay with patch-3: the link is their bottleneck, warm or not
-    for (const mbit of [5, 10, 25, 35]) assert.equal(new Tuner(profile).decide(PATCH3, oneCore(mbit), 0), undefined, `at ${mbit} Mbit/s`);
+    for (const mbit of [5, 10, 25, 35]) assert.equal(new Tuner(profile).decide(PATCH3, at(mbit, 1), 0), undefined, `at ${mbit} Mbit/s`);
     // the factor prices the profile and the prior, in the first intervals of flow only
     const t = new Tuner(profile);
     const steady = new Tuner(profile, { warmupCpuFactor: 1 });
-    const near = (a: number, b: number): boolean => Math.abs(a - b) < 1e-9;
     assert.ok(near(t.fixedCpuMsPerBlock, 3 * steady.fixedCpuMsPerBlock) && near(t.overheadCpuMsPerBusPage, 3 * steady.overheadCpuMsPerBusPage));
     const deltaOf = (x: Tuner): number => x.costs().find((c) => modeKey(c.mode) === modeKey(PATCH3))!.deltaCpuMsPerBlock;
     assert.ok(near(deltaOf(t), 3 * deltaOf(steady)), 'a stage never measured');
@@ -373,8 +373,8 @@ describe('tuner', () => {
     assert.ok(near(t.overheadCpuMsPerBusPage, steady.overheadCpuMsPerBusPage) && near(deltaOf(t), deltaOf(steady)) && near(t.fixedCpuMsPerBlock, steady.fixedCpuMsPerBlock), 'past the first two seconds: the steady figures');
     // what is measured replaces it at once: capture's and dedup's own CPU
     const measured = new Tuner(profile);
-    measured.observe({ ...stats('capture', PATCH3, 256, 256 * 0.05, 0), counts: { blocks: 256 } });
-    measured.observe({ ...stats('dedup', PATCH3, 256, 256 * 0.02, 0), counts: { blocks: 256 } });
+    measured.observe(stats('capture', PATCH3, 256, 256 * 0.05, 0));
+    measured.observe(stats('dedup', PATCH3, 256, 256 * 0.02, 0));
     assert.ok(near(measured.fixedCpuMsPerBlock, 0.07), `${measured.fixedCpuMsPerBlock}`);
   });
 
@@ -405,7 +405,6 @@ describe('tuner', () => {
   });
 
   test('a stage never measured costs its profile plus what the other stage measured beyond its own; a stage skipped keeps its figures', () => {
-    const PATCH3: Mode = { delta: 'patch', compressor: 'zstd', level: 3 };
     const XOR: Mode = { delta: 'xor', compressor: 'none', level: 0 };
     const profile: Profile = {
       ...PROFILE,
@@ -413,7 +412,6 @@ describe('tuner', () => {
     };
     const t = tunerOf(profile);
     const cost = (m: Mode): ModeCost => t.costs().find((c) => modeKey(c.mode) === modeKey(m))!;
-    const near = (a: number, b: number): boolean => Math.abs(a - b) < 1e-9;
     // patch-3 (no compress stage) measured at 0.16 ms a block against 0.02 profiled, as on a starved
     // one-core source: lz4's compress stage is priced at its profile plus those 0.14 ms, not at 0.006
     for (let i = 0; i < 20; i++) t.observe(stats('delta', PATCH3, 256, 256 * 0.16, 256 * 4096 * 0.33, 'wire'));
@@ -474,7 +472,6 @@ describe('tuner', () => {
   });
 
   test('patch: each level its own delta cost, no compress cost, strong at a slow link and cheap at a fast one', () => {
-    const PATCH3: Mode = { delta: 'patch', compressor: 'zstd', level: 3 };
     const PATCH19: Mode = { delta: 'patch', compressor: 'zstd', level: 19 };
     const profile: Profile = {
       ...PROFILE,
@@ -521,7 +518,6 @@ describe("the link's rate", () => {
   });
 
   test('capture goes on in the start mode while the ratios are probed only where the head start would not fill the wait, and the start mode is near the best', () => {
-    const PATCH3: Mode = { delta: 'patch', compressor: 'zstd', level: 3 };
     const profile: Profile = { ...PROFILE, modes: [...PROFILE.modes, { mode: PATCH3, deltaCpuMsPerBlock: 0.02, compressCpuMsPerBlock: 0, ratio: 0.36 }] };
     const headStartBlocks = 3 * 256;
     const decideAt = (mbit: number, start: Mode): boolean => {
