@@ -14,7 +14,7 @@ import { eventSubject } from '../../shared/subjects.js';
 import { errorMessage } from '../../shared/errors.js';
 import type { RunningService } from '../../shared/stage.js';
 import { createLogger } from '../../shared/log.js';
-import { HEAD_START_CHUNKS, parseStats, type MigrationDescriptor, type StageStats, type TunerDecision } from '../../shared/migration.js';
+import { parseStats, type MigrationDescriptor, type StageStats, type TunerDecision } from '../../shared/migration.js';
 import { startSpan } from '../../shared/telemetry.js';
 import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
@@ -304,10 +304,10 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
               predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
             );
             const plan = probePlan(profile, (m) => couldWin.has(modeKey(m)));
-            // capture, waiting for this look, goes on meanwhile where the head start would not fill the
-            // wait; the probe then takes only what the pipeline leaves of the cores
+            // capture, waiting for this look, goes on meanwhile where the start mode is near the best
+            // (see goesOnWhileProbing); the probe then takes only what the pipeline leaves of the cores
             const start = modes.get(migrationId, d.mode);
-            const goesOn = goesOnWhileProbing(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best, HEAD_START_CHUNKS * d.chunkPages);
+            const goesOn = goesOnWhileProbing(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best);
             if (goesOn) f.probe = probeProcess(migrationId, d, f, plan, PROBE_NICE);
             else if (f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
             else f.probe = probeProcess(migrationId, d, f, plan, 0);
