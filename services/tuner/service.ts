@@ -4,8 +4,10 @@
  * or more (not up to half a second later), writes the chosen mode to the config bucket, where
  * every stage picks it up from its next chunk, and how many of the running compress workers to use
  * to the workers bucket. Where its first look finds the link the bottleneck, it probes the ratios
- * of the migration's own pages in this process while capture holds all but its first chunks; where
- * the cores are, later, in a process of its own at the lowest priority (probe-process.ts).
+ * of the migration's own pages: where the start mode is near the best, in a process of its own at
+ * the lowest priority while capture goes on (probe-process.ts), else in this process (in one of its
+ * own for a tuner that came late) while capture holds all but its first chunks; where the cores are
+ * the bottleneck, later, at the lowest priority.
  */
 import { hostname } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
