@@ -41,7 +41,7 @@ describe('model', () => {
     const p = predict(PROFILE.modes[2]!, PROFILE.fixedCpuMsPerBlock, at(10));
     assert.ok(p.blocksPerSec <= Math.min(p.processingBlocksPerSec, p.networkBlocksPerSec));
     assert.ok(p.blocksPerSec > 0.99 * p.networkBlocksPerSec, 'processing far above the link: the link decides');
-    assert.ok(Math.abs(softMin(1000, 1000) - 1000 * 2 ** (-1 / 3)) < 1e-9, 'both at their limit: each waits on the other');
+    assert.ok(near(softMin(1000, 1000), 1000 * 2 ** (-1 / 3)), 'both at their limit: each waits on the other');
     assert.equal(softMin(Number.POSITIVE_INFINITY, 500), 500);
     assert.ok(Math.abs(p.networkBlocksPerSec - 10e6 / (0.35 * 4096 * 8)) < 1e-6);
   });
@@ -219,7 +219,7 @@ describe('tuner', () => {
     const costs = (): Map<string, number> => new Map(t.costs().map((c) => [modeKey(c.mode), c.ratio]));
     assert.equal(costs().get(modeKey(DZ)), 0.6);
     // zstd-19, too costly to probe: the probed zstd-3 of its delta, times 0.3/0.35 as profiled
-    assert.ok(Math.abs(costs().get(modeKey(ZSTD19))! - 0.4 * (0.3 / 0.35)) < 1e-9);
+    assert.ok(near(costs().get(modeKey(ZSTD19))!, 0.4 * (0.3 / 0.35)));
     const d = t.decide(ZSTD3, at(100), 0);
     assert.ok(d === undefined || modeKey(d.to) !== modeKey(DZ), `switched to ${d && modeKey(d.to)}`);
     // the mode in use measured: its ratio scales the probed ones, whose proportions stay
@@ -299,7 +299,7 @@ describe('tuner', () => {
     // it goes with the bytes a block moves on the bus and out: zstd-19 after xor, 2 pages (capture
     // to dedup, dedup to delta), delta's output (unmeasured, unprofiled here: a page), 0.3 to the
     // wire, 0.3 sent; lz4 without delta 2 + 0.6 + 0.6; no encoding at all 2 + 1
-    assert.ok(Math.abs(busPagesOf(ZSTD19, 0.3, 1) - 3.6) < 1e-9);
+    assert.ok(near(busPagesOf(ZSTD19, 0.3, 1), 3.6));
     const perPage = 1 / 3.6;
     const overheadOf = (m: Mode): number => t.costs().find((c) => modeKey(c.mode) === modeKey(m))!.overheadCpuMsPerBlock ?? 0;
     assert.ok(Math.abs(overheadOf(LZ4) - 3.2 * perPage) < 1e-6, `lz4 ${overheadOf(LZ4)}`);
@@ -334,7 +334,7 @@ describe('tuner', () => {
     const t = new Tuner(profile, { warmupCpuFactor: 1 });
     const prior = t.overheadCpuMsPerBusPage;
     assert.ok(prior > 0.02 && prior < 0.1, `prior ${prior}`);
-    assert.ok(Math.abs(t.overheadCpuMsPerBlock - 4 * prior) < 1e-9, 'the start mode moves 4 pages a block');
+    assert.ok(near(t.overheadCpuMsPerBlock, 4 * prior), 'the start mode moves 4 pages a block');
     const withPrior = t.predictNow(oneCore)[0]!;
     assert.ok(withPrior.processingBlocksPerSec < withPrior.networkBlocksPerSec, `${Math.round(withPrior.processingBlocksPerSec)} blocks/s processed, ${Math.round(withPrior.networkBlocksPerSec)} carried`);
     // measured, the figure replaces the prior: the stages reported all but 0.01 ms a block (3 bus pages, raw)
@@ -345,7 +345,7 @@ describe('tuner', () => {
       for (let i = 0; i < 10; i++) t.observe(stats('sender', NONE, 256, 0.02 * 256, 256 * 4096, 'wire'));
       t.observeOwnCpu(10 * 256 * 0.03);
     }
-    assert.ok(Math.abs(t.overheadCpuMsPerBusPage - 0.01 / 3) < 1e-9, `measured ${t.overheadCpuMsPerBusPage}`);
+    assert.ok(near(t.overheadCpuMsPerBusPage, 0.01 / 3), `measured ${t.overheadCpuMsPerBusPage}`);
   });
 
   test("in a handoff's first seconds what is not measured costs warm-up's CPU: a one-core source at 100 Mbit/s starts raw", async () => {
@@ -387,7 +387,7 @@ describe('tuner', () => {
       t.observe(page('dedup', 256, 256 * 0.002, 128)); // half the pages were duplicates
     }
     // (0.03 + 0.002) ms a page, two pages a block: not one stage's figure, not the two averaged
-    assert.ok(Math.abs(t.fixedCpuMsPerBlock - 0.064) < 1e-9, `fixed ${t.fixedCpuMsPerBlock}`);
+    assert.ok(near(t.fixedCpuMsPerBlock, 0.064), `fixed ${t.fixedCpuMsPerBlock}`);
   });
 
   test("a mode not yet run costs the codec's profile scaled, plus the stage's handling as measured", () => {
@@ -395,13 +395,13 @@ describe('tuner', () => {
     // xor+zstd3's stage: 0.015 ms a block of codec (as profiled) and 0.03 of handling around it
     for (let i = 0; i < 20; i++) t.observe({ ...stats('compress', ZSTD3, 256, 256 * 0.045, 256 * 4096 * 0.35, 'wire'), counts: { blocks: 256, codecCpuMs: 256 * 0.015 } });
     const cost = (m: Mode): number => t.costs().find((c) => modeKey(c.mode) === modeKey(m))!.compressCpuMsPerBlock;
-    assert.ok(Math.abs(cost(ZSTD3) - 0.045) < 1e-9, 'a measured mode costs what it measured');
+    assert.ok(near(cost(ZSTD3), 0.045), 'a measured mode costs what it measured');
     // scaled whole, zstd19 would be 3x its profile (1.2 ms); the handling does not grow with the level
-    assert.ok(Math.abs(cost(ZSTD19) - (0.4 + 0.03)) < 1e-9, `zstd19 ${cost(ZSTD19)}`);
+    assert.ok(near(cost(ZSTD19), 0.4 + 0.03), `zstd19 ${cost(ZSTD19)}`);
     // without the codec's figure (a stage that cannot tell), the whole stage scales as before
     const whole = tunerOf(PROFILE);
     for (let i = 0; i < 20; i++) whole.observe(stats('compress', ZSTD3, 256, 256 * 0.045, 256 * 4096 * 0.35, 'wire'));
-    assert.ok(Math.abs(whole.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD19))!.compressCpuMsPerBlock - 1.2) < 1e-9);
+    assert.ok(near(whole.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD19))!.compressCpuMsPerBlock, 1.2));
   });
 
   test('a stage never measured costs its profile plus what the other stage measured beyond its own; a stage skipped keeps its figures', () => {
@@ -466,9 +466,9 @@ describe('tuner', () => {
     const t = tunerOf(PROFILE);
     for (let i = 0; i < 20; i++) t.observe(stats('compress', ZSTD3, 256, 256 * 0.15, 256 * 4096 * 0.35, 'wire'));
     const zstd3 = t.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD3))!;
-    assert.ok(Math.abs(zstd3.compressCpuMsPerBlock - 0.15) < 1e-9);
+    assert.ok(near(zstd3.compressCpuMsPerBlock, 0.15));
     const zstd19 = t.costs().find((c) => modeKey(c.mode) === modeKey(ZSTD19))!;
-    assert.ok(Math.abs(zstd19.compressCpuMsPerBlock - 4) < 1e-9, 'unmeasured mode not scaled by 10x');
+    assert.ok(near(zstd19.compressCpuMsPerBlock, 4), 'unmeasured mode not scaled by 10x');
   });
 
   test('patch: each level its own delta cost, no compress cost, strong at a slow link and cheap at a fast one', () => {
@@ -484,8 +484,8 @@ describe('tuner', () => {
     for (let i = 0; i < 20; i++) t.observe(stats('delta', PATCH3, 256, 256 * 0.04, 256 * 4096 * 0.33, 'wire'));
     const costs = t.costs();
     const cost = (m: Mode): ModeCost => costs.find((c) => modeKey(c.mode) === modeKey(m))!;
-    assert.ok(Math.abs(cost(PATCH3).deltaCpuMsPerBlock - 0.04) < 1e-9);
-    assert.ok(Math.abs(cost(PATCH19).deltaCpuMsPerBlock - 1.2) < 1e-9, `patch-19 ${cost(PATCH19).deltaCpuMsPerBlock} ms a block`);
+    assert.ok(near(cost(PATCH3).deltaCpuMsPerBlock, 0.04));
+    assert.ok(near(cost(PATCH19).deltaCpuMsPerBlock, 1.2), `patch-19 ${cost(PATCH19).deltaCpuMsPerBlock} ms a block`);
     assert.equal(cost(PATCH19).compressCpuMsPerBlock, 0, 'compress never sees a patch');
     // a patch goes from delta to the wire: bus pages are capture's, dedup's, delta's output and the sender's
     assert.equal(busPagesOf(PATCH3, 0.33, 1), 2 + 0.33 + 0.33);
