@@ -122,10 +122,11 @@ export function formatSummary(s: MigrationSummary): string {
   lines.push(`modes: ${s.modes.map((m) => (s.modes.length > 1 ? `${m} (${s.chunksByMode[m] ?? 0} chunks)` : m)).join(', ') || 'none'}${s.adaptive ? ` (adaptive, ${switches} switches)` : ''}`);
   for (const d of s.decisions) {
     const workers = `${d.compressWorkersInUse ?? d.compressWorkers} of ${d.compressWorkers} compress workers in use`;
+    const waited = d.probeWaitSeconds !== undefined ? `, after waiting ${d.probeWaitSeconds.toFixed(2)} s for the ratio probe` : '';
     lines.push(
-      d.from === d.to
+      (d.from === d.to
         ? `  at ${d.atSeconds.toFixed(1)} s: ${d.to} stays, ${workers} (bandwidth ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores)`
-        : `  at ${d.atSeconds.toFixed(1)} s: ${d.from} -> ${d.to} (bandwidth ${d.measuredBandwidthBps > 0 ? `${formatRate(d.measuredBandwidthBps)} measured` : `${formatRate(d.probedBandwidthBps ?? 0)} probed`}, ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores, ${workers}; predicted ${d.predictedCurrentBlocksPerSec} -> ${d.predictedChosenBlocksPerSec} blocks/s)`,
+        : `  at ${d.atSeconds.toFixed(1)} s: ${d.from} -> ${d.to} (bandwidth ${d.measuredBandwidthBps > 0 ? `${formatRate(d.measuredBandwidthBps)} measured` : `${formatRate(d.probedBandwidthBps ?? 0)} probed`}, ${formatRate(d.bandwidthBps)} assumed, ${d.spareCores} spare cores, ${workers}; predicted ${d.predictedCurrentBlocksPerSec} -> ${d.predictedChosenBlocksPerSec} blocks/s)`) + waited,
     );
   }
   const rows = [['stage', 'instances', 'chunks', 'in', 'out', 'out/in', 'cpu s', 'MB/s per cpu', 'details']];

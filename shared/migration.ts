@@ -153,7 +153,10 @@ export const HEAD_START_CHUNKS = 3;
 
 /** A tuner decision as it travels in events and summaries (blocks/s are 4 KiB blocks of dedup output). */
 export interface TunerDecision {
+  /** when the tuner decided, from when it followed the migration */
   atSeconds: number;
+  /** how long this look waited for the ratio probe before it decided (the first look only, where it waited) */
+  probeWaitSeconds?: number;
   from: string;
   to: string;
   /** bandwidth the prediction assumed: the measured one, raised when the link was not the bottleneck */
@@ -197,6 +200,7 @@ function parseDecision(value: unknown): TunerDecision {
   const n = (k: keyof TunerDecision): number => amount(o[k], `tuned event: ${k}`);
   return {
     atSeconds: n('atSeconds'),
+    ...(o.probeWaitSeconds !== undefined ? { probeWaitSeconds: n('probeWaitSeconds') } : {}),
     from: text(o.from, 'tuned event: from', 64),
     to: text(o.to, 'tuned event: to', 64),
     bandwidthBps: n('bandwidthBps'),

@@ -117,6 +117,9 @@ describe('handoff pipeline over NATS JetStream', { timeout: 300_000 }, () => {
     assert.equal(first.measuredBandwidthBps, 0);
     assert.ok(first.probedBandwidthBps !== undefined && first.probedBandwidthBps > 2e6 && first.probedBandwidthBps <= 4e6, `probed ${first.probedBandwidthBps}`);
     assert.equal(first.bandwidthBps, first.probedBandwidthBps);
+    // the start mode was far from the best: the look waited for the ratio probe, and says when it decided
+    assert.ok(first.probeWaitSeconds !== undefined && first.probeWaitSeconds > 0, `probe wait ${first.probeWaitSeconds}`);
+    assert.ok(first.atSeconds >= first.probeWaitSeconds - 0.01, `decided at ${first.atSeconds} s, after a ${first.probeWaitSeconds} s wait`);
     // chunks really went out in the chosen mode, not only the config; and capture held all but its
     // head start for that first look, so at most those went out in the start mode
     const sent = Object.values(summary.chunksByMode).reduce((a, n) => a + n, 0);

@@ -274,8 +274,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   };
 
   const decideFor = (migrationId: string, f: Followed): void => {
-    const now = performance.now();
-    f.lookedAt = { bandwidthBps: bandwidthOf(f), atMs: now };
+    const lookedAtMs = performance.now();
+    f.lookedAt = { bandwidthBps: bandwidthOf(f), atMs: lookedAtMs };
     void descriptors
       .get(migrationId)
       .then(async (d) => {
@@ -298,6 +298,8 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // that read 50-60 Mbit/s of a 100 Mbit/s link from a one-core source passed for one by a few
         // percent there; capture then waited 0.9-1.4 s for ratios that decided nothing (the cores were)
         const firstLook = !f.probe;
+        let now = performance.now();
+        let probeWaitSeconds: number | undefined;
         if (firstLook) {
           const predicted = f.tuner.predictNow(conditionsNow());
           const best = pick(predicted);
@@ -320,6 +322,10 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
               await publishEvent(bus, migrationId, { type: 'tuned', decision: record }).catch((err: unknown) => log.warn('start mode not published', { migration: migrationId, reason: errorMessage(err) }));
             }
             await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
+            // the look decides now, on what the link and the probe say now: its record says so
+            const waitedFromMs = now;
+            now = performance.now();
+            probeWaitSeconds = Number(((now - waitedFromMs) / 1000).toFixed(2));
           } else f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
         }
         const current: Mode = modes.get(migrationId, d.mode);
@@ -361,6 +367,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         if (!decision && !workersChanged && !firstLook) return;
         const record: TunerDecision = {
           ...decisionRecord(f, now, current, mode, conditions),
+          ...(probeWaitSeconds !== undefined ? { probeWaitSeconds } : {}),
           compressWorkersInUse: inUse,
           overheadCpuMsPerBlock: Number(f.tuner.overheadCpuMsPerBlock.toFixed(4)),
           predictedCurrentBlocksPerSec: Math.round(decision?.currentBlocksPerSec ?? 0),
