@@ -128,4 +128,16 @@ describe('handoff pipeline over NATS JetStream', { timeout: 300_000 }, () => {
     assert.ok((summary.chunksByMode[first.to] ?? 0) > 0, `chunks by mode ${JSON.stringify(summary.chunksByMode)}`);
     assert.ok((summary.chunksByMode['delta=none none'] ?? 0) <= HEAD_START_CHUNKS, `chunks went out in the start mode after the head start: ${JSON.stringify(summary.chunksByMode)}`);
   });
+
+  test('adaptive: started in a mode the profile holds near the best on a slow link, the first look decides at once, without waiting for the ratio probe', async () => {
+    const { summary, dest } = await handoff(ws, { adaptive: true, mode: { delta: 'patch', compressor: 'zstd', level: 3 }, bandwidthCapBps: 4e6 });
+    await assertIdentical(summary, dest.outDir);
+    const first = summary.decisions[0];
+    assert.ok(first, 'no look recorded');
+    assert.equal(first.from, 'delta=patch zstd:3');
+    assert.ok(first.probedBandwidthBps !== undefined && first.probedBandwidthBps <= 4e6, `probed ${first.probedBandwidthBps}`);
+    // the probe comes later, for the looks after: no look waited for it
+    const waited = summary.decisions.find((d) => d.probeWaitSeconds !== undefined);
+    assert.equal(waited, undefined, `a look at ${waited?.atSeconds} s waited ${waited?.probeWaitSeconds} s for the ratio probe`);
+  });
 });

@@ -86,19 +86,20 @@ export function linkBandwidthBps(measuredBps: number, probedBps: number, linkBou
   return floorOnly ? Math.max(measuredBps, probedBps) : measuredBps;
 }
 
-/** The start mode within this share of the best mode's prediction is good enough to go on in while the probe runs. */
+/** The start mode within this share of the best mode's prediction is good enough to go on in without waiting for the probe. */
 export const START_MODE_GOOD_SHARE = 0.05;
 
 /**
- * Whether capture goes on in the start mode while the first look waits for the ratio probe: where
- * the profile puts the start mode within START_MODE_GOOD_SHARE of the best, whatever the link. A
- * capture held for the probe holds the whole pipeline (the wait was 0.72-1.0 s on a one-core source
- * at 5 Mbit/s), and a link that speeds up pays for it: from 5 to 35 Mbit/s at 2 s, adaptive's capture
- * ended 2.25-3.09 s after the accept against static patch-3's 1.71-2.08, and its transfer took
- * 7.58-11.58 s against 7.45-7.97 in the same mode. Going on risks no more than that share of the
- * ratio on the chunks encoded before the look; a start mode far behind is held.
+ * Whether the first look, finding the link the bottleneck, decides at once on the profile's ratios
+ * (capture goes on, and the ratio probe comes later for the looks after): where the profile puts the
+ * start mode within START_MODE_GOOD_SHARE of the best, whatever the link. A capture held for the
+ * probe holds the whole pipeline (the wait was 0.72-1.0 s on a one-core source at 5 Mbit/s), and a
+ * link that speeds up pays for it: from 5 to 35 Mbit/s at 2 s, adaptive's capture ended 2.25-3.09 s
+ * after the accept against static patch-3's 1.71-2.08, and its transfer took 7.58-11.58 s against
+ * 7.45-7.97 in the same mode. Going on risks no more than that share of the ratio until the probe
+ * is in; a start mode far behind is held for the look, which waits for the probe.
  */
-export function goesOnWhileProbing(start: Prediction | undefined, best: Prediction | undefined): boolean {
+export function startModeNearBest(start: Prediction | undefined, best: Prediction | undefined): boolean {
   return start !== undefined && best !== undefined && start.blocksPerSec >= best.blocksPerSec * (1 - START_MODE_GOOD_SHARE);
 }
 

@@ -4,10 +4,10 @@
  * or more (not up to half a second later), writes the chosen mode to the config bucket, where
  * every stage picks it up from its next chunk, and how many of the running compress workers to use
  * to the workers bucket. Where its first look finds the link the bottleneck, it probes the ratios
- * of the migration's own pages: where the start mode is near the best, in a process of its own at
- * the lowest priority while capture goes on (probe-process.ts), else in this process (in one of its
- * own for a tuner that came late) while capture holds all but its first chunks; where the cores are
- * the bottleneck, later, at the lowest priority.
+ * of the migration's own pages: where the start mode is near the best, it decides at once and the
+ * probe runs later in a process of its own at the lowest priority (probe-process.ts), else in this
+ * process (in one of its own for a tuner that came late) while capture holds all but its first
+ * chunks; where the cores are the bottleneck, later, at the lowest priority.
  */
 import { hostname } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -22,7 +22,7 @@ import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
-import { Tuner, clearlyLinkBound, goesOnWhileProbing, linkBandwidthBps } from './core.js';
+import { Tuner, clearlyLinkBound, startModeNearBest, linkBandwidthBps } from './core.js';
 import { modeKey, pick, softMin, type Conditions, type Prediction } from './model.js';
 import { probePlan, probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
@@ -66,13 +66,16 @@ interface Followed {
 const PROBE_WAIT_MS = 2000;
 
 /**
- * Where the cores are the bottleneck, the ratio probe's process starts this long after the first
- * look, if the handoff still runs: ratios matter only once the link becomes the bottleneck, and the
- * process costs 0.3-0.4 s of CPU (node and the modules) on the cores that are short. At 100 Mbit/s
- * on one core (a 1.6 s transfer) adaptive took 0.1 s and 0.4 s of CPU more than static patch-3 with
- * it started at once, at nice 19.
+ * Where the cores are the bottleneck, or the start mode is near the best, the ratio probe's process
+ * starts this long after the first look, if the handoff still runs. Ratios matter only once the link
+ * is the bottleneck, and then only between modes the profile holds near one another; the process
+ * costs 0.3-0.4 s of CPU (node and the modules) on the cores that are short. At 100 Mbit/s on one
+ * core (a 1.6 s transfer) adaptive took 0.1 s and 0.4 s of CPU more than static patch-3 with it
+ * started at once, at nice 19. In 5->35->5 Mbit/s runs on one core, started at once beside the
+ * pipeline it ran from 0.25 s to 3-4 s, through the 35 Mbit/s window where the cores are short; the
+ * transfer's median was 1-2% above static patch-3's, and 1-3% below it with the probe after this.
  */
-const CORES_BOUND_PROBE_AFTER_MS = 3000;
+const LATER_PROBE_AFTER_MS = 3000;
 
 /** a first look this soon after the accept probes in the tuner's process (the pipeline has its head start only) */
 const PROBE_HERE_WITHIN_MS = 2000;
@@ -308,25 +311,22 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
               predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
             );
             const plan = probePlan(profile, (m) => couldWin.has(modeKey(m)));
-            // capture, waiting for this look, goes on meanwhile where the start mode is near the best
-            // (see goesOnWhileProbing); the probe then takes only what the pipeline leaves of the cores
+            // where the start mode is near the best (see startModeNearBest), this look decides at once
+            // on the profile's ratios and capture goes on; the probe comes later, for the looks after
             const start = modes.get(migrationId, d.mode);
-            const goesOn = goesOnWhileProbing(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best);
-            if (goesOn) f.probe = probeProcess(migrationId, d, f, plan, PROBE_NICE);
-            else if (f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
-            else f.probe = probeProcess(migrationId, d, f, plan, 0);
-            f.probeAwaiting = true;
-            if (goesOn) {
-              const record = decisionRecord(f, now, start, start, conditionsNow());
-              log.info('start mode kept while the ratios are probed', { migration: migrationId, ...record });
-              await publishEvent(bus, migrationId, { type: 'tuned', decision: record }).catch((err: unknown) => log.warn('start mode not published', { migration: migrationId, reason: errorMessage(err) }));
+            if (startModeNearBest(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best)) {
+              f.probe = probeProcess(migrationId, d, f, plan, PROBE_NICE, LATER_PROBE_AFTER_MS);
+            } else {
+              if (f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
+              else f.probe = probeProcess(migrationId, d, f, plan, 0);
+              f.probeAwaiting = true;
+              await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
+              // the look decides now, on what the link and the probe say now: its record says so
+              const waitedFromMs = now;
+              now = performance.now();
+              probeWaitSeconds = Number(((now - waitedFromMs) / 1000).toFixed(2));
             }
-            await Promise.race([f.probe, delay(PROBE_WAIT_MS)]).finally(() => (f.probeAwaiting = false));
-            // the look decides now, on what the link and the probe say now: its record says so
-            const waitedFromMs = now;
-            now = performance.now();
-            probeWaitSeconds = Number(((now - waitedFromMs) / 1000).toFixed(2));
-          } else f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, CORES_BOUND_PROBE_AFTER_MS);
+          } else f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, LATER_PROBE_AFTER_MS);
         }
         const current: Mode = modes.get(migrationId, d.mode);
         const conditions = conditionsNow();

@@ -1,7 +1,7 @@
 /** The tuner's decisions on given measurements. */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { START_MODE_GOOD_SHARE, Tuner, busPagesOf, clearlyLinkBound, goesOnWhileProbing, linkBandwidthBps } from '../../services/tuner/core.js';
+import { START_MODE_GOOD_SHARE, Tuner, busPagesOf, clearlyLinkBound, startModeNearBest, linkBandwidthBps } from '../../services/tuner/core.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
 import { parseProcStat } from '../../shared/proc-stat.js';
 import { TIE_CPU_FACTOR, TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
@@ -517,11 +517,11 @@ describe("the link's rate", () => {
     assert.equal(clearlyLinkBound(undefined), false);
   });
 
-  test('capture goes on in the start mode while the ratios are probed wherever the start mode is near the best, at any bandwidth; one far behind is held', () => {
+  test('the first look decides at once, capture going on, wherever the start mode is near the best, at any bandwidth; one far behind is held for the probe', () => {
     const profile: Profile = { ...PROFILE, modes: [...PROFILE.modes, { mode: PATCH3, deltaCpuMsPerBlock: 0.02, compressCpuMsPerBlock: 0, ratio: 0.36 }] };
     const decideAt = (mbit: number, start: Mode): boolean => {
       const ranked = rank(profile.modes, profile.fixedCpuMsPerBlock, at(mbit, 1, 1));
-      return goesOnWhileProbing(ranked.find((p) => modeKey(p.mode) === modeKey(start)), pick(ranked));
+      return startModeNearBest(ranked.find((p) => modeKey(p.mode) === modeKey(start)), pick(ranked));
     };
     // 25 Mbit/s: patch-3 within a few percent of xor+zstd-3
     assert.equal(decideAt(25, PATCH3), true);
@@ -533,9 +533,9 @@ describe("the link's rate", () => {
     assert.equal(decideAt(25, NONE), false);
     assert.equal(decideAt(5, NONE), false);
     const p = (blocksPerSec: number) => ({ mode: PATCH3, processingBlocksPerSec: 5000, networkBlocksPerSec: 1000, blocksPerSec });
-    assert.equal(goesOnWhileProbing(p(1000 * (1 - START_MODE_GOOD_SHARE)), p(1000)), true);
-    assert.equal(goesOnWhileProbing(p(1000 * (1 - 2 * START_MODE_GOOD_SHARE)), p(1000)), false);
-    assert.equal(goesOnWhileProbing(undefined, p(1000)), false);
+    assert.equal(startModeNearBest(p(1000 * (1 - START_MODE_GOOD_SHARE)), p(1000)), true);
+    assert.equal(startModeNearBest(p(1000 * (1 - 2 * START_MODE_GOOD_SHARE)), p(1000)), false);
+    assert.equal(startModeNearBest(undefined, p(1000)), false);
   });
 
   test('a starved core whose sender reads half the link is not taken for a slow link', () => {
