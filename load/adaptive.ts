@@ -251,8 +251,8 @@ const HELP = `npm run load:adaptive -- [options]   (root: network namespaces and
 Handoff time of static modes (raw, lz4, xor+zstd3, zstd-delta, patch3, patch19) and of adaptive over a shaped link
 between two network namespaces: at fixed bandwidths, 5 -> 35 -> 5 Mbit/s mid-handoff, and a CPU hog
 set spinning on the source's core at the destination's accept. Prints tables of medians (handoff time, transfer time from the destination's accept, and the
-source's CPU seconds),
-writes an SVG plot.
+source's CPU seconds); under the first two, each mode's worst ratio to the best static mode of a scenario (what a
+mode chosen beforehand costs where the link and the load turn out otherwise). Writes an SVG plot.
 
   --bandwidths LIST     fixed bandwidths in Mbit/s (default 5,10,25,100,1000)
   --repeat N            runs of each scenario and mode, interleaved; medians compared (default 3,
@@ -365,11 +365,16 @@ async function main(): Promise<void> {
           return these[Math.floor((these.length - 1) / 2)]!;
         }),
       );
-    /** `best`: what picks the best static mode (default what the table shows) */
-    const tableOf = (seconds: (r: Run) => number, best = seconds): string[][] => {
+    /**
+     * `best`: what picks the best static mode (default what the table shows). With `worstRow`, a last
+     * row holds each mode's largest ratio to the scenario's best static mode: what choosing that
+     * mode costs where the bandwidth and load are not known beforehand.
+     */
+    const tableOf = (seconds: (r: Run) => number, best = seconds, worstRow = false): string[][] => {
       const medians = mediansBy(seconds);
       const bestMedians = best === seconds ? medians : mediansBy(best);
       const rows = [['scenario', ...candidates.map((c) => c.name), 'best static', 'adaptive / best']];
+      const worst = new Map<string, number>();
       for (const s of scenarios) {
         const these = medians.filter((r) => r.scenario === s.name);
         const statics = bestMedians.filter((r) => r.scenario === s.name && r.mode !== 'adaptive');
@@ -378,7 +383,9 @@ async function main(): Promise<void> {
         const adaptive = these.find((r) => r.mode === 'adaptive');
         const ratio = adaptive && bestStatic ? (seconds(adaptive) / seconds(bestStatic)).toFixed(3) : '-';
         rows.push([s.name, ...these.map((r) => seconds(r).toFixed(2)), bestStatic?.mode ?? '-', ratio]);
+        if (bestStatic) for (const r of these) worst.set(r.mode, Math.max(worst.get(r.mode) ?? 0, seconds(r) / seconds(bestStatic)));
       }
+      if (worstRow && scenarios.length > 1) rows.push(['worst / best static', ...candidates.map((c) => worst.get(c.name)?.toFixed(3) ?? '-'), '', '']);
       return rows;
     };
     await writeFile(values.svg!, svgPlot(mediansBy((r) => r.handoffSeconds), bandwidths));
@@ -389,11 +396,11 @@ async function main(): Promise<void> {
     else {
       const where = cpus.source.length ? `source on ${cpus.sourceCpus} of ${availableParallelism()} cores, destination on the rest` : `both cloudlets on all ${availableParallelism()} cores`;
       console.log(`handoff time in seconds, ${medianOf} (shaped link between two network namespaces; ${where})${unverified ? `; ${unverified} runs NOT VERIFIED` : ''}`);
-      console.log(formatTable(tableOf((r) => r.handoffSeconds)));
+      console.log(formatTable(tableOf((r) => r.handoffSeconds, undefined, true)));
       // the actors' start-up (2.4-4.1 s on one core, the same work in every mode) varies between runs
       // by more than the modes differ at 100 Mbit/s; from the accept on, the runs differ by mode
       console.log(`\ntransfer time in seconds (the destination's accept to its verified result), ${medianOf}`);
-      console.log(formatTable(tableOf((r) => r.transferSeconds)));
+      console.log(formatTable(tableOf((r) => r.transferSeconds, undefined, true)));
       // where the link is not the bottleneck, what each mode costs the source's cores decides; its
       // CPU seconds vary less between runs than wall time on a shared machine
       console.log(`\nsource CPU seconds (its command, actors and nats-server, start-up included), ${medianOf}; best static by transfer time`);
