@@ -22,7 +22,7 @@ import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
-import { Tuner, clearlyLinkBound, startModeNearBest, linkBandwidthBps } from './core.js';
+import { Tuner, clearlyLinkBound, linkBandwidthBps, startModeNearBest } from './core.js';
 import { modeKey, pick, softMin, type Conditions, type Prediction } from './model.js';
 import { probePlan, probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
@@ -285,8 +285,9 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         runningWorkers = Math.max(1, presence.live('compress').length || runningWorkers);
         if (f.probeAwaiting) return; // the look waiting for the ratio probe decides
         const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
-        // Ratios decide only where the link is the bottleneck. A first look that finds it so waits
-        // for the probe of the modes that could win (PROBE_WAIT_MS at most; the costly ones only
+        // Ratios decide only where the link is the bottleneck. A first look that finds it so, with
+        // the start mode far from the best, waits for the probe of the modes that could win
+        // (PROBE_WAIT_MS at most; the costly ones only
         // where they could win even with a ratio a fifth better than thought, not zstd-19 at 25
         // Mbit/s on one core): deciding on the profile's ratios first started programs' pages at
         // 10 Mbit/s on xor+zstd-19, whose first chunks on one core held the link back by half a
