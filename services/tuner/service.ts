@@ -73,7 +73,7 @@ const PROBE_WAIT_MS = 2000;
  * core (a 1.6 s transfer) adaptive took 0.1 s and 0.4 s of CPU more than static patch-3 with it
  * started at once, at nice 19. In 5->35->5 Mbit/s runs on one core, started at once beside the
  * pipeline it ran from 0.25 s to 3-4 s, through the 35 Mbit/s window where the cores are short; the
- * transfer's median was 1-2% above static patch-3's, and 1-3% below it with the probe after this.
+ * transfer's median was 0.9-2.4% above static patch-3's, and 1.3-2.7% below it with the probe after this.
  */
 const LATER_PROBE_AFTER_MS = 3000;
 
