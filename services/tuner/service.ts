@@ -277,8 +277,9 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   };
 
   const decideFor = (migrationId: string, f: Followed): void => {
-    const lookedAtMs = performance.now();
-    f.lookedAt = { bandwidthBps: bandwidthOf(f), atMs: lookedAtMs };
+    // the look's time; a first look that waits for the ratio probe moves it to when it decides
+    let now = performance.now();
+    f.lookedAt = { bandwidthBps: bandwidthOf(f), atMs: now };
     void descriptors
       .get(migrationId)
       .then(async (d) => {
@@ -302,7 +303,6 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         // that read 50-60 Mbit/s of a 100 Mbit/s link from a one-core source passed for one by a few
         // percent there; capture then waited 0.9-1.4 s for ratios that decided nothing (the cores were)
         const firstLook = !f.probe;
-        let now = performance.now();
         let probeWaitSeconds: number | undefined;
         if (firstLook) {
           const predicted = f.tuner.predictNow(conditionsNow());

@@ -1,7 +1,7 @@
 /** The tuner's decisions on given measurements. */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { START_MODE_GOOD_SHARE, Tuner, busPagesOf, clearlyLinkBound, startModeNearBest, linkBandwidthBps } from '../../services/tuner/core.js';
+import { START_MODE_GOOD_SHARE, Tuner, busPagesOf, clearlyLinkBound, linkBandwidthBps, startModeNearBest } from '../../services/tuner/core.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
 import { parseProcStat } from '../../shared/proc-stat.js';
 import { TIE_CPU_FACTOR, TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
