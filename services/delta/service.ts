@@ -2,6 +2,7 @@
 import { closeSync, openSync, readSync } from 'node:fs';
 import { PAGE_SIZE, type ImageId } from '../../shared/pages.js';
 import { nextStage, type StageActor } from '../../shared/stage.js';
+import { threadCpuMs } from '../../shared/thread-cpu.js';
 import { DeltaEncoder } from './core.js';
 
 export function createDeltaActor(): StageActor {
@@ -17,7 +18,7 @@ export function createDeltaActor(): StageActor {
         if (n !== PAGE_SIZE) throw new Error(`base ${image === 0 ? d.memory.base : d.disk.base}: page ${index} is past its end`);
         return page;
       };
-      encoders.set(d.migrationId, { encoder: new DeltaEncoder(readBasePage), fds });
+      encoders.set(d.migrationId, { encoder: new DeltaEncoder(readBasePage, threadCpuMs), fds });
     },
     handle(chunk, ctx) {
       const { encoder } = encoders.get(chunk.migrationId)!;

@@ -105,9 +105,12 @@ export function startModeNearBest(start: Prediction | undefined, best: Predictio
 
 /** how the last measured mode's figures compare with its profile */
 interface Scales {
-  /** measured / profiled */
+  /** measured / profiled: of the codec alone where delta reports it, else of the whole stage */
   delta: number;
-  /** delta CPU per block beyond the scaled profile: where delta was never measured, compress's handling */
+  /**
+   * delta CPU per block beyond the scaled profile: its handling (reading base pages, the message)
+   * where it reports its codec apart; where delta was never measured, compress's handling
+   */
   deltaExtraMs: number;
   /** measured / profiled of the codec alone where the stage reports it, else of the whole stage */
   compress: number;
@@ -213,6 +216,10 @@ export class Tuner {
    */
   private readonly ratioBasis = new Map<string, number>();
   private readonly deltaCost = new Map<string, Ewma>();
+  /** the codec's share of delta's CPU per block, per delta (and patch level), where the stage reports it */
+  private readonly deltaCodecCost = new Map<string, Ewma>();
+  /** delta stage CPU per block beyond the codec (base pages read, the message): the same whatever the codec */
+  private readonly deltaHandling: Ewma;
   private readonly compressCost = new Map<string, Ewma>();
   /** the codec's share of compress's CPU per block, per mode, where the stage reports it */
   private readonly codecCost = new Map<string, Ewma>();
@@ -267,6 +274,7 @@ export class Tuner {
     }
     this.pageCost = { capture: new Ewma(this.options.alpha), dedup: new Ewma(this.options.alpha) };
     this.compressHandling = new Ewma(this.options.alpha);
+    this.deltaHandling = new Ewma(this.options.alpha);
     this.dedupPages = new Ewma(this.options.alpha);
     this.dedupBlocks = new Ewma(this.options.alpha);
   }
@@ -322,6 +330,11 @@ export class Tuner {
       this.lastDeltaMode = s.mode;
       this.ewma(this.deltaCost, deltaKey(s.mode)).add(s.cpuMs / blocks, w);
       this.ewma(this.deltaRatio, deltaKey(s.mode)).add(s.bytesOut / (blocks * PAGE_SIZE), w);
+      const codecMs = s.counts?.codecCpuMs;
+      if (codecMs !== undefined) {
+        this.ewma(this.deltaCodecCost, deltaKey(s.mode)).add(codecMs / blocks, w);
+        this.deltaHandling.add(Math.max(0, s.cpuMs - codecMs) / blocks, w);
+      }
     }
     if (s.stage === 'compress') {
       this.lastCompressMode = s.mode;
@@ -412,19 +425,24 @@ export class Tuner {
 
   private measured(map: Map<string, Ewma>, key: string): number | undefined {
     const e = map.get(key);
-    return e && e.weight * 64 >= this.options.minBlocks ? e.value : undefined;
+    return e && this.measuredEwma(e);
+  }
+
+  /** a figure once it has `minBlocks` of measurement behind it */
+  private measuredEwma(e: Ewma): number | undefined {
+    return e.weight * 64 >= this.options.minBlocks ? e.value : undefined;
   }
 
   /**
    * How the figures measured compare with the profile: the CPU of the modes that last went through
    * delta and through compress, the ratio of the mode sent last. Within a stage a mode's codec
-   * scales from another's as profiled. A stage the mode in use skips keeps what it last measured.
+   * scales from another's as profiled, and the stage's handling around it (each stage reports its
+   * codec's CPU apart) is added as measured. A stage the mode in use skips keeps what it last measured.
    * A stage never measured in this migration is priced from the other: delta from compress's codec
-   * scale and handling (compress reports its codec's CPU apart); compress from what delta measured
-   * beyond its profile, added to its own: delta cannot tell its codec from its handling (reading
-   * base pages, buffers), and with the cheap codecs of the start modes that excess is mostly
-   * handling, which every stage pays whatever its codec (copies to and from a thread), and at least
-   * its profile at delta's scale (a costly codec slows down with the machine). Taken at its
+   * scale and handling; compress from all that delta measured beyond its profile, added to its own:
+   * with the cheap codecs of the start modes that excess is mostly handling (reading base pages,
+   * buffers), which every stage pays whatever its codec (copies to and from a thread), and at least
+   * its profile at delta's whole scale (a costly codec slows down with the machine). Taken at its
    * profile, an unmeasured stage looked several times cheaper than the one measured: on a one-core
    * source, with patch-3's delta at 0.14-0.18 ms a block against 0.021 profiled, delta=none zstd-1
    * was priced at its profile's 0.007 (0.048 scaled by patch-3's 6.7), measured 0.09-0.17 once
@@ -449,14 +467,21 @@ export class Tuner {
     const compressProfiled = cm && this.profiled.get(modeKey(cm))?.compressCpuMsPerBlock;
     const compressMeasured = cm && this.measured(this.compressCost, modeKey(cm));
     const codec = cm && this.measured(this.codecCost, modeKey(cm));
-    const handling = this.compressHandling.weight * 64 >= this.options.minBlocks ? this.compressHandling.value : undefined;
+    const handling = this.measuredEwma(this.compressHandling);
     const split = handling !== undefined ? scale(codec, compressProfiled) : undefined;
     const whole = scale(compressMeasured, compressProfiled);
     const delta = scale(deltaMeasured, deltaProfiled);
+    // the same split within delta: its handling (a syscall and a buffer per base page read, the
+    // message) does not grow with a patch's level. Scaled whole, patch-3's 0.05-0.09 ms a block on a
+    // one-core source against 0.021 profiled priced patch-19 at 1.6 ms; the source's CPU in static
+    // runs puts it 0.66-0.82 ms above patch-3, and split, the looks at 5 Mbit/s priced it at 0.80-1.05
+    const deltaHandling = this.measuredEwma(this.deltaHandling);
+    const deltaCodec = dm && this.measured(this.deltaCodecCost, deltaKey(dm));
+    const deltaSplit = deltaHandling !== undefined ? scale(deltaCodec, deltaProfiled) : undefined;
     return {
       // delta never measured: the codec's scale and the handling compress measured (else its whole scale)
-      delta: delta ?? split ?? whole ?? this.unmeasuredScale,
-      deltaExtraMs: delta === undefined && split !== undefined ? handling! : 0,
+      delta: deltaSplit ?? delta ?? split ?? whole ?? this.unmeasuredScale,
+      deltaExtraMs: deltaSplit !== undefined ? deltaHandling! : delta === undefined && split !== undefined ? handling! : 0,
       compress: split ?? whole ?? this.unmeasuredScale,
       compressExtraMs: split !== undefined ? handling! : whole !== undefined ? 0 : (excess(deltaMeasured, deltaProfiled) ?? 0),
       compressAtLeast: split === undefined && whole === undefined ? (delta ?? 0) : 0,

@@ -18,6 +18,7 @@ import { createCompressActor } from '../../services/compress/service.js';
 import { nextStage } from '../../shared/stage.js';
 import { createLogger } from '../../shared/log.js';
 import type { MigrationDescriptor } from '../../shared/migration.js';
+import { threadCpuMs } from '../../shared/thread-cpu.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, pageCheck, strongHash, type ImageId } from '../../shared/pages.js';
 
 const PAGES = 96;
@@ -233,6 +234,27 @@ describe('delta and compress cores', () => {
     assert.equal(counts.encoded, raw.kind.filter((k) => k === PageKind.Raw).length);
     assert.equal(nextStage('delta', { delta: 'patch', compressor: 'zstd', level: 9 }, out), 'wire');
     assert.equal(nextStage('delta', { delta: 'xor', compressor: 'zstd', level: 9 }, delta.encode(raw, 'xor').chunk), 'compress');
+  });
+
+  test("delta times its codec apart from reading base pages, for the tuner's codec scale", () => {
+    const vm = smallVm();
+    const raw = capture(vm, 1, 32).find((c) => c.image === 0)!;
+    // a clock only the reads move: timed apart, the codec took none of it
+    let nowMs = 0;
+    const reads = new DeltaEncoder((image, index) => ((nowMs += 1000), Buffer.from(page(vm.base[image], index))), () => nowMs);
+    for (const [algorithm, level] of [['patch', 19], ['xor', 0], ['zstd', 0]] as const) {
+      const before = nowMs;
+      const { counts } = reads.encode(raw, algorithm, level);
+      assert.ok(nowMs > before, `${algorithm}: base pages were read`);
+      assert.equal(counts.codecCpuMs, 0, `${algorithm}: the reads are not the codec's`);
+    }
+    // the thread's real CPU: patch-19 takes some, and no more than the whole encode
+    const timed = new DeltaEncoder((image, index) => Buffer.from(page(vm.base[image], index)), threadCpuMs);
+    const start = threadCpuMs()!;
+    const { counts } = timed.encode(raw, 'patch', 19);
+    assert.ok(counts.codecCpuMs! > 0 && counts.codecCpuMs! <= threadCpuMs()! - start, `codec ${counts.codecCpuMs} ms`);
+    // without a clock, nothing is said
+    assert.equal(new DeltaEncoder((image, index) => Buffer.from(page(vm.base[image], index))).encode(raw, 'patch', 3).counts.codecCpuMs, undefined);
   });
 });
 

@@ -490,6 +490,31 @@ describe('tuner', () => {
     // a patch goes from delta to the wire: bus pages are capture's, dedup's, delta's output and the sender's
     assert.equal(busPagesOf(PATCH3, 0.33, 1), 2 + 0.33 + 0.33);
   });
+
+  test("a patch level not yet run costs its profile at the codec's scale, plus delta's handling as measured", () => {
+    const PATCH19: Mode = { delta: 'patch', compressor: 'zstd', level: 19 };
+    const profile: Profile = {
+      ...PROFILE,
+      modes: [...PROFILE.modes, { mode: PATCH3, deltaCpuMsPerBlock: 0.02, compressCpuMsPerBlock: 0, ratio: 0.33 }, { mode: PATCH19, deltaCpuMsPerBlock: 0.6, compressCpuMsPerBlock: 0, ratio: 0.29 }],
+    };
+    // patch-3 on a one-core source: 0.16 ms a block, of which the codec 0.03 (1.5x its profile) and
+    // 0.13 reading base pages and handling the message
+    const patch3 = (codecMs?: number): StageStats => ({ ...stats('delta', PATCH3, 256, 256 * 0.16, 256 * 4096 * 0.33, 'wire'), counts: { blocks: 256, ...(codecMs !== undefined ? { codecCpuMs: 256 * codecMs } : {}) } });
+    const split = tunerOf(profile);
+    for (let i = 0; i < 20; i++) split.observe(patch3(0.03));
+    const cost = (t: Tuner, m: Mode): number => t.costs().find((c) => modeKey(c.mode) === modeKey(m))!.deltaCpuMsPerBlock;
+    assert.ok(near(cost(split, PATCH3), 0.16), 'a measured mode costs what it measured');
+    assert.ok(near(cost(split, PATCH19), 0.6 * 1.5 + 0.13), `patch-19 ${cost(split, PATCH19)}`);
+    // scaled whole (a stage that cannot tell), the handling grows with the level: 8x
+    const whole = tunerOf(profile);
+    for (let i = 0; i < 20; i++) whole.observe(patch3());
+    assert.ok(near(cost(whole, PATCH19), 0.6 * 8), `patch-19 ${cost(whole, PATCH19)}`);
+    // what that decides: a 2 Mbit/s link (210 patch-19 blocks/s, 185 of patch-3) on one idle core is
+    // patch-19's at 1.03 ms a block (970/s of processing), not at 4.8 (210/s: the core its limit too)
+    const slowLink = at(2, 1, 1);
+    assert.equal(modeKey(split.predictNow(slowLink)[0]!.mode), modeKey(PATCH19));
+    assert.notEqual(modeKey(whole.predictNow(slowLink)[0]!.mode), modeKey(PATCH19));
+  });
 });
 
 describe("the link's rate", () => {
