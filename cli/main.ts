@@ -5,7 +5,7 @@ import { errorMessage } from '../shared/errors.js';
 import type { LiveVm } from '../shared/migration.js';
 import type { VmDescription } from '../shared/vm/qemu.js';
 import type { ResumeOptions } from '../services/receiver/resume.js';
-import { healthPortFromEnv, startHealthServer } from '../shared/health.js';
+import { healthPortFromEnv, healthServerWanted, startHealthServer } from '../shared/health.js';
 import { createLogger } from '../shared/log.js';
 import { startTelemetry } from '../shared/telemetry.js';
 import { ADAPTIVE_START_MODE, DEFAULT_MODE, checkMode, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
@@ -344,7 +344,8 @@ async function main(argv: string[]): Promise<number> {
 // each process is one service in the trace: the actor's name, or the command's role
 const argv = process.argv.slice(2);
 const ROLES: Record<string, string> = { migrate: 'control', receive: 'receiver' };
-const telemetry = await startTelemetry(argv[0] === 'actor' ? (argv[1] ?? 'actor') : (ROLES[argv[0] ?? ''] ?? argv[0] ?? 'cli'));
+// metrics are kept only where a health server will serve them
+const telemetry = await startTelemetry(argv[0] === 'actor' ? (argv[1] ?? 'actor') : (ROLES[argv[0] ?? ''] ?? argv[0] ?? 'cli'), { metrics: healthServerWanted() });
 main(argv).then(
   async (code) => {
     await telemetry.shutdown();

@@ -11,6 +11,11 @@ export interface HealthChecks {
   ready(): boolean;
 }
 
+/** Whether this process will serve health and metrics (HANDOFF_HEALTH_PORT set; its value is checked when the server starts). */
+export function healthServerWanted(env: NodeJS.ProcessEnv = process.env): boolean {
+  return Boolean(env.HANDOFF_HEALTH_PORT);
+}
+
 /** The port from HANDOFF_HEALTH_PORT (unset: no server). */
 export function healthPortFromEnv(env: NodeJS.ProcessEnv = process.env): number | undefined {
   const text = env.HANDOFF_HEALTH_PORT;
