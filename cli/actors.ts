@@ -2,12 +2,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
-import { runCaptureService } from '../services/capture/service.js';
-import { createCompressActor } from '../services/compress/service.js';
-import { createDedupActor } from '../services/dedup/service.js';
-import { createDeltaActor } from '../services/delta/service.js';
-import { runSenderService } from '../services/sender/service.js';
-import { runTunerService } from '../services/tuner/service.js';
 import { stopProcess } from '../shared/child.js';
 import { createLogger } from '../shared/log.js';
 import { natsChildEnv } from '../shared/nats-auth.js';
@@ -18,20 +12,21 @@ import { startTelemetry } from '../shared/telemetry.js';
 export const ACTOR_NAMES = ['capture', 'dedup', 'delta', 'compress', 'sender', 'tuner'] as const;
 export type ActorName = (typeof ACTOR_NAMES)[number];
 
+/** Runs one actor in this process, loading its modules only (an actor process needs no other's). */
 export async function runActor(name: ActorName, natsUrl: string, partition = 0): Promise<RunningService> {
   switch (name) {
     case 'capture':
-      return runCaptureService(natsUrl);
+      return (await import('../services/capture/service.js')).runCaptureService(natsUrl);
     case 'sender':
-      return runSenderService(natsUrl);
+      return (await import('../services/sender/service.js')).runSenderService(natsUrl);
     case 'dedup':
-      return runStage(createDedupActor(partition), natsUrl);
+      return runStage((await import('../services/dedup/service.js')).createDedupActor(partition), natsUrl);
     case 'delta':
-      return runStage(createDeltaActor(), natsUrl);
+      return runStage((await import('../services/delta/service.js')).createDeltaActor(), natsUrl);
     case 'compress':
-      return runStage(createCompressActor(), natsUrl);
+      return runStage((await import('../services/compress/service.js')).createCompressActor(), natsUrl);
     case 'tuner':
-      return runTunerService(natsUrl, process.env.HANDOFF_PROFILE);
+      return (await import('../services/tuner/service.js')).runTunerService(natsUrl, process.env.HANDOFF_PROFILE);
   }
 }
 

@@ -11,10 +11,8 @@ import { startTelemetry } from '../shared/telemetry.js';
 import { ADAPTIVE_START_MODE, DEFAULT_MODE, checkMode, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
 import { parseRateBps, parseSizeBytes } from '../shared/units.js';
 import { ACTOR_NAMES, actorMain, type ActorName } from './actors.js';
-import { migrate } from './migrate.js';
-import { receiveOnce, serveReceiver, type ReceiveOptions } from './receive.js';
+import type { ReceiveOptions } from './receive.js';
 import type { ReceivedMigration } from '../services/receiver/service.js';
-import { formatSummary } from './summary.js';
 
 const HELP: Record<string, string> = {
   main: `handoff: VM handoff between edge cloudlets over NATS JetStream
@@ -213,6 +211,9 @@ async function main(argv: string[]): Promise<number> {
       };
       process.on('SIGTERM', onSignal);
       process.on('SIGINT', onSignal);
+      // each command loads what it runs: an actor process (seven start on the source's cores for a
+      // spawned handoff) skips the command's, the receiver's and the tuner's modules
+      const [{ migrate }, { formatSummary }] = await Promise.all([import('./migrate.js'), import('./summary.js')]);
       const summary = await migrate({
         stop: stop.signal,
         baseMemory: values['base-memory']!,
@@ -278,10 +279,12 @@ async function main(argv: string[]): Promise<number> {
         process.once('SIGTERM', () => stop.abort());
         process.once('SIGINT', () => stop.abort());
         const describe = (r: ReceivedMigration): string => `migration ${r.migrationId}: ${r.result.verified ? `verified, ${r.memoryPath} and ${r.diskPath} written` : `FAILED: ${r.result.reason}`}`;
+        const { serveReceiver } = await import('./receive.js');
         await serveReceiver(receiveOptions, (r) => console.log(values.json ? JSON.stringify(r) : describe(r)), stop.signal);
         health?.close();
         return 0;
       }
+      const { receiveOnce } = await import('./receive.js');
       const received = await receiveOnce(receiveOptions);
       if (values.json) console.log(JSON.stringify(received));
       else console.log(`migration ${received.migrationId}: ${received.result.verified ? `verified, ${received.memoryPath} and ${received.diskPath} written` : `FAILED: ${received.result.reason}`}`);
