@@ -397,7 +397,7 @@ async function main(): Promise<void> {
       const where = cpus.source.length ? `source on ${cpus.sourceCpus} of ${availableParallelism()} cores, destination on the rest` : `both cloudlets on all ${availableParallelism()} cores`;
       console.log(`handoff time in seconds, ${medianOf} (shaped link between two network namespaces; ${where})${unverified ? `; ${unverified} runs NOT VERIFIED` : ''}`);
       console.log(formatTable(tableOf((r) => r.handoffSeconds, undefined, true)));
-      // the actors' start-up (2.4-4.1 s on one core, the same work in every mode) varies between runs
+      // the actors' start-up (2.7-3.0 s on one core, the same work in every mode) varies between runs
       // by more than the modes differ at 100 Mbit/s; from the accept on, the runs differ by mode
       console.log(`\ntransfer time in seconds (the destination's accept to its verified result), ${medianOf}`);
       console.log(formatTable(tableOf((r) => r.transferSeconds, undefined, true)));
