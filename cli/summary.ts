@@ -133,8 +133,9 @@ export function formatSummary(s: MigrationSummary): string {
   for (const name of STAGE_ORDER) {
     const st = s.stages[name];
     if (!st) continue;
+    // counts are whole, but for CPU ms (a codec's, summed over chunks): whole ms say enough there
     const details = Object.entries(st.counts)
-      .map(([k, v]) => `${k}=${v}`)
+      .map(([k, v]) => `${k}=${Math.round(v)}`)
       .join(' ');
     rows.push([
       name,

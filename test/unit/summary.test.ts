@@ -12,6 +12,27 @@ function stats(stage: string, seq: number, mode: Mode, next?: string): StageStat
   return { stage, instance: 'h:1', migrationId: 'm-1', round: 0, seq, part: 0, pages: 256, bytesIn: 1 << 20, bytesOut: 1 << 19, cpuMs: 5, wallMs: 6, mode, ...(next ? { next } : {}) };
 }
 
+/** A verified migration's summary around what `c` collected. */
+function summaryOf(c: StatsCollector, adaptive: boolean): MigrationSummary {
+  return {
+    migrationId: 'm-1',
+    verified: true,
+    handoffSeconds: 1,
+    transferSeconds: 1,
+    inputBytes: 0,
+    wireBytes: 0,
+    scannedBytes: 0,
+    dirtyPages: 0,
+    effectiveBps: 0,
+    measuredBandwidthBps: 0,
+    modes: [...c.chunksByMode.keys()],
+    chunksByMode: Object.fromEntries(c.chunksByMode),
+    adaptive,
+    decisions: [],
+    stages: c.stages,
+  };
+}
+
 describe('summary', () => {
   test('chunks are counted in the mode they went to the wire in, once each', () => {
     const c = new StatsCollector();
@@ -22,25 +43,18 @@ describe('summary', () => {
       c.add(stats('compress', seq, XOR_ZSTD3, 'wire'));
     }
     assert.deepEqual(Object.fromEntries(c.chunksByMode), { [formatMode(PATCH3)]: 3, [formatMode(XOR_ZSTD3)]: 5 });
-    const summary = {
-      migrationId: 'm-1',
-      verified: true,
-      handoffSeconds: 1,
-      transferSeconds: 1,
-      inputBytes: 0,
-      wireBytes: 0,
-      scannedBytes: 0,
-      dirtyPages: 0,
-      effectiveBps: 0,
-      measuredBandwidthBps: 0,
-      modes: [...c.chunksByMode.keys()],
-      chunksByMode: Object.fromEntries(c.chunksByMode),
-      adaptive: true,
-      decisions: [],
-      stages: c.stages,
-    } satisfies MigrationSummary;
+    const summary = summaryOf(c, true);
     assert.match(formatSummary(summary), /modes: delta=patch zstd:3 \(3 chunks\), delta=xor zstd:3 \(5 chunks\) \(adaptive/);
     // one mode: no counts
     assert.match(formatSummary({ ...summary, modes: [formatMode(PATCH3)], chunksByMode: { [formatMode(PATCH3)]: 8 } }), /modes: delta=patch zstd:3 \(adaptive/);
+  });
+
+  test("a stage's details sum its counts; a codec's CPU ms are shown whole", () => {
+    const c = new StatsCollector();
+    c.add({ ...stats('delta', 0, PATCH3, 'wire'), counts: { encoded: 200, kept: 0, codecCpuMs: 262.9558 } });
+    c.add({ ...stats('delta', 1, PATCH3, 'wire'), counts: { encoded: 56, kept: 0, codecCpuMs: 263.0001 } });
+    const text = formatSummary(summaryOf(c, false));
+    assert.match(text, /encoded=256 kept=0 codecCpuMs=526/);
+    assert.doesNotMatch(text, /codecCpuMs=525\.9/);
   });
 });
