@@ -330,26 +330,26 @@ export class Tuner {
       this.lastDeltaMode = s.mode;
       this.ewma(this.deltaCost, deltaKey(s.mode)).add(s.cpuMs / blocks, w);
       this.ewma(this.deltaRatio, deltaKey(s.mode)).add(s.bytesOut / (blocks * PAGE_SIZE), w);
-      const codecMs = s.counts?.codecCpuMs;
-      if (codecMs !== undefined) {
-        this.ewma(this.deltaCodecCost, deltaKey(s.mode)).add(codecMs / blocks, w);
-        this.deltaHandling.add(Math.max(0, s.cpuMs - codecMs) / blocks, w);
-      }
+      this.observeCodec(s, this.deltaCodecCost, deltaKey(s.mode), this.deltaHandling, blocks);
     }
     if (s.stage === 'compress') {
       this.lastCompressMode = s.mode;
       this.ewma(this.compressCost, modeKey(s.mode)).add(s.cpuMs / blocks, w);
-      const codecMs = s.counts?.codecCpuMs;
-      if (codecMs !== undefined) {
-        this.ewma(this.codecCost, modeKey(s.mode)).add(codecMs / blocks, w);
-        this.compressHandling.add(Math.max(0, s.cpuMs - codecMs) / blocks, w);
-      }
+      this.observeCodec(s, this.codecCost, modeKey(s.mode), this.compressHandling, blocks);
     }
     if (s.next === 'wire' && s.stage !== 'capture') {
       this.ewma(this.ratio, modeKey(s.mode)).add(s.bytesOut / (blocks * PAGE_SIZE), w);
       this.lastMeasured = s.mode;
       this.blocksOut += blocks;
     }
+  }
+
+  /** A stage's codec CPU per block into `codecs` (at `key`), and the rest of its CPU (its handling) into `handling`, where the stage reports its codec apart. */
+  private observeCodec(s: StageStats, codecs: Map<string, Ewma>, key: string, handling: Ewma, blocks: number): void {
+    const codecMs = s.counts?.codecCpuMs;
+    if (codecMs === undefined) return;
+    this.ewma(codecs, key).add(codecMs / blocks, blocks / 64);
+    handling.add(Math.max(0, s.cpuMs - codecMs) / blocks, blocks / 64);
   }
 
   /** blocks sent since the last `observeOwnCpu`: the service shares the handoff's CPU by them */
