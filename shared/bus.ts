@@ -16,7 +16,8 @@ import {
 } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
 import { connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
-import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, type WorkStage } from './subjects.js';
+import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, workStageOf, type WorkStage } from './subjects.js';
+import { ROOM_RECHECK_MS, ROOM_WAIT_MAX_MS, roomWatch } from './room.js';
 import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from './migration.js';
 import { recordStats } from './telemetry.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
@@ -217,9 +218,13 @@ const OUTAGE_BUDGET_MS = Number(process.env.HANDOFF_BUS_OUTAGE_MS ?? 60_000);
  * while the server is away. `msgId` makes a retried publish a no-op for JetStream's duplicate window.
  */
 export async function publishWork(bus: Bus, subject: string, data: Uint8Array, msgId?: string, headers?: MsgHdrs, onWait?: () => void): Promise<void> {
-  let delayMs = 5;
+  const stage = workStageOf(subject);
+  // a full work stream is waited on until its consumer announces an ack (see shared/room.ts)
+  const room = stage ? roomWatch(bus.nc, stage) : undefined;
+  let announced = false;
   let outageSince: number | undefined;
   for (;;) {
+    const seen = room?.announcements ?? 0;
     try {
       await bus.js.publish(subject, data, { ...(msgId ? { msgID: msgId } : {}), ...(headers ? { headers } : {}), timeout: 10_000 });
       return;
@@ -227,10 +232,8 @@ export async function publishWork(bus: Bus, subject: string, data: Uint8Array, m
       onWait?.();
       if (isStreamFull(err)) {
         outageSince = undefined;
-        await sleep(delayMs);
-        // short waits: a full queue frees up as soon as its consumer acks, and a publisher asleep
-        // then leaves the consumer idle (the wire queue is short on purpose)
-        delayMs = Math.min(delayMs * 2, 20);
+        if (room) announced = await room.next(seen, announced ? ROOM_RECHECK_MS : ROOM_WAIT_MAX_MS);
+        else await sleep(ROOM_WAIT_MAX_MS);
       } else if (isTransient(err) && (outageSince ??= performance.now()) > performance.now() - OUTAGE_BUDGET_MS) {
         await sleep(250);
       } else {

@@ -15,6 +15,7 @@ import { DescriptorCache, ModeWatcher, UnknownMigrationError } from './registry.
 import { workSubject, type WorkStage } from './subjects.js';
 import { headersFor, observeQueueDepth, startSpan, traceparentFrom, traceparentOf } from './telemetry.js';
 import { CpuAccount } from './cpu-account.js';
+import { announceRoom } from './room.js';
 
 export interface StageOutput {
   chunk: Chunk;
@@ -188,6 +189,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
       };
       publishStats(bus, stats);
       m.ack();
+      announceRoom(bus.nc, actor.input);
     } catch (err) {
       // the subject names the migration even when the message does not decode
       const migrationId = chunk?.migrationId ?? m.subject.split('.')[3] ?? 'unknown';

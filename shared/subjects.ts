@@ -19,6 +19,17 @@ export function workSubject(stage: WorkStage, migrationId: string, partition = 0
   return `handoff.${stage}.${partition}.${migrationId}`;
 }
 
+/** the stage whose stream takes a subject of workSubject's; undefined for any other subject (events, dead letters) */
+export function workStageOf(subject: string): WorkStage | undefined {
+  const stage = subject.split('.')[1];
+  return stage === 'dedup' || stage === 'delta' || stage === 'compress' || stage === 'wire' ? stage : undefined;
+}
+
+/** `handoff.room.<stage>`: the stage's consumer has acked a message (core NATS, see shared/room.ts) */
+export function roomSubject(stage: WorkStage): string {
+  return `handoff.room.${stage}`;
+}
+
 export function workFilter(stage: WorkStage, partition?: number): string {
   return partition === undefined ? `handoff.${stage}.>` : `handoff.${stage}.${partition}.*`;
 }

@@ -11,6 +11,7 @@ import type { RunningService } from '../../shared/stage.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { parseEvent, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
 import { DescriptorCache } from '../../shared/registry.js';
+import { announceRoom } from '../../shared/room.js';
 import { STREAMS } from '../../shared/subjects.js';
 import { startSpan, traceparentFrom, traceparentOf } from '../../shared/telemetry.js';
 import type { Hello } from '../../shared/wire.js';
@@ -245,6 +246,7 @@ export async function runSenderService(natsUrl: string): Promise<RunningService>
         const p = sent
           .then(({ frameBytes, sends }) => {
             m.ack();
+            announceRoom(bus.nc, 'wire');
             chunkSpan?.setAttributes({ 'handoff.frame_bytes': frameBytes, 'handoff.sends': sends });
             chunkSpan?.end();
             const stats: StageStats = {

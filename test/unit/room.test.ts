@@ -1,0 +1,95 @@
+/** A publisher to a full work stream waits for its consumer's announcement, not on a short timer. */
+import assert from 'node:assert/strict';
+import { afterEach, beforeEach, describe, mock, test } from 'node:test';
+import type { NatsConnection } from '@nats-io/transport-node';
+import { publishWork, type Bus } from '../../shared/bus.js';
+import { ROOM_RECHECK_MS, ROOM_WAIT_MAX_MS, announceRoom } from '../../shared/room.js';
+import { eventSubject, workSubject } from '../../shared/subjects.js';
+
+/** A bus whose streams refuse every publish while `full`; core NATS delivers to subscriptions in this process. */
+function fakeBus(): { bus: Bus; state: { full: boolean; attempts: number } } {
+  const state = { full: true, attempts: 0 };
+  const subscriptions = new Map<string, (() => void)[]>();
+  const nc = {
+    isClosed: () => false,
+    subscribe: (subject: string, opts: { callback: () => void }) => {
+      subscriptions.set(subject, [...(subscriptions.get(subject) ?? []), opts.callback]);
+      return {};
+    },
+    publish: (subject: string) => {
+      for (const callback of subscriptions.get(subject) ?? []) callback();
+    },
+  };
+  const js = {
+    publish: async () => {
+      state.attempts++;
+      if (state.full) throw new Error('maximum bytes exceeded');
+      return { seq: state.attempts };
+    },
+  };
+  return { bus: { nc: nc as unknown as NatsConnection, js } as unknown as Bus, state };
+}
+
+/** lets the publisher's promises run (the timers are mocked, setImmediate is not) */
+const settle = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+describe('room in a full work stream', () => {
+  beforeEach(() => mock.timers.enable({ apis: ['setTimeout'] }));
+  afterEach(() => mock.timers.reset());
+
+  test('a refused publish tries again at the announcement of an ack, and meanwhile only every ROOM_WAIT_MAX_MS', async () => {
+    const { bus, state } = fakeBus();
+    let published = false;
+    void publishWork(bus, workSubject('wire', 'm-room'), new Uint8Array(1000), 'm-room.1').then(() => (published = true));
+    await settle();
+    assert.equal(state.attempts, 1);
+    mock.timers.tick(ROOM_WAIT_MAX_MS - 1);
+    await settle();
+    // every 5-20 ms before: five tries by now, each sending the whole chunk
+    assert.equal(state.attempts, 1, 'tried again with no announcement before ROOM_WAIT_MAX_MS');
+    mock.timers.tick(1);
+    await settle();
+    assert.equal(state.attempts, 2, 'no try after ROOM_WAIT_MAX_MS without an announcement');
+    // another stage's consumer acked: no room in this stream
+    announceRoom(bus.nc, 'dedup');
+    await settle();
+    assert.equal(state.attempts, 2, 'woken by another stream');
+    state.full = false;
+    announceRoom(bus.nc, 'wire');
+    await settle();
+    assert.equal(published, true, 'the announcement did not wake the publisher');
+    assert.equal(state.attempts, 3);
+  });
+
+  test('refused again right after an announcement: once more ROOM_RECHECK_MS later, then it waits for the next', async () => {
+    const { bus, state } = fakeBus();
+    let published = false;
+    void publishWork(bus, workSubject('wire', 'm-room'), new Uint8Array(1000), 'm-room.2').then(() => (published = true));
+    await settle();
+    announceRoom(bus.nc, 'wire'); // the server has not yet taken the acked message out
+    await settle();
+    assert.equal(state.attempts, 2);
+    mock.timers.tick(ROOM_RECHECK_MS);
+    await settle();
+    assert.equal(state.attempts, 3, 'no second try soon after an announcement');
+    mock.timers.tick(ROOM_WAIT_MAX_MS - 1);
+    await settle();
+    assert.equal(state.attempts, 3, 'kept trying soon after the announcement');
+    state.full = false;
+    mock.timers.tick(1);
+    await settle();
+    assert.equal(published, true);
+  });
+
+  test('an event (no work stream, never full in practice) still gets published after a refusal', async () => {
+    const { bus, state } = fakeBus();
+    let published = false;
+    void publishWork(bus, eventSubject('m-room', 'captured'), new Uint8Array(10)).then(() => (published = true));
+    await settle();
+    state.full = false;
+    mock.timers.tick(ROOM_WAIT_MAX_MS);
+    await settle();
+    assert.equal(published, true);
+    assert.equal(state.attempts, 2);
+  });
+});
