@@ -103,6 +103,15 @@ export function startModeNearBest(start: Prediction | undefined, best: Predictio
   return start !== undefined && best !== undefined && start.blocksPerSec >= best.blocksPerSec * (1 - START_MODE_GOOD_SHARE);
 }
 
+/**
+ * Whether a look at `nowMs` starts the ratio probe the first look put off until `dueMs`: only where
+ * its best mode has the link as the bottleneck, since ratios decide nothing where the cores are, and
+ * the probe's process takes from them (see LATER_PROBE_AFTER_MS in service.ts).
+ */
+export function putOffProbeStarts(dueMs: number, nowMs: number, best: Prediction | undefined): boolean {
+  return nowMs >= dueMs && clearlyLinkBound(best);
+}
+
 /** how the last measured mode's figures compare with its profile */
 interface Scales {
   /** measured / profiled: of the codec alone where delta reports it, else of the whole stage */

@@ -7,7 +7,8 @@
  * of the migration's own pages: where the start mode is near the best, it decides at once and the
  * probe runs later in a process of its own at the lowest priority (probe-process.ts), else in this
  * process (in one of its own for a tuner that came late) while capture holds all but its first
- * chunks; where the cores are the bottleneck, later, at the lowest priority.
+ * chunks; where the cores are the bottleneck, later, at the lowest priority. A probe put off waits
+ * for a look that finds the link the bottleneck.
  */
 import { hostname } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -22,7 +23,7 @@ import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
 import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
 import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/presence.js';
 import { CpuSampler } from './cpu.js';
-import { Tuner, clearlyLinkBound, linkBandwidthBps, startModeNearBest } from './core.js';
+import { Tuner, clearlyLinkBound, linkBandwidthBps, putOffProbeStarts, startModeNearBest } from './core.js';
 import { modeKey, pick, softMin, type Conditions, type Prediction } from './model.js';
 import { probePlan, probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
@@ -45,12 +46,15 @@ interface Followed {
   /** when the tuner saw the destination accept (undefined: it came later) */
   acceptedAtMs?: number;
   /**
-   * the ratio probe, started at the first look (so set once that look is done; the first look always
-   * publishes its decision: capture waits for it): settled once its ratios are in use (or it failed)
+   * the ratio probe, started or put off at the first look (so set once that look is done; the first
+   * look always publishes its decision: capture waits for it): settled once its ratios are in use
+   * (or it failed, or it was put off: see laterProbe)
    */
   probe?: Promise<void>;
   /** stops the probe running in the tuner's own process */
   probeHere?: AbortController;
+  /** the probe the first look put off: it starts at a look past `dueMs` that finds the link the bottleneck */
+  laterProbe?: { plan: ProbePlan; dueMs: number };
   /** the first look is waiting for the probe: other looks skip meanwhile */
   probeAwaiting?: boolean;
   /** the bandwidth the last look took, and when it was */
@@ -67,9 +71,12 @@ const PROBE_WAIT_MS = 2000;
 
 /**
  * Where the cores are the bottleneck, or the start mode is near the best, the ratio probe's process
- * starts this long after the first look, if the handoff still runs. Ratios matter only once the link
- * is the bottleneck, and then only between modes the profile holds near one another; the process
- * costs 0.3-0.4 s of CPU (node and the modules) on the cores that are short. At 100 Mbit/s on one
+ * starts at the first look this long after the first look that finds the link the bottleneck. Ratios
+ * matter only once the link is the bottleneck, and then only between modes the profile holds near
+ * one another; the process costs 0.3-0.4 s of CPU (node and the modules) on the cores that are short.
+ * Started then whatever the link (with a CPU hog at 35 Mbit/s, where the link never was the
+ * bottleneck, from 3.05 s to the end of a 4.8-5 s transfer, unfinished), adaptive took 0.6-0.9 s
+ * more of the source's CPU than static patch-3 in the mode patch-3, and 0.2-0.33 s longer. At 100 Mbit/s on one
  * core (a 1.6 s transfer) adaptive took 0.1 s and 0.4 s of CPU more than static patch-3 with it
  * started at once, at nice 19. In 5->35->5 Mbit/s runs on one core, started at once beside the
  * pipeline it ran from 0.25 s to 3-4 s, through the 35 Mbit/s window where the cores are short; the
@@ -169,7 +176,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
     const tuner = f.tuner;
     return run()
       .then((probe) => {
-        if (stopped?.aborted) return; // the first look handed it to a process, or the handoff ended before it began
+        if (stopped?.aborted) return; // the first look handed it to a process
         if (!probe) {
           log.info('ratio probe found too few changed pages, profile ratios kept', { migration: migrationId });
           return;
@@ -192,20 +199,14 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         if (!stopping) log.warn('ratio probe failed, profile ratios kept', { migration: migrationId, reason: errorMessage(err) });
       });
   };
-  /** the probe in a process of its own, at `nice`, `afterMs` from now if the migration still runs then */
-  const probeProcess = (migrationId: string, d: MigrationDescriptor, f: Followed, plan: ProbePlan, nice: number, afterMs = 0): Promise<void> => {
-    const ended = new AbortController();
-    const run = async (): Promise<ProbeResult | undefined> => {
-      if (afterMs > 0) {
-        await delay(afterMs, undefined, { signal: probesRunning.signal });
-        if (followed.get(migrationId) !== f) {
-          ended.abort();
-          return undefined;
-        }
-      }
-      return (await runProbeProcess({ images: imagesOf(d), plan }, nice, probesRunning.signal)).probe;
-    };
-    return useProbe(migrationId, f, `process at nice ${nice}`, run, ended.signal);
+  /** the probe in a process of its own, at `nice` */
+  const probeProcess = (migrationId: string, d: MigrationDescriptor, f: Followed, plan: ProbePlan, nice: number): Promise<void> =>
+    useProbe(migrationId, f, `process at nice ${nice}`, async () => (await runProbeProcess({ images: imagesOf(d), plan }, nice, probesRunning.signal)).probe);
+
+  /** the probe of `plan`, put off (see LATER_PROBE_AFTER_MS): the first look is done without it */
+  const putOffProbe = (f: Followed, plan: ProbePlan, nowMs: number): void => {
+    f.probe = Promise.resolve();
+    f.laterProbe = { plan, dueMs: nowMs + LATER_PROBE_AFTER_MS };
   };
 
   /**
@@ -316,7 +317,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
             // on the profile's ratios and capture goes on; the probe comes later, for the looks after
             const start = modes.get(migrationId, d.mode);
             if (startModeNearBest(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best)) {
-              f.probe = probeProcess(migrationId, d, f, plan, PROBE_NICE, LATER_PROBE_AFTER_MS);
+              putOffProbe(f, plan, now);
             } else {
               if (f.acceptedAtMs !== undefined && now - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) probeHere(migrationId, d, f, plan);
               else f.probe = probeProcess(migrationId, d, f, plan, 0);
@@ -327,7 +328,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
               now = performance.now();
               probeWaitSeconds = Number(((now - waitedFromMs) / 1000).toFixed(2));
             }
-          } else f.probe = probeProcess(migrationId, d, f, probePlan(profile), PROBE_NICE, LATER_PROBE_AFTER_MS);
+          } else putOffProbe(f, probePlan(profile), now);
         }
         const current: Mode = modes.get(migrationId, d.mode);
         const conditions = conditionsNow();
@@ -335,6 +336,10 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         const mode = decision?.to ?? current;
         const inUse = f.tuner.workersWanted(mode, conditions, f.linkBoundShare);
         const look = f.tuner.lastLook;
+        if (f.laterProbe && putOffProbeStarts(f.laterProbe.dueMs, now, pick(look?.top ?? []))) {
+          f.probe = probeProcess(migrationId, d, f, f.laterProbe.plan, PROBE_NICE);
+          f.laterProbe = undefined;
+        }
         const shown = (p: Prediction): string => `${formatMode(p.mode)} ${Math.round(p.processingBlocksPerSec)}/${Math.round(p.networkBlocksPerSec)}`;
         log.debug('look', {
           migration: migrationId,

@@ -1,7 +1,7 @@
 /** The tuner's decisions on given measurements. */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { START_MODE_GOOD_SHARE, Tuner, busPagesOf, clearlyLinkBound, linkBandwidthBps, startModeNearBest } from '../../services/tuner/core.js';
+import { START_MODE_GOOD_SHARE, Tuner, busPagesOf, clearlyLinkBound, linkBandwidthBps, putOffProbeStarts, startModeNearBest } from '../../services/tuner/core.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
 import { parseProcStat } from '../../shared/proc-stat.js';
 import { TIE_CPU_FACTOR, TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
@@ -540,6 +540,16 @@ describe("the link's rate", () => {
     assert.equal(clearlyLinkBound(p(4250, 1695)), true);
     assert.equal(clearlyLinkBound(p(1000, 2000)), false);
     assert.equal(clearlyLinkBound(undefined), false);
+  });
+
+  test('a ratio probe put off starts at a look past its time that finds the link the bottleneck, not where the cores are', () => {
+    const p = (processingBlocksPerSec: number, networkBlocksPerSec: number) => ({ mode: PATCH3, processingBlocksPerSec, networkBlocksPerSec, blocksPerSec: softMin(processingBlocksPerSec, networkBlocksPerSec) });
+    // 5 Mbit/s after 35 on one core: the link is the bottleneck
+    assert.equal(putOffProbeStarts(3000, 3500, p(3000, 700)), true);
+    assert.equal(putOffProbeStarts(3000, 2999, p(3000, 700)), false);
+    // a CPU hog on the source's core: the cores are, however long the handoff runs
+    assert.equal(putOffProbeStarts(3000, 9000, p(1200, 1300)), false);
+    assert.equal(putOffProbeStarts(3000, 9000, undefined), false);
   });
 
   test('the first look decides at once, capture going on, wherever the start mode is near the best, at any bandwidth; one far behind is held for the probe', () => {
