@@ -336,7 +336,7 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
         const mode = decision?.to ?? current;
         const inUse = f.tuner.workersWanted(mode, conditions, f.linkBoundShare);
         const look = f.tuner.lastLook;
-        if (f.laterProbe && putOffProbeStarts(f.laterProbe.dueMs, now, pick(look?.top ?? []))) {
+        if (f.laterProbe && putOffProbeStarts(f.laterProbe.dueMs, now, pick(look?.top ?? []), f.linkBoundShare)) {
           f.probe = probeProcess(migrationId, d, f, f.laterProbe.plan, PROBE_NICE);
           f.laterProbe = undefined;
         }
