@@ -71,12 +71,13 @@ const PROBE_WAIT_MS = 2000;
 
 /**
  * Where the cores are the bottleneck, or the start mode is near the best, the ratio probe's process
- * starts at the first look this long after the first look that finds the link the bottleneck. Ratios
- * matter only once the link is the bottleneck, and then only between modes the profile holds near
- * one another; the process costs 0.3-0.4 s of CPU (node and the modules) on the cores that are short.
- * Started then whatever the link (with a CPU hog at 35 Mbit/s, where the link never was the
- * bottleneck, from 3.05 s to the end of a 4.8-5 s transfer, unfinished), adaptive took 0.6-0.9 s
- * more of the source's CPU than static patch-3 in the mode patch-3, and 0.2-0.33 s longer. At 100 Mbit/s on one
+ * is put off: it starts at the first look at least this long after the first look that finds the link
+ * the bottleneck (putOffProbeStarts). Ratios matter only once the link is the bottleneck, and then
+ * only between modes the profile holds near one another; the process costs 0.3-0.4 s of CPU (node
+ * and the modules) on the cores that are short. Started this long after the first look whatever the
+ * link (with a CPU hog at 35 Mbit/s, where the link never was the bottleneck, it ran from 3.05 s to
+ * the end of a 4.8-5 s transfer, unfinished), adaptive, staying in patch-3 throughout, took 0.6-0.9 s
+ * more of the source's CPU than static patch-3, and 0.2-0.33 s longer. At 100 Mbit/s on one
  * core (a 1.6 s transfer) adaptive took 0.1 s and 0.4 s of CPU more than static patch-3 with it
  * started at once, at nice 19. In 5->35->5 Mbit/s runs on one core, started at once beside the
  * pipeline it ran from 0.25 s to 3-4 s, through the 35 Mbit/s window where the cores are short; the
