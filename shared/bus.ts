@@ -17,7 +17,7 @@ import {
 import { Kvm, type KV } from '@nats-io/kv';
 import { connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
 import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, workStageOf, type WorkStage } from './subjects.js';
-import { ROOM_RECHECK_MS, ROOM_WAIT_MAX_MS, roomWatch } from './room.js';
+import { ROOM_WAIT_MAX_MS, nextRoomWaitMs, roomWatch } from './room.js';
 import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from './migration.js';
 import { recordStats } from './telemetry.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
@@ -221,7 +221,7 @@ export async function publishWork(bus: Bus, subject: string, data: Uint8Array, m
   const stage = workStageOf(subject);
   // a full work stream is waited on until its consumer announces an ack (see shared/room.ts)
   const room = stage ? roomWatch(bus.nc, stage) : undefined;
-  let announced = false;
+  let waitMs = ROOM_WAIT_MAX_MS;
   let outageSince: number | undefined;
   for (;;) {
     const seen = room?.announcements ?? 0;
@@ -232,7 +232,7 @@ export async function publishWork(bus: Bus, subject: string, data: Uint8Array, m
       onWait?.();
       if (isStreamFull(err)) {
         outageSince = undefined;
-        if (room) announced = await room.next(seen, announced ? ROOM_RECHECK_MS : ROOM_WAIT_MAX_MS);
+        if (room) waitMs = nextRoomWaitMs(waitMs, await room.next(seen, waitMs));
         else await sleep(ROOM_WAIT_MAX_MS);
       } else if (isTransient(err) && (outageSince ??= performance.now()) > performance.now() - OUTAGE_BUDGET_MS) {
         await sleep(250);

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, mock, test } from 'node:test';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { publishWork, type Bus } from '../../shared/bus.js';
-import { ROOM_RECHECK_MS, ROOM_WAIT_MAX_MS, announceRoom } from '../../shared/room.js';
+import { ROOM_RECHECK_MAX_MS, ROOM_RECHECK_MS, ROOM_WAIT_MAX_MS, announceRoom } from '../../shared/room.js';
 import { eventSubject, workSubject } from '../../shared/subjects.js';
 
 /** A bus whose streams refuse every publish while `full`; core NATS delivers to subscriptions in this process. */
@@ -61,7 +61,7 @@ describe('room in a full work stream', () => {
     assert.equal(state.attempts, 3);
   });
 
-  test('refused again right after an announcement: once more ROOM_RECHECK_MS later, then it waits for the next', async () => {
+  test('refused again right after an announcement: again 5, 10 and 20 ms later, then it waits for the next', async () => {
     const { bus, state } = fakeBus();
     let published = false;
     void publishWork(bus, workSubject('wire', 'm-room'), new Uint8Array(1000), 'm-room.2').then(() => (published = true));
@@ -69,12 +69,19 @@ describe('room in a full work stream', () => {
     announceRoom(bus.nc, 'wire'); // the server has not yet taken the acked message out
     await settle();
     assert.equal(state.attempts, 2);
-    mock.timers.tick(ROOM_RECHECK_MS);
-    await settle();
-    assert.equal(state.attempts, 3, 'no second try soon after an announcement');
+    let waitedMs = 0;
+    for (const recheckMs of [ROOM_RECHECK_MS, 2 * ROOM_RECHECK_MS, ROOM_RECHECK_MAX_MS]) {
+      mock.timers.tick(recheckMs - 1);
+      await settle();
+      const attemptsBefore: number = state.attempts;
+      mock.timers.tick(1);
+      await settle();
+      waitedMs += recheckMs;
+      assert.equal(state.attempts, attemptsBefore + 1, `no try ${waitedMs} ms after the announcement`);
+    }
     mock.timers.tick(ROOM_WAIT_MAX_MS - 1);
     await settle();
-    assert.equal(state.attempts, 3, 'kept trying soon after the announcement');
+    assert.equal(state.attempts, 5, 'kept trying soon after the announcement');
     state.full = false;
     mock.timers.tick(1);
     await settle();
