@@ -17,8 +17,9 @@ export const ROOM_WAIT_MAX_MS = 100;
  * After an announcement the server may not yet have taken the acked message out of the stream
  * (it processes the ack and the publish apart, and later on a busy core): a publish refused then
  * tries again this soon, and again at twice the wait up to ROOM_RECHECK_MAX_MS, before it waits
- * for the next announcement. One recheck only, 5 ms later, and patch-3's transfers at 1000 Mbit/s
- * on one core had a median of 3.20 s against 2.85 s trying every 5-20 ms (8 runs each, noisy).
+ * for the next announcement. With one recheck only, 5 ms later, patch-3's transfers at 1000 Mbit/s
+ * on one core had a median of 3.20 s against 2.85 s trying every 5-20 ms; with these, 2.86 against
+ * 2.93 (8 runs each, both noisy: ranges of 0.6-1.4 s).
  */
 export const ROOM_RECHECK_MS = 5;
 export const ROOM_RECHECK_MAX_MS = 20;
