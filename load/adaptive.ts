@@ -343,8 +343,8 @@ async function main(): Promise<void> {
       { name: '5->35->5 Mbit/s', startMbit: 5, changes: [[2, 35], [3.5, 5]] },
       // the hog is set spinning at the accept by default: in the handoff's scheduling group it got
       // its share only after 0.5-1 s (one set spinning 0.7 s in took 0-10% of the core until the ~2 s
-      // transfer was nearly over); in a tenant cgroup, set spinning 1 s in, it took 0.51-0.60 of the
-      // core from then to the transfer's end
+      // transfer was nearly over); in a tenant cgroup, set spinning 1 s in, it took 0.50-0.63 of the
+      // core from then to the transfer's end (122 runs)
       { name: `CPU hog at ${hogMbit} Mbit/s${hogAfterSeconds > 0 ? ` from ${hogAfterSeconds} s` : ''}`, startMbit: hogMbit, hogAfterSeconds },
     ];
     const runs: Run[] = [];
