@@ -70,6 +70,11 @@ export function clearlyLinkBound(p: Prediction | undefined): boolean {
  */
 const LINK_BOUND_SHARE = 0.8;
 
+/** Whether the sender found the link the bottleneck long enough (LINK_BOUND_SHARE); no figure yet is no. */
+function senderFindsLinkBound(linkBoundShare: number | undefined): boolean {
+  return (linkBoundShare ?? 0) >= LINK_BOUND_SHARE;
+}
+
 /** ... and from which an interval is the link's, not the cores': its unreported CPU is not counted */
 const LINK_BOUND_INTERVAL_SHARE = 0.5;
 
@@ -115,7 +120,7 @@ export function startModeNearBest(start: Prediction | undefined, best: Predictio
  * the link the bottleneck 16% of the time.
  */
 export function putOffProbeStarts(dueMs: number, nowMs: number, best: Prediction | undefined, linkBoundShare: number | undefined): boolean {
-  return nowMs >= dueMs && clearlyLinkBound(best) && (linkBoundShare ?? 0) >= LINK_BOUND_SHARE;
+  return nowMs >= dueMs && clearlyLinkBound(best) && senderFindsLinkBound(linkBoundShare);
 }
 
 /** how the last measured mode's figures compare with its profile */
@@ -593,7 +598,7 @@ export class Tuner {
    * worker fewer made a 100 Mbit/s handoff 19% slower while the model found it enough.
    */
   workersWanted(mode: Mode, conditions: Conditions, linkBoundShare?: number): number {
-    const needed = (linkBoundShare ?? 0) >= LINK_BOUND_SHARE ? this.workersFor(mode, conditions) : Math.max(1, conditions.compressWorkers);
+    const needed = senderFindsLinkBound(linkBoundShare) ? this.workersFor(mode, conditions) : Math.max(1, conditions.compressWorkers);
     // all of them at first: before measurements the prediction is the profile's (and the model
     // leaves out the sender's, the bus's and TLS's CPU), so fewer must prove enough first
     this.workersInUse ??= Math.max(1, conditions.compressWorkers);
