@@ -2,12 +2,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
-import { stopProcess } from '../shared/child.js';
-import { createLogger } from '../shared/log.js';
-import { natsChildEnv } from '../shared/nats-auth.js';
-import { runStage, type RunningService } from '../shared/stage.js';
-import { healthPortFromEnv, startHealthServer } from '../shared/health.js';
-import { startTelemetry } from '../shared/telemetry.js';
+import { stopProcess } from '../shared/actor/child.js';
+import { createLogger } from '../shared/telemetry/log.js';
+import { natsChildEnv } from '../shared/bus/nats-auth.js';
+import { runStage, type RunningService } from '../shared/actor/stage.js';
+import { healthPortFromEnv, startHealthServer } from '../shared/telemetry/health.js';
+import { startTelemetry } from '../shared/telemetry/telemetry.js';
 
 export const ACTOR_NAMES = ['capture', 'dedup', 'delta', 'compress', 'sender', 'tuner'] as const;
 export type ActorName = (typeof ACTOR_NAMES)[number];

@@ -2,11 +2,11 @@
 import { copyFile, mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { Mode } from '../shared/mode.js';
-import { formatMode } from '../shared/mode.js';
-import { hashImageFile } from '../shared/pages.js';
+import type { Mode } from '../shared/model/mode.js';
+import { formatMode } from '../shared/model/mode.js';
+import { hashImageFile } from '../shared/image/pages.js';
 import { generateImageSet } from '../shared/testdata/images.js';
-import { formatBytes, parseRateBps, parseSizeBytes } from '../shared/units.js';
+import { formatBytes, parseRateBps, parseSizeBytes } from '../shared/config/units.js';
 import { migrate } from './migrate.js';
 import { spawnReceiverProcess } from './receive.js';
 import { formatSummary } from './summary.js';

@@ -1,15 +1,15 @@
 /** The `handoff` command line. */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { readFileSync } from 'node:fs';
-import { errorMessage } from '../shared/errors.js';
-import type { LiveVm } from '../shared/migration.js';
+import { errorMessage } from '../shared/model/errors.js';
+import type { LiveVm } from '../shared/model/migration.js';
 import type { VmDescription } from '../shared/vm/qemu.js';
 import type { ResumeOptions } from '../services/receiver/resume.js';
-import { healthPortFromEnv, healthServerWanted, startHealthServer } from '../shared/health.js';
-import { createLogger } from '../shared/log.js';
-import { startTelemetry } from '../shared/telemetry.js';
-import { ADAPTIVE_START_MODE, DEFAULT_MODE, checkMode, parseCompression, parseDelta, type Mode } from '../shared/mode.js';
-import { parseRateBps, parseSizeBytes } from '../shared/units.js';
+import { healthPortFromEnv, healthServerWanted, startHealthServer } from '../shared/telemetry/health.js';
+import { createLogger } from '../shared/telemetry/log.js';
+import { startTelemetry } from '../shared/telemetry/telemetry.js';
+import { ADAPTIVE_START_MODE, DEFAULT_MODE, checkMode, parseCompression, parseDelta, type Mode } from '../shared/model/mode.js';
+import { parseRateBps, parseSizeBytes } from '../shared/config/units.js';
 import { ACTOR_NAMES, actorMain, type ActorName } from './actors.js';
 import type { ReceiveOptions } from './receive.js';
 import type { ReceivedMigration } from '../services/receiver/service.js';

@@ -1,5 +1,5 @@
 /** A one-line progress bar with ETA on stderr (redrawn in place on a terminal, a line every few seconds otherwise). */
-import { formatBytes, formatRate } from '../shared/units.js';
+import { formatBytes, formatRate } from '../shared/config/units.js';
 
 export interface ProgressState {
   fraction: number;

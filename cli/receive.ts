@@ -1,8 +1,8 @@
 /** `handoff receive`: the destination cloudlet for one migration; exits 0 when the images are verified. */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { ensureLocalLinkKey } from '../shared/link-security.js';
-import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
+import { ensureLocalLinkKey } from '../shared/wire/link-security.js';
+import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
 import { startReceiver, type ReceivedMigration, type RunningReceiver } from '../services/receiver/service.js';
 import type { ResumeOptions } from '../services/receiver/resume.js';
 

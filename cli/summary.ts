@@ -1,7 +1,7 @@
 /** What a migration did, gathered from the stages' statistics and events; printed as a table or JSON. */
-import type { ImageDigests, RebuildResult, RoundRecord, StageStats, TunerDecision } from '../shared/migration.js';
-import { formatMode } from '../shared/mode.js';
-import { formatBytes, formatRate } from '../shared/units.js';
+import type { ImageDigests, RebuildResult, RoundRecord, StageStats, TunerDecision } from '../shared/model/migration.js';
+import { formatMode } from '../shared/model/mode.js';
+import { formatBytes, formatRate } from '../shared/config/units.js';
 
 export interface StageSummary {
   chunks: number;

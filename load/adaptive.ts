@@ -26,7 +26,7 @@ import { parseArgs } from 'node:util';
 import { spawnReceiverProcess } from '../cli/receive.js';
 import { formatTable, type MigrationSummary } from '../cli/summary.js';
 import { generateImageSet, type ImageSet } from '../shared/testdata/images.js';
-import { parseSizeBytes } from '../shared/units.js';
+import { parseSizeBytes } from '../shared/config/units.js';
 import { cpuSecondsOf, endedChildrenCpuSeconds, stopWithChildren, stoppedHog } from './lib/processes.js';
 import { createCpuGroups, type CpuGroups } from './lib/cgroups.js';
 import { createShapedLink, type ShapedLink } from './lib/wan.js';

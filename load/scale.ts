@@ -13,9 +13,9 @@ import { parseArgs } from 'node:util';
 import { spawnActor, stopActors, type ActorProcess } from '../cli/actors.js';
 import { spawnReceiverProcess } from '../cli/receive.js';
 import { formatTable } from '../cli/summary.js';
-import { stopProcess } from '../shared/child.js';
+import { stopProcess } from '../shared/actor/child.js';
 import { generateImageSet } from '../shared/testdata/images.js';
-import { parseSizeBytes } from '../shared/units.js';
+import { parseSizeBytes } from '../shared/config/units.js';
 import { JS_DOMAIN, migrateOn, startTwoHosts } from './lib/hosts.js';
 
 const { values } = parseArgs({

@@ -14,11 +14,11 @@ import { spawnActor, stopActors, type ActorProcess } from '../cli/actors.js';
 import { migrate } from '../cli/migrate.js';
 import { spawnReceiverProcess } from '../cli/receive.js';
 import { formatTable } from '../cli/summary.js';
-import { stopProcess } from '../shared/child.js';
-import { DEFAULT_MODE } from '../shared/mode.js';
-import { startEmbeddedNats } from '../shared/nats-server.js';
+import { stopProcess } from '../shared/actor/child.js';
+import { DEFAULT_MODE } from '../shared/model/mode.js';
+import { startEmbeddedNats } from '../shared/bus/nats-server.js';
 import { generateImageSet } from '../shared/testdata/images.js';
-import { parseSizeBytes } from '../shared/units.js';
+import { parseSizeBytes } from '../shared/config/units.js';
 
 const { values } = parseArgs({
   options: { count: { type: 'string' }, 'memory-size': { type: 'string' }, 'disk-size': { type: 'string' }, json: { type: 'boolean' } },

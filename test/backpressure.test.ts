@@ -1,13 +1,13 @@
 /**
  * Backpressure through a short wire queue on a slow link: the stages before it wait for room, which
- * each ack's announcement gives (shared/room.ts), and nothing is lost or reordered wrongly.
+ * each ack's announcement gives (shared/bus/room.ts), and nothing is lost or reordered wrongly.
  */
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { connectBus } from '../shared/bus.js';
-import { hashImageFile as sha256File } from '../shared/pages.js';
-import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
+import { connectBus } from '../shared/bus/bus.js';
+import { hashImageFile as sha256File } from '../shared/image/pages.js';
+import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
 import { handoff, makeWorkspace, type Workspace } from './helpers/cloudlets.js';
 
 let ws: Workspace;

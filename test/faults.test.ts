@@ -10,10 +10,10 @@ import { after, before, describe, test } from 'node:test';
 import { nkeys } from '@nats-io/transport-node';
 import { migrate } from '../cli/migrate.js';
 import type { MigrationSummary } from '../cli/summary.js';
-import { connectBus } from '../shared/bus.js';
-import { DEFAULT_MODE } from '../shared/mode.js';
-import { startEmbeddedNats, type EmbeddedNats } from '../shared/nats-server.js';
-import { hashImageFile } from '../shared/pages.js';
+import { connectBus } from '../shared/bus/bus.js';
+import { DEFAULT_MODE } from '../shared/model/mode.js';
+import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
+import { hashImageFile } from '../shared/image/pages.js';
 import { makeWorkspace, migrateOptions, startDestination, type Destination, type Workspace } from './helpers/cloudlets.js';
 
 let ws: Workspace;

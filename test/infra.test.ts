@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 import { parse } from 'yaml';
 import { ACTOR_NAMES } from '../cli/actors.js';
-import { NATS_SERVER_BIN } from '../shared/nats-server.js';
+import { NATS_SERVER_BIN } from '../shared/bus/nats-server.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const INFRA = join(ROOT, 'infra');
@@ -87,7 +87,7 @@ describe('deployment files', () => {
       const names = new Set([...readFileSync(join(INFRA, file), 'utf8').matchAll(/^\s+(HANDOFF_[A-Z0-9_]+):/gm)].map((m) => m[1]!));
       assert.ok(names.size > 3);
       for (const name of names) {
-        // *_FILE variants are read through their base name (see shared/link-security.ts, nats-auth.ts)
+        // *_FILE variants are read through their base name (see shared/wire/link-security.ts, nats-auth.ts)
         const read = code.includes(name) || (name.endsWith('_FILE') && code.includes(name.slice(0, -'_FILE'.length)));
         assert.ok(read, `${file} sets ${name}, which nothing reads`);
       }

@@ -12,12 +12,12 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { migrate } from '../cli/migrate.js';
 import { WanLink } from '../services/sender/link.js';
-import { PageKind, type Chunk } from '../shared/chunk.js';
-import { encodeChunk } from '../shared/codec.js';
-import { LINK_ENV, linkSecurityFromEnv, type LinkSecurity } from '../shared/link-security.js';
-import { DEFAULT_MODE } from '../shared/mode.js';
-import { hashImageFile } from '../shared/pages.js';
-import { FrameType, encodeChunkFrame, encodeJsonFrame, parseLinkError, parseResult, type Frame } from '../shared/wire.js';
+import { PageKind, type Chunk } from '../shared/model/chunk.js';
+import { encodeChunk } from '../shared/wire/chunk-codec.js';
+import { LINK_ENV, linkSecurityFromEnv, type LinkSecurity } from '../shared/wire/link-security.js';
+import { DEFAULT_MODE } from '../shared/model/mode.js';
+import { hashImageFile } from '../shared/image/pages.js';
+import { FrameType, encodeChunkFrame, encodeJsonFrame, parseLinkError, parseResult, type Frame } from '../shared/wire/frames.js';
 import { makeWorkspace, migrateOptions, startDestination, type Destination, type Workspace } from './helpers/cloudlets.js';
 import { talk } from './helpers/link-peer.js';
 

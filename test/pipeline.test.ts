@@ -5,11 +5,11 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { join } from 'node:path';
-import { imageDigest } from '../shared/base-index.js';
-import { hashImageFile as sha256File } from '../shared/pages.js';
+import { imageDigest } from '../shared/image/base-index.js';
+import { hashImageFile as sha256File } from '../shared/image/pages.js';
 import type { MigrationSummary } from '../cli/summary.js';
-import { formatMode, type Mode } from '../shared/mode.js';
-import { HEAD_START_CHUNKS } from '../shared/migration.js';
+import { formatMode, type Mode } from '../shared/model/mode.js';
+import { HEAD_START_CHUNKS } from '../shared/model/migration.js';
 import { handoff, makeWorkspace, type Workspace } from './helpers/cloudlets.js';
 
 let ws: Workspace;

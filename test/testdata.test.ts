@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { BlockCompressor } from '../shared/codecs/block.js';
-import { hashImageFile } from '../shared/pages.js';
+import { hashImageFile } from '../shared/image/pages.js';
 import { generateImageSet } from '../shared/testdata/images.js';
 
 const dirs: string[] = [];

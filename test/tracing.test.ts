@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { migrate } from '../cli/migrate.js';
 import { spawnReceiverProcess } from '../cli/receive.js';
-import { startTelemetry } from '../shared/telemetry.js';
+import { startTelemetry } from '../shared/telemetry/telemetry.js';
 import { makeWorkspace, migrateOptions, type Workspace } from './helpers/cloudlets.js';
 
 interface ExportedSpan {

@@ -15,8 +15,8 @@ import type { MigrationSummary } from '../cli/summary.js';
 import { migrateOn } from '../load/lib/hosts.js';
 import { liveMigrateArgs as migrateArgs, spawnVmDestination, startTestVm, type TestVm } from '../load/lib/vm.js';
 import { createShapedLink, type ShapedLink } from '../load/lib/wan.js';
-import { stopProcess } from '../shared/child.js';
-import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, strongHash } from '../shared/pages.js';
+import { stopProcess } from '../shared/actor/child.js';
+import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, strongHash } from '../shared/image/pages.js';
 import { lastCounter } from '../shared/vm/qemu.js';
 import { QmpClient } from '../shared/vm/qmp.js';
 

@@ -11,7 +11,7 @@ import { after, before, describe, test } from 'node:test';
 import { spawnReceiverProcess } from '../cli/receive.js';
 import type { MigrationSummary } from '../cli/summary.js';
 import { createShapedLink, type ShapedLink } from '../load/lib/wan.js';
-import { hashImageFile } from '../shared/pages.js';
+import { hashImageFile } from '../shared/image/pages.js';
 import { makeWorkspace, type Workspace } from './helpers/cloudlets.js';
 
 const MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));

@@ -7,7 +7,7 @@
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import type { MigrationSummary } from '../../cli/summary.js';
-import { startEmbeddedNats, type EmbeddedNats } from '../../shared/nats-server.js';
+import { startEmbeddedNats, type EmbeddedNats } from '../../shared/bus/nats-server.js';
 import { createShapedLink } from './wan.js';
 
 export const JS_DOMAIN = 'cloudlet';

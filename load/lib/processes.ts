@@ -2,8 +2,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import type { Bus } from '../../shared/bus.js';
-import { TICKS_PER_SECOND, parseProcStat, readProcStat } from '../../shared/proc-stat.js';
+import type { Bus } from '../../shared/bus/bus.js';
+import { TICKS_PER_SECOND, parseProcStat, readProcStat } from '../../shared/cpu/proc-stat.js';
 
 export async function waitDrained(bus: Bus, stream: string, durable: string, timeoutMs = 600_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

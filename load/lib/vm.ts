@@ -7,7 +7,7 @@ import { copyFileSync, mkdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawnReceiverProcess, type ReceiverProcess } from '../../cli/receive.js';
-import { loadBaseIndex } from '../../shared/base-index.js';
+import { loadBaseIndex } from '../../shared/image/base-index.js';
 import { buildGuest, type GuestFiles } from '../../shared/testdata/guest.js';
 import { saveDeviceState, startQemu, type RunningVm, type VmDescription, type VmPaths } from '../../shared/vm/qemu.js';
 

@@ -2,8 +2,8 @@
  * Capture's pure core: find the pages of an image block that differ from the reference (the base in
  * round 0) and batch them into chunks, one slice per dedup partition.
  */
-import { PageKind, type Chunk } from '../../shared/chunk.js';
-import { CHECK_BYTES, PAGE_SIZE, STRONG_HASH_BYTES, pageCheck, strongHash, type ImageId } from '../../shared/pages.js';
+import { PageKind, type Chunk } from '../../shared/model/chunk.js';
+import { CHECK_BYTES, PAGE_SIZE, STRONG_HASH_BYTES, pageCheck, strongHash, type ImageId } from '../../shared/image/pages.js';
 
 export interface DirtyPage {
   /** page index within the image */

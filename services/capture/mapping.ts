@@ -5,7 +5,7 @@
  * (no binary for this Node) or a file cannot be mapped, rounds read the file as before.
  */
 import { closeSync, openSync } from 'node:fs';
-import type { Logger } from '../../shared/log.js';
+import type { Logger } from '../../shared/telemetry/log.js';
 
 /** What is used of the addon (its CommonJS export reaches ESM as `default`, typed differently) */
 interface MmapIo {

@@ -5,16 +5,16 @@
  */
 import { open } from 'node:fs/promises';
 import { hostname } from 'node:os';
-import { loadBaseIndex } from '../../shared/base-index.js';
-import { publishStats, publishWork, type Bus } from '../../shared/bus.js';
-import { chunkKey, type Chunk } from '../../shared/chunk.js';
-import { encodeChunk } from '../../shared/codec.js';
-import { BadImageError, BaseMismatchError } from '../../shared/errors.js';
-import type { Logger } from '../../shared/log.js';
-import type { ImageDigests, MigrationDescriptor, StageStats } from '../../shared/migration.js';
-import { PAGE_SIZE, digestOfPageHashes, newImageDigest, type ImageId } from '../../shared/pages.js';
-import { workSubject } from '../../shared/subjects.js';
-import { chunkTraced, headersFor, startSpan, traceparentOf } from '../../shared/telemetry.js';
+import { loadBaseIndex } from '../../shared/image/base-index.js';
+import { publishStats, publishWork, type Bus } from '../../shared/bus/bus.js';
+import { chunkKey, type Chunk } from '../../shared/model/chunk.js';
+import { encodeChunk } from '../../shared/wire/chunk-codec.js';
+import { BadImageError, BaseMismatchError } from '../../shared/model/errors.js';
+import type { Logger } from '../../shared/telemetry/log.js';
+import type { ImageDigests, MigrationDescriptor, StageStats } from '../../shared/model/migration.js';
+import { PAGE_SIZE, digestOfPageHashes, newImageDigest, type ImageId } from '../../shared/image/pages.js';
+import { workSubject } from '../../shared/bus/subjects.js';
+import { chunkTraced, headersFor, startSpan, traceparentOf } from '../../shared/telemetry/telemetry.js';
 import { ChunkBuilder, changedPagesOf, dirtyPagesOf, type PageRecord } from './core.js';
 
 const READ_BLOCK_BYTES = 4 * 1024 * 1024;

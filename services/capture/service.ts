@@ -4,13 +4,13 @@
  * each round's count.
  */
 import { hostname } from 'node:os';
-import { connectBus, ensureEventConsumer, firstEvent, publishEvent } from '../../shared/bus.js';
-import { errorMessage } from '../../shared/errors.js';
-import type { RunningService } from '../../shared/stage.js';
-import { createLogger } from '../../shared/log.js';
-import { HEAD_START_CHUNKS, parseEvent } from '../../shared/migration.js';
-import { DescriptorCache } from '../../shared/registry.js';
-import { STREAMS } from '../../shared/subjects.js';
+import { connectBus, ensureEventConsumer, firstEvent, publishEvent } from '../../shared/bus/bus.js';
+import { errorMessage } from '../../shared/model/errors.js';
+import type { RunningService } from '../../shared/actor/stage.js';
+import { createLogger } from '../../shared/telemetry/log.js';
+import { HEAD_START_CHUNKS, parseEvent } from '../../shared/model/migration.js';
+import { DescriptorCache } from '../../shared/bus/registry.js';
+import { STREAMS } from '../../shared/bus/subjects.js';
 import { captureLive } from './live.js';
 import { captureRound, type CaptureGate } from './round.js';
 

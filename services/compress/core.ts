@@ -1,7 +1,7 @@
 /** Compress's pure core: one compressed block per chunk body, with the compressor and level recorded. */
-import type { Chunk } from '../../shared/chunk.js';
+import type { Chunk } from '../../shared/model/chunk.js';
 import { BlockCompressor } from '../../shared/codecs/block.js';
-import type { Mode } from '../../shared/mode.js';
+import type { Mode } from '../../shared/model/mode.js';
 
 export class ChunkCompressor {
   private readonly block = new BlockCompressor();

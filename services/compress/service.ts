@@ -1,7 +1,7 @@
 /** Compress actor: N processes share one work queue; each compresses on its own worker thread. */
 import { Piscina } from 'piscina';
-import { compressionFor } from '../../shared/mode.js';
-import { nextStage, type StageActor } from '../../shared/stage.js';
+import { compressionFor } from '../../shared/model/mode.js';
+import { nextStage, type StageActor } from '../../shared/actor/stage.js';
 import type { CompressResult, CompressTask } from './worker.js';
 
 export function createCompressActor(threads = 1): StageActor {

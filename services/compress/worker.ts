@@ -1,7 +1,7 @@
 /** Runs on a worker thread: zstd-napi and lz4-napi are synchronous and must not block the actor's event loop. */
-import type { Chunk } from '../../shared/chunk.js';
-import type { Mode } from '../../shared/mode.js';
-import { threadCpuMs } from '../../shared/thread-cpu.js';
+import type { Chunk } from '../../shared/model/chunk.js';
+import type { Mode } from '../../shared/model/mode.js';
+import { threadCpuMs } from '../../shared/cpu/thread-cpu.js';
 import { ChunkCompressor } from './core.js';
 
 const compressor = new ChunkCompressor();

@@ -3,8 +3,8 @@
  * itself: zero pages, pages equal to any base page (memory or disk), pages already sent.
  * References are by location; the lookup is by 128-bit strong hash, so no collision can forge one.
  */
-import { PageKind, type Chunk } from '../../shared/chunk.js';
-import { PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE_HASH, type ImageId } from '../../shared/pages.js';
+import { PageKind, type Chunk } from '../../shared/model/chunk.js';
+import { PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE_HASH, type ImageId } from '../../shared/image/pages.js';
 
 export interface PageLocation {
   image: ImageId;

@@ -1,8 +1,8 @@
 /** Dedup actor: one instance per hash partition; base index loaded once per base pair. */
-import { BaseMismatchError } from '../../shared/errors.js';
-import { loadBaseIndex } from '../../shared/base-index.js';
-import type { MigrationDescriptor } from '../../shared/migration.js';
-import { nextStage, type StageActor } from '../../shared/stage.js';
+import { BaseMismatchError } from '../../shared/model/errors.js';
+import { loadBaseIndex } from '../../shared/image/base-index.js';
+import type { MigrationDescriptor } from '../../shared/model/migration.js';
+import { nextStage, type StageActor } from '../../shared/actor/stage.js';
 import { HashLocationMap, addBaseIndex, dedupChunk } from './core.js';
 
 export function createDedupActor(partition: number): StageActor {

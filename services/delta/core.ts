@@ -2,12 +2,12 @@
  * Delta's pure core: encode each raw page against the base page at the same index, when smaller;
  * or (patch) compress the chunk's raw pages as one against their base pages.
  */
-import { PageKind, type Chunk } from '../../shared/chunk.js';
+import { PageKind, type Chunk } from '../../shared/model/chunk.js';
 import { PatchEncoder, patchReference } from '../../shared/codecs/patch.js';
 import { xorEncode } from '../../shared/codecs/xor.js';
 import { ZstdDeltaEncoder } from '../../shared/codecs/zstd-delta.js';
-import type { DeltaAlgorithm } from '../../shared/mode.js';
-import { PAGE_SIZE, type ImageId } from '../../shared/pages.js';
+import type { DeltaAlgorithm } from '../../shared/model/mode.js';
+import { PAGE_SIZE, type ImageId } from '../../shared/image/pages.js';
 
 /** Reads page `index` of base image `image` (4096 bytes). */
 export type BasePageReader = (image: ImageId, index: number) => Uint8Array;

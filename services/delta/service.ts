@@ -1,8 +1,8 @@
 /** Delta actor: reads base pages at the same index from the base files on this cloudlet. */
 import { closeSync, openSync, readSync } from 'node:fs';
-import { PAGE_SIZE, type ImageId } from '../../shared/pages.js';
-import { nextStage, type StageActor } from '../../shared/stage.js';
-import { threadCpuMs } from '../../shared/thread-cpu.js';
+import { PAGE_SIZE, type ImageId } from '../../shared/image/pages.js';
+import { nextStage, type StageActor } from '../../shared/actor/stage.js';
+import { threadCpuMs } from '../../shared/cpu/thread-cpu.js';
 import { DeltaEncoder } from './core.js';
 
 export function createDeltaActor(): StageActor {

@@ -7,7 +7,7 @@
  * that finished the previous probe, over the time between the two deliveries, read 4.6-6.7 over
  * TLS (up to a record, 16 KiB, of the lead's last packet is handed over only with the next one).
  */
-import type { ProbeArrival } from '../../shared/wire.js';
+import type { ProbeArrival } from '../../shared/wire/frames.js';
 
 export class ArrivalTimer {
   private deliveryId = 0;

@@ -3,13 +3,13 @@
  * Undoes compression and delta, resolves references (also to pages that arrive later), checks every
  * page against the source's per-page check, and ignores duplicates and older rounds.
  */
-import { PageKind, chunkKey, type Chunk } from '../../shared/chunk.js';
+import { PageKind, chunkKey, type Chunk } from '../../shared/model/chunk.js';
 import { BlockDecompressor } from '../../shared/codecs/block.js';
 import { PatchDecoder, patchReference } from '../../shared/codecs/patch.js';
 import { xorDecode } from '../../shared/codecs/xor.js';
 import { ZstdDeltaDecoder } from '../../shared/codecs/zstd-delta.js';
-import { MalformedMessageError, VerificationError } from '../../shared/errors.js';
-import { CHECK_BYTES, IMAGES, PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE, digestOfPageHashes, pageCheck, strongHash, type ImageId } from '../../shared/pages.js';
+import { MalformedMessageError, VerificationError } from '../../shared/model/errors.js';
+import { CHECK_BYTES, IMAGES, PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE, digestOfPageHashes, pageCheck, strongHash, type ImageId } from '../../shared/image/pages.js';
 
 /** Where pages come from and go to; files in the service, memory in tests. */
 export interface PageStore {
@@ -47,7 +47,7 @@ export class Rebuilder {
   private readonly pageHashes: Buffer[];
   pagesWritten = 0;
 
-  /** `baseHashes`: the base images' hash indexes (see shared/base-index.ts), one per image. */
+  /** `baseHashes`: the base images' hash indexes (see shared/image/base-index.ts), one per image. */
   constructor(
     private readonly store: PageStore,
     readonly migrationId: string,

@@ -7,7 +7,7 @@
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { decodePatch } from '../../shared/codecs/patch.js';
-import type { Logger } from '../../shared/log.js';
+import type { Logger } from '../../shared/telemetry/log.js';
 import { loadDeviceState, startQemu, type RunningVm, type VmDescription } from '../../shared/vm/qemu.js';
 
 /** What a destination needs to resume VMs: the base VM's kernel, initrd and device state. */

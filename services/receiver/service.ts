@@ -7,17 +7,17 @@ import { mkdirSync, rmSync } from 'node:fs';
 import type { Server, Socket } from 'node:net';
 import { dirname, join } from 'node:path';
 import { hostname } from 'node:os';
-import { loadBaseIndex } from '../../shared/base-index.js';
+import { loadBaseIndex } from '../../shared/image/base-index.js';
 import { SpanStatusCode, type Span } from '@opentelemetry/api';
-import { connectBus, publishEvent, publishStats, type Bus } from '../../shared/bus.js';
-import { decodeChunk, validateMigrationId } from '../../shared/codec.js';
-import { MalformedMessageError, errorMessage } from '../../shared/errors.js';
-import { createLinkServer, linkSecurityFromEnv, type LinkSecurity } from '../../shared/link-security.js';
-import { createLogger, type Logger } from '../../shared/log.js';
-import type { ImageDigests, RebuildResult, StageStats } from '../../shared/migration.js';
-import { PAGE_SIZE } from '../../shared/pages.js';
-import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, encodeResumedFrame, encodeProbeAckFrame, probeIdOf, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError, type ProbeArrival } from '../../shared/wire.js';
-import { chunkTraced, startSpan, traceparentOf } from '../../shared/telemetry.js';
+import { connectBus, publishEvent, publishStats, type Bus } from '../../shared/bus/bus.js';
+import { decodeChunk, validateMigrationId } from '../../shared/wire/chunk-codec.js';
+import { MalformedMessageError, errorMessage } from '../../shared/model/errors.js';
+import { createLinkServer, linkSecurityFromEnv, type LinkSecurity } from '../../shared/wire/link-security.js';
+import { createLogger, type Logger } from '../../shared/telemetry/log.js';
+import type { ImageDigests, RebuildResult, StageStats } from '../../shared/model/migration.js';
+import { PAGE_SIZE } from '../../shared/image/pages.js';
+import { FrameReader, FrameType, encodeAckFrame, encodeJsonFrame, encodeProgressFrame, parseAddress, parseCaptured, parseHello, splitChunkFrame, encodeResumedFrame, encodeProbeAckFrame, probeIdOf, MAX_APPLIED_FRAMES, type Accept, type Frame, type LinkError, type ProbeArrival } from '../../shared/wire/frames.js';
+import { chunkTraced, startSpan, traceparentOf } from '../../shared/telemetry/telemetry.js';
 import { ArrivalTimer } from './arrival.js';
 import { Rebuilder } from './core.js';
 import { FilePageStore } from './store.js';
@@ -31,7 +31,7 @@ export interface ReceiverOptions {
   natsUrl: string;
   /** milliseconds to wait for the handshake of a new connection */
   helloTimeoutMs?: number;
-  /** the link's credentials (default: from the environment, see shared/link-security.ts) */
+  /** the link's credentials (default: from the environment, see shared/wire/link-security.ts) */
   security?: LinkSecurity;
   /** each migration's images in OUT/<migrationId>/ (a receiver serving many), else OUT/ */
   perMigrationDirs?: boolean;

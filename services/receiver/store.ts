@@ -1,6 +1,6 @@
 /** File-backed PageStore: base images read-only, rebuilt images written at `<out>.partial` until verified. */
 import { closeSync, copyFileSync, fsyncSync, openSync, readSync, renameSync, rmSync, writevSync } from 'node:fs';
-import { PAGE_SIZE, type ImageId } from '../../shared/pages.js';
+import { PAGE_SIZE, type ImageId } from '../../shared/image/pages.js';
 import type { PageStore } from './core.js';
 
 const MAX_RUN_PAGES = 256;

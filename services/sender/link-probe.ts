@@ -2,7 +2,7 @@
  * The link probe's rounds (WanLink.probe sends them): what a round's answer reads, and whether a
  * larger measured frame, one more round, could read more.
  */
-import type { ProbeArrival } from '../../shared/wire.js';
+import type { ProbeArrival } from '../../shared/wire/frames.js';
 
 /** the receiver's timing of a probe frame is trusted from this span (below, a larger frame follows) */
 export const PROBE_MIN_SPAN_MS = 10;

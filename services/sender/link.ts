@@ -7,10 +7,10 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { Socket } from 'node:net';
-import { MalformedMessageError, RefusedError, errorMessage } from '../../shared/errors.js';
-import { LinkAuthError, dialLink, type LinkSecurity } from '../../shared/link-security.js';
-import type { Logger } from '../../shared/log.js';
-import type { ImageDigests, RebuildResult } from '../../shared/migration.js';
+import { MalformedMessageError, RefusedError, errorMessage } from '../../shared/model/errors.js';
+import { LinkAuthError, dialLink, type LinkSecurity } from '../../shared/wire/link-security.js';
+import type { Logger } from '../../shared/telemetry/log.js';
+import type { ImageDigests, RebuildResult } from '../../shared/model/migration.js';
 import {
   FrameReader,
   FrameType,
@@ -31,8 +31,8 @@ import {
   type Captured,
   type Frame,
   type Hello,
-} from '../../shared/wire.js';
-import { runQueueWaitMs } from '../../shared/thread-cpu.js';
+} from '../../shared/wire/frames.js';
+import { runQueueWaitMs } from '../../shared/cpu/thread-cpu.js';
 import { BandwidthEstimator } from './bandwidth.js';
 import { probeRound } from './link-probe.js';
 import { RateLimiter } from './rate.js';

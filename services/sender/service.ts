@@ -5,17 +5,17 @@
  */
 import { hostname } from 'node:os';
 import { SpanStatusCode } from '@opentelemetry/api';
-import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, connectBus, ensureEventConsumer, ensureWorkConsumer, publishEvent, publishStats, resizeWireQueue, streamOf, type Bus, type JsMsg } from '../../shared/bus.js';
-import { RefusedError, errorMessage } from '../../shared/errors.js';
-import type { RunningService } from '../../shared/stage.js';
-import { createLogger, type Logger } from '../../shared/log.js';
-import { parseEvent, type MigrationDescriptor, type StageStats } from '../../shared/migration.js';
-import { DescriptorCache } from '../../shared/registry.js';
-import { announceRoom } from '../../shared/room.js';
-import { STREAMS } from '../../shared/subjects.js';
-import { startSpan, traceparentFrom, traceparentOf } from '../../shared/telemetry.js';
-import type { Hello } from '../../shared/wire.js';
-import { linkSecurityFromEnv } from '../../shared/link-security.js';
+import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, connectBus, ensureEventConsumer, ensureWorkConsumer, publishEvent, publishStats, resizeWireQueue, streamOf, type Bus, type JsMsg } from '../../shared/bus/bus.js';
+import { RefusedError, errorMessage } from '../../shared/model/errors.js';
+import type { RunningService } from '../../shared/actor/stage.js';
+import { createLogger, type Logger } from '../../shared/telemetry/log.js';
+import { parseEvent, type MigrationDescriptor, type StageStats } from '../../shared/model/migration.js';
+import { DescriptorCache } from '../../shared/bus/registry.js';
+import { announceRoom } from '../../shared/bus/room.js';
+import { STREAMS } from '../../shared/bus/subjects.js';
+import { startSpan, traceparentFrom, traceparentOf } from '../../shared/telemetry/telemetry.js';
+import type { Hello } from '../../shared/wire/frames.js';
+import { linkSecurityFromEnv } from '../../shared/wire/link-security.js';
 import { DestinationError, WanLink } from './link.js';
 
 /**

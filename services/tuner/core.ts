@@ -3,9 +3,9 @@
  * (the profile scaled by measured/profiled until a mode has measurements of its own), and decides
  * when another mode's predicted throughput beats the current one by enough, for long enough.
  */
-import type { StageStats } from '../../shared/migration.js';
-import { DELTA_ALGORITHMS, type Mode, type ModeConfig } from '../../shared/mode.js';
-import { PAGE_SIZE } from '../../shared/pages.js';
+import type { StageStats } from '../../shared/model/migration.js';
+import { DELTA_ALGORITHMS, type Mode, type ModeConfig } from '../../shared/model/mode.js';
+import { PAGE_SIZE } from '../../shared/image/pages.js';
 import { TIE_SHARE, deltaKey, modeKey, pick, predict, rank, type Conditions, type ModeCost, type Prediction, type Profile } from './model.js';
 
 /** Exponentially weighted mean that also counts its samples. */

@@ -5,7 +5,7 @@
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { TICKS_PER_SECOND, readProcStat } from '../../shared/proc-stat.js';
+import { TICKS_PER_SECOND, readProcStat } from '../../shared/cpu/proc-stat.js';
 
 const MS_PER_TICK = 1000 / TICKS_PER_SECOND;
 

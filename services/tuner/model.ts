@@ -3,8 +3,8 @@
  * cost per block and the cores and workers there are, network throughput from output ratio and
  * bandwidth, and take the mode whose min(processing, network) is highest.
  */
-import { formatMode, type Mode } from '../../shared/mode.js';
-import { PAGE_SIZE } from '../../shared/pages.js';
+import { formatMode, type Mode } from '../../shared/model/mode.js';
+import { PAGE_SIZE } from '../../shared/image/pages.js';
 
 /** One mode's costs, per 4 KiB block of dedup output (the input the mode-dependent stages see). */
 export interface ModeCost {

@@ -15,7 +15,7 @@
 import { spawn } from 'node:child_process';
 import { getPriority, setPriority } from 'node:os';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { errorMessage } from '../../shared/errors.js';
+import { errorMessage } from '../../shared/model/errors.js';
 import { probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
 
 /** the probe's priority where its answer may wait */

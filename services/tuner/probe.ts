@@ -8,11 +8,11 @@
  * here. All modes probed on the same pages compare modes, not content.
  */
 import { closeSync, openSync, readSync } from 'node:fs';
-import type { Chunk } from '../../shared/chunk.js';
-import type { ImagePair } from '../../shared/migration.js';
-import type { Mode } from '../../shared/mode.js';
-import { PAGE_SIZE, strongHash, type ImageId } from '../../shared/pages.js';
-import { threadCpuMs } from '../../shared/thread-cpu.js';
+import type { Chunk } from '../../shared/model/chunk.js';
+import type { ImagePair } from '../../shared/model/migration.js';
+import type { Mode } from '../../shared/model/mode.js';
+import { PAGE_SIZE, strongHash, type ImageId } from '../../shared/image/pages.js';
+import { threadCpuMs } from '../../shared/cpu/thread-cpu.js';
 import { ChunkBuilder, type DirtyPage } from '../capture/core.js';
 import { HashLocationMap, dedupChunk } from '../dedup/core.js';
 import { DeltaEncoder } from '../delta/core.js';

@@ -11,10 +11,10 @@ import { ChunkBuilder, dirtyPagesOf } from '../capture/core.js';
 import { ChunkCompressor } from '../compress/core.js';
 import { DeltaEncoder } from '../delta/core.js';
 import { HashLocationMap, addBaseIndex, dedupChunk } from '../dedup/core.js';
-import { loadBaseIndex } from '../../shared/base-index.js';
-import type { Chunk } from '../../shared/chunk.js';
-import { DELTA_ALGORITHMS, isMode, type Mode } from '../../shared/mode.js';
-import { PAGE_SIZE, type ImageId } from '../../shared/pages.js';
+import { loadBaseIndex } from '../../shared/image/base-index.js';
+import type { Chunk } from '../../shared/model/chunk.js';
+import { DELTA_ALGORITHMS, isMode, type Mode } from '../../shared/model/mode.js';
+import { PAGE_SIZE, type ImageId } from '../../shared/image/pages.js';
 import { generateImageSet, type ImageSet } from '../../shared/testdata/images.js';
 import type { ModeCost, Profile } from './model.js';
 

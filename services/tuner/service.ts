@@ -12,16 +12,16 @@
  */
 import { hostname } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
-import { connectBus, publishEvent } from '../../shared/bus.js';
-import { eventSubject } from '../../shared/subjects.js';
-import { errorMessage } from '../../shared/errors.js';
-import type { RunningService } from '../../shared/stage.js';
-import { createLogger } from '../../shared/log.js';
-import { parseStats, type MigrationDescriptor, type StageStats, type TunerDecision } from '../../shared/migration.js';
-import { startSpan } from '../../shared/telemetry.js';
-import { formatMode, type Mode, type ModeConfig } from '../../shared/mode.js';
-import { DescriptorCache, ModeWatcher } from '../../shared/registry.js';
-import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/presence.js';
+import { connectBus, publishEvent } from '../../shared/bus/bus.js';
+import { eventSubject } from '../../shared/bus/subjects.js';
+import { errorMessage } from '../../shared/model/errors.js';
+import type { RunningService } from '../../shared/actor/stage.js';
+import { createLogger } from '../../shared/telemetry/log.js';
+import { parseStats, type MigrationDescriptor, type StageStats, type TunerDecision } from '../../shared/model/migration.js';
+import { startSpan } from '../../shared/telemetry/telemetry.js';
+import { formatMode, type Mode, type ModeConfig } from '../../shared/model/mode.js';
+import { DescriptorCache, ModeWatcher } from '../../shared/bus/registry.js';
+import { PRESENCE_TTL_MS, PresenceView, setWantedWorkers, workersBucket } from '../../shared/bus/presence.js';
 import { CpuSampler } from './cpu.js';
 import { Tuner, clearlyLinkBound, linkBandwidthBps, putOffProbeStarts, startModeNearBest } from './core.js';
 import { modeKey, pick, softMin, type Conditions, type Prediction } from './model.js';

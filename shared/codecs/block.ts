@@ -1,8 +1,8 @@
 /** Whole-body compression of a chunk: none, lz4 or zstd at a level. Decoding never allocates past the expected size. */
 import { compressSync as lz4Compress, uncompressSync as lz4Uncompress } from 'lz4-napi';
 import { zstd as binding } from './zstd-binding.js';
-import { MalformedMessageError } from '../errors.js';
-import type { Compressor } from '../mode.js';
+import { MalformedMessageError } from '../model/errors.js';
+import type { Compressor } from '../model/mode.js';
 
 export class BlockCompressor {
   private readonly cctx = new binding.CCtx();

@@ -5,9 +5,9 @@
  * (delta=patch) 4-12% less than each page against its own base page or xor then zstd over the
  * chunk, at about their CPU (level 3, measured on both load contents). Layout: [length u32 LE][zstd frame].
  */
-import { PageKind, type Chunk } from '../chunk.js';
-import { MalformedMessageError } from '../errors.js';
-import type { ImageId } from '../pages.js';
+import { PageKind, type Chunk } from '../model/chunk.js';
+import { MalformedMessageError } from '../model/errors.js';
+import type { ImageId } from '../image/pages.js';
 import { zstd as binding } from './zstd-binding.js';
 
 /** Largest blob decoded: a device state is about 1 MB, a chunk's pages 1 MiB. */

@@ -2,8 +2,8 @@
  * XOR delta against the base page at the same index, zero runs squeezed (XBZRLE's idea, as in
  * QEMU's migration/xbzrle.c): records of [zero run: varint][literal length: varint][literal xor bytes].
  */
-import { MalformedMessageError } from '../errors.js';
-import { PAGE_SIZE } from '../pages.js';
+import { MalformedMessageError } from '../model/errors.js';
+import { PAGE_SIZE } from '../image/pages.js';
 
 function putVarint(out: Uint8Array, at: number, value: number): number {
   while (value >= 0x80) {

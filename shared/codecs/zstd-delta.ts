@@ -1,7 +1,7 @@
 /** zstd of a page with the base page at the same index as its dictionary (raw-content dictionary). */
 import { zstd as binding } from './zstd-binding.js';
-import { MalformedMessageError } from '../errors.js';
-import { PAGE_SIZE } from '../pages.js';
+import { MalformedMessageError } from '../model/errors.js';
+import { PAGE_SIZE } from '../image/pages.js';
 
 const DELTA_LEVEL = 3;
 

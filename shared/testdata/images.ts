@@ -5,7 +5,7 @@
  */
 import { mkdir, open, readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { PAGE_SIZE } from '../pages.js';
+import { PAGE_SIZE } from '../image/pages.js';
 
 export interface ImageSetOptions {
   dir: string;

@@ -6,7 +6,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
-import { stopProcess } from '../child.js';
+import { stopProcess } from '../actor/child.js';
 import { QmpClient } from './qmp.js';
 
 /** What both cloudlets agree on (no local paths). */

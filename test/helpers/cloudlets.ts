@@ -5,9 +5,9 @@ import { join } from 'node:path';
 import { migrate, type MigrateOptions } from '../../cli/migrate.js';
 import type { MigrationSummary } from '../../cli/summary.js';
 import { startReceiver, type ReceivedMigration, type RunningReceiver } from '../../services/receiver/service.js';
-import { ensureLocalLinkKey, type LinkSecurity } from '../../shared/link-security.js';
-import { DEFAULT_MODE } from '../../shared/mode.js';
-import { startEmbeddedNats, type EmbeddedNats } from '../../shared/nats-server.js';
+import { ensureLocalLinkKey, type LinkSecurity } from '../../shared/wire/link-security.js';
+import { DEFAULT_MODE } from '../../shared/model/mode.js';
+import { startEmbeddedNats, type EmbeddedNats } from '../../shared/bus/nats-server.js';
 import { generateImageSet, type ImageSet } from '../../shared/testdata/images.js';
 
 // both cloudlets of a test share one fresh link key (the sender actor inherits it)

@@ -1,6 +1,6 @@
 /** A hand-driven source end of the WAN link, for tests that send what a real sender never would. */
-import { dialLink, linkSecurityFromEnv, type LinkSecurity } from '../../shared/link-security.js';
-import { FrameReader, parseAddress, type Frame } from '../../shared/wire.js';
+import { dialLink, linkSecurityFromEnv, type LinkSecurity } from '../../shared/wire/link-security.js';
+import { FrameReader, parseAddress, type Frame } from '../../shared/wire/frames.js';
 
 /** Sends raw bytes to a receiver and collects the frames it answers until it closes the link (or 5 s). */
 export async function talk(address: string, data: Buffer[], security: LinkSecurity = linkSecurityFromEnv()): Promise<Frame[]> {

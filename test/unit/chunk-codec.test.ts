@@ -3,10 +3,10 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
 import { Packr } from 'msgpackr';
-import { PageKind, type Chunk } from '../../shared/chunk.js';
-import { decodeChunk, encodeChunk } from '../../shared/codec.js';
-import { MalformedMessageError } from '../../shared/errors.js';
-import { PAGE_SIZE } from '../../shared/pages.js';
+import { PageKind, type Chunk } from '../../shared/model/chunk.js';
+import { decodeChunk, encodeChunk } from '../../shared/wire/chunk-codec.js';
+import { MalformedMessageError } from '../../shared/model/errors.js';
+import { PAGE_SIZE } from '../../shared/image/pages.js';
 
 export function sampleChunk(withHash = false): Chunk {
   const n = 4;

@@ -5,8 +5,8 @@ import { describe, test } from 'node:test';
 import { BlockCompressor, BlockDecompressor } from '../../shared/codecs/block.js';
 import { xorDecode, xorEncode } from '../../shared/codecs/xor.js';
 import { ZstdDeltaDecoder, ZstdDeltaEncoder } from '../../shared/codecs/zstd-delta.js';
-import { MalformedMessageError } from '../../shared/errors.js';
-import { PAGE_SIZE } from '../../shared/pages.js';
+import { MalformedMessageError } from '../../shared/model/errors.js';
+import { PAGE_SIZE } from '../../shared/image/pages.js';
 
 function variants(base: Buffer): [string, Buffer][] {
   const one = Buffer.from(base);

@@ -2,8 +2,8 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
-import { MalformedMessageError } from '../../shared/errors.js';
-import { FRAME_HEADER_BYTES, FrameReader, FrameType, MAX_FRAME_PAYLOAD, encodeAckFrame, encodeChunkFrame, encodeFrame, encodeJsonFrame, parseAddress, splitChunkFrame } from '../../shared/wire.js';
+import { MalformedMessageError } from '../../shared/model/errors.js';
+import { FRAME_HEADER_BYTES, FrameReader, FrameType, MAX_FRAME_PAYLOAD, encodeAckFrame, encodeChunkFrame, encodeFrame, encodeJsonFrame, parseAddress, splitChunkFrame } from '../../shared/wire/frames.js';
 
 describe('frames', () => {
   const frames = [encodeJsonFrame(FrameType.Hello, { migrationId: 'x' }), Buffer.concat(encodeChunkFrame(7, randomBytes(3000))), encodeAckFrame(7), encodeJsonFrame(FrameType.Result, { verified: true })];

@@ -5,11 +5,11 @@
  */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { encodeChunk, decodeChunk } from '../../shared/codec.js';
-import { PageKind, type Chunk } from '../../shared/chunk.js';
-import { MalformedMessageError } from '../../shared/errors.js';
-import { encodeEvent, isDescriptor, parseEvent, parseStats, type MigrationEvent, type StageStats } from '../../shared/migration.js';
-import { isMode } from '../../shared/mode.js';
+import { encodeChunk, decodeChunk } from '../../shared/wire/chunk-codec.js';
+import { PageKind, type Chunk } from '../../shared/model/chunk.js';
+import { MalformedMessageError } from '../../shared/model/errors.js';
+import { encodeEvent, isDescriptor, parseEvent, parseStats, type MigrationEvent, type StageStats } from '../../shared/model/migration.js';
+import { isMode } from '../../shared/model/mode.js';
 import {
   FRAME_HEADER_BYTES,
   FrameReader,
@@ -28,7 +28,7 @@ import {
   parseResult,
   splitChunkFrame,
   type Frame,
-} from '../../shared/wire.js';
+} from '../../shared/wire/frames.js';
 
 const INPUTS = 3000;
 const HASH = 'ab'.repeat(32);

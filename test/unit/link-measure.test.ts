@@ -5,8 +5,8 @@ import { describe, test } from 'node:test';
 import { ArrivalTimer } from '../../services/receiver/arrival.js';
 import { BandwidthEstimator } from '../../services/sender/bandwidth.js';
 import { STARVED_SENDER_SHARE, probeRound } from '../../services/sender/link-probe.js';
-import { FrameReader, FrameType, encodeFrame, encodeProbeAckFrame, parseProbeAck } from '../../shared/wire.js';
-import { MalformedMessageError } from '../../shared/errors.js';
+import { FrameReader, FrameType, encodeFrame, encodeProbeAckFrame, parseProbeAck } from '../../shared/wire/frames.js';
+import { MalformedMessageError } from '../../shared/model/errors.js';
 
 const MBIT = 1e6;
 const near = (actual: number | undefined, expected: number, what: string): void => {

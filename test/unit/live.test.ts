@@ -5,8 +5,8 @@ import { describe, test } from 'node:test';
 import { changedPagesOf, dirtyPagesOf, newPageRecord } from '../../services/capture/core.js';
 import { decideAfterRound } from '../../services/capture/policy.js';
 import { decodePatch, encodePatch } from '../../shared/codecs/patch.js';
-import { MalformedMessageError } from '../../shared/errors.js';
-import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, strongHash } from '../../shared/pages.js';
+import { MalformedMessageError } from '../../shared/model/errors.js';
+import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, strongHash } from '../../shared/image/pages.js';
 
 const policy = { downtimeMs: 300, maxRounds: 5, overheadMs: 100 };
 

@@ -2,9 +2,9 @@
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, mock, test } from 'node:test';
 import type { NatsConnection } from '@nats-io/transport-node';
-import { publishWork, type Bus } from '../../shared/bus.js';
-import { ROOM_RECHECK_MAX_MS, ROOM_RECHECK_MS, ROOM_WAIT_MAX_MS, announceRoom } from '../../shared/room.js';
-import { eventSubject, workSubject } from '../../shared/subjects.js';
+import { publishWork, type Bus } from '../../shared/bus/bus.js';
+import { ROOM_RECHECK_MAX_MS, ROOM_RECHECK_MS, ROOM_WAIT_MAX_MS, announceRoom } from '../../shared/bus/room.js';
+import { eventSubject, workSubject } from '../../shared/bus/subjects.js';
 
 /** A bus whose streams refuse every publish while `full`; core NATS delivers to subscriptions in this process. */
 function fakeBus(): { bus: Bus; state: { full: boolean; attempts: number } } {

@@ -1,8 +1,8 @@
 /** The CPU a stage reports per chunk: no CPU counted twice when chunks are in flight together; the codec's thread timed alone. */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { CpuAccount } from '../../shared/cpu-account.js';
-import { threadCpuMs } from '../../shared/thread-cpu.js';
+import { CpuAccount } from '../../shared/cpu/cpu-account.js';
+import { threadCpuMs } from '../../shared/cpu/thread-cpu.js';
 
 describe('CPU per chunk', () => {
   test('two chunks in flight: the second counts from where the first finished, the sum is what was spent', () => {

@@ -2,8 +2,8 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { StatsCollector, formatSummary, type MigrationSummary } from '../../cli/summary.js';
-import type { StageStats } from '../../shared/migration.js';
-import { formatMode, type Mode } from '../../shared/mode.js';
+import type { StageStats } from '../../shared/model/migration.js';
+import { formatMode, type Mode } from '../../shared/model/mode.js';
 
 const PATCH3: Mode = { delta: 'patch', compressor: 'zstd', level: 3 };
 const XOR_ZSTD3: Mode = { delta: 'xor', compressor: 'zstd', level: 3 };

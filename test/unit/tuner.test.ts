@@ -3,12 +3,12 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { START_MODE_GOOD_SHARE, Tuner, busPagesOf, clearlyLinkBound, linkBandwidthBps, putOffProbeStarts, startModeNearBest } from '../../services/tuner/core.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
-import { parseProcStat } from '../../shared/proc-stat.js';
+import { parseProcStat } from '../../shared/cpu/proc-stat.js';
 import { TIE_CPU_FACTOR, TIE_SHARE, modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
 import { loadProfile } from '../../services/tuner/profile.js';
-import type { StageStats } from '../../shared/migration.js';
-import { inUse } from '../../shared/presence.js';
-import type { Mode } from '../../shared/mode.js';
+import type { StageStats } from '../../shared/model/migration.js';
+import { inUse } from '../../shared/bus/presence.js';
+import type { Mode } from '../../shared/model/mode.js';
 
 const NONE: Mode = { delta: 'none', compressor: 'none', level: 0 };
 const LZ4: Mode = { delta: 'none', compressor: 'lz4', level: 0 };

@@ -8,7 +8,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { stopProcess } from './child.js';
+import { stopProcess } from '../actor/child.js';
 
 export interface EmbeddedNats {
   url: string;

@@ -8,7 +8,7 @@ import { constants } from 'node:fs';
 import { access, mkdir, open, readFile, rename, stat, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
-import { BadImageError } from './errors.js';
+import { BadImageError } from '../model/errors.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, strongHash } from './pages.js';
 
 export interface BaseIndex {

@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { secretFromEnv } from './secrets.js';
+import { secretFromEnv } from '../config/secrets.js';
 import { connect as netConnect, createServer as netCreateServer, type Server, type Socket } from 'node:net';
 import { connect as tlsConnect, createServer as tlsCreateServer, type TLSSocket } from 'node:tls';
 

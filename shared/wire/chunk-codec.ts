@@ -5,10 +5,10 @@
  */
 import { endianness } from 'node:os';
 import { Packr } from 'msgpackr';
-import { PAGE_KIND_COUNT, PageKind, type Chunk } from './chunk.js';
-import { MalformedMessageError } from './errors.js';
-import { isMode } from './mode.js';
-import { CHECK_BYTES, PAGE_SIZE, STRONG_HASH_BYTES } from './pages.js';
+import { PAGE_KIND_COUNT, PageKind, type Chunk } from '../model/chunk.js';
+import { MalformedMessageError } from '../model/errors.js';
+import { isMode } from '../model/mode.js';
+import { CHECK_BYTES, PAGE_SIZE, STRONG_HASH_BYTES } from '../image/pages.js';
 
 // Typed-array columns are shipped as their bytes; every supported host (x86-64, arm64) is little-endian.
 if (endianness() !== 'LE') throw new Error('cloudlet-handoff needs a little-endian host');

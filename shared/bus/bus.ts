@@ -18,8 +18,8 @@ import { Kvm, type KV } from '@nats-io/kv';
 import { connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
 import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, workStageOf, type WorkStage } from './subjects.js';
 import { ROOM_WAIT_MAX_MS, nextRoomWaitMs, roomWatch } from './room.js';
-import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from './migration.js';
-import { recordStats } from './telemetry.js';
+import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from '../model/migration.js';
+import { recordStats } from '../telemetry/telemetry.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
 
 export interface Bus {
@@ -219,7 +219,7 @@ const OUTAGE_BUDGET_MS = Number(process.env.HANDOFF_BUS_OUTAGE_MS ?? 60_000);
  */
 export async function publishWork(bus: Bus, subject: string, data: Uint8Array, msgId?: string, headers?: MsgHdrs, onWait?: () => void): Promise<void> {
   const stage = workStageOf(subject);
-  // a full work stream is waited on until its consumer announces an ack (see shared/room.ts)
+  // a full work stream is waited on until its consumer announces an ack (see shared/bus/room.ts)
   const room = stage ? roomWatch(bus.nc, stage) : undefined;
   let waitMs = ROOM_WAIT_MAX_MS;
   let outageSince: number | undefined;

@@ -4,11 +4,11 @@
  * with the cause, before any payload is interpreted.
  */
 import { crc32 } from 'node:zlib';
-import { MalformedMessageError } from './errors.js';
-import { parseRebuildResult, type ImageDigests, type RebuildResult } from './migration.js';
-import { amount, count, digests, object, text } from './validate.js';
-import type { VmDescription } from './vm/qemu.js';
-import { validateMigrationId } from './codec.js';
+import { MalformedMessageError } from '../model/errors.js';
+import { parseRebuildResult, type ImageDigests, type RebuildResult } from '../model/migration.js';
+import { amount, count, digests, object, text } from '../model/validate.js';
+import type { VmDescription } from '../vm/qemu.js';
+import { validateMigrationId } from './chunk-codec.js';
 
 export const FrameType = {
   Hello: 1,
@@ -159,7 +159,7 @@ export interface Hello {
   linkId?: string;
   /** the sender link span's W3C traceparent: the destination's spans join the migration's trace */
   traceparent?: string;
-  /** which chunks are traced (see shared/telemetry.ts) */
+  /** which chunks are traced (see shared/telemetry/telemetry.ts) */
   traceEveryChunks?: number;
   /** live: the VM the destination starts (with -incoming) and resumes */
   vm?: VmDescription;

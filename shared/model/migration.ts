@@ -1,7 +1,7 @@
 /** What a migration is (its descriptor) and what happens to it (its events), shared by all actors. */
 import { MalformedMessageError } from './errors.js';
 import { isMode, type Mode } from './mode.js';
-import type { VmDescription } from './vm/qemu.js';
+import type { VmDescription } from '../vm/qemu.js';
 import { amount, count, counters, digests, object, parseJson, text } from './validate.js';
 
 export interface ImagePair {

@@ -9,7 +9,7 @@
  */
 import { Kvm, type KV, type KvWatchEntry } from '@nats-io/kv';
 import type { Bus } from './bus.js';
-import type { Logger } from './log.js';
+import type { Logger } from '../telemetry/log.js';
 import { watchBucket } from './registry.js';
 import { BUCKETS } from './subjects.js';
 

@@ -9,7 +9,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { context, metrics, propagation, trace, type Attributes, type Context, type Span } from '@opentelemetry/api';
 import { headers as natsHeaders, type MsgHdrs } from '@nats-io/transport-node';
-import type { StageStats } from './migration.js';
+import type { StageStats } from '../model/migration.js';
 
 export interface Telemetry {
   tracing: boolean;

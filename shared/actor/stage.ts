@@ -1,21 +1,23 @@
 /**
- * The one shell every chunk actor runs in: a durable pull consumer shared by all instances of the
- * stage, decode -> pure core -> publish outputs -> stats -> ack, and graceful shutdown on SIGTERM.
+ * The stage binding of the actor shell, for chunk actors (dedup, delta, compress): a durable pull
+ * consumer shared by all instances of the stage, decode -> pure core -> publish outputs -> stats -> ack.
  */
-import { hostname } from 'node:os';
-import { chunkKey, type Chunk } from './chunk.js';
-import { decodeChunk, encodeChunk } from './codec.js';
-import { connectBus, ensureWorkConsumer, publishDeadLetter, publishEvent, publishStats, publishWork, streamOf, type Bus, type JsMsg } from './bus.js';
-import { MalformedMessageError, errorMessage } from './errors.js';
-import { createLogger, type Logger } from './log.js';
-import type { MigrationDescriptor, StageStats } from './migration.js';
-import type { Mode, ModeConfig } from './mode.js';
-import { WorkerGate } from './presence.js';
-import { DescriptorCache, ModeWatcher, UnknownMigrationError } from './registry.js';
-import { workSubject, type WorkStage } from './subjects.js';
-import { headersFor, observeQueueDepth, startSpan, traceparentFrom, traceparentOf } from './telemetry.js';
-import { CpuAccount } from './cpu-account.js';
-import { announceRoom } from './room.js';
+import { chunkKey, type Chunk } from '../model/chunk.js';
+import { decodeChunk, encodeChunk } from '../wire/chunk-codec.js';
+import { ensureWorkConsumer, publishDeadLetter, publishWork, streamOf, type Bus, type JsMsg } from '../bus/bus.js';
+import { MalformedMessageError, errorMessage } from '../model/errors.js';
+import type { Logger } from '../telemetry/log.js';
+import type { MigrationDescriptor, StageStats } from '../model/migration.js';
+import type { Mode, ModeConfig } from '../model/mode.js';
+import { WorkerGate } from '../bus/presence.js';
+import { ModeWatcher, UnknownMigrationError } from '../bus/registry.js';
+import { workSubject, type WorkStage } from '../bus/subjects.js';
+import { headersFor, observeQueueDepth, startSpan, traceparentFrom, traceparentOf } from '../telemetry/telemetry.js';
+import { CpuAccount } from '../cpu/cpu-account.js';
+import { announceRoom } from '../bus/room.js';
+import { runActor, type ActorContext, type ActorDefinition, type ActorWiring, type RunningService } from './shell.js';
+
+export type { RunningService } from './shell.js';
 
 export interface StageOutput {
   chunk: Chunk;
@@ -42,7 +44,7 @@ export interface StageActor {
   /** chunks handled at once by one process (more than 1 when the core runs on worker threads) */
   concurrency?: number;
   /**
-   * The tuner may take some of this stage's workers out of use (see shared/presence.ts). Such a
+   * The tuner may take some of this stage's workers out of use (see shared/bus/presence.ts). Such a
    * worker pulls one message at a time, so that one leaving use holds nothing another must wait for.
    */
   gated?: boolean;
@@ -73,24 +75,17 @@ const PREPARE_AHEAD_MAX_AGE_MS = 10 * 60_000;
 /** Redeliveries before a failing chunk is given up on and its migration failed with the reason. */
 const MAX_ATTEMPTS = 5;
 
-/** What every actor process runs: the stage shell's result, and capture's, sender's, tuner's. */
-export interface RunningService {
-  /** resolves when it has stopped taking work and finished what it had */
-  done: Promise<void>;
-  /** stop taking work, finish in-flight chunks, disconnect */
-  stop(): Promise<void>;
-  /** connected to NATS and taking work (readiness) */
-  ready(): boolean;
-}
-
 export interface RunningStage extends RunningService {
   bus: Bus;
 }
 
-export async function runStage(actor: StageActor, natsUrl: string): Promise<RunningStage> {
-  const instance = `${hostname()}:${process.pid}`;
-  const log = createLogger({ stage: actor.name, instance, ...(actor.partition !== undefined ? { partition: actor.partition } : {}) });
-  const bus = await connectBus(natsUrl, `handoff-${actor.name}`);
+/** A chunk stage in the actor shell. */
+export function runStage(actor: StageActor, natsUrl: string): Promise<RunningStage> {
+  return runActor(chunkStage(actor), natsUrl);
+}
+
+/** The stage binding: `actor`'s pure core behind its work queue's durable consumer. */
+export function chunkStage(actor: StageActor): ActorDefinition {
   const prepared = new Map<string, Promise<void>>();
   const prepare = (descriptor: MigrationDescriptor, mlog: Logger): Promise<void> => {
     let p = prepared.get(descriptor.migrationId);
@@ -101,24 +96,30 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
     }
     return p;
   };
-  const descriptors = await DescriptorCache.following(
-    bus.migrations,
-    (migrationId) => {
+  return {
+    name: actor.name,
+    ...(actor.partition !== undefined ? { logFields: { partition: actor.partition } } : {}),
+    forget(migrationId, ctx) {
       const p = prepared.get(migrationId);
       if (!p) return;
       prepared.delete(migrationId);
       void p.then(() => actor.forget?.(migrationId)).catch(() => undefined);
-      log.debug('migration ended: state dropped', { migration: migrationId });
+      ctx.log.debug('migration ended: state dropped', { migration: migrationId });
     },
-    // Prepared when the descriptor appears, not at the first chunk: dedup's base index took 250 ms
-    // on one core after capture had started, while the link waited for the first chunk. Not for an
-    // old descriptor a crashed control path left: that one waits for a chunk, as before.
-    (descriptor) => {
+    // Prepared when the descriptor appears, not at the first chunk, so the link does not wait on a
+    // base index loading after capture has started. Not for an old descriptor a crashed control
+    // path left: that one waits for a chunk.
+    onDescriptor(descriptor, ctx) {
       if (!actor.prepare || Date.now() - descriptor.createdAtMs > PREPARE_AHEAD_MAX_AGE_MS) return;
-      const mlog = log.child({ migration: descriptor.migrationId });
+      const mlog = ctx.logFor(descriptor.migrationId);
       prepare(descriptor, mlog).catch((err: unknown) => mlog.warn('cannot prepare ahead: will try again at the first chunk', { reason: errorMessage(err) }));
     },
-  );
+    start: (ctx) => startStage(actor, ctx, prepare),
+  };
+}
+
+async function startStage(actor: StageActor, ctx: ActorContext, prepare: (d: MigrationDescriptor, log: Logger) => Promise<void>): Promise<ActorWiring> {
+  const { bus, log, instance, descriptors } = ctx;
   const modes = await ModeWatcher.start(bus.config);
   // a short ack wait, kept alive while a chunk is worked on: a killed instance's chunks go to another soon
   const ackWaitMs = actor.ackWaitMs ?? 10_000;
@@ -133,7 +134,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
   const giveUp = async (m: JsMsg, migrationId: string, reason: string): Promise<void> => {
     await publishDeadLetter(bus, actor.name, migrationId, m, reason).catch((err: unknown) => log.warn('cannot keep the dead letter', { reason: errorMessage(err) }));
     m.term(reason);
-    await publishEvent(bus, migrationId, { type: 'failed', stage: actor.name, reason }).catch(() => undefined);
+    await ctx.fail(migrationId, reason);
   };
 
   const cpu = new CpuAccount();
@@ -144,7 +145,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
     try {
       chunk = decodeChunk(m.data);
       const descriptor = await descriptors.get(chunk.migrationId);
-      const mlog = log.child({ migration: chunk.migrationId });
+      const mlog = ctx.logFor(chunk.migrationId);
       await prepare(descriptor, mlog);
       const cpuStart = cpu.start();
       const wallStart = performance.now();
@@ -170,9 +171,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
         modeOut = out.chunk.mode;
         await publishWork(bus, workSubject(out.to, out.chunk.migrationId, out.to === 'dedup' ? out.chunk.part : 0), data, `${out.chunk.migrationId}.${actor.name}.${chunkKey(out.chunk)}`, outHeaders, () => m.working());
       }
-      const stats: StageStats = {
-        stage: actor.name,
-        instance,
+      const stats: Omit<StageStats, 'stage' | 'instance'> = {
         migrationId: chunk.migrationId,
         round: chunk.round,
         seq: chunk.seq,
@@ -187,7 +186,7 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
         // blocks: pages that carry a body (dedup's survivors), the unit of the tuner's costs
         counts: { ...result.counts, blocks },
       };
-      publishStats(bus, stats);
+      ctx.publishStats(stats);
       m.ack();
       announceRoom(bus.nc, actor.input);
     } catch (err) {
@@ -235,25 +234,19 @@ export async function runStage(actor: StageActor, natsUrl: string): Promise<Runn
     await Promise.all(inFlight);
   })();
 
-  let stopping: Promise<void> | undefined;
-  const stop = (): Promise<void> => {
-    stopping ??= (async () => {
-      log.info('stopping: finishing in-flight chunks');
-      stopped = true;
-      messages?.stop();
-      await gate?.stop();
-      await done.catch(() => undefined);
-      modes.stop();
-      descriptors.stop();
-      await actor.close?.();
-      await bus.close();
-    })();
-    return stopping;
+  const stop = async (): Promise<void> => {
+    log.info('stopping: finishing in-flight chunks');
+    stopped = true;
+    messages?.stop();
+    await gate?.stop();
+    await done.catch(() => undefined);
+    modes.stop();
+    await actor.close?.();
   };
   // queue depth for the metrics: what waits for this stage, asked of JetStream when scraped
   observeQueueDepth(async () => {
     const info = await bus.jsm.consumers.info(streamOf(actor.input), durable);
     return { [actor.input]: info.num_pending + info.num_ack_pending };
   });
-  return { bus, done, stop, ready: () => !stopping && bus.connected() };
+  return { done, stop };
 }

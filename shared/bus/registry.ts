@@ -1,7 +1,7 @@
 /** Per-process views of the migrations bucket (descriptors) and the config bucket (wanted mode). */
 import { type KV, type KvWatchEntry, type KvWatchOptions } from '@nats-io/kv';
-import { isDescriptor, type MigrationDescriptor } from './migration.js';
-import { isModeConfig, type Mode, type ModeConfig } from './mode.js';
+import { isDescriptor, type MigrationDescriptor } from '../model/migration.js';
+import { isModeConfig, type Mode, type ModeConfig } from '../model/mode.js';
 
 /**
  * Hands each entry a watch of `bucket` delivers to `onEntry` until `stop`; `done` settles when the
@@ -36,9 +36,15 @@ export class DescriptorCache {
    */
   static async following(bucket: KV, onEnd: (migrationId: string) => void, onPut?: (descriptor: MigrationDescriptor) => void): Promise<DescriptorCache> {
     const cache = new DescriptorCache(bucket);
-    const watch = await watchBucket(bucket, { key: '>' }, (entry) => {
+    await cache.follow(onEnd, onPut);
+    return cache;
+  }
+
+  /** Follows the bucket (see `following`): for a caller that hands the cache out before its first entry comes. */
+  async follow(onEnd: (migrationId: string) => void, onPut?: (descriptor: MigrationDescriptor) => void): Promise<void> {
+    const watch = await watchBucket(this.bucket, { key: '>' }, (entry) => {
       if (entry.operation !== 'PUT') {
-        cache.forget(entry.key);
+        this.forget(entry.key);
         onEnd(entry.key);
         return;
       }
@@ -49,12 +55,11 @@ export class DescriptorCache {
         return; // a malformed descriptor is said by `get`, to the chunk that needs it
       }
       if (value.migrationId !== entry.key) return;
-      cache.cache.set(entry.key, Promise.resolve(value));
+      this.cache.set(entry.key, Promise.resolve(value));
       onPut?.(value);
     });
-    cache.stopWatch = watch.stop;
+    this.stopWatch = watch.stop;
     watch.done.catch(() => undefined);
-    return cache;
   }
 
   stop(): void {

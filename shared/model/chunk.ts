@@ -2,7 +2,7 @@
  * The chunk: a batch of pages of one image, as it flows capture -> dedup -> delta -> compress -> wire.
  * Columns (typed arrays) rather than objects per page: cheap to build, encode and ship.
  */
-import type { ImageId } from './pages.js';
+import type { ImageId } from '../image/pages.js';
 import type { Mode } from './mode.js';
 
 /** What a page's entry holds. */

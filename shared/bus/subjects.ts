@@ -25,7 +25,7 @@ export function workStageOf(subject: string): WorkStage | undefined {
   return stage === 'dedup' || stage === 'delta' || stage === 'compress' || stage === 'wire' ? stage : undefined;
 }
 
-/** `handoff.room.<stage>`: the stage's consumer has acked a message (core NATS, see shared/room.ts) */
+/** `handoff.room.<stage>`: the stage's consumer has acked a message (core NATS, see shared/bus/room.ts) */
 export function roomSubject(stage: WorkStage): string {
   return `handoff.room.${stage}`;
 }

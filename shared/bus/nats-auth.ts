@@ -3,7 +3,7 @@
  * seed. Secrets come from the environment or files, never from a command line another user can
  * read: a URL with credentials is split, and child processes get them through their environment.
  */
-import { secretFromEnv } from './secrets.js';
+import { secretFromEnv } from '../config/secrets.js';
 import { nkeyAuthenticator, type Authenticator } from '@nats-io/transport-node';
 
 export interface NatsAuth {

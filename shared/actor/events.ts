@@ -1,0 +1,63 @@
+/**
+ * The event binding of the actor shell: a durable consumer of one type of migration event, each
+ * event handed to the actor with its migration's descriptor and acked when handled. A handler that
+ * throws fails that migration (or does what `onError` says), never the actor.
+ */
+import { ensureEventConsumer, type JsMsg } from '../bus/bus.js';
+import type { MigrationDescriptor, MigrationEvent } from '../model/migration.js';
+import { STREAMS } from '../bus/subjects.js';
+import { errorMessage } from '../model/errors.js';
+import type { Logger } from '../telemetry/log.js';
+import type { ActorContext, ActorWiring } from './shell.js';
+
+export interface EventHandler {
+  (m: JsMsg, descriptor: MigrationDescriptor, log: Logger): Promise<void>;
+}
+
+export interface EventBindingOptions {
+  /** events handled at once */
+  maxMessages: number;
+  /** a handler that runs long tells JetStream so this often, so the event is not delivered again meanwhile */
+  heartbeatMs?: number;
+  /** what a failed handler means (default: the migration fails, naming this actor) */
+  onError?(err: unknown, migrationId: string, log: Logger): Promise<void>;
+}
+
+/** The migration an event's subject names (`handoff.events.<migrationId>.<type>`). */
+export function eventMigrationId(subject: string): string {
+  return subject.split('.')[2] ?? 'unknown';
+}
+
+export async function consumeEvents(ctx: ActorContext, type: MigrationEvent['type'], handle: EventHandler, options: EventBindingOptions): Promise<ActorWiring> {
+  const durable = await ensureEventConsumer(ctx.bus.jsm, ctx.name, type);
+  const messages = await (await ctx.bus.js.consumers.get(STREAMS.events, durable)).consume({ max_messages: options.maxMessages });
+  ctx.log.info('ready', { consumer: durable });
+  const onError =
+    options.onError ??
+    (async (err: unknown, migrationId: string, log: Logger): Promise<void> => {
+      log.error(`${type} failed`, { reason: errorMessage(err) });
+      await ctx.fail(migrationId, errorMessage(err));
+    });
+  const done = (async () => {
+    for await (const m of messages) {
+      const migrationId = eventMigrationId(m.subject);
+      const log = ctx.logFor(migrationId);
+      const heartbeat = options.heartbeatMs ? setInterval(() => m.working(), options.heartbeatMs) : undefined;
+      try {
+        await handle(m, await ctx.descriptors.get(migrationId), log);
+      } catch (err) {
+        await onError(err, migrationId, log);
+      } finally {
+        clearInterval(heartbeat);
+        m.ack();
+      }
+    }
+  })();
+  return {
+    done,
+    stop: async () => {
+      messages.stop();
+      await done.catch(() => undefined);
+    },
+  };
+}
