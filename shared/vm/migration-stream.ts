@@ -586,3 +586,10 @@ export class MigrationStreamParser {
     return { kind: 'ram-blocks', totalBytes, blocks };
   }
 }
+
+/** The records of a stream read from `source` (a socket, a file stream), as they complete. */
+export async function* parseMigrationStream(source: AsyncIterable<Buffer>, options?: MigrationStreamOptions): AsyncGenerator<MigrationRecord> {
+  const parser = new MigrationStreamParser(options);
+  for await (const chunk of source) yield* parser.push(chunk);
+  yield* parser.end();
+}

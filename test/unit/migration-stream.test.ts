@@ -1,7 +1,7 @@
 /** QEMU's migration stream: records from any split, the writer's bytes, truncation and refusals by name. */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { MigrationStreamError, MigrationStreamParser, RamFlag, type MigrationRecord } from '../../shared/vm/migration-stream.js';
+import { MigrationStreamError, MigrationStreamParser, RamFlag, parseMigrationStream, type MigrationRecord } from '../../shared/vm/migration-stream.js';
 import { MigrationStreamWriter, encodeMigrationStream } from '../../shared/vm/migration-stream-writer.js';
 
 const PAGE = 4096;
@@ -101,6 +101,15 @@ describe('migration stream', () => {
 
   test('the same records whatever the split: one byte, 7 bytes, 4 KiB at a time', () => {
     for (const size of [1, 7, 4096]) assert.deepEqual(parseAll(stream, size), records, `chunks of ${size}`);
+  });
+
+  test('from an async source of chunks', async () => {
+    async function* chunks(): AsyncGenerator<Buffer> {
+      for (let i = 0; i < stream.byteLength; i += 1000) yield stream.subarray(i, i + 1000);
+    }
+    const got: MigrationRecord[] = [];
+    for await (const r of parseMigrationStream(chunks())) got.push(r);
+    assert.deepEqual(got, records);
   });
 
   test('the layout QEMU writes, spelled out by hand', () => {
