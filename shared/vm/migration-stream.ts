@@ -315,7 +315,7 @@ export class MigrationStreamParser {
   private drain(): MigrationRecord[] {
     const records: MigrationRecord[] = [];
     for (;;) {
-      if (this.queue.length === 0 && this.state !== 'done') break;
+      if (this.queue.length === 0) break;
       let record: MigrationRecord | undefined;
       try {
         record = this.step();

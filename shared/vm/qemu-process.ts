@@ -212,14 +212,14 @@ export function describeMachine(argv: readonly string[]): MachineDescription {
       machine.drives.push({ interface: 'ide', media: 'disk', index: 0, file: arg });
       continue;
     }
-    const option = arg.replace(/^--?/, '');
-    const [name, inline] = option.includes('=') && !FLAGS.has(option) ? [option.slice(0, option.indexOf('=')), option.slice(option.indexOf('=') + 1)] : [option, undefined];
-    if (FLAGS.has(name!)) {
+    // QEMU takes -opt and --opt alike, the value always as the next argument
+    const name = arg.replace(/^--?/, '');
+    if (FLAGS.has(name)) {
       if (name === 'nodefaults') machine.defaults = false;
       if (name === 'enable-kvm') machine.accel = 'kvm';
       continue;
     }
-    const value = inline ?? args[++i];
+    const value = args[++i];
     if (value === undefined) throw new Error(`${arg} needs an argument`);
     switch (name) {
       case 'M':
@@ -287,7 +287,7 @@ export function describeMachine(argv: readonly string[]): MachineDescription {
         break;
       }
       default: {
-        const legacy = DRIVE_OPTIONS[name!];
+        const legacy = DRIVE_OPTIONS[name];
         if (legacy) {
           const drive: DriveDescription = { interface: legacy.interface, media: legacy.media ?? 'disk', file: value };
           if (legacy.index !== undefined) drive.index = legacy.index;

@@ -21,7 +21,7 @@ describe('QEMU command lines', () => {
     assert.equal(describeMachine(split('qemu-system-x86_64 -m 1G')).memoryBytes, 2 ** 30);
     assert.equal(describeMachine(split('qemu-system-x86_64 -m size=1024M')).memoryBytes, 2 ** 30);
     assert.equal(describeMachine(split('qemu-system-x86_64 -m 2048,slots=2,maxmem=8G')).memoryBytes, 2 ** 31);
-    assert.equal(describeMachine(split('qemu-system-x86_64 --m=256')).memoryBytes, 256 * 2 ** 20);
+    assert.equal(describeMachine(split('qemu-system-x86_64 --m 256')).memoryBytes, 256 * 2 ** 20);
     assert.equal(describeMachine(split('qemu-system-x86_64')).memoryBytes, 128 * 2 ** 20);
     assert.equal(describeMachine(split('qemu-system-x86_64 -M q35')).machineType, 'q35');
     const kvm = describeMachine(split('qemu-system-x86_64 -machine pc,accel=kvm'));
