@@ -281,7 +281,6 @@ export class Tuner {
         compressFor: NonNullable<ModeConfig['compressFor']>;
       }
     | undefined;
-  readonly decisions: Decision[] = [];
 
   constructor(
     private readonly profile: Profile,
@@ -656,7 +655,7 @@ export class Tuner {
     if (!firstLook && !clear && ++this.beatenLooks < this.options.confirmations) return undefined;
     this.beatenLooks = 0;
     this.lastLook.compressFor = compressionsFor(best.mode, ranked);
-    const decision: Decision = {
+    return {
       atMs: nowMs,
       from: current,
       to: best.mode,
@@ -666,7 +665,5 @@ export class Tuner {
       top: ranked.slice(0, 3),
       compressFor: this.lastLook.compressFor,
     };
-    this.decisions.push(decision);
-    return decision;
   }
 }
