@@ -80,8 +80,9 @@ export interface FirstLookProbe {
  * the profile's costs, and a link probe that misread the link by a few percent passed for one).
  * There, with the start mode far from the best, the first look waits for the probe of the modes
  * that could win (the costly ones only where they could win even with a ratio a fifth better than
- * thought); with the start mode near the best it decides at once and the probe comes later. Where
- * the cores are the bottleneck the probe is put off too, and leaves them to the pipeline.
+ * thought): on the profile's ratios it chose modes that held the link back, and switching later
+ * took more looks. With the start mode near the best it decides at once and the probe comes later.
+ * Where the cores are the bottleneck the probe is put off too, and leaves them to the pipeline.
  */
 export function firstLookProbe(tuner: Tuner, profile: Profile, conditions: Conditions, start: Mode): FirstLookProbe {
   const predicted = tuner.predictNow(conditions);
