@@ -314,7 +314,7 @@ async function main(argv: string[]): Promise<number> {
         options: { out: { type: 'string' }, 'memory-size': { type: 'string' }, 'disk-size': { type: 'string' }, help: { type: 'boolean', short: 'h' } },
       });
       if (values.help) return console.log(HELP.profile), 0;
-      const { profileGenerated } = await import('../services/tuner/profile.js');
+      const { profileGenerated } = await import('./profile.js');
       const profile = await profileGenerated(parseSizeBytes(values['memory-size'] ?? '64MiB'), parseSizeBytes(values['disk-size'] ?? '64MiB'));
       const text = `${JSON.stringify(profile, null, 1)}\n`;
       if (values.out) {

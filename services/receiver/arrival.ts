@@ -1,11 +1,11 @@
 /**
  * Receiver-side timing of probe frames, by delivery. A shaper releases a queued packet only when
  * its tokens allow, so the time between two deliveries is the later one's transmission at the
- * link's rate. Answers timed at the sender (or ACK spacing) lump a 64 KiB packet holding the end of
- * one frame and most of the next into one instant: a 64 KiB probe behind a 128 KiB lead read
- * 12-14 Mbit/s on a 5 Mbit/s tbf link. Counting only the bytes that arrived after the delivery
- * that finished the previous probe, over the time between the two deliveries, read 4.6-6.7 over
- * TLS (up to a record, 16 KiB, of the lead's last packet is handed over only with the next one).
+ * link's rate. Answers timed at the sender (or ACK spacing) lump a packet holding the end of one
+ * frame and most of the next into one instant, and read a slow link at twice its rate or more; so
+ * this counts only the bytes that arrived after the delivery that finished the previous probe, over
+ * the time between the two deliveries (over TLS, up to a record of the lead's last packet is
+ * handed over only with the next one).
  */
 import type { ProbeArrival } from '../../shared/wire/frames.js';
 
@@ -19,8 +19,7 @@ export class ArrivalTimer {
   /**
    * Every read from the socket, before its frames are parsed. `sameTurn`: in the event loop's turn
    * of the read before, the same delivery (TLS hands a packet over record by record in one turn; a
-   * rule by time split them where parsing a record's frames took a while, and a 5 Mbit/s link
-   * probed at 13 with 0.25 ms, while 1 ms merged a 1000 Mbit/s flow into one untimed delivery).
+   * rule by time either split a delivery where parsing took a while, or merged a fast flow into one).
    */
   read(bytes: number, atMs = performance.now(), sameTurn = false): void {
     if (!sameTurn) {

@@ -46,13 +46,10 @@ export interface TunerOptions {
 
 /**
  * The CPU no stage reports, per page's worth of bytes a block moves (see busPagesOf), until the
- * tuner has measured it: that takes a second of flow with the cores the bottleneck after two of
- * warming up, and a 64 MiB handoff at 100 Mbit/s on one core is over before then. Measured by the
- * tuner on a one-core source of the 2-core machine the default profile was made on: 0.043-0.064 ms
- * (xor+zstd-3 and delta=none zstd-1, mixed content, 64 and 256 MiB). Without it the first looks
- * predicted xor+zstd-3 at 6000-7400 blocks/s on that core, twice what went through, took the link
- * for the bottleneck at 100 Mbit/s and chose modes for their ratio; at 1000 Mbit/s with a 256 MiB
- * VM, where the sender's figure read 200 Mbit/s, compression modes and a probe on a busy core.
+ * tuner has measured it (a second of flow with the cores the bottleneck, after warming up: a short
+ * handoff is over before then). What the tuner measured on the machine the default profile was
+ * made on. Without it the first looks took the cores for twice as fast as they were, the link for
+ * the bottleneck, and chose modes for their ratio.
  */
 const PRIOR_OVERHEAD_CPU_MS_PER_BUS_PAGE = 0.05;
 
@@ -83,10 +80,9 @@ const LINK_BOUND_INTERVAL_SHARE = 0.5;
  * probe's. A figure taken while the link mostly waited on the pipeline (`linkBoundShare` below
  * LINK_BOUND_INTERVAL_SHARE) is a floor, not the link's rate: each frame is then alone on the link,
  * and its time counts the starved sender's late writes and ACK reads and the receiver's handling
- * with the link's. With a CPU hog on a one-core source it read 42-47 Mbit/s on a 100 Mbit/s link
- * (probed at 89-132); the tuner took the link for the limit and went back from a cheap mode to
- * stronger compression, which the cores could not afford. Below the probe it then stays the
- * probe's. A real drop below the probe makes the link the bottleneck, and the figure counts again.
+ * with the link's; taken for the link's rate it sent the tuner back to compression the cores could
+ * not afford. Below the probe it then stays the probe's. A real drop below the probe makes the link
+ * the bottleneck, and the figure counts again.
  */
 export function linkBandwidthBps(measuredBps: number, probedBps: number, linkBoundShare: number | undefined): number {
   if (measuredBps <= 0) return probedBps;
@@ -101,11 +97,9 @@ export const START_MODE_GOOD_SHARE = 0.05;
  * Whether the first look, finding the link the bottleneck, decides at once on the profile's ratios
  * (capture goes on, and the ratio probe comes later for the looks after): where the profile puts the
  * start mode within START_MODE_GOOD_SHARE of the best, whatever the link. A capture held for the
- * probe holds the whole pipeline (the wait was 0.72-1.0 s on a one-core source at 5 Mbit/s), and a
- * link that speeds up pays for it: from 5 to 35 Mbit/s at 2 s, adaptive's capture ended 2.25-3.09 s
- * after the accept against static patch-3's 1.71-2.08, and its transfer took 7.58-11.58 s against
- * 7.45-7.97 in the same mode. Going on risks no more than that share of the ratio until the probe
- * is in; a start mode far behind is held for the look, which waits for the probe.
+ * probe holds the whole pipeline, which a link that speeds up pays for; going on risks no more than
+ * that share of the ratio until the probe is in. A start mode far behind is held for the look,
+ * which waits for the probe.
  */
 export function startModeNearBest(start: Prediction | undefined, best: Prediction | undefined): boolean {
   return start !== undefined && best !== undefined && start.blocksPerSec >= best.blocksPerSec * (1 - START_MODE_GOOD_SHARE);
@@ -114,10 +108,9 @@ export function startModeNearBest(start: Prediction | undefined, best: Predictio
 /**
  * Whether a look at `nowMs` starts the ratio probe the first look put off until `dueMs`: only where
  * the link is the bottleneck, as predicted for the best mode and as the sender finds it
- * (`linkBoundShare`), since ratios decide nothing where the cores are, and the probe's process takes
- * from them (see LATER_PROBE_AFTER_MS in service.ts). The prediction alone passed a look at 3.6 s of
- * a 5->35->5 Mbit/s run (32 Mbit/s measured, the cores taken for the whole) where the sender found
- * the link the bottleneck 16% of the time.
+ * (`linkBoundShare`: the prediction alone passes where the sender seldom waits on the link), since
+ * ratios decide nothing where the cores are, and the probe's process takes from them (see
+ * LATER_PROBE_AFTER_MS in probes.ts).
  */
 export function putOffProbeStarts(dueMs: number, nowMs: number, best: Prediction | undefined, linkBoundShare: number | undefined): boolean {
   return nowMs >= dueMs && clearlyLinkBound(best) && senderFindsLinkBound(linkBoundShare);
@@ -141,9 +134,8 @@ interface Scales {
   compressExtraMs: number;
   /**
    * where compress was never measured, delta's scale: a costly codec is priced at its profile times
-   * that at least (zstd-19, 0.35 ms a block profiled, taken at 0.46 from patch-3's excess on a
-   * one-core source whose page faults made it several times that, was chosen at 5 Mbit/s and
-   * held the link back)
+   * that at least (a costly codec slows down with the machine; priced from delta's excess alone,
+   * zstd-19 looked cheap enough to choose and then held the link back)
    */
   compressAtLeast: number;
   ratio: number;
@@ -154,13 +146,9 @@ const WARMUP_INTERVALS = 4;
 
 /**
  * A block's CPU in a handoff's first seconds (WARMUP_INTERVALS of flow, and before it) over what it
- * costs later: every actor starts its work at once (JIT, fresh memory, streams filling). Measured on
- * a one-core source at 100 Mbit/s, the handoff's whole CPU a block, half second by half second:
- * 0.86, 0.57, 0.33 ms, then 0.17; capture's and dedup's own 0.2-0.46 against 0.07 later, patch-3's
- * delta 0.10-0.12 against 0.037. Priced at the profile's steady figures, the first look took the
- * cores for 3x as fast as they were: at 100 Mbit/s it kept patch-3 for a predicted 41% over raw,
- * which finished first (2.50 s of transfer against 2.95); the figures measured then made raw look
- * 20-26% ahead at 1.3-1.7 s, and a switch that late gained nothing. What is measured replaces it.
+ * costs later: every actor starts its work at once (JIT, fresh memory, streams filling). Priced at
+ * the profile's steady figures, the first look took the cores for several times as fast as they
+ * were and kept a mode that a later switch could no longer make up for. What is measured replaces it.
  */
 const WARMUP_CPU_FACTOR = 3;
 
@@ -169,11 +157,9 @@ const CPU_MIN_INTERVALS = 2;
 
 export const DEFAULT_TUNER_OPTIONS: TunerOptions = {
   hysteresis: 0.15,
-  // A tie (see TIE_SHARE) keeps the start mode. At 0.01 the first look at 5 Mbit/s went from patch-3
-  // to patch-9 for a predicted 1.0-1.6% (it sends 1.5% less on mixed pages, 2.6% on programs'): in
-  // the first seconds patch-9 took 0.36 ms a block, and when the link went to 35 Mbit/s at 2 s the
-  // delta stage made 1100-1470 blocks/s of the link's 2400 until the switch back: 8.3-9.4 s of
-  // transfer against patch-3's 5.3-7.6. Where patch-9 would have won, the loss is its ratio's edge.
+  // A tie (see TIE_SHARE) keeps the start mode: a switch for a predicted gain of a percent or two
+  // took a costlier mode that could not keep up once the link sped up; where it would have won, the
+  // loss is its ratio's edge.
   firstHysteresis: TIE_SHARE,
   linkBoundHysteresis: 0.025,
   confirmations: 2,
@@ -214,8 +200,7 @@ function compressionsFor(chosen: Mode, ranked: Prediction[]): NonNullable<ModeCo
  * dedup on (a page each), delta's output when compress follows it (`deltaRatio`), compress's output,
  * and the sender's read and TLS of what goes out (`ratio`). JetStream stores and copies each message
  * and every hop encodes and decodes it, so the CPU no stage reports goes with bytes moved, not
- * messages: counted per message, delta=none with zstd-1 or zstd-3 (a stage fewer, 30% more bytes)
- * looked 19% faster on one core at 100 Mbit/s; runs that took them were 10-22% slower.
+ * messages (counted per message, a mode with a stage fewer but more bytes looked faster than it ran).
  */
 export function busPagesOf(mode: Mode, ratio: number, deltaRatio: number): number {
   // a patch leaves delta compressed, for the wire
@@ -281,7 +266,6 @@ export class Tuner {
         compressFor: NonNullable<ModeConfig['compressFor']>;
       }
     | undefined;
-  readonly decisions: Decision[] = [];
 
   constructor(
     private readonly profile: Profile,
@@ -395,10 +379,9 @@ export class Tuner {
     }
     // Counted only while the cores are the bottleneck: then the figure is what a block costs at the
     // rate the cores allow, where it bounds every mode. Waiting on a slow link, the CPU that goes on
-    // whether blocks flow or not (timers, heartbeats, this tuner) spreads over few blocks: 0.5 ms a
-    // block at 5 Mbit/s on one core, which made zstd-19 look CPU-bound there. Nor in the first two
-    // seconds of flow: every actor starts its work at once then (JIT, the first scan, streams
-    // filling), 0.4 ms a block on one core against 0.15 later, and the figure, counted since, kept it
+    // whether blocks flow or not (timers, heartbeats, this tuner) spreads over few blocks and makes
+    // costly modes look CPU-bound. Nor in the first two seconds of flow: every actor starts its work
+    // at once then (JIT, the first scan, streams filling), and the figure, counted since, kept it
     if (++this.flowIntervals <= WARMUP_INTERVALS || (linkBoundShare ?? 0) >= LINK_BOUND_INTERVAL_SHARE) return;
     this.flow.intervals++;
     this.flow.cpuMs += cpuMs;
@@ -411,10 +394,10 @@ export class Tuner {
    * CPU (its processes, from /proc) minus what the stages reported, per block sent and the bytes it
    * moved on the bus and out, over the intervals the cores were the bottleneck since blocks flowed.
    * Every mode pays it (the sender, TLS, nats-server, each stage's messaging), so it bounds how fast
-   * any mode can process once the cores are the limit. On a one-core source it is ~0.15-0.2 ms a
-   * block, several times xor+zstd-3's whole cost. Counted since the flow began, not over the last
-   * second or two: a stage reports a chunk's CPU when the chunk is done, and the tuner, on a busy
-   * core, reads reports late, so a short window swung from 0 to 0.3 ms a block from one look to the next.
+   * any mode can process once the cores are the limit; on one core it is several times a cheap
+   * mode's whole cost. Counted since the flow began, not over the last second or two: a stage
+   * reports a chunk's CPU when the chunk is done, and the tuner, on a busy core, reads reports late,
+   * so a short window swung widely from one look to the next.
    * Until measured, the prior (TunerOptions.priorOverheadCpuMsPerBusPage), at warm-up's cost in the
    * first seconds (WARMUP_CPU_FACTOR).
    */
@@ -463,10 +446,8 @@ export class Tuner {
    * with the cheap codecs of the start modes that excess is mostly handling (reading base pages,
    * buffers), which every stage pays whatever its codec (copies to and from a thread), and at least
    * its profile at delta's whole scale (a costly codec slows down with the machine). Taken at its
-   * profile, an unmeasured stage looked several times cheaper than the one measured: on a one-core
-   * source, with patch-3's delta at 0.14-0.18 ms a block against 0.021 profiled, delta=none zstd-1
-   * was priced at its profile's 0.007 (0.048 scaled by patch-3's 6.7), measured 0.09-0.17 once
-   * chosen, and the tuner went back and forth between the two stages, two switches a run. In the
+   * profile, an unmeasured stage looked several times cheaper than the one measured, and the tuner
+   * went back and forth between the two stages. In the
    * first seconds a compress stage never measured is at warm-up's cost (with delta measured, on top
    * of delta's excess, which carries warm-up too), and so is delta where neither was measured.
    */
@@ -480,9 +461,8 @@ export class Tuner {
     const dm = this.lastDeltaMode;
     const deltaMeasured = dm && this.measured(this.deltaCost, deltaKey(dm));
     const deltaProfiled = dm && this.profiled.get(modeKey(dm))?.deltaCpuMsPerBlock;
-    // the codec's CPU scales from mode to mode as profiled; the handling around it does not. Scaled
-    // whole, xor+zstd-3's stage (3x its codec: 0.012 ms a block of handling) made zstd-19 look 3x
-    // its cost, and zstd-19's made zstd-3 look 1.4x its
+    // the codec's CPU scales from mode to mode as profiled; the handling around it does not: scaled
+    // whole, a cheap codec's stage (mostly handling) made a costly codec look several times its cost
     const cm = this.lastCompressMode;
     const compressProfiled = cm && this.profiled.get(modeKey(cm))?.compressCpuMsPerBlock;
     const compressMeasured = cm && this.measured(this.compressCost, modeKey(cm));
@@ -492,9 +472,8 @@ export class Tuner {
     const whole = scale(compressMeasured, compressProfiled);
     const delta = scale(deltaMeasured, deltaProfiled);
     // the same split within delta: its handling (a syscall and a buffer per base page read, the
-    // message) does not grow with a patch's level. Scaled whole, patch-3's 0.05-0.09 ms a block on a
-    // one-core source against 0.021 profiled priced patch-19 at 1.6 ms; the source's CPU in static
-    // runs puts it 0.66-0.82 ms above patch-3, and split, the looks at 5 Mbit/s priced it at 0.80-1.05
+    // message) does not grow with a patch's level; scaled whole, a high level was priced at twice
+    // what it costs
     const deltaHandling = this.measuredEwma(this.deltaHandling);
     const deltaCodec = dm && this.measured(this.deltaCodecCost, deltaKey(dm));
     const deltaSplit = deltaHandling !== undefined ? scale(deltaCodec, deltaProfiled) : undefined;
@@ -595,7 +574,7 @@ export class Tuner {
    * settle as a mode is measured; a count flapping every half second would only move work around),
    * and only while the sender measures the link as the bottleneck: a worker's capacity is not its
    * CPU alone (it pulls one chunk per lane from the bus), and with a core taken by other work one
-   * worker fewer made a 100 Mbit/s handoff 19% slower while the model found it enough.
+   * worker fewer slowed a handoff down while the model found it enough.
    */
   workersWanted(mode: Mode, conditions: Conditions, linkBoundShare?: number): number {
     const needed = senderFindsLinkBound(linkBoundShare) ? this.workersFor(mode, conditions) : Math.max(1, conditions.compressWorkers);
@@ -646,17 +625,16 @@ export class Tuner {
     }
     // the current mode beaten by enough in consecutive decisions, so one noisy sample does not switch
     // back and forth; then to the best of the last look. Not the same best mode each time: where
-    // several cheap modes tie (one core short of CPU: lz4, zstd-1, zstd-3 within 2%), which of them
-    // comes first changes with every look, and a switch that waits for one never came. The first
-    // look needs no confirmation (the start mode is a guess, not a measurement); later ones do,
-    // switch or no switch before (the first chunks' costs, measured while the actors warm up, made
-    // xor+zstd-3 look 30% behind at the second look). A gain of three times the hysteresis is no
-    // noise: taken at once (a phase of 35 Mbit/s lasting 1.5 s was over by the second look)
+    // several cheap modes tie, which of them comes first changes with every look, and a switch that
+    // waits for one never comes. The first look needs no confirmation (the start mode is a guess,
+    // not a measurement); later ones do, switch or no switch before (the first chunks' costs are
+    // measured while the actors warm up). A gain of three times the hysteresis is no noise: taken at
+    // once (a short phase of a faster link is over by the second look)
     const clear = best.blocksPerSec > currentRate * (1 + 3 * this.options.hysteresis);
     if (!firstLook && !clear && ++this.beatenLooks < this.options.confirmations) return undefined;
     this.beatenLooks = 0;
     this.lastLook.compressFor = compressionsFor(best.mode, ranked);
-    const decision: Decision = {
+    return {
       atMs: nowMs,
       from: current,
       to: best.mode,
@@ -666,7 +644,5 @@ export class Tuner {
       top: ranked.slice(0, 3),
       compressFor: this.lastLook.compressFor,
     };
-    this.decisions.push(decision);
-    return decision;
   }
 }

@@ -73,11 +73,10 @@ export function predict(cost: ModeCost, fixedCpuMsPerBlock: number, c: Condition
 
 /**
  * Throughput of processing feeding the link: min(processing, network) where one is well below the
- * other, less where they are close. Per-chunk cost varies with the pages (zstd-19 takes 2x as long
- * on some as on others) and the queues between stages are short, so with both near their limit
- * each waits on the other at times. (P^-k + N^-k)^(-1/k), k = 3: at P = N, 0.79 of either; at
- * P = 2N, 0.96 of N. Measured on a one-core source at 25 Mbit/s: zstd-19, predicted P = 1.1 N,
- * moved 0.8 N; xor+zstd-3, P = 2.5 N, moved N. Plain min chose zstd-19 for a 2.5% better ratio.
+ * other, less where they are close. Per-chunk cost varies with the pages and the queues between
+ * stages are short, so with both near their limit each waits on the other at times (plain min chose
+ * a costly mode for a slightly better ratio). (P^-k + N^-k)^(-1/k), k = 3: at P = N, 0.79 of
+ * either; at P = 2N, 0.96 of N.
  */
 export function softMin(processing: number, network: number): number {
   if (!Number.isFinite(processing)) return network;
@@ -92,19 +91,16 @@ export function rank(costs: ModeCost[], fixedCpuMsPerBlock: number, c: Condition
 }
 
 /**
- * Predictions within this share of the best are ties. The probe rates modes that compress page by
- * page 2.5-4.5% apart from those that compress a chunk whole, against the whole image; on mixed
- * pages at 5 Mbit/s xor+zstd-19, delta=zstd and xor+zstd-3 were within 1-3% of each other, and the
- * tuner took zstd-19 (10x the CPU of zstd-3) for its 1%: when the link rose to 35 Mbit/s the
- * pipeline could not fill it.
+ * Predictions within this share of the best are ties: the probe's sample rates modes a few percent
+ * apart from what they do on the whole image, and a mode taken for a percent's edge at ten times the
+ * CPU could not fill the link once it sped up.
  */
 export const TIE_SHARE = 0.03;
 
 /**
  * A tie goes to the better prediction where its CPU a block (the pipeline's fixed share included)
- * is at most this much of the cheapest tied mode's. On programs' pages at 5 Mbit/s on one core the
- * probe put patch-9 3% ahead of patch-3 (it sends 2.5% less) at 1.3x its CPU a block, and
- * the cheapest-takes-all rule kept patch-3; zstd-19 after xor, at 3x and more, stays out.
+ * is at most this much of the cheapest tied mode's: a higher patch level at a little more CPU may
+ * win on its ratio, the cheapest-takes-all rule kept it out; a codec at several times the CPU stays out.
  */
 export const TIE_CPU_FACTOR = 1.5;
 

@@ -2,15 +2,12 @@
  * The ratio probe in a process of its own, at the priority the tuner gives it: the tuner's own where
  * the probe's answer decides the next mode (the link is the bottleneck, and the pipeline's CPU goes
  * to chunks racing ahead of it), the lowest (nice 19) where it may, which takes only the CPU the
- * pipeline leaves idle. At nice 19 from the start, the probe waited 2-8 s at 5 Mbit/s on one core
- * while capture, dedup and delta ran through the VM, and the first look chose on the profile's
- * ratios; at the tuner's priority where the cores were the bottleneck, its 0.3-0.55 s of CPU came
- * out of the pipeline's. A process, not a worker thread, though Linux keeps a nice value per thread:
- * a thread's start-up and Piscina's hand-off took ~100 ms of CPU at the tuner's priority before the
- * thread could lower its own; `nice` starts this one low from the first instruction. The task goes
- * in on stdin and the result comes out on stdout, as JSON. (From the destination's accept, while
- * capture waits and the core is free, the tuner probes in its own process instead: this one took
- * 0.25-0.35 s to start and load its modules.)
+ * pipeline leaves idle (at nice 19 from the start, the first look waited past the probe behind the
+ * pipeline). A process, not a worker thread, though Linux keeps a nice value per thread: a thread's
+ * start-up and hand-off run at the tuner's priority before it can lower its own; `nice` starts this
+ * one low from the first instruction. The task goes in on stdin and the result comes out on stdout,
+ * as JSON. (From the destination's accept, while capture waits and the core is free, the tuner
+ * probes in its own process instead: this one's start-up costs more than the probe.)
  */
 import { spawn } from 'node:child_process';
 import { getPriority, setPriority } from 'node:os';

@@ -1,11 +1,9 @@
 /**
  * The ratio probe: every profiled mode's output ratio on a sample of the migrating VM's own changed
  * pages, run by the tuner in its own process while capture waits for its first look (`shareWith`),
- * or in a process of its own (probe-process.ts). The shipped profile
- * comes from another workload, and modes do not keep their relative ratios from one workload to
- * another: xor without compression sends 23% more than xor+zstd-3 on the profile's generated VM and
- * 40% more on programs' code and data; zstd-19 after xor 2.3% less than zstd-9 there and 4.8% less
- * here. All modes probed on the same pages compare modes, not content.
+ * or in a process of its own (probe-process.ts). The shipped profile comes from another workload,
+ * and modes do not keep their relative ratios from one workload to another. All modes probed on the
+ * same pages compare modes, not content.
  */
 import { closeSync, openSync, readSync } from 'node:fs';
 import type { Chunk } from '../../shared/model/chunk.js';
@@ -20,7 +18,7 @@ import { modeKey, type Profile } from './model.js';
 import { cpuMs, measureModes } from './profile.js';
 
 export interface ProbeOptions {
-  /** dirty pages to probe on: ~0.2 ms of CPU each for the cheap modes */
+  /** dirty pages to probe on */
   pages: number;
   /** consecutive pages read at each place (the pipeline compresses a chunk of neighbours as one) */
   runPages: number;
@@ -33,7 +31,7 @@ export interface ProbeOptions {
   random: () => number;
   /**
    * Run beside other work in one process (the tuner's): yield to the event loop after each mode
-   * (a mode holds it ~5-40 ms) and stop, with undefined, once this is aborted.
+   * and stop, with undefined, once this is aborted.
    */
   shareWith?: AbortSignal;
 }
@@ -41,9 +39,9 @@ export interface ProbeOptions {
 export const DEFAULT_PROBE_OPTIONS: ProbeOptions = { pages: 256, runPages: 16, maxRuns: 512, subsamplePages: 64, chunkPages: 256, random: Math.random };
 
 /**
- * Modes whose profiled CPU per block is above this are probed on the subsample only: zstd-19
- * (0.1-0.55 ms a block) would be 85% of the probe's CPU on the whole sample. Patch-9 (0.063) is
- * probed on the whole (16 ms more): within a tie of patch-3 at a little more CPU, its ratio decides.
+ * Modes whose profiled CPU per block is above this are probed on the subsample only: zstd-19 would
+ * take most of the probe's CPU on the whole sample. Patch-9 is probed on the whole: within a tie of
+ * patch-3 at a little more CPU, its ratio decides.
  */
 export const PROBE_MAX_CPU_MS_PER_BLOCK = 0.08;
 
@@ -55,12 +53,11 @@ export interface ProbePlan {
 
 /**
  * The profile's modes, the costly ones each beside the strongest cheap level of its delta and
- * compressor. Their ratio cannot come from the profile's proportions: zstd-19 sends 2.3% less than
- * zstd-9 after xor on the profile's workload and 4.8% less on programs' pages, where the difference
- * decides between it and delta=zstd without compression at 5 Mbit/s. `costlyWanted` leaves out
- * costly modes whose ratio cannot decide (the tuner's test: they could not win with a better ratio
- * than thought): by the profile's costs, zstd-19 of three deltas on 64 pages takes as much CPU as
- * every cheap mode on 256 (~60 ms each), and the tuner may be waiting for the probe.
+ * compressor: their ratio cannot come from the profile's proportions, which differ from workload to
+ * workload by as much as decides between modes on a slow link. `costlyWanted` leaves out costly
+ * modes whose ratio cannot decide (the tuner's test: they could not win with a better ratio than
+ * thought): they take as much CPU on the subsample as every cheap mode on the whole, and the tuner
+ * may be waiting for the probe.
  */
 export function probePlan(profile: Profile, costlyWanted: (mode: Mode) => boolean = () => true): ProbePlan {
   const cheap = profile.modes.filter((m) => m.deltaCpuMsPerBlock + m.compressCpuMsPerBlock <= PROBE_MAX_CPU_MS_PER_BLOCK).map((m) => m.mode);
@@ -132,8 +129,8 @@ export async function sampleDirtyPages(
   d: Images,
   options: ProbeOptions,
 ): Promise<{ chunks: Chunk[]; subsample: Chunk[]; basePages: Map<string, Uint8Array>; pagesRead: number }> {
-  // read in the caller's thread, a place at a time: with asynchronous reads of 64 KiB, each through
-  // libuv's pool, a sample took 65-130 ms on one core, with these 40-67 ms (the first, cold)
+  // read in the caller's thread, a place at a time: asynchronous reads, each through libuv's pool,
+  // took longer on one core
   const files: { base: number; current: number }[] = [];
   try {
     for (const pair of [d.memory, d.disk]) {

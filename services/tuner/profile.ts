@@ -1,21 +1,14 @@
 /**
  * The offline profile: each mode's CPU cost per block and output ratio, measured on a workload by
- * running the real cores in this process. A default profile ships with the project
- * (services/tuner/default-profile.json); `npm run profile` measures it again.
+ * running the real cores in one process (`handoff profile`, cli/profile.ts). A default profile
+ * ships with the project (services/tuner/default-profile.json); `npm run profile` measures it again.
  */
 import { readFile } from 'node:fs/promises';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { ChunkBuilder, dirtyPagesOf } from '../capture/core.js';
 import { ChunkCompressor } from '../compress/core.js';
-import { DeltaEncoder } from '../delta/core.js';
-import { HashLocationMap, addBaseIndex, dedupChunk } from '../dedup/core.js';
-import { loadBaseIndex } from '../../shared/image/base-index.js';
+import type { DeltaEncoder } from '../delta/core.js';
 import type { Chunk } from '../../shared/model/chunk.js';
 import { DELTA_ALGORITHMS, isMode, type Mode } from '../../shared/model/mode.js';
-import { PAGE_SIZE, type ImageId } from '../../shared/image/pages.js';
-import { generateImageSet, type ImageSet } from '../../shared/testdata/images.js';
+import { PAGE_SIZE } from '../../shared/image/pages.js';
 import type { ModeCost, Profile } from './model.js';
 
 export const DEFAULT_PROFILE_PATH = new URL('../../../services/tuner/default-profile.json', import.meta.url);
@@ -29,16 +22,15 @@ const COMPRESSIONS: Pick<Mode, 'compressor' | 'level'>[] = [
   { compressor: 'zstd', level: 19 },
 ];
 
-/** patch's levels: zstd-1 against a dictionary sends 30-40% more than zstd-3 (measured here) */
+/** patch's levels: zstd-1 against a dictionary sends much more than zstd-3 */
 const PATCH_LEVELS = [3, 9, 19];
 
 /**
  * The modes the tuner chooses among: every delta x compression but those a patch at a level of
  * about their cost always beats. A patch compresses the chunk's pages with their base pages as
  * dictionary; compressing the chunk after a per-page zstd delta (delta=zstd with lz4 or zstd) or
- * zstd-19 without delta sees the same pages with less to go on (profile: delta=zstd + zstd-3 0.465
- * at 0.026 ms a block against patch-3's 0.454 at 0.022; zstd-19 alone 0.61 at 0.62 against
- * patch-19's 0.44 at 0.67). The ratio probe spent a third of its time on them.
+ * zstd-19 without delta sees the same pages with less to go on, and the ratio probe would spend a
+ * third of its time on them.
  */
 export const PROFILED_MODES: Mode[] = DELTA_ALGORITHMS.flatMap((delta): Mode[] => {
   if (delta === 'patch') return PATCH_LEVELS.map((level) => ({ delta, compressor: 'zstd' as const, level }));
@@ -69,28 +61,6 @@ export const cpuMs = (start: NodeJS.CpuUsage): number => {
   const u = process.cpuUsage(start);
   return (u.user + u.system) / 1000;
 };
-
-/** Dedup's output for an image set: the chunks the mode-dependent stages see, and what it cost to get there. */
-async function dedupOutput(images: ImageSet): Promise<{ chunks: Chunk[]; fixedCpuMs: number; blocks: number }> {
-  const indexes = await Promise.all([loadBaseIndex(images.baseMemory), loadBaseIndex(images.baseDisk)]);
-  const base = new HashLocationMap();
-  addBaseIndex(base, 0, indexes[0].hashes);
-  addBaseIndex(base, 1, indexes[1].hashes);
-  const sent = new HashLocationMap();
-  const chunks: Chunk[] = [];
-  const start = process.cpuUsage();
-  for (const [image, path] of [[0, images.memory], [1, images.disk]] as [ImageId, string][]) {
-    const data = await readFile(path);
-    const builder = new ChunkBuilder({ migrationId: 'profile', round: 0, image, parts: 1 }, 256);
-    const flush = (): void => {
-      for (const slice of builder.take()) chunks.push(dedupChunk(slice, base, sent).chunk);
-    };
-    for (const page of dirtyPagesOf(data, 0, indexes[image].hashes)) if (builder.add(page)) flush();
-    if (builder.pending) flush();
-  }
-  const blocks = chunks.reduce((n, c) => n + c.bodyRawLength / PAGE_SIZE, 0);
-  return { chunks, fixedCpuMs: cpuMs(start), blocks };
-}
 
 /**
  * Every mode's delta and compression over dedup's output chunks: CPU and output ratio per block.
@@ -124,24 +94,5 @@ export function* measureModes(chunks: Chunk[], encoder: DeltaEncoder, modes: Mod
       const compressMs = cpuMs(t);
       yield { mode, deltaCpuMsPerBlock: deltaMs / blocks, compressCpuMsPerBlock: compressMs / blocks, ratio: outBytes / (blocks * PAGE_SIZE) };
     }
-  }
-}
-
-export async function measureProfile(images: ImageSet, workload: string): Promise<Profile> {
-  const { chunks, fixedCpuMs, blocks } = await dedupOutput(images);
-  const baseFiles = await Promise.all([readFile(images.baseMemory), readFile(images.baseDisk)]);
-  const encoder = new DeltaEncoder((image, index) => baseFiles[image].subarray(index * PAGE_SIZE, (index + 1) * PAGE_SIZE));
-  const modes = [...measureModes(chunks, encoder, PROFILED_MODES)];
-  return { workload, createdAt: new Date().toISOString(), fixedCpuMsPerBlock: fixedCpuMs / blocks, modes };
-}
-
-/** `handoff profile`: generates a workload of the given size and profiles every mode on it. */
-export async function profileGenerated(memoryBytes: number, diskBytes: number, seed = 1): Promise<Profile> {
-  const dir = await mkdtemp(join(tmpdir(), 'handoff-profile-'));
-  try {
-    const images = await generateImageSet({ dir, memoryBytes, diskBytes, seed });
-    return await measureProfile(images, `generated VM, ${memoryBytes >> 20} MiB memory + ${diskBytes >> 20} MiB disk, seed ${seed}`);
-  } finally {
-    await rm(dir, { recursive: true, force: true });
   }
 }

@@ -7,7 +7,8 @@ import { after, before, describe, test } from 'node:test';
 import { modeKey } from '../../services/tuner/model.js';
 import { PROBE_NICE, runProbeProcess } from '../../services/tuner/probe-process.js';
 import { DEFAULT_PROBE_OPTIONS, PROBE_MAX_CPU_MS_PER_BLOCK, probePlaces, probePlan, probeRatios, sampleDirtyPages } from '../../services/tuner/probe.js';
-import { loadProfile, measureProfile } from '../../services/tuner/profile.js';
+import { loadProfile } from '../../services/tuner/profile.js';
+import { measureProfile } from '../../cli/profile.js';
 import { formatMode, type Mode } from '../../shared/model/mode.js';
 import { generateImageSet, type ImageSet } from '../../shared/testdata/images.js';
 
