@@ -138,8 +138,6 @@ export type MigrationEvent =
   /** `committed`: the destination was told to resume the VM before the link failed (its state is unknown) */
   | { type: 'failed'; stage: string; reason: string; committed?: boolean };
 
-export type MigrationEventType = MigrationEvent['type'];
-
 /**
  * An adaptive migration's first chunks: capture publishes them in the start mode (patch-3, within a
  * few percent of the best static mode at every bandwidth measured), then waits for the tuner's
