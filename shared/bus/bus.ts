@@ -160,6 +160,17 @@ export function streamOf(stage: WorkStage): string {
   return STREAMS[stage];
 }
 
+/**
+ * Deliveries of a work message after which the stage failing on it gives up: a dead letter with the
+ * reason, and its migration failed.
+ */
+export const MAX_DELIVERIES = 5;
+/**
+ * The server's limit is a multiple of it: deliveries whose ack wait ran out (a worker died or
+ * stalled) count too, and at max_deliver the server drops a message without a word.
+ */
+const SERVER_MAX_DELIVER = 4 * MAX_DELIVERIES;
+
 /** Creates (or keeps) the durable pull consumer a stage's instances share. */
 export async function ensureWorkConsumer(bus: Bus, stage: WorkStage, partition: number | undefined, ackWaitMs: number): Promise<string> {
   const durable = durableName(stage, partition);
@@ -168,7 +179,7 @@ export async function ensureWorkConsumer(bus: Bus, stage: WorkStage, partition: 
     ack_policy: AckPolicy.Explicit,
     filter_subject: workFilter(stage, partition),
     ack_wait: nanos(ackWaitMs),
-    max_deliver: 20,
+    max_deliver: SERVER_MAX_DELIVER,
     max_ack_pending: 64,
     deliver_policy: DeliverPolicy.All,
   });
