@@ -6,6 +6,7 @@ import {
   AckPolicy,
   DeliverPolicy,
   DiscardPolicy,
+  JetStreamApiError,
   jetstream,
   jetstreamManager,
   RetentionPolicy,
@@ -15,7 +16,7 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
-import { connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
+import { TimeoutError, connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
 import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, workStageOf, type WorkStage } from './subjects.js';
 import { ROOM_WAIT_MAX_MS, nextRoomWaitMs, roomWatch } from './room.js';
 import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from '../model/migration.js';
@@ -208,17 +209,44 @@ export async function ensureEventConsumer(jsm: JetStreamManager, actor: string, 
   return durable;
 }
 
+/**
+ * JetStream API error codes (nats-server's errors.json) a refused publish is told apart by: the
+ * client gives them as JetStreamApiError.code.
+ */
+const JS_ERR = {
+  accountResourcesExceeded: 10002,
+  clusterNotAvailable: 10008,
+  clusterNotLeader: 10009,
+  insufficientResources: 10023,
+  memoryResourcesExceeded: 10028,
+  notEnabledForAccount: 10039,
+  storageResourcesExceeded: 10047,
+  streamNotFound: 10059,
+  notEnabled: 10076,
+  /** "{the store's error}": a stream limit among others */
+  streamStoreFailed: 10077,
+} as const;
+
+const OUT_OF_ROOM = new Set<number>([JS_ERR.accountResourcesExceeded, JS_ERR.insufficientResources, JS_ERR.memoryResourcesExceeded, JS_ERR.storageResourcesExceeded]);
+const JETSTREAM_AWAY = new Set<number>([JS_ERR.clusterNotAvailable, JS_ERR.clusterNotLeader, JS_ERR.notEnabledForAccount, JS_ERR.streamNotFound, JS_ERR.notEnabled]);
+
+/** The stream (or the server's store) has no room now: an ack will make some. */
 export function isStreamFull(err: unknown): boolean {
-  const text = err instanceof Error ? `${err.message} ${String((err as { code?: unknown }).code ?? '')}` : String(err);
-  return /maximum (bytes|messages)|resource limits|10047|insufficient resources|no space/i.test(text);
+  if (!(err instanceof JetStreamApiError)) return false;
+  if (OUT_OF_ROOM.has(err.code)) return true;
+  // a failed store names its error only in the text: the stream's limits, or a full disk
+  return err.code === JS_ERR.streamStoreFailed && /^maximum (bytes|messages)|no space/i.test(err.message);
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-/** The server is away for a moment (restarting, reconnecting): worth trying again. */
+/** The server is away for a moment (restarting, reconnecting, electing a leader): worth trying again. */
 export function isTransient(err: unknown): boolean {
-  const text = err instanceof Error ? `${err.name} ${err.message} ${String((err as { code?: unknown }).code ?? '')}` : String(err);
-  return /timeout|timed out|disconnect|reconnect|no responders|503|connection closed|jetstream not enabled|stream not found|leadership/i.test(text);
+  // no answer in time: the client holds requests while it reconnects
+  if (err instanceof TimeoutError) return true;
+  // no one answers for the stream (JetStream starting, a leaf node's hub away); not exported by name
+  if (err instanceof Error && err.name === 'JetStreamNotEnabled') return true;
+  return err instanceof JetStreamApiError && JETSTREAM_AWAY.has(err.code);
 }
 
 /** How long a publish keeps trying while the server is away before the error is reported. */
