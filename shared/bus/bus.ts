@@ -22,6 +22,7 @@ import { ROOM_WAIT_MAX_MS, nextRoomWaitMs, roomWatch } from './room.js';
 import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from '../model/migration.js';
 import { recordStats } from '../telemetry/telemetry.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
+import { NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
 export interface Bus {
   nc: NatsConnection;
@@ -290,7 +291,10 @@ export function publishStats(bus: Bus, stats: StageStats): void {
 
 /** An event, ridden through a bus outage like work (the events stream never fills: it drops its oldest). */
 export async function publishEvent(bus: Bus, migrationId: string, event: MigrationEvent): Promise<void> {
-  await publishWork(bus, eventSubject(migrationId, event.type), encodeEvent(event));
+  const data = encodeEvent(event);
+  // a server configured below NATS_MAX_PAYLOAD_BYTES: said with the sizes, not as the client's "max_payload size exceeded"
+  if (data.byteLength > bus.maxPayloadBytes) throw new Error(`${event.type} event of ${data.byteLength} bytes is more than the NATS server's max_payload of ${bus.maxPayloadBytes} bytes (this build expects ${NATS_MAX_PAYLOAD_BYTES})`);
+  await publishWork(bus, eventSubject(migrationId, event.type), data);
 }
 
 /**

@@ -3,6 +3,7 @@ import { MalformedMessageError } from './errors.js';
 import { isMode, type Mode } from './mode.js';
 import type { VmDescription } from '../vm/qemu.js';
 import { amount, count, counters, digests, object, parseJson, text } from './validate.js';
+import { CAPTURED_EVENT_OVERHEAD_BYTES, MAX_DEVICE_STATE_CHARS, NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
 export interface ImagePair {
   /** path of the base image on the source cloudlet */
@@ -232,7 +233,7 @@ export function parseEvent(bytes: Uint8Array): MigrationEvent {
         dirtyPages: count(o.dirtyPages, 'captured event: dirtyPages'),
         scannedBytes: count(o.scannedBytes, 'captured event: scannedBytes'),
         ...(o.final !== undefined ? { final: o.final === true } : {}),
-        ...(o.deviceState !== undefined ? { deviceState: text(o.deviceState, 'captured event: deviceState', 16 * 2 ** 20) } : {}),
+        ...(o.deviceState !== undefined ? { deviceState: text(o.deviceState, 'captured event: deviceState', MAX_DEVICE_STATE_CHARS) } : {}),
         ...(o.stoppedAtMs !== undefined ? { stoppedAtMs: amount(o.stoppedAtMs, 'captured event: stoppedAtMs') } : {}),
         ...(Array.isArray(o.rounds) ? { rounds: o.rounds as RoundRecord[] } : {}),
       };
@@ -270,7 +271,19 @@ export function parseStats(bytes: Uint8Array | string): StageStats {
   };
 }
 
+/** A device state larger than one captured event carries: refused at the source, before it is sent. */
+export class DeviceStateTooLargeError extends Error {
+  constructor(readonly deviceStateChars: number) {
+    super(
+      `device state of ${deviceStateChars} bytes (base64 of its patch against the base's) is more than one captured event carries: ` +
+        `${MAX_DEVICE_STATE_CHARS} bytes (the bus's max_payload of ${NATS_MAX_PAYLOAD_BYTES} less ${CAPTURED_EVENT_OVERHEAD_BYTES} for the event's other fields)`,
+    );
+    this.name = 'DeviceStateTooLargeError';
+  }
+}
+
 export function encodeEvent(event: MigrationEvent): Uint8Array {
+  if (event.type === 'captured' && event.deviceState !== undefined && event.deviceState.length > MAX_DEVICE_STATE_CHARS) throw new DeviceStateTooLargeError(event.deviceState.length);
   return Buffer.from(JSON.stringify(event));
 }
 

@@ -1,8 +1,14 @@
-/** The server's own refusals of a publish classify as shared/bus/bus.ts expects (codes and classes of the installed client). */
+/**
+ * The bus against a real nats-server: its refusals of a publish classify as shared/bus/bus.ts
+ * expects (the installed client's classes and codes), and its max_payload is the one sizes derive from.
+ */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { DiscardPolicy, RetentionPolicy, StorageType } from '@nats-io/jetstream';
-import { connectBus, isStreamFull, isTransient, type Bus } from '../shared/bus/bus.js';
+import { connectBus, isStreamFull, isTransient, publishEvent, type Bus } from '../shared/bus/bus.js';
+import { STREAMS } from '../shared/bus/subjects.js';
+import { MAX_DEVICE_STATE_CHARS, NATS_MAX_PAYLOAD_BYTES } from '../shared/config/limits.js';
+import { DeviceStateTooLargeError, type MigrationEvent } from '../shared/model/migration.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
 
 let nats: EmbeddedNats;
@@ -46,5 +52,40 @@ describe('refusals from nats-server', { timeout: 60_000 }, () => {
     const err = await refusal(() => bus.js.publish('t.nostream', new Uint8Array(1), { timeout: 2000 }));
     assert.equal(isTransient(err), true, String(err));
     assert.equal(isStreamFull(err), false, String(err));
+  });
+});
+
+const captured = (deviceStateChars: number): MigrationEvent => ({
+  type: 'captured',
+  round: 1,
+  slices: 1,
+  imageHashes: { memory: 'ab'.repeat(32), disk: 'ab'.repeat(32) },
+  dirtyPages: 1,
+  scannedBytes: 1,
+  final: true,
+  deviceState: 'A'.repeat(deviceStateChars),
+});
+
+describe('max_payload and the device state', { timeout: 60_000 }, () => {
+  test('the embedded server takes NATS_MAX_PAYLOAD_BYTES, and the largest device state goes in one event', async () => {
+    assert.equal(bus.maxPayloadBytes, NATS_MAX_PAYLOAD_BYTES);
+    await publishEvent(bus, 'm-limits', captured(MAX_DEVICE_STATE_CHARS));
+  });
+
+  test('a larger one is refused with the sizes before anything is published', async () => {
+    const before = (await bus.jsm.streams.info(STREAMS.events)).state.messages;
+    await assert.rejects(publishEvent(bus, 'm-limits', captured(MAX_DEVICE_STATE_CHARS + 1)), (err: unknown) => err instanceof DeviceStateTooLargeError && err.message.includes(String(NATS_MAX_PAYLOAD_BYTES)));
+    assert.equal((await bus.jsm.streams.info(STREAMS.events)).state.messages, before);
+  });
+
+  test('a server with a smaller max_payload: an event over it is refused with both sizes', async () => {
+    const small = await startEmbeddedNats({ maxPayloadBytes: 1024 * 1024 });
+    const smallBus = await connectBus(small.url, 'bus-limits-test');
+    try {
+      await assert.rejects(publishEvent(smallBus, 'm-limits', captured(2 * 1024 * 1024)), (err: unknown) => err instanceof Error && err.message.includes(String(1024 * 1024)) && err.message.includes(String(NATS_MAX_PAYLOAD_BYTES)));
+    } finally {
+      await smallBus.close();
+      await small.stop();
+    }
   });
 });
