@@ -179,7 +179,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       const scanned = stats.scannedBytes / totalBytes;
       const totalSlices = captured ? captured.slices : scanned > 0 ? stats.emittedSlices / scanned : 0;
       const fraction = totalSlices > 0 ? Math.min(0.99, (stats.stages.sender?.chunks ?? 0) / totalSlices) : 0;
-      bar?.update({ fraction, phase: captured ? 'sending' : 'capturing', wireBytes: stats.wireBytes, bandwidthBps: stats.currentBandwidthBps });
+      bar?.update({ fraction, phase: captured ? 'sending' : 'capturing', wireBytes: stats.wireBytes, linkRateBps: stats.measuredBandwidthBps });
     }, 200);
 
     let outcome: MigrationEvent | undefined;
