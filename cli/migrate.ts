@@ -144,9 +144,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
           if (code !== 0 && signal !== 'SIGTERM') log.warn('actor exited', { actor: a.name, code, signal });
         });
       }
-      // The handoff starts once they take work. Started at once, the sender opened and probed the
-      // link while the others were still starting on the same cores: a one-core source read a 1000
-      // Mbit/s link as 37, and adaptive chose for that.
+      // The handoff starts once they take work: a sender probing the link while the others still
+      // start on the same cores reads it far too slow, and adaptive would choose for that.
       const allReady = Promise.all(actors.map((a) => a.ready)).then(() => true);
       const ready = await Promise.race([allReady, delay(ACTORS_READY_WAIT_MS, false, { ref: false }), stopped(options.stop)]);
       if (!ready && !options.stop?.aborted) log.warn('actors not all ready: starting anyway', { waitedMs: ACTORS_READY_WAIT_MS });

@@ -300,9 +300,8 @@ export async function publishEvent(bus: Bus, migrationId: string, event: Migrati
 /**
  * The migration's first event of `type`, published before or after the call, or undefined after
  * `timeoutMs`. A JetStream publish is a core NATS message on its subject before the stream stores
- * it: a subscription there gets an event published once this waits a hop later, where the stream's
- * ordered consumer took 13-33 ms more on a one-core source (capture holds its chunks for the tuner's
- * first look: decision to capture 4-26 ms at 10-25 Mbit/s by the stream, 2-9 ms by core NATS). The
+ * it: a subscription there gets an event published while this waits sooner than the stream's
+ * ordered consumer would (capture holds its chunks until the tuner's first look arrives). The
  * consumer brings one published before the call. Without the stream (it could not be read), the
  * subscription may still answer; at the deadline the wait then fails with the stream's error.
  */

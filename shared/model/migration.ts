@@ -140,13 +140,10 @@ export type MigrationEvent =
   | { type: 'failed'; stage: string; reason: string; committed?: boolean };
 
 /**
- * An adaptive migration's first chunks: capture publishes them in the start mode (patch-3, within a
- * few percent of the best static mode at every bandwidth measured), then waits for the tuner's
- * first `tuned` event while the tuner looks: ~0.9 MB on the wire with the load's pages, 0.3 s of a
- * 25 Mbit/s link, 1.4 s of a 5 Mbit/s one, where the look (after the link probe and the ratio
- * probe) came 0.3-0.4 s after the accept. With every chunk held for the look, the link idled
- * 160-310 ms at 5-25 Mbit/s on a one-core source; with all of them let go, a slow link's queue (2 MiB, 3 s at 5 Mbit/s) fills in the
- * start mode before the look can choose a stronger one.
+ * An adaptive migration's first chunks: capture publishes them in ADAPTIVE_START_MODE, then
+ * waits for the tuner's first `tuned` event while the tuner looks. A few chunks keep the link busy
+ * during the look; with every chunk held it idles, and with all of them let go a slow link's queue
+ * fills in the start mode before the look can choose a stronger one.
  */
 export const HEAD_START_CHUNKS = 3;
 
