@@ -144,9 +144,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
           if (code !== 0 && signal !== 'SIGTERM') log.warn('actor exited', { actor: a.name, code, signal });
         });
       }
-      // The handoff starts once they take work. Started at once, the sender opened and probed the
-      // link while the others were still starting on the same cores: a one-core source read a 1000
-      // Mbit/s link as 37, and adaptive chose for that.
+      // The handoff starts once they take work: a sender probing the link while the others still
+      // start on the same cores reads it far too slow, and adaptive would choose for that.
       const allReady = Promise.all(actors.map((a) => a.ready)).then(() => true);
       const ready = await Promise.race([allReady, delay(ACTORS_READY_WAIT_MS, false, { ref: false }), stopped(options.stop)]);
       if (!ready && !options.stop?.aborted) log.warn('actors not all ready: starting anyway', { waitedMs: ACTORS_READY_WAIT_MS });
@@ -179,7 +178,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
       const scanned = stats.scannedBytes / totalBytes;
       const totalSlices = captured ? captured.slices : scanned > 0 ? stats.emittedSlices / scanned : 0;
       const fraction = totalSlices > 0 ? Math.min(0.99, (stats.stages.sender?.chunks ?? 0) / totalSlices) : 0;
-      bar?.update({ fraction, phase: captured ? 'sending' : 'capturing', wireBytes: stats.wireBytes, bandwidthBps: stats.currentBandwidthBps });
+      bar?.update({ fraction, phase: captured ? 'sending' : 'capturing', wireBytes: stats.wireBytes, linkRateBps: stats.measuredBandwidthBps });
     }, 200);
 
     let outcome: MigrationEvent | undefined;

@@ -5,7 +5,24 @@ export interface ProgressState {
   fraction: number;
   phase: string;
   wireBytes: number;
-  bandwidthBps: number;
+  /**
+   * The link's rate: bytes acknowledged over the time since its first chunk was sent (the sender's
+   * average). Not the rate over the last ACKs, which reads a burst (a rate cap's, a shaper's) as the link.
+   */
+  linkRateBps: number;
+}
+
+/** The progress line (pure: the bar and the tests draw it alike). */
+export function progressLine(label: string, p: ProgressState, elapsedSeconds: number): string {
+  const f = Math.min(1, Math.max(0, p.fraction));
+  const eta = f > 0.02 ? (elapsedSeconds * (1 - f)) / f : undefined;
+  const width = 30;
+  const filled = Math.round(f * width);
+  const bar = `${'#'.repeat(filled)}${'.'.repeat(width - filled)}`;
+  return (
+    `${label} [${bar}] ${(f * 100).toFixed(0).padStart(3)}% ${p.phase.padEnd(10)} ` +
+    `wire ${formatBytes(p.wireBytes)} @ ${formatRate(p.linkRateBps)}  ${elapsedSeconds.toFixed(1)} s, ETA ${eta === undefined ? '?' : `${eta.toFixed(1)} s`}`
+  );
 }
 
 export class ProgressBar {
@@ -19,15 +36,7 @@ export class ProgressBar {
   ) {}
 
   update(p: ProgressState): void {
-    const elapsed = (performance.now() - this.startMs) / 1000;
-    const f = Math.min(1, Math.max(0, p.fraction));
-    const eta = f > 0.02 ? (elapsed * (1 - f)) / f : undefined;
-    const width = 30;
-    const filled = Math.round(f * width);
-    const bar = `${'#'.repeat(filled)}${'.'.repeat(width - filled)}`;
-    const text =
-      `${this.label} [${bar}] ${(f * 100).toFixed(0).padStart(3)}% ${p.phase.padEnd(10)} ` +
-      `wire ${formatBytes(p.wireBytes)} @ ${formatRate(p.bandwidthBps)}  ${elapsed.toFixed(1)} s, ETA ${eta === undefined ? '?' : `${eta.toFixed(1)} s`}`;
+    const text = progressLine(this.label, p, (performance.now() - this.startMs) / 1000);
     if (this.stream.isTTY) {
       this.stream.write(`\r\x1b[2K${text}`);
       this.drawn = true;

@@ -61,9 +61,7 @@ export class StatsCollector {
   wireBytes = 0;
   ackedChunks = 0;
   emittedSlices = 0;
-  /** the sender's bandwidth over its last ACKs (progress) */
-  currentBandwidthBps = 0;
-  /** the sender's average over the link's life (summary) */
+  /** the sender's average over the link's life: acknowledged bytes since its first chunk was sent (progress, summary) */
   measuredBandwidthBps = 0;
 
   add(s: StageStats): void {
@@ -91,7 +89,6 @@ export class StatsCollector {
     if (s.stage === 'sender') {
       this.wireBytes += s.bytesOut;
       this.ackedChunks++;
-      if (s.counts?.bandwidthBps) this.currentBandwidthBps = s.counts.bandwidthBps;
       if (s.counts?.averageBandwidthBps) this.measuredBandwidthBps = s.counts.averageBandwidthBps;
     }
   }

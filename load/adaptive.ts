@@ -6,15 +6,13 @@
  * actors' start-up) and one of the source's CPU seconds, writes an SVG plot of handoff time against
  * bandwidth; `--json` prints every run.
  * Each scenario runs every mode `--repeat` times (default 3; 5 where a transfer takes about two
- * seconds or less: 100 Mbit/s and up, the hog run), interleaved, and compares medians: one run of
- * a few seconds on a shared 2-core machine varies by more than the 5% being judged, and one of a
- * second or two by 10-20% (programs at 1000 Mbit/s: raw 0.88-1.07 s in three runs).
+ * seconds or less: 100 Mbit/s and up, the hog run), interleaved, and compares medians: one run on
+ * a shared machine varies by more than the differences being judged, a short one most.
  * The two cloudlets split the machine's cores (`--cpus N`: the source's actors, its nats-server and
  * the hog on the first N, default half; the destination on the rest; `--cpus all`: both share every
- * core). Sharing, the destination's reconstruction takes CPU from the source at random, and on
- * a 2-core machine each cloudlet then has about two cores: every static mode keeps up with 35 Mbit/s
- * and one mode is best throughout a changing run. A cloudlet of one core is where the best mode
- * moves with bandwidth and load.
+ * core). Sharing, the destination's reconstruction takes CPU from the source at random, and each
+ * cloudlet has more cores than its own: every static mode keeps up and one is best throughout. A
+ * cloudlet short of cores is where the best mode moves with bandwidth and load.
  * Needs root (namespaces and tc); it sets up and removes its own namespaces.
  */
 import { spawn } from 'node:child_process';
@@ -44,11 +42,10 @@ const CANDIDATES: Candidate[] = [
   { name: 'raw', args: ['--mode', 'none', '--delta', 'none'] },
   { name: 'lz4', args: ['--mode', 'lz4', '--delta', 'none'] },
   { name: 'xor+zstd3', args: ['--mode', 'zstd:3', '--delta', 'xor'] },
-  // the strongest mode before patch (best static at 5 Mbit/s on mixed pages, by 0.1%): patch3 sends
-  // less at a sixteenth of its CPU
+  // the strongest mode before patch, on request only: patch3 sends less at a fraction of its CPU
   { name: 'xor+zstd19', args: ['--mode', 'zstd:19', '--delta', 'xor'], onRequest: true },
-  // each page zstd-compressed with its base page as the dictionary, nothing after: the best static
-  // mode at 25-100 Mbit/s on programs' pages on one core (measured aside in session 8)
+  // each page zstd-compressed with its base page as the dictionary, nothing after: strong on
+  // programs' pages at moderate bandwidths on few cores
   { name: 'zstd-delta', args: ['--mode', 'none', '--delta', 'zstd'] },
   // each chunk's pages as one zstd frame against their base pages, cheap and strong
   { name: 'patch3', args: ['--mode', 'zstd:3', '--delta', 'patch'] },
@@ -160,7 +157,7 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
       stopWithChildren(receiver.child.pid);
     };
     // the changes are timed from when the destination accepts, when data starts to flow: the same
-    // share of the transfer on a machine whose actors take 0.5 s to start or 2 s (one core)
+    // share of the transfer however long the actors took to start
     void receiver.waitForLog(/ accepted /).then(() => {
       if (finished) return;
       acceptedMs = performance.now();
@@ -338,13 +335,11 @@ async function main(): Promise<void> {
     const images = await generateImageSet({ dir: join(dir, 'vm'), memoryBytes: parseSizeBytes(values['memory-size']!), diskBytes: parseSizeBytes(values['disk-size']!), content });
     const scenarios: Scenario[] = [
       ...bandwidths.map((b) => ({ name: `${b} Mbit/s`, startMbit: b })),
-      // each phase carries a good part of the data (a handoff here takes 5-10 s): 1.2 MB at 5 Mbit/s,
-      // up to 6.5 MB at 35 Mbit/s, the rest at 5 Mbit/s again
+      // timed so that each phase carries a good part of the data
       { name: '5->35->5 Mbit/s', startMbit: 5, changes: [[2, 35], [3.5, 5]] },
-      // the hog is set spinning at the accept by default: in the handoff's scheduling group it got
-      // its share only after 0.5-1 s (one set spinning 0.7 s in took 0-10% of the core until the ~2 s
-      // transfer was nearly over); in a tenant cgroup, set spinning 1 s in, it took 0.50-0.63 of the
-      // core from then to the transfer's end (122 runs)
+      // the hog is set spinning at the accept by default: in the handoff's scheduling group, one set
+      // spinning later got its share of the core only when the transfer was nearly over; in a
+      // tenant cgroup (--hog-group tenant) it takes its share from when it starts
       { name: `CPU hog at ${hogMbit} Mbit/s${hogAfterSeconds > 0 ? ` from ${hogAfterSeconds} s` : ''}`, startMbit: hogMbit, hogAfterSeconds },
     ];
     const runs: Run[] = [];
@@ -406,8 +401,8 @@ async function main(): Promise<void> {
       const where = cpus.source.length ? `source on ${cpus.sourceCpus} of ${availableParallelism()} cores, destination on the rest` : `both cloudlets on all ${availableParallelism()} cores`;
       console.log(`handoff time in seconds, ${medianOf} (shaped link between two network namespaces; ${where})${unverified ? `; ${unverified} runs NOT VERIFIED` : ''}`);
       console.log(formatTable(tableOf((r) => r.handoffSeconds, undefined, true)));
-      // the actors' start-up (2.7-3.0 s on one core, the same work in every mode) varies between runs
-      // by more than the modes differ at 100 Mbit/s; from the accept on, the runs differ by mode
+      // the actors' start-up (the same work in every mode) varies between runs by more than the
+      // modes differ on a fast link; from the accept on, the runs differ by mode
       console.log(`\ntransfer time in seconds (the destination's accept to its verified result), ${medianOf}`);
       console.log(formatTable(tableOf((r) => r.transferSeconds, undefined, true)));
       // where the link is not the bottleneck, what each mode costs the source's cores decides; its

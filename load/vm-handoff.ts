@@ -5,8 +5,8 @@
  *
  *   npm run load:vm-handoff -- [--rate-mbit 10] [--guest-files 1] [--only handoff,qemu-plain,...] [--json]
  *
- * --guest-files: tmpfs files the guest's 512 KiB/s of writes rotate over. 1 (default) is the
- * workload of DOMAIN.md's QEMU figures (a working set of about a MiB); 128 makes it 16 MiB.
+ * --guest-files: tmpfs files the guest's 512 KiB/s of writes rotate over. 1 (default): a working
+ * set of about a MiB; 128 makes it 16 MiB.
  *
  * The handoff runs as deployed: the source cloudlet's nats-server and actors already run, its base
  * VM is indexed. QEMU migrates RAM only here (its disk is assumed shared); the handoff moves RAM and disk. Wire

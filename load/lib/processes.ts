@@ -42,7 +42,7 @@ export function childrenOf(pid: number): number[] {
  * SIGTERM to `pid` and its children: a command stopped with what it started, nats-server too (an
  * actor would stop on its own once its command is gone; a nats-server would not). Not by process
  * group: a command in a session of its own is a scheduling group of its own (autogroup), and a
- * CPU hog outside it then took half the core from the whole handoff, not a task's share.
+ * CPU hog outside it then takes half the core from the whole handoff, not a task's share.
  */
 export function stopWithChildren(pid: number | undefined): void {
   if (pid === undefined) return;

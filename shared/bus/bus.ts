@@ -6,6 +6,7 @@ import {
   AckPolicy,
   DeliverPolicy,
   DiscardPolicy,
+  JetStreamApiError,
   jetstream,
   jetstreamManager,
   RetentionPolicy,
@@ -15,12 +16,13 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
-import { connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
+import { TimeoutError, connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
 import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, workStageOf, type WorkStage } from './subjects.js';
 import { ROOM_WAIT_MAX_MS, nextRoomWaitMs, roomWatch } from './room.js';
 import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from '../model/migration.js';
 import { recordStats } from '../telemetry/telemetry.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
+import { NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
 export interface Bus {
   nc: NatsConnection;
@@ -160,6 +162,17 @@ export function streamOf(stage: WorkStage): string {
   return STREAMS[stage];
 }
 
+/**
+ * Deliveries of a work message after which the stage failing on it gives up: a dead letter with the
+ * reason, and its migration failed.
+ */
+export const MAX_DELIVERIES = 5;
+/**
+ * The server's limit is a multiple of it: deliveries whose ack wait ran out (a worker died or
+ * stalled) count too, and at max_deliver the server drops a message without a word.
+ */
+const SERVER_MAX_DELIVER = 4 * MAX_DELIVERIES;
+
 /** Creates (or keeps) the durable pull consumer a stage's instances share. */
 export async function ensureWorkConsumer(bus: Bus, stage: WorkStage, partition: number | undefined, ackWaitMs: number): Promise<string> {
   const durable = durableName(stage, partition);
@@ -168,7 +181,7 @@ export async function ensureWorkConsumer(bus: Bus, stage: WorkStage, partition: 
     ack_policy: AckPolicy.Explicit,
     filter_subject: workFilter(stage, partition),
     ack_wait: nanos(ackWaitMs),
-    max_deliver: 20,
+    max_deliver: SERVER_MAX_DELIVER,
     max_ack_pending: 64,
     deliver_policy: DeliverPolicy.All,
   });
@@ -197,17 +210,44 @@ export async function ensureEventConsumer(jsm: JetStreamManager, actor: string, 
   return durable;
 }
 
+/**
+ * JetStream API error codes (nats-server's errors.json) a refused publish is told apart by: the
+ * client gives them as JetStreamApiError.code.
+ */
+const JS_ERR = {
+  accountResourcesExceeded: 10002,
+  clusterNotAvailable: 10008,
+  clusterNotLeader: 10009,
+  insufficientResources: 10023,
+  memoryResourcesExceeded: 10028,
+  notEnabledForAccount: 10039,
+  storageResourcesExceeded: 10047,
+  streamNotFound: 10059,
+  notEnabled: 10076,
+  /** "{the store's error}": a stream limit among others */
+  streamStoreFailed: 10077,
+} as const;
+
+const OUT_OF_ROOM = new Set<number>([JS_ERR.accountResourcesExceeded, JS_ERR.insufficientResources, JS_ERR.memoryResourcesExceeded, JS_ERR.storageResourcesExceeded]);
+const JETSTREAM_AWAY = new Set<number>([JS_ERR.clusterNotAvailable, JS_ERR.clusterNotLeader, JS_ERR.notEnabledForAccount, JS_ERR.streamNotFound, JS_ERR.notEnabled]);
+
+/** The stream (or the server's store) has no room now: an ack will make some. */
 export function isStreamFull(err: unknown): boolean {
-  const text = err instanceof Error ? `${err.message} ${String((err as { code?: unknown }).code ?? '')}` : String(err);
-  return /maximum (bytes|messages)|resource limits|10047|insufficient resources|no space/i.test(text);
+  if (!(err instanceof JetStreamApiError)) return false;
+  if (OUT_OF_ROOM.has(err.code)) return true;
+  // a failed store names its error only in the text: the stream's limits, or a full disk
+  return err.code === JS_ERR.streamStoreFailed && /^maximum (bytes|messages)|no space/i.test(err.message);
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-/** The server is away for a moment (restarting, reconnecting): worth trying again. */
+/** The server is away for a moment (restarting, reconnecting, electing a leader): worth trying again. */
 export function isTransient(err: unknown): boolean {
-  const text = err instanceof Error ? `${err.name} ${err.message} ${String((err as { code?: unknown }).code ?? '')}` : String(err);
-  return /timeout|timed out|disconnect|reconnect|no responders|503|connection closed|jetstream not enabled|stream not found|leadership/i.test(text);
+  // no answer in time: the client holds requests while it reconnects
+  if (err instanceof TimeoutError) return true;
+  // no one answers for the stream (JetStream starting, a leaf node's hub away); not exported by name
+  if (err instanceof Error && err.name === 'JetStreamNotEnabled') return true;
+  return err instanceof JetStreamApiError && JETSTREAM_AWAY.has(err.code);
 }
 
 /** How long a publish keeps trying while the server is away before the error is reported. */
@@ -251,15 +291,17 @@ export function publishStats(bus: Bus, stats: StageStats): void {
 
 /** An event, ridden through a bus outage like work (the events stream never fills: it drops its oldest). */
 export async function publishEvent(bus: Bus, migrationId: string, event: MigrationEvent): Promise<void> {
-  await publishWork(bus, eventSubject(migrationId, event.type), encodeEvent(event));
+  const data = encodeEvent(event);
+  // a server configured below NATS_MAX_PAYLOAD_BYTES: said with the sizes, not as the client's "max_payload size exceeded"
+  if (data.byteLength > bus.maxPayloadBytes) throw new Error(`${event.type} event of ${data.byteLength} bytes is more than the NATS server's max_payload of ${bus.maxPayloadBytes} bytes (this build expects ${NATS_MAX_PAYLOAD_BYTES})`);
+  await publishWork(bus, eventSubject(migrationId, event.type), data);
 }
 
 /**
  * The migration's first event of `type`, published before or after the call, or undefined after
  * `timeoutMs`. A JetStream publish is a core NATS message on its subject before the stream stores
- * it: a subscription there gets an event published once this waits a hop later, where the stream's
- * ordered consumer took 13-33 ms more on a one-core source (capture holds its chunks for the tuner's
- * first look: decision to capture 4-26 ms at 10-25 Mbit/s by the stream, 2-9 ms by core NATS). The
+ * it: a subscription there gets an event published while this waits sooner than the stream's
+ * ordered consumer would (capture holds its chunks until the tuner's first look arrives). The
  * consumer brings one published before the call. Without the stream (it could not be read), the
  * subscription may still answer; at the deadline the wait then fails with the stream's error.
  */

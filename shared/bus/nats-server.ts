@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { stopProcess } from '../actor/child.js';
+import { NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
 export interface EmbeddedNats {
   url: string;
@@ -17,7 +18,7 @@ export interface EmbeddedNats {
 }
 
 export interface EmbeddedNatsOptions {
-  /** largest message the server accepts; chunks are sized to fit it */
+  /** largest message the server accepts (default NATS_MAX_PAYLOAD_BYTES); chunks are sized to fit it */
   maxPayloadBytes?: number;
   /** fixed port (e.g. to restart a server on the same address), default: a free one */
   port?: number;
@@ -61,7 +62,7 @@ export async function startEmbeddedNats(options: EmbeddedNatsOptions = {}): Prom
     config,
     [
       `listen: "${host}:${options.port ?? -1}"`,
-      `max_payload: ${options.maxPayloadBytes ?? 8 * 1024 * 1024}`,
+      `max_payload: ${options.maxPayloadBytes ?? NATS_MAX_PAYLOAD_BYTES}`,
       // a hub names its JetStream domain, through which its leaf nodes' clients reach it
       ...(options.leafOf ? [`leafnodes { remotes: [ { url: "${options.leafOf}" } ] }`] : [`jetstream { store_dir: "${join(storeDir, 'js')}"${options.leafHub ? `, domain: "${options.leafHub.domain}"` : ''} }`]),
       ...(options.leafHub ? [`leafnodes { port: ${options.leafHub.port}, authorization { user: "${options.leafHub.user}", password: "${options.leafHub.password}" } }`] : []),

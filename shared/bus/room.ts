@@ -1,10 +1,8 @@
 /**
  * Room in a work stream. A full stream refuses a publish (the pipeline's backpressure), and the
- * publisher tries again once the stream's consumer has acked. Trying again every 5-20 ms sent the
- * whole chunk each time: over a 36 s transfer at 5 Mbit/s in raw mode, dedup (whose chunks go to the
- * wire queue then) took 4.4 s of CPU and nats-server 3.5 s, nearly all of it refused publishes, on a
- * source whose link was the bottleneck. A consumer now announces each ack on core NATS, and a
- * waiting publisher tries again then; without an announcement (lost, or a consumer that does not
+ * publisher tries again once the stream's consumer has acked: trying again on a short timer sends
+ * the whole chunk each time, and on a slow link most of the source's CPU went into refused
+ * publishes. A consumer announces each ack on core NATS, and a waiting publisher tries again then; without an announcement (lost, or a consumer that does not
  * announce) it tries again after ROOM_WAIT_MAX_MS.
  */
 import type { NatsConnection } from '@nats-io/transport-node';
@@ -17,9 +15,7 @@ export const ROOM_WAIT_MAX_MS = 100;
  * After an announcement the server may not yet have taken the acked message out of the stream
  * (it processes the ack and the publish apart, and later on a busy core): a publish refused then
  * tries again this soon, and again at twice the wait up to ROOM_RECHECK_MAX_MS, before it waits
- * for the next announcement. With one recheck only, 5 ms later, patch-3's transfers at 1000 Mbit/s
- * on one core had a median of 3.20 s against 2.85 s trying every 5-20 ms; with these, 2.86 against
- * 2.93 (8 runs each, both noisy: ranges of 0.6-1.4 s).
+ * for the next announcement: a single recheck left a fast link idle behind a busy server.
  */
 export const ROOM_RECHECK_MS = 5;
 export const ROOM_RECHECK_MAX_MS = 20;

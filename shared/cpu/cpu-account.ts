@@ -3,7 +3,7 @@
  * whole process (a compress worker's thread included), so a chunk waiting beside another one would
  * count the other's CPU as well: a chunk's share runs from when it started or the last chunk
  * finished, whichever came later, and no CPU is counted twice (counted per chunk from its start,
- * compress with two chunks in flight reported zstd-19 at 0.72-0.9 ms a block; it costs 0.37-0.42).
+ * two chunks in flight each reported about twice their cost).
  */
 export class CpuAccount {
   private countedToMs: number;

@@ -10,13 +10,8 @@ export const STRONG_HASH_BYTES = 16;
 export const CHECK_BYTES = 8;
 
 export const IMAGES = ['memory', 'disk'] as const;
-export type ImageName = (typeof IMAGES)[number];
 /** Index into IMAGES: 0 = memory, 1 = disk. */
 export type ImageId = 0 | 1;
-
-export function imageName(id: ImageId): ImageName {
-  return IMAGES[id];
-}
 
 export function strongHash(page: Uint8Array): Buffer {
   return hash('sha256', page, 'buffer').subarray(0, STRONG_HASH_BYTES);

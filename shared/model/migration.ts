@@ -3,6 +3,7 @@ import { MalformedMessageError } from './errors.js';
 import { isMode, type Mode } from './mode.js';
 import type { VmDescription } from '../vm/qemu.js';
 import { amount, count, counters, digests, object, parseJson, text } from './validate.js';
+import { CAPTURED_EVENT_OVERHEAD_BYTES, MAX_DEVICE_STATE_CHARS, NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
 export interface ImagePair {
   /** path of the base image on the source cloudlet */
@@ -138,16 +139,11 @@ export type MigrationEvent =
   /** `committed`: the destination was told to resume the VM before the link failed (its state is unknown) */
   | { type: 'failed'; stage: string; reason: string; committed?: boolean };
 
-export type MigrationEventType = MigrationEvent['type'];
-
 /**
- * An adaptive migration's first chunks: capture publishes them in the start mode (patch-3, within a
- * few percent of the best static mode at every bandwidth measured), then waits for the tuner's
- * first `tuned` event while the tuner looks: ~0.9 MB on the wire with the load's pages, 0.3 s of a
- * 25 Mbit/s link, 1.4 s of a 5 Mbit/s one, where the look (after the link probe and the ratio
- * probe) came 0.3-0.4 s after the accept. With every chunk held for the look, the link idled
- * 160-310 ms at 5-25 Mbit/s on a one-core source; with all of them let go, a slow link's queue (2 MiB, 3 s at 5 Mbit/s) fills in the
- * start mode before the look can choose a stronger one.
+ * An adaptive migration's first chunks: capture publishes them in ADAPTIVE_START_MODE, then
+ * waits for the tuner's first `tuned` event while the tuner looks. A few chunks keep the link busy
+ * during the look; with every chunk held it idles, and with all of them let go a slow link's queue
+ * fills in the start mode before the look can choose a stronger one.
  */
 export const HEAD_START_CHUNKS = 3;
 
@@ -234,7 +230,7 @@ export function parseEvent(bytes: Uint8Array): MigrationEvent {
         dirtyPages: count(o.dirtyPages, 'captured event: dirtyPages'),
         scannedBytes: count(o.scannedBytes, 'captured event: scannedBytes'),
         ...(o.final !== undefined ? { final: o.final === true } : {}),
-        ...(o.deviceState !== undefined ? { deviceState: text(o.deviceState, 'captured event: deviceState', 16 * 2 ** 20) } : {}),
+        ...(o.deviceState !== undefined ? { deviceState: text(o.deviceState, 'captured event: deviceState', MAX_DEVICE_STATE_CHARS) } : {}),
         ...(o.stoppedAtMs !== undefined ? { stoppedAtMs: amount(o.stoppedAtMs, 'captured event: stoppedAtMs') } : {}),
         ...(Array.isArray(o.rounds) ? { rounds: o.rounds as RoundRecord[] } : {}),
       };
@@ -272,7 +268,19 @@ export function parseStats(bytes: Uint8Array | string): StageStats {
   };
 }
 
+/** A device state larger than one captured event carries: refused at the source, before it is sent. */
+export class DeviceStateTooLargeError extends Error {
+  constructor(readonly deviceStateChars: number) {
+    super(
+      `device state of ${deviceStateChars} bytes (base64 of its patch against the base's) is more than one captured event carries: ` +
+        `${MAX_DEVICE_STATE_CHARS} bytes (the bus's max_payload of ${NATS_MAX_PAYLOAD_BYTES} less ${CAPTURED_EVENT_OVERHEAD_BYTES} for the event's other fields)`,
+    );
+    this.name = 'DeviceStateTooLargeError';
+  }
+}
+
 export function encodeEvent(event: MigrationEvent): Uint8Array {
+  if (event.type === 'captured' && event.deviceState !== undefined && event.deviceState.length > MAX_DEVICE_STATE_CHARS) throw new DeviceStateTooLargeError(event.deviceState.length);
   return Buffer.from(JSON.stringify(event));
 }
 

@@ -21,9 +21,9 @@ export interface Mode {
 /**
  * The mode as the tuner publishes it, with the compression it would choose now for each other delta
  * (`compressFor`). After a switch, chunks delta-encoded under the earlier mode (or passed on without
- * delta) still reach compress, and the new mode's compression suits its own delta only. Switching
- * from xor+zstd-3 to delta=zstd without compression sent the xor-encoded chunks queued at compress
- * uncompressed: xor without compression, a mode no one chose, 40% larger on programs' pages.
+ * delta) still reach compress, and the new mode's compression suits its own delta only: a switch
+ * from xor+zstd-3 to delta=zstd without compression would send the xor-encoded chunks queued at
+ * compress uncompressed, a mode no one chose.
  */
 export interface ModeConfig extends Mode {
   compressFor?: Partial<Record<DeltaAlgorithm, Pick<Mode, 'compressor' | 'level'>>>;
@@ -39,8 +39,8 @@ export const DEFAULT_MODE: Mode = { delta: 'xor', compressor: 'zstd', level: 3 }
 
 /**
  * Where an adaptive migration starts (its first chunks go before the tuner's first look): a chunk
- * against its base pages at zstd-3 was within a few percent of the best static mode at every
- * bandwidth from 5 to 1000 Mbit/s on both load contents, at the CPU of zstd-3.
+ * against its base pages at zstd-3 is close to the best static mode at every bandwidth, at the CPU
+ * of zstd-3.
  */
 export const ADAPTIVE_START_MODE: Mode = { delta: 'patch', compressor: 'zstd', level: 3 };
 

@@ -30,10 +30,10 @@ export function tracingConfigured(env: NodeJS.ProcessEnv = process.env): boolean
 
 /**
  * Starts telemetry for this process, once; `actor` names the service unless OTEL_SERVICE_NAME does.
- * The tracing SDK is loaded only when tracing is configured: it costs ~0.6 s of CPU to load, in
- * every actor process. The metrics SDK only where `metrics` (a health server will serve them) or
- * tracing asks for it: 0.11-0.15 s of CPU a process, and a command that spawns its actors starts
- * seven processes on the source's cores before a handoff can begin.
+ * The SDKs cost CPU to load in every actor process, and a command that spawns its actors starts
+ * seven on the source's cores before a handoff can begin: the tracing SDK is loaded only when
+ * tracing is configured, the metrics SDK only where `metrics` (a health server will serve them) or
+ * tracing asks for it.
  */
 export async function startTelemetry(actor: string, options: { metrics: boolean } = { metrics: true }): Promise<Telemetry> {
   if (running) return running;

@@ -18,10 +18,10 @@ const MODULES = ['virtio_ring', 'virtio', 'virtio_pci_modern_dev', 'virtio_pci_l
 
 /**
  * The guest's init: 4 ticks a second, each writing 128 KiB of random bytes into tmpfs (512 KiB/s of
- * dirty memory, the workload QEMU's own migration was measured with) and one random 4 KiB block of
- * the disk, and printing `handoff-counter N`. Few processes per tick: each one dirties memory too.
+ * dirty memory, a light interactive workload) and one random 4 KiB block of the disk, and
+ * printing `handoff-counter N`. Few processes per tick: each one dirties memory too.
  * The tmpfs files rotate over `handoff.files=N` of the kernel command line (default 1: the same file
- * rewritten, a working set of about a MiB as in DOMAIN.md's measurement; 128 gives 16 MiB).
+ * rewritten, a working set of about a MiB; 128 gives 16 MiB).
  */
 const INIT = `#!/bin/busybox sh
 /bin/busybox --install -s /bin

@@ -16,11 +16,10 @@ export interface ImageSetOptions {
   dirtyFraction?: number;
   /**
    * What the VM writes into the pages it changes. `mixed` (default): heap-like structures, text of a
-   * small vocabulary and 15% random bytes; all of it compresses about as well at zstd-3 as at -19
-   * (2.5% apart here). `programs`: mostly slices of this machine's executables and libraries, a
-   * program's code and data in memory, 5% random; executables compress 13-14% smaller at zstd-19
-   * than at zstd-3, the changed pages as a whole ~6% (DOMAIN's FACE workload: 26% between gzip-1
-   * and lzma-9), the trade-off a tuner weighs.
+   * small vocabulary and 15% random bytes; all of it compresses about as well at zstd-3 as at -19.
+   * `programs`: mostly slices of this machine's executables and libraries, a program's code and
+   * data in memory, 5% random; executables compress noticeably smaller at zstd-19 than at zstd-3,
+   * the trade-off a tuner weighs.
    */
   content?: 'mixed' | 'programs';
 }

@@ -152,7 +152,7 @@ export async function startQemu(vm: VmDescription, paths: VmPaths, options: { in
 
 /**
  * The device state alone (RAM is in the shared file): with the guest stopped, QMP migrate with
- * x-ignore-shared to a file (`exec:cat > FILE`). About 0.8 MB for the test guest.
+ * x-ignore-shared to a file (`exec:cat > FILE`).
  */
 export async function saveDeviceState(qmp: QmpClient, file: string): Promise<void> {
   await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });

@@ -162,16 +162,3 @@ export function decodeChunk(bytes: Uint8Array): Chunk {
   if (strongHash) chunk.strongHash = strongHash;
   return chunk;
 }
-
-/** Generic MessagePack for small control records (events, descriptors); callers validate shape. */
-export function packRecord(value: unknown): Uint8Array {
-  return packr.pack(value);
-}
-
-export function unpackRecord(bytes: Uint8Array): unknown {
-  try {
-    return packr.unpack(bytes);
-  } catch (err) {
-    throw new MalformedMessageError(`malformed record: not MessagePack (${err instanceof Error ? err.message : String(err)})`);
-  }
-}

@@ -9,6 +9,7 @@ import { parseRebuildResult, type ImageDigests, type RebuildResult } from '../mo
 import { amount, count, digests, object, text } from '../model/validate.js';
 import type { VmDescription } from '../vm/qemu.js';
 import { validateMigrationId } from './chunk-codec.js';
+import { MAX_DEVICE_STATE_CHARS, NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
 export const FrameType = {
   Hello: 1,
@@ -36,8 +37,8 @@ const MAGIC0 = 0x48; // 'H'
 const MAGIC1 = 0x4f; // 'O'
 const VERSION = 1;
 export const FRAME_HEADER_BYTES = 12;
-/** Largest payload accepted: a chunk of the largest NATS message plus room. */
-export const MAX_FRAME_PAYLOAD = 16 * 1024 * 1024;
+/** Largest payload accepted: a chunk or a captured event as large as a NATS message, and room. */
+export const MAX_FRAME_PAYLOAD = 2 * NATS_MAX_PAYLOAD_BYTES;
 
 export interface Frame {
   type: FrameType;
@@ -245,7 +246,7 @@ export function parseCaptured(frame: Frame): Captured {
     slices: count(o.slices, 'captured frame: slices', 2 ** 32),
     imageHashes: digests(o.imageHashes, 'captured frame'),
     ...(o.final !== undefined ? { final: o.final === true } : {}),
-    ...(o.deviceState !== undefined ? { deviceState: text(o.deviceState, 'captured frame: deviceState', 16 * 2 ** 20) } : {}),
+    ...(o.deviceState !== undefined ? { deviceState: text(o.deviceState, 'captured frame: deviceState', MAX_DEVICE_STATE_CHARS) } : {}),
   };
 }
 

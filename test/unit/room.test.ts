@@ -1,6 +1,7 @@
 /** A publisher to a full work stream waits for its consumer's announcement, not on a short timer. */
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, mock, test } from 'node:test';
+import { JetStreamApiError } from '@nats-io/jetstream';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { publishWork, type Bus } from '../../shared/bus/bus.js';
 import { ROOM_RECHECK_MAX_MS, ROOM_RECHECK_MS, ROOM_WAIT_MAX_MS, announceRoom } from '../../shared/bus/room.js';
@@ -23,7 +24,7 @@ function fakeBus(): { bus: Bus; state: { full: boolean; attempts: number } } {
   const js = {
     publish: async () => {
       state.attempts++;
-      if (state.full) throw new Error('maximum bytes exceeded');
+      if (state.full) throw new JetStreamApiError({ code: 503, err_code: 10077, description: 'maximum bytes exceeded' });
       return { seq: state.attempts };
     },
   };
