@@ -4,7 +4,7 @@
  */
 import { chunkKey, type Chunk } from '../model/chunk.js';
 import { decodeChunk, encodeChunk } from '../wire/chunk-codec.js';
-import { ensureWorkConsumer, publishDeadLetter, publishWork, streamOf, type Bus, type JsMsg } from '../bus/bus.js';
+import { MAX_DELIVERIES, ensureWorkConsumer, publishDeadLetter, publishWork, streamOf, type Bus, type JsMsg } from '../bus/bus.js';
 import { MalformedMessageError, errorMessage } from '../model/errors.js';
 import type { Logger } from '../telemetry/log.js';
 import type { MigrationDescriptor, StageStats } from '../model/migration.js';
@@ -72,8 +72,6 @@ export function nextStage(from: 'dedup' | 'delta' | 'compress', mode: Mode, chun
 /** descriptors older than this are prepared for at their first chunk only (see runStage) */
 const PREPARE_AHEAD_MAX_AGE_MS = 10 * 60_000;
 
-/** Redeliveries before a failing chunk is given up on and its migration failed with the reason. */
-const MAX_ATTEMPTS = 5;
 
 export interface RunningStage extends RunningService {
   bus: Bus;
@@ -200,7 +198,7 @@ async function startStage(actor: StageActor, ctx: ActorContext, prepare: (d: Mig
       }
       const attempt = m.info.deliveryCount;
       log.warn('chunk failed', { migration: migrationId, attempt, reason });
-      if (attempt >= MAX_ATTEMPTS) await giveUp(m, migrationId, `${actor.name} gave up on a chunk after ${attempt} attempts: ${reason}`);
+      if (attempt >= MAX_DELIVERIES) await giveUp(m, migrationId, `${actor.name} gave up on a chunk after ${attempt} attempts: ${reason}`);
       else m.nak(500 * attempt);
     } finally {
       clearInterval(alive);
