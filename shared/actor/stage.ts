@@ -72,7 +72,6 @@ export function nextStage(from: 'dedup' | 'delta' | 'compress', mode: Mode, chun
 /** descriptors older than this are prepared for at their first chunk only (see runStage) */
 const PREPARE_AHEAD_MAX_AGE_MS = 10 * 60_000;
 
-
 export interface RunningStage extends RunningService {
   bus: Bus;
 }
