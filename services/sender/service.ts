@@ -11,6 +11,7 @@ import { runActor, type ActorContext, type ActorDefinition, type ActorWiring, ty
 import type { Logger } from '../../shared/telemetry/log.js';
 import { parseEvent, type MigrationDescriptor } from '../../shared/model/migration.js';
 import { announceRoom } from '../../shared/bus/room.js';
+import { CpuAccount } from '../../shared/cpu/cpu-account.js';
 import { startSpan, traceparentFrom, traceparentOf } from '../../shared/telemetry/telemetry.js';
 import { linkSecurityFromEnv, type LinkSecurity } from '../../shared/wire/link-security.js';
 import { Saturation, ackedChunkStats, commitFailure, helloFor, inFlightLimitBytes, probeStats, wireQueueResizeBytes } from './core.js';
@@ -30,9 +31,11 @@ export function runSenderService(natsUrl: string): Promise<RunningService> {
 /** One WAN link per migration, opened by its first event or chunk. */
 class Links {
   private readonly links = new Map<string, Promise<WanLink>>();
+  // `cpu` is shared with the chunks' statistics: no CPU is counted twice
   constructor(
     private readonly ctx: ActorContext,
     private readonly security: LinkSecurity,
+    private readonly cpu: CpuAccount,
   ) {}
 
   open(d: MigrationDescriptor, mlog: Logger): Promise<WanLink> {
@@ -71,10 +74,11 @@ class Links {
     await ctx.publishEvent(d.migrationId, { type: 'accepted', destinationBaseHashes });
     // while capture starts: the link's speed, so an adaptive migration's first mode fits it
     if (d.adaptive) {
+      const cpuStart = this.cpu.start();
       void link.probe().then((bandwidthBps) => {
         if (bandwidthBps === undefined) return;
         mlog.info('link probed', { bandwidthBps: Math.round(bandwidthBps) });
-        ctx.publishStats(probeStats(d.migrationId, bandwidthBps, 0));
+        ctx.publishStats(probeStats(d.migrationId, bandwidthBps, this.cpu.finish(cpuStart)));
       });
     }
     link.result.then(
@@ -115,7 +119,9 @@ async function startSender(ctx: ActorContext): Promise<ActorWiring> {
   const { bus, log, descriptors } = ctx;
   // the link's credentials are this process's own (environment or files), never on the bus
   const security = linkSecurityFromEnv();
-  const links = new Links(ctx, security);
+  // the sender's CPU per chunk: from the chunk's arrival or the previous statistics message, whichever came later
+  const cpu = new CpuAccount();
+  const links = new Links(ctx, security, cpu);
 
   // the destination refusing is the migration's answer, not the sender failing
   const onError = async (type: 'start' | 'captured', err: unknown, migrationId: string, mlog: Logger): Promise<void> => {
@@ -179,6 +185,7 @@ async function startSender(ctx: ActorContext): Promise<ActorWiring> {
       const mlog = ctx.logFor(migrationId);
       try {
         const link = await links.open(await descriptors.get(migrationId), mlog);
+        const cpuStart = cpu.start();
         const started = performance.now();
         const size = m.data.byteLength;
         // only traced chunks carry a traceparent (capture chose them)
@@ -192,7 +199,7 @@ async function startSender(ctx: ActorContext): Promise<ActorWiring> {
             announceRoom(bus.nc, 'wire');
             chunkSpan?.setAttributes({ 'handoff.frame_bytes': frameBytes, 'handoff.sends': sends });
             chunkSpan?.end();
-            const chunk = { migrationId, streamSeq: m.seq, bytesIn: size, frameBytes, sends, cpuMs: 0, wallMs: performance.now() - started };
+            const chunk = { migrationId, streamSeq: m.seq, bytesIn: size, frameBytes, sends, cpuMs: cpu.finish(cpuStart), wallMs: performance.now() - started };
             const reading = { bandwidthBps: link.bandwidth.bandwidthBps, averageBandwidthBps: link.averageBandwidthBps, linkBoundShare: saturation.linkBoundShare, reconnects: link.takeReconnects() };
             ctx.publishStats(ackedChunkStats(chunk, reading));
           })
