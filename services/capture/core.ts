@@ -74,8 +74,8 @@ export function newPageRecord(pages: number): PageRecord {
 
 /**
  * Later rounds: the pages of `block` changed since the round before. A group whose xxh64 is
- * unchanged is skipped (one hash per 64 KiB: ~30 ms for 288 MiB mapped, the final round runs while
- * the VM is stopped); a changed group is copied first and everything after is computed on the copy,
+ * unchanged is skipped (one hash per group keeps the final round short, and it runs while the VM
+ * is stopped); a changed group is copied first and everything after is computed on the copy,
  * because `block` may be the guest's live memory: the group hash, page checks and strong hashes in
  * `record` then describe exactly the bytes that are sent, whatever the guest writes meanwhile.
  * `record`'s strong hashes give the image digest without hashing every page again.

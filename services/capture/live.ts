@@ -19,7 +19,7 @@ import { saveDeviceState } from '../../shared/vm/qemu.js';
 import { newPageRecord } from './core.js';
 import { mapImage } from './mapping.js';
 import { decideAfterRound, type RoundStat } from './policy.js';
-import { captureRound, type CaptureGate, type LiveImages } from './round.js';
+import { captureRound, type CaptureGate, type LiveImages, type PublishStats } from './round.js';
 
 /** What the stop costs besides the last round's pages: device state, the final scan, the resume. */
 const STOP_OVERHEAD_MS = 150;
@@ -39,8 +39,8 @@ async function waitDelivered(bus: Bus, d: MigrationDescriptor): Promise<void> {
   }
 }
 
-/** `gate`: round 0's, see captureRound */
-export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger, gate?: CaptureGate): Promise<void> {
+/** `gate`: round 0's, see captureRound; `report`: each round's per-chunk statistics */
+export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger, gate: CaptureGate | undefined, report: PublishStats): Promise<void> {
   const live = d.live!;
   const images: LiveImages = {
     records: [newPageRecord(d.memory.bytes / PAGE_SIZE), newPageRecord(d.disk.bytes / PAGE_SIZE)],
@@ -53,10 +53,10 @@ export async function captureLive(bus: Bus, d: MigrationDescriptor, log: Logger,
     if (decision) rounds.at(-1)!.decision = decision.reason;
     if (decision) rounds.at(-1)!.predictedDowntimeMs = Math.round(decision.predictedDowntimeMs);
     if (decision?.final) {
-      await stopAndCopy(bus, d, round, images, rounds, log);
+      await stopAndCopy(bus, d, round, images, rounds, log, report);
       return;
     }
-    const r = await captureRound(bus, d, round, log, images, round === 0 ? gate : undefined);
+    const r = await captureRound(bus, d, round, log, images, round === 0 ? gate : undefined, report);
     await publishEvent(bus, d.migrationId, { type: 'captured', round, slices: r.slices, imageHashes: r.imageHashes, dirtyPages: r.dirtyPages, scannedBytes: r.scannedBytes, final: false });
     const started = performance.now() - r.seconds * 1000;
     await waitDelivered(bus, d);
@@ -76,7 +76,7 @@ async function flushFile(path: string): Promise<void> {
   }
 }
 
-async function stopAndCopy(bus: Bus, d: MigrationDescriptor, round: number, images: LiveImages, rounds: RoundRecord[], log: Logger): Promise<void> {
+async function stopAndCopy(bus: Bus, d: MigrationDescriptor, round: number, images: LiveImages, rounds: RoundRecord[], log: Logger, report: PublishStats): Promise<void> {
   const live = d.live!;
   const qmp = await QmpClient.connect(live.qmpSocket, 10_000);
   const stateFile = join(tmpdir(), `handoff-devstate-${d.migrationId}-${process.pid}`);
@@ -92,7 +92,7 @@ async function stopAndCopy(bus: Bus, d: MigrationDescriptor, round: number, imag
     // RAM is frozen once the VM stops and the device state excludes it: both at once
     const since = (t0: number) => () => Date.now() - t0;
     const t0 = Date.now();
-    const [deviceStateMs, r] = await Promise.all([saveDeviceState(qmp, stateFile).then(since(t0)), captureRound(bus, d, round, log, images)]);
+    const [deviceStateMs, r] = await Promise.all([saveDeviceState(qmp, stateFile).then(since(t0)), captureRound(bus, d, round, log, images, undefined, report)]);
     const state = await readFile(stateFile);
     // level 3: the long matches against the base are found all the same, in milliseconds (downtime)
     const deviceState = encodePatch(state, baseState, 3).toString('base64');

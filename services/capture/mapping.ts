@@ -1,8 +1,8 @@
 /**
  * Read-only shared mappings of a running VM's image files (mmap, through @riaskov/mmap-io): later
- * rounds hash the guest's memory where it lies instead of copying it through read() first, ~30 ms
- * instead of ~120 ms for 288 MiB here, and the final round is downtime. Where the addon cannot load
- * (no binary for this Node) or a file cannot be mapped, rounds read the file as before.
+ * rounds hash the guest's memory where it lies instead of copying it through read() first, which
+ * matters because the final round is downtime. Where the addon cannot load (no binary for this
+ * Node) or a file cannot be mapped, rounds read the file instead.
  */
 import { closeSync, openSync } from 'node:fs';
 import type { Logger } from '../../shared/telemetry/log.js';

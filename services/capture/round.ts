@@ -12,11 +12,13 @@ import { encodeChunk } from '../../shared/wire/chunk-codec.js';
 import { BadImageError, BaseMismatchError } from '../../shared/model/errors.js';
 import type { Logger } from '../../shared/telemetry/log.js';
 import type { ImageDigests, MigrationDescriptor, StageStats } from '../../shared/model/migration.js';
+import type { ActorContext } from '../../shared/actor/shell.js';
 import { PAGE_SIZE, digestOfPageHashes, newImageDigest, type ImageId } from '../../shared/image/pages.js';
 import { workSubject } from '../../shared/bus/subjects.js';
 import { chunkTraced, headersFor, startSpan, traceparentOf } from '../../shared/telemetry/telemetry.js';
 import { ChunkBuilder, changedPagesOf, dirtyPagesOf, type PageRecord } from './core.js';
 
+/** the images are read this much at a time (a whole number of page groups) */
 const READ_BLOCK_BYTES = 4 * 1024 * 1024;
 /** publishes awaiting their JetStream ack at once: overlaps reading with the bus */
 const MAX_PUBLISHES_IN_FLIGHT = 8;
@@ -47,15 +49,31 @@ export interface CaptureGate {
   headStartWaitMs?: number;
 }
 
+/** Where a round's per-chunk statistics go: the capture actor's `ctx.publishStats`. */
+export type PublishStats = ActorContext['publishStats'];
+
+/** Outside the actor (a test driving one round): statistics stamped as this process's capture. */
+function publishAsCapture(bus: Bus): PublishStats {
+  const instance = `${hostname()}:${process.pid}`;
+  return (stats) => publishStats(bus, { stage: 'capture', instance, ...stats });
+}
+
 /**
  * Captures round `round` (`live`: of a live handoff, whose later rounds compare with the round
  * before; `gate`: hold chunks past the first few until it opens).
  */
-export async function captureRound(bus: Bus, d: MigrationDescriptor, round: number, log: Logger, live?: LiveImages, gate?: CaptureGate): Promise<RoundResult> {
+export async function captureRound(
+  bus: Bus,
+  d: MigrationDescriptor,
+  round: number,
+  log: Logger,
+  live?: LiveImages,
+  gate?: CaptureGate,
+  report: PublishStats = publishAsCapture(bus),
+): Promise<RoundResult> {
   const records = live?.records;
   if (round > 0 && !records) throw new Error('a later round needs the hashes of the round before');
   const started = performance.now();
-  const instance = `${hostname()}:${process.pid}`;
   const inFlight = new Set<Promise<void>>();
   const span = startSpan('capture', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture', 'handoff.round': round });
   const headStart = gate?.headStartWaitMs ? Promise.race([gate.open, new Promise((resolve) => setTimeout(resolve, gate!.headStartWaitMs).unref())]) : undefined;
@@ -106,9 +124,7 @@ export async function captureRound(bus: Bus, d: MigrationDescriptor, round: numb
           const used = process.cpuUsage(since.cpu);
           const startedMs = since.wallMs;
           since = { wallMs: performance.now(), cpu: process.cpuUsage() };
-          const stats: StageStats = {
-            stage: 'capture',
-            instance,
+          const stats: Omit<StageStats, 'stage' | 'instance'> = {
             migrationId: d.migrationId,
             round,
             seq: slices[0]!.seq,
@@ -121,7 +137,7 @@ export async function captureRound(bus: Bus, d: MigrationDescriptor, round: numb
             mode: slices[0]!.mode,
             counts: { scannedBytes, slices: slices.length },
           };
-          publishStats(bus, stats);
+          report(stats);
         };
         for (let offset = 0; offset < size; ) {
           const want = Math.min(READ_BLOCK_BYTES, size - offset);

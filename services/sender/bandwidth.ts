@@ -1,12 +1,11 @@
 /**
  * Bandwidth as the receiver sees it: bytes acknowledged over the time the link had them to carry,
- * over the newest ACKs (Elijah takes the median per blob, averaged over the last 6 blobs).
+ * over the newest ACKs.
  *
  * Each ACK is credited with the time since the later of the previous ACK and its frame's sending
  * (BBR's delivery rate, in short): time the link sat idle waiting for the pipeline is not counted,
  * so the figure is what the link carries while it has work, whether or not it is the bottleneck.
- * Bytes over plain ACK spacing read the pipeline's pace when the pipeline is slower (it then looked
- * like half the link, and the tuner doubled it by guess).
+ * Plain ACK spacing would read the pipeline's pace whenever the pipeline is the slower one.
  */
 export class BandwidthEstimator {
   private readonly acks: { atMs: number; bytes: number; busyMs: number }[] = [];
@@ -14,13 +13,11 @@ export class BandwidthEstimator {
   lastAckMs: number | undefined;
 
   /**
-   * The figure is over the newest ACKs that hold `recentBusyMs` of link time: on a link busy all
-   * the time that is the last 0.7 s, so a 5 -> 35 Mbit/s change reads 35 within 0.7 s (a window of
-   * 2 s read 12.5 after half a second and 20 after one: the tuner acted on a 1.5 s phase of 35
-   * when it was half over). On a link that waits for the pipeline, older ACKs up to `windowMs`.
-   * `minBusyMs`: no figure with less link time than that. A shaper passes 64 KiB packets and the
-   * receiver answers the frames in one read together, so two ACKs a few ms apart read as 30-60
-   * Mbit/s on a 5 Mbit/s link (seen in load:adaptive: the tuner then left zstd-19).
+   * The figure is over the newest ACKs that hold `recentBusyMs` of link time, short so that a
+   * change of the link's speed shows before the tuner has sat through most of it; on a link that
+   * waits for the pipeline, older ACKs up to `windowMs`. `minBusyMs`: no figure with less link
+   * time than that, because a shaper passes large packets and the receiver answers the frames of
+   * one read together: two ACKs a few ms apart read a slow link as many times its speed.
    */
   constructor(
     private readonly windowMs = 3000,
@@ -28,9 +25,8 @@ export class BandwidthEstimator {
     private readonly recentBusyMs = 700,
     /**
      * ... unless the newest ACKs holding this much link time read more than twice or less than
-     * half that: then the link changed, and those are the figure. A 5 -> 35 Mbit/s change read
-     * 33 Mbit/s 0.8 s after it (the link, waiting on a one-core pipeline, was busy half the time),
-     * over half of a 1.5 s phase. A shaper's burst moves a quarter second's reading by well under 2x.
+     * half that: then the link changed, and those are the figure (a shaper's burst moves a reading
+     * this long by well under 2x, so a burst alone does not pass for a change).
      */
     private readonly quickBusyMs = 250,
   ) {}

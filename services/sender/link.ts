@@ -35,7 +35,10 @@ import {
 import { runQueueWaitMs } from '../../shared/cpu/thread-cpu.js';
 import { BandwidthEstimator } from './bandwidth.js';
 import { probeRound } from './link-probe.js';
+import { PendingFrames, type SentChunk } from './pending-frames.js';
 import { RateLimiter } from './rate.js';
+
+export type { SentChunk } from './pending-frames.js';
 
 export interface LinkOptions {
   address: string;
@@ -59,26 +62,6 @@ export class DestinationError extends FatalLinkError {
   override name = 'DestinationError';
 }
 
-interface PendingFrame {
-  pieces: [Buffer, Uint8Array];
-  bytes: number;
-  /** times written to a connection */
-  sends: number;
-  /** the connection it was last written to (a resume sends again what went to an older one) */
-  sentOn: Connection | undefined;
-  /** when first written */
-  sentMs: number | undefined;
-  resolve: (sent: SentChunk) => void;
-  reject: (e: Error) => void;
-}
-
-export interface SentChunk {
-  /** size of one copy of the frame */
-  frameBytes: number;
-  /** copies written (more than 1 after a drop or a corrupted frame) */
-  sends: number;
-}
-
 interface Connection {
   socket: Socket;
   /** when the receiver last showed progress (an ACK, or more bytes received) */
@@ -98,7 +81,7 @@ export class WanLink {
   private reportedReconnects = 0;
   private firstSendMs: number | undefined;
   private frameNo = 0;
-  private readonly pending = new Map<number, PendingFrame>();
+  private readonly pending = new PendingFrames<Connection>();
   private readonly capturedFrames: Buffer[] = [];
   private readonly limiter: RateLimiter | undefined;
   private readonly deadlineMs: number;
@@ -130,10 +113,6 @@ export class WanLink {
     this.result.catch(() => undefined);
     this.watchdog = setInterval(() => this.checkAlive(), 250);
     this.watchdog.unref();
-  }
-
-  get migrationId(): string {
-    return this.options.hello.migrationId;
   }
 
   /** Connects and shakes hands; rejects with RefusedError when the destination refuses. */
@@ -225,11 +204,9 @@ export class WanLink {
       case FrameType.Ack: {
         const { frameNo } = splitChunkFrame(frame.payload);
         conn.lastProgressMs = performance.now();
-        const p = this.pending.get(frameNo);
-        if (!p) return; // the ACK of a copy already acknowledged: harmless
-        this.pending.delete(frameNo);
-        this.bandwidth.ack(p.bytes, p.sentMs ?? performance.now());
-        p.resolve({ frameBytes: p.bytes, sends: p.sends });
+        // undefined: the ACK of a copy already acknowledged, harmless
+        const acked = this.pending.acknowledge(frameNo);
+        if (acked) this.bandwidth.ack(acked.bytes, acked.sentMs ?? performance.now());
         return;
       }
       case FrameType.Progress: {
@@ -312,22 +289,15 @@ export class WanLink {
         this.conn = conn;
         this.reconnects++;
         // applied before the drop, their ACKs lost with it: done, nothing to resend
-        for (const frameNo of appliedFrames) {
-          const p = this.pending.get(frameNo);
-          if (!p) continue;
-          this.pending.delete(frameNo);
-          p.resolve({ frameBytes: p.bytes, sends: p.sends });
-        }
-        const frames = [...this.pending.values()].filter((f) => f.sentOn !== undefined && f.sentOn !== conn);
+        for (const frameNo of appliedFrames) this.pending.acknowledge(frameNo);
+        const frames = this.pending.sentBefore(conn);
         this.options.log?.info('WAN link back: resending unacknowledged frames', { attempt: attempt + 1, frames: frames.length, downSeconds: Number(((performance.now() - lostAt) / 1000).toFixed(1)) });
         for (const f of this.capturedFrames) await this.writeNow(conn, f);
         if (this.goFrame) await this.writeNow(conn, this.goFrame);
         for (const f of frames) {
-          if (!this.pending.has(this.frameNoOf(f))) continue; // acknowledged meanwhile
+          if (!this.pending.has(f.frameNo)) continue; // acknowledged meanwhile
           await this.limiter?.take(f.bytes);
-          f.sentOn = conn;
-          f.sends++;
-          f.sentMs ??= performance.now();
+          this.pending.markSent(f, conn);
           this.resentBytes += f.bytes;
           await this.writeNow(conn, f.pieces);
         }
@@ -345,25 +315,16 @@ export class WanLink {
     }
   }
 
-  private frameNoOf(f: PendingFrame): number {
-    return f.pieces[0].readUInt32LE(12);
-  }
-
   private fail(err: Error): void {
     if (this.failure) return;
     this.failure = err;
     clearInterval(this.watchdog);
-    for (const p of this.pending.values()) p.reject(err);
-    this.pending.clear();
+    this.pending.rejectAll(err);
     this.resultHandlers?.reject(err);
     this.resumed?.reject(err);
     this.conn?.socket.destroy();
     this.conn = undefined;
     this.releaseDrain?.(); // a destroyed socket never drains: let waiting writers see the failure
-  }
-
-  get failed(): Error | undefined {
-    return this.failure;
   }
 
   /** set while the socket's buffer is full: writers wait for one shared 'drain' */
@@ -412,21 +373,14 @@ export class WanLink {
     if (this.failure) throw this.failure;
     const frameNo = this.frameNo++;
     const pieces = encodeChunkFrame(frameNo, chunk);
-    const bytes = pieces[0].byteLength + pieces[1].byteLength;
-    await this.limiter?.take(bytes);
-    let frame: PendingFrame | undefined;
-    const acked = new Promise<SentChunk>((resolve, reject) => {
-      frame = { pieces, bytes, sends: 0, sentOn: undefined, sentMs: undefined, resolve, reject };
-      this.pending.set(frameNo, frame);
-    });
+    await this.limiter?.take(pieces[0].byteLength + pieces[1].byteLength);
+    const { frame, acked } = this.pending.add(frameNo, pieces);
     this.firstSendMs ??= performance.now();
     const conn = await this.connection();
     // unless a resume sent it already (or it was acknowledged): a write cut short by a drop is left
     // to the resume, which sends again what went to the lost connection
-    if (frame!.sentOn !== conn && this.pending.has(frameNo)) {
-      frame!.sentOn = conn;
-      frame!.sends++;
-      frame!.sentMs ??= performance.now();
+    if (frame.sentOn !== conn && this.pending.has(frameNo)) {
+      this.pending.markSent(frame, conn);
       await this.writeNow(conn, pieces).catch(() => undefined);
     }
     return acked;
@@ -478,18 +432,13 @@ export class WanLink {
   }
 
   /**
-   * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision. A
-   * lead frame empties the shaper's burst allowance (a token bucket lets its first ~100 KB through
-   * at line rate); the frame right behind it is timed by the receiver, delivery by delivery (see
-   * services/receiver/arrival.ts). On tbf links that read 5 Mbit/s as 4.6-6.7, 10 as 11-13, 100 as
-   * 83-104 and 1000 as 0.35-16 Gbit/s (tbf lets 10 ms of its rate through at once); the spacing of
-   * the two answers at the sender had read 5 Mbit/s as 12-14 (a packet of 64 KiB holds the end of
-   * one frame and most of the next), and 1000 Mbit/s as 140 Gbit/s. Further rounds (see
-   * link-probe.ts) follow when a frame crossed within 10 ms; they stop at 1 MiB (a frame of it the
-   * receiver got in one delivery reads as 1 MiB in 10 ms, 839 Mbit/s: a floor). Growing in steps to
-   * 2 MiB cost 3.7 MB of padding at 1000 Mbit/s. A round in which this thread waited long for a
-   * core reads the sender's pace: it is scaled up (see STARVED_SENDER_SHARE). The ACKs of chunks
-   * measure the link properly later. Undefined when the link did not answer.
+   * The link's speed before any chunk has crossed it (bits/s), for the tuner's first decision, or
+   * undefined when the link did not answer. A lead frame empties a shaper's burst allowance; the
+   * frame right behind it is timed by the receiver, delivery by delivery (services/receiver/arrival.ts),
+   * because the spacing of the answers at the sender reads packet batching, not the link. Further
+   * rounds with a larger frame follow while a frame crosses too fast to time (see link-probe.ts),
+   * up to `maxMeasuredBytes`, so the padding stays cheap on a fast link. A round in which this
+   * thread waited long for a core read the sender's pace: it is scaled up (see STARVED_SENDER_SHARE).
    */
   async probe(leadBytes = 128 * 1024, timeoutMs = 3000, maxMeasuredBytes = 1024 * 1024): Promise<number | undefined> {
     let bps: number | undefined;
