@@ -322,7 +322,8 @@ export class Tuner {
   /** Feeds one chunk's statistics. `blocks`: pages that carried a body (dedup's output). */
   observe(s: StageStats): void {
     const blocks = s.counts?.blocks ?? 0;
-    this.reportedCpuMs += s.cpuMs;
+    // the sender's CPU stays in the unreported overhead, which observeOwnCpu measures from /proc
+    if (s.stage !== 'sender') this.reportedCpuMs += s.cpuMs;
     if ((s.stage === 'capture' || s.stage === 'dedup') && s.pages > 0) this.pageCost[s.stage].add(s.cpuMs / s.pages, s.pages / 64);
     if (s.stage === 'dedup') {
       this.dedupPages.add(s.pages);

@@ -339,10 +339,10 @@ describe('tuner', () => {
     assert.ok(withPrior.processingBlocksPerSec < withPrior.networkBlocksPerSec, `${Math.round(withPrior.processingBlocksPerSec)} blocks/s processed, ${Math.round(withPrior.networkBlocksPerSec)} carried`);
     // measured, the figure replaces the prior: the stages reported all but 0.01 ms a block (3 bus pages, raw)
     t.observeOwnCpu(0);
-    t.observe(stats('sender', NONE, 256, 0.02 * 256, 256 * 4096, 'wire'));
+    t.observe(stats('compress', NONE, 256, 0.02 * 256, 256 * 4096, 'wire'));
     t.observeOwnCpu(0);
     for (let interval = 0; interval < 8; interval++) {
-      for (let i = 0; i < 10; i++) t.observe(stats('sender', NONE, 256, 0.02 * 256, 256 * 4096, 'wire'));
+      for (let i = 0; i < 10; i++) t.observe(stats('compress', NONE, 256, 0.02 * 256, 256 * 4096, 'wire'));
       t.observeOwnCpu(10 * 256 * 0.03);
     }
     assert.ok(near(t.overheadCpuMsPerBusPage, 0.01 / 3), `measured ${t.overheadCpuMsPerBusPage}`);
