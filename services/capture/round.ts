@@ -75,6 +75,8 @@ export async function captureRound(
   if (round > 0 && !records) throw new Error('a later round needs the hashes of the round before');
   const started = performance.now();
   const inFlight = new Set<Promise<void>>();
+  // a publish that fails while not awaited fails the round at the next publish or at its end
+  let publishFailed: { reason: unknown } | undefined;
   const span = startSpan('capture', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture', 'handoff.round': round });
   const headStart = gate?.headStartWaitMs ? Promise.race([gate.open, new Promise((resolve) => setTimeout(resolve, gate!.headStartWaitMs).unref())]) : undefined;
   const publish = async (chunk: Chunk): Promise<void> => {
@@ -89,11 +91,12 @@ export async function captureRound(
       traceparent = traceparentOf(chunkSpan);
       chunkSpan.end();
     }
-    const p = publishWork(bus, workSubject('dedup', d.migrationId, chunk.part), encodeChunk(chunk), `${d.migrationId}.capture.${chunkKey(chunk)}`, headersFor(traceparent)).finally(() =>
-      inFlight.delete(p),
-    );
+    const p = publishWork(bus, workSubject('dedup', d.migrationId, chunk.part), encodeChunk(chunk), `${d.migrationId}.capture.${chunkKey(chunk)}`, headersFor(traceparent))
+      .catch((reason: unknown) => void (publishFailed ??= { reason }))
+      .finally(() => inFlight.delete(p));
     inFlight.add(p);
     if (inFlight.size >= MAX_PUBLISHES_IN_FLIGHT) await Promise.race(inFlight);
+    if (publishFailed) throw publishFailed.reason;
   };
   let seq = 0;
   let dirtyPages = 0;
@@ -162,6 +165,7 @@ export async function captureRound(
       imageHashes[name] = base ? digest.digest('hex') : digestOfPageHashes(record!.strong);
     }
     await Promise.all(inFlight);
+    if (publishFailed) throw publishFailed.reason;
   } finally {
     span.setAttributes({ 'handoff.dirty_pages': dirtyPages, 'handoff.scanned_bytes': scannedBytes });
     span.end();
