@@ -1,0 +1,290 @@
+/**
+ * `handoff base` on a real QEMU started as a user starts one (ordinary RAM, default devices, a NIC,
+ * a raw disk): the folder is valid, the guest runs on, and the base resumes: a stream rebuilt from
+ * memory.img and device-state.bin alone starts a second QEMU on the source's command line, whose
+ * guest counts on from where the base was taken, without booting again.
+ */
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream, readFileSync } from 'node:fs';
+import { copyFile, mkdir, mkdtemp, open, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { connect, createServer, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { GUEST_CACHE } from '../load/lib/vm.js';
+import { loadBaseIndex } from '../shared/image/base-index.js';
+import { buildGuest } from '../shared/testdata/guest.js';
+import { readBase, type BaseFolder } from '../shared/vm/base-manifest.js';
+import type { BaseSummary } from '../shared/vm/base-snapshot.js';
+import { parseMigrationStream, type MigrationRecord } from '../shared/vm/migration-stream.js';
+import { MigrationStreamWriter } from '../shared/vm/migration-stream-writer.js';
+import { QEMU_BIN } from '../shared/vm/qemu.js';
+import { readRamImagePages } from '../shared/vm/ram-image.js';
+import { startUserVm, userVmArgv, waitFor, type UserVm } from './helpers/user-vm.js';
+
+declare module '../shared/vm/qmp.js' {
+  interface QmpCommands {
+    pmemsave: { args: { val: number; size: number; filename: string }; result: Record<string, never> };
+  }
+}
+
+const hasQemu = spawnSync(QEMU_BIN, ['--version']).status === 0;
+const MEMORY_BYTES = 256 << 20;
+const DISK_BYTES = 64 << 20;
+/** guest-physical RAM below the VGA window and above the BIOS area: pc.ram at the same offsets */
+const RAM_RANGES: [number, number][] = [
+  [0, 0xa0000],
+  [0x100000, MEMORY_BYTES - 0x100000],
+];
+
+/** Runs `baseMain` in a process of its own, as the CLI would; bounded. */
+function runBase(args: string[], timeoutMs: number): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const module = new URL('../cli/base.js', import.meta.url).href;
+  const script = `const { baseMain } = await import(${JSON.stringify(module)}); process.exitCode = await baseMain(JSON.parse(process.env.BASE_ARGS));`;
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], { env: { ...process.env, BASE_ARGS: JSON.stringify(args) }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`handoff base did not finish within ${timeoutMs / 1000} s: ${stderr}`));
+    }, timeoutMs);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+async function connectWhenListening(path: string, timeoutMs: number): Promise<Socket> {
+  return waitFor(`nothing listens on ${path}`, timeoutMs, () =>
+    new Promise<Socket | undefined>((resolve) => {
+      const s = connect(path);
+      s.once('connect', () => resolve(s));
+      s.once('error', () => resolve(undefined));
+    }),
+  );
+}
+
+async function send(socket: Socket, data: Buffer): Promise<void> {
+  if (socket.write(data)) return;
+  await new Promise<void>((resolve, reject) => {
+    socket.once('drain', resolve);
+    socket.once('error', reject);
+  });
+}
+
+/**
+ * A migration stream made from the base alone: the device state's header and configuration, RAM
+ * (its block list, then every non-zero page of memory.img), the device sections, EOF.
+ */
+async function sendBaseStream(base: BaseFolder, socket: Socket): Promise<{ bytes: number; pages: number }> {
+  const writer = new MigrationStreamWriter();
+  const { ramSection, ramBlocks } = base.manifest;
+  let bytes = 0;
+  let pages = 0;
+  const out = async (records: MigrationRecord[]): Promise<void> => {
+    const data = Buffer.concat(records.map((r) => writer.encode(r)));
+    bytes += data.byteLength;
+    await send(socket, data);
+  };
+  for await (const r of parseMigrationStream(createReadStream(base.deviceStatePath))) {
+    await out([r]);
+    if (r.kind !== 'configuration') continue;
+    const totalBytes = ramBlocks.reduce((a, b) => a + b.bytes, 0);
+    await out([
+      { kind: 'ram-section', phase: 'start', ...ramSection },
+      { kind: 'ram-blocks', totalBytes, blocks: ramBlocks.map((b) => ({ idstr: b.idstr, lengthBytes: b.bytes })) },
+      { kind: 'ram-eos', sectionId: ramSection.sectionId },
+      { kind: 'ram-section', phase: 'end', sectionId: ramSection.sectionId },
+    ]);
+    let batch: MigrationRecord[] = [];
+    for await (const page of readRamImagePages(base.memoryPath, { blocks: ramBlocks, bytes: base.manifest.memory.bytes })) {
+      pages++;
+      batch.push(page);
+      if (batch.length === 256) {
+        await out(batch);
+        batch = [];
+      }
+    }
+    await out([...batch, { kind: 'ram-eos', sectionId: ramSection.sectionId }]);
+  }
+  socket.end();
+  return { bytes, pages };
+}
+
+/** SHA-256 of pc.ram over RAM_RANGES: from QEMU (pmemsave) or from the base's memory.img. */
+async function guestMemoryHash(vm: UserVm, dir: string): Promise<string> {
+  const qmp = await vm.connect();
+  const hash = createHash('sha256');
+  for (const [i, [val, size]] of RAM_RANGES.entries()) {
+    const filename = join(dir, `pmem-${i}.ram`);
+    await qmp.execute('pmemsave', { val, size, filename });
+    hash.update(readFileSync(filename));
+    await rm(filename);
+  }
+  return hash.digest('hex');
+}
+
+async function imageMemoryHash(base: BaseFolder): Promise<string> {
+  const pcRam = base.manifest.ramBlocks.find((b) => b.idstr === 'pc.ram')!;
+  const hash = createHash('sha256');
+  const fh = await open(base.memoryPath, 'r');
+  try {
+    for (const [val, size] of RAM_RANGES) {
+      const buf = Buffer.alloc(size);
+      await fh.read(buf, 0, size, pcRam.offset + val);
+      hash.update(buf);
+    }
+  } finally {
+    await fh.close();
+  }
+  return hash.digest('hex');
+}
+
+describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ? false : `${QEMU_BIN} is not installed` }, () => {
+  let dir: string;
+  const vms: UserVm[] = [];
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'base-snapshot-'));
+  });
+  after(async () => {
+    for (const vm of vms) await vm.kill();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test('a user-started guest: the base is taken, the guest runs on, the base resumes in a second QEMU', async () => {
+    const guest = buildGuest(GUEST_CACHE);
+    const src = { qmp: join(dir, 'src.qmp'), serial: join(dir, 'src-serial.log'), disk: join(dir, 'src-disk.raw') };
+    // a sparse raw disk with some data at its start
+    const disk = await open(src.disk, 'w');
+    await disk.truncate(DISK_BYTES);
+    await disk.write(Buffer.alloc(1 << 20, 0x5a), 0, 1 << 20, 0);
+    await disk.close();
+    const source = await startUserVm(userVmArgv(guest, src), src);
+    vms.push(source);
+    await source.waitCounter(3, 180_000);
+    // QEMU serves one QMP client: the base takes the socket
+    source.disconnect();
+
+    const baseDir = join(dir, 'base');
+    const before = source.counter();
+    const run = await runBase(['--qmp', src.qmp, '--out', baseDir, '--json'], 300_000);
+    const afterBase = source.counter();
+    assert.equal(run.code, 0, `handoff base failed: ${run.stderr}`);
+    const summary = JSON.parse(run.stdout) as BaseSummary;
+    process.stderr.write(
+      `handoff base: ${summary.seconds.toFixed(2)} s (migration ${summary.migrationSeconds.toFixed(2)} s, ${summary.streamBytes} bytes streamed), paused ${summary.pausedMs} ms; ` +
+        `${summary.files.map((f) => `${f.file} ${f.bytes} (${f.allocatedBytes} allocated)`).join(', ')}; ` +
+        `RAM blocks ${summary.ramBlocks.map((b) => `${b.idstr}=${b.bytes}@${b.offset}`).join(' ')}\n`,
+    );
+
+    // the folder is valid and holds what the summary says
+    const base = await readBase(baseDir);
+    assert.equal(base.manifest.version, 1);
+    assert.deepEqual(base.manifest.sourceArgv, source.argv);
+    assert.equal(base.manifest.machine.memoryBytes, MEMORY_BYTES);
+    assert.match(base.manifest.qemuVersion, /^\d+\.\d+\.\d+$/);
+    const blockBytes = base.manifest.ramBlocks.reduce((a, b) => a + b.bytes, 0);
+    assert.equal((await stat(base.memoryPath)).size, blockBytes, 'memory.img is not the RAM blocks one after another');
+    assert.equal(base.manifest.memory.bytes, blockBytes);
+    assert.equal(base.manifest.ramBlocks.find((b) => b.idstr === 'pc.ram')?.bytes, MEMORY_BYTES);
+    assert.ok(base.manifest.ramBlocks.some((b) => b.idstr.endsWith('/vga.vram')), 'no vga.vram among the RAM blocks');
+    const memoryFile = summary.files.find((f) => f.file === 'memory.img')!;
+    assert.ok(memoryFile.allocatedBytes < memoryFile.bytes / 2, `memory.img is not sparse: ${memoryFile.allocatedBytes} of ${memoryFile.bytes} bytes allocated`);
+    assert.deepEqual(summary.ramBlocks, base.manifest.ramBlocks);
+    assert.ok(summary.pausedMs !== null && summary.pausedMs >= 0 && summary.pausedMs < 10_000, `paused ${summary.pausedMs} ms`);
+    // one disk, raw, sparse, the drive the command line names
+    assert.equal(base.manifest.disks.length, 1);
+    const [baseDisk] = base.manifest.disks;
+    assert.equal(baseDisk!.format, 'raw');
+    assert.equal(baseDisk!.bytes, DISK_BYTES);
+    assert.equal(baseDisk!.sourceFile, src.disk);
+    assert.equal(base.manifest.machine.drives[baseDisk!.drive]?.interface, 'virtio');
+    const diskFile = summary.files.find((f) => f.file === baseDisk!.file)!;
+    assert.ok(diskFile.allocatedBytes < DISK_BYTES / 2, `the disk copy is not sparse: ${diskFile.allocatedBytes} bytes allocated`);
+    // the index was built with the base and is what a handoff loads
+    assert.ok((await readdir(baseDir)).includes('memory.img.hidx'));
+    assert.equal((await loadBaseIndex(base.memoryPath)).contentHash, base.manifest.memory.contentHash);
+    assert.deepEqual((await readdir(dir)).filter((f) => f.includes('partial')), [], 'a partial folder was left');
+
+    // the source guest runs on
+    await source.waitCounter(afterBase + 3, 30_000);
+    assert.equal((await (await source.connect()).execute('query-status')).status, 'running');
+
+    // the base resumes: the source's command line with this test's paths, a copy of the base disk
+    const dst = { qmp: join(dir, 'dst.qmp'), serial: join(dir, 'dst-serial.log'), disk: join(dir, 'dst-disk.raw'), incoming: join(dir, 'dst-incoming.sock') };
+    await copyFile(base.diskPaths[0]!, dst.disk);
+    const destinationArgv = [...base.manifest.sourceArgv.map((a) => a.replace(src.qmp, dst.qmp).replace(src.serial, dst.serial).replace(src.disk, dst.disk)), '-S', '-incoming', 'defer'];
+    const destination = await startUserVm(destinationArgv, dst);
+    vms.push(destination);
+    await destination.qmp!.execute('migrate-incoming', { uri: `unix:${dst.incoming}` });
+    const toDestination = await connectWhenListening(dst.incoming, 10_000);
+    try {
+      const sent = await sendBaseStream(base, toDestination);
+      await destination.qmp!.waitMigration(60_000);
+      process.stderr.write(`rebuilt from the base: ${sent.bytes} bytes, ${sent.pages} non-zero pages\n`);
+    } finally {
+      toDestination.destroy();
+    }
+    assert.equal(await guestMemoryHash(destination, dir), await imageMemoryHash(base), "the destination's RAM before cont is not memory.img's");
+    await destination.qmp!.execute('cont');
+    const firstAtDestination = await waitFor(`the destination guest printed no counter (${destination.stderr()})`, 60_000, () => {
+      const m = /handoff-counter (\d+)/.exec(readFileSync(dst.serial, 'utf8'));
+      return m ? Number(m[1]) : undefined;
+    });
+    await destination.waitCounter(firstAtDestination + 3, 60_000);
+    // the counter the base was taken at lies between the source's before and after the command
+    assert.ok(firstAtDestination > before && firstAtDestination <= afterBase + 2, `the destination's first counter is ${firstAtDestination}; the source was at ${before} before the base and ${afterBase} after`);
+    assert.doesNotMatch(readFileSync(dst.serial, 'utf8'), /Linux version|Booting/, 'the destination guest booted again');
+  });
+});
+
+describe('handoff base: bad input', () => {
+  let dir: string;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'base-bad-'));
+  });
+  after(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test('--qmp at a socket nothing serves: a clear error, no folder', async () => {
+    const run = await runBase(['--qmp', join(dir, 'nothing.qmp'), '--out', join(dir, 'base')], 30_000);
+    assert.equal(run.code, 1);
+    assert.match(run.stderr, /no QEMU behind the QMP socket .*nothing\.qmp: no such file/);
+    assert.deepEqual(await readdir(dir), []);
+  });
+
+  test('--qmp at a socket a process other than QEMU serves: named', async () => {
+    const path = join(dir, 'not-qemu.qmp');
+    const server = createServer((s) => s.destroy());
+    await new Promise<void>((resolve) => server.listen(path, resolve));
+    try {
+      const run = await runBase(['--qmp', path, '--out', join(dir, 'base')], 30_000);
+      assert.equal(run.code, 1);
+      assert.match(run.stderr, /the process behind the QMP socket .* is not QEMU: pid \d+/);
+    } finally {
+      server.close();
+    }
+  });
+
+  test('missing options and a non-empty --out are refused before QEMU is asked anything', async () => {
+    const missing = await runBase(['--qmp', join(dir, 'x.qmp')], 30_000);
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /missing --out/);
+    const full = join(dir, 'full');
+    await mkdir(full);
+    await writeFile(join(full, 'something'), 'x');
+    const refused = await runBase(['--qmp', join(dir, 'x.qmp'), '--out', full], 30_000);
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, /--out .*full is not empty \(something\)/);
+    const help = await runBase(['--help'], 30_000);
+    assert.equal(help.code, 0);
+    assert.match(help.stdout, /--qmp SOCKET/);
+  });
+});
