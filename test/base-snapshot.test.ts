@@ -73,8 +73,16 @@ async function connectWhenListening(path: string, timeoutMs: number): Promise<So
 async function send(socket: Socket, data: Buffer): Promise<void> {
   if (socket.write(data)) return;
   await new Promise<void>((resolve, reject) => {
-    socket.once('drain', resolve);
-    socket.once('error', reject);
+    const failed = (err: Error): void => {
+      socket.off('drain', drained);
+      reject(err);
+    };
+    const drained = (): void => {
+      socket.off('error', failed);
+      resolve();
+    };
+    socket.once('drain', drained);
+    socket.once('error', failed);
   });
 }
 
@@ -149,6 +157,8 @@ async function imageMemoryHash(base: BaseFolder): Promise<string> {
 describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ? false : `${QEMU_BIN} is not installed` }, () => {
   let dir: string;
   const vms: UserVm[] = [];
+  /** the guest of the first test, for those after it */
+  let source: UserVm | undefined;
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), 'base-snapshot-'));
   });
@@ -165,16 +175,19 @@ describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ?
     await disk.truncate(DISK_BYTES);
     await disk.write(Buffer.alloc(1 << 20, 0x5a), 0, 1 << 20, 0);
     await disk.close();
-    const source = await startUserVm(userVmArgv(guest, src), src);
-    vms.push(source);
-    await source.waitCounter(3, 180_000);
+    const vm = await startUserVm(userVmArgv(guest, src), src);
+    vms.push(vm);
+    source = vm;
+    await vm.waitCounter(3, 180_000);
+    // set by the VM's owner: off for the base's migration, on again after it
+    await vm.qmp!.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] });
     // QEMU serves one QMP client: the base takes the socket
-    source.disconnect();
+    vm.disconnect();
 
     const baseDir = join(dir, 'base');
-    const before = source.counter();
+    const before = vm.counter();
     const run = await runBase(['--qmp', src.qmp, '--out', baseDir, '--json'], 300_000);
-    const afterBase = source.counter();
+    const afterBase = vm.counter();
     assert.equal(run.code, 0, `handoff base failed: ${run.stderr}`);
     const summary = JSON.parse(run.stdout) as BaseSummary;
     process.stderr.write(
@@ -186,7 +199,7 @@ describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ?
     // the folder is valid and holds what the summary says
     const base = await readBase(baseDir);
     assert.equal(base.manifest.version, 1);
-    assert.deepEqual(base.manifest.sourceArgv, source.argv);
+    assert.deepEqual(base.manifest.sourceArgv, vm.argv);
     assert.equal(base.manifest.machine.memoryBytes, MEMORY_BYTES);
     assert.match(base.manifest.qemuVersion, /^\d+\.\d+\.\d+$/);
     const blockBytes = base.manifest.ramBlocks.reduce((a, b) => a + b.bytes, 0);
@@ -213,8 +226,11 @@ describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ?
     assert.deepEqual((await readdir(dir)).filter((f) => f.includes('partial')), [], 'a partial folder was left');
 
     // the source guest runs on
-    await source.waitCounter(afterBase + 3, 30_000);
-    assert.equal((await (await source.connect()).execute('query-status')).status, 'running');
+    await vm.waitCounter(afterBase + 3, 30_000);
+    const qmp = await vm.connect();
+    assert.equal((await qmp.execute('query-status')).status, 'running');
+    const capabilities = await qmp.execute('query-migrate-capabilities');
+    assert.equal(capabilities.find((c) => c.capability === 'xbzrle')?.state, true, "the owner's xbzrle was not set back");
 
     // the base resumes: the source's command line with this test's paths, a copy of the base disk
     const dst = { qmp: join(dir, 'dst.qmp'), serial: join(dir, 'dst-serial.log'), disk: join(dir, 'dst-disk.raw'), incoming: join(dir, 'dst-incoming.sock') };
@@ -241,6 +257,39 @@ describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ?
     // the counter the base was taken at lies between the source's before and after the command
     assert.ok(firstAtDestination > before && firstAtDestination <= afterBase + 2, `the destination's first counter is ${firstAtDestination}; the source was at ${before} before the base and ${afterBase} after`);
     assert.doesNotMatch(readFileSync(dst.serial, 'utf8'), /Linux version|Booting/, 'the destination guest booted again');
+    await destination.kill();
+  });
+
+  test('a migration that fails once started: the guest runs on, no folder is left', async (t) => {
+    if (!source) return t.skip('the first test did not start the guest');
+    const vm = source;
+    vm.disconnect();
+    const out = join(dir, 'base-timeout');
+    // QEMU cannot send 256 MiB within 1 ms: the command cancels its migration
+    const run = await runBase(['--qmp', vm.paths.qmp, '--out', out, '--timeout', '0.001'], 60_000);
+    assert.equal(run.code, 1);
+    assert.match(run.stderr, /QEMU's migration did not complete within 0\.001 s/);
+    assert.deepEqual((await readdir(dir)).filter((f) => f.startsWith('base-timeout') || f.startsWith('.base-timeout')), [], 'a partial folder was left');
+    const qmp = await vm.connect();
+    assert.equal((await qmp.execute('query-status')).status, 'running');
+    const at = vm.counter();
+    await vm.waitCounter(at + 2, 30_000);
+  });
+
+  test('a paused VM: the base is taken and the VM stays paused', async (t) => {
+    if (!source) return t.skip('the first test did not start the guest');
+    const vm = source;
+    const qmp = await vm.connect();
+    await qmp.execute('stop');
+    vm.disconnect();
+    const out = join(dir, 'base-paused');
+    const run = await runBase(['--qmp', vm.paths.qmp, '--out', out, '--json'], 300_000);
+    assert.equal(run.code, 0, run.stderr);
+    const summary = JSON.parse(run.stdout) as BaseSummary;
+    assert.equal(summary.pausedMs, null);
+    await readBase(out);
+    const status = await (await vm.connect()).execute('query-status');
+    assert.equal(status.running, false, `the VM runs after a base of it paused (${status.status})`);
   });
 });
 
