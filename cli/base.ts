@@ -1,7 +1,9 @@
 /** `handoff base`: a base snapshot of a running VM, into the folder every cloudlet holds. */
 import { parseArgs } from 'node:util';
+import { formatBytes } from '../shared/config/units.js';
 import { errorMessage } from '../shared/model/errors.js';
 import { takeBase, type BaseSummary } from '../shared/vm/base-snapshot.js';
+import { formatTable } from './summary.js';
 
 export const BASE_HELP = `handoff base: take a base snapshot of a running VM
 
@@ -28,20 +30,17 @@ Needs root, or QEMU's user, to find the QEMU process behind the socket (its comm
 On a failure the guest is left running and the partial folder removed.
 Exit status: 0 when the base was written, 1 when it was not, 2 for wrong options.`;
 
-function mib(bytes: number): string {
-  return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
-}
-
 export function formatBaseSummary(s: BaseSummary): string {
-  const lines = [
-    `base written to ${s.dir} in ${s.seconds.toFixed(1)} s (QEMU's migration ${s.migrationSeconds.toFixed(1)} s, ${mib(s.streamBytes)} streamed); ` +
-      (s.pausedMs === null ? 'the VM was not running and stays so' : `the guest was paused ${Math.round(s.pausedMs)} ms and runs on`),
-  ];
-  const width = Math.max(...s.files.map((f) => f.file.length));
-  for (const f of s.files) lines.push(`  ${f.file.padEnd(width)}  ${mib(f.bytes).padStart(11)}  (${mib(f.allocatedBytes)} on disk)`);
-  lines.push(`  RAM blocks: ${s.ramBlocks.map((b) => `${b.idstr} ${b.bytes >= 2 ** 20 ? mib(b.bytes) : `${b.bytes / 1024} KiB`}`).join(', ')}`);
-  lines.push(`  memory content hash ${s.contentHash}`);
-  return lines.join('\n');
+  const head =
+    `base written to ${s.dir} in ${s.seconds.toFixed(1)} s (QEMU's migration ${s.migrationSeconds.toFixed(1)} s, ${formatBytes(s.streamBytes)} streamed); ` +
+    (s.pausedMs === null ? 'the VM was not running and stays so' : `the guest was paused ${Math.round(s.pausedMs)} ms and runs on`);
+  const table = formatTable([['file', 'size', 'on disk'], ...s.files.map((f) => [f.file, formatBytes(f.bytes), formatBytes(f.allocatedBytes)])]);
+  return [
+    head,
+    table.replace(/^/gm, '  '),
+    `  RAM blocks: ${s.ramBlocks.map((b) => `${b.idstr} ${formatBytes(b.bytes)}`).join(', ')}`,
+    `  memory content hash ${s.contentHash}`,
+  ].join('\n');
 }
 
 /** Runs `handoff base` with the arguments after the command name; returns the exit status. */

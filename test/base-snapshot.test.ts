@@ -16,12 +16,13 @@ import { after, before, describe, test } from 'node:test';
 import { GUEST_CACHE } from '../load/lib/vm.js';
 import { loadBaseIndex } from '../shared/image/base-index.js';
 import { buildGuest } from '../shared/testdata/guest.js';
-import { readBase, type BaseFolder } from '../shared/vm/base-manifest.js';
-import type { BaseSummary } from '../shared/vm/base-snapshot.js';
+import { readBase, type BaseFolder, type BaseManifest } from '../shared/vm/base-manifest.js';
+import { receiveBaseStream, type BaseSummary } from '../shared/vm/base-snapshot.js';
 import { parseMigrationStream, type MigrationRecord } from '../shared/vm/migration-stream.js';
 import { MigrationStreamWriter } from '../shared/vm/migration-stream-writer.js';
 import { QEMU_BIN } from '../shared/vm/qemu.js';
-import { readRamImagePages } from '../shared/vm/ram-image.js';
+import { describeMachine } from '../shared/vm/qemu-process.js';
+import { RamImageWriter, ramLayout, readRamImagePages } from '../shared/vm/ram-image.js';
 import { startUserVm, userVmArgv, waitFor, type UserVm } from './helpers/user-vm.js';
 
 declare module '../shared/vm/qmp.js' {
@@ -221,8 +222,10 @@ describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ?
     const diskFile = summary.files.find((f) => f.file === baseDisk!.file)!;
     assert.ok(diskFile.allocatedBytes < DISK_BYTES / 2, `the disk copy is not sparse: ${diskFile.allocatedBytes} bytes allocated`);
     // the index was built with the base and is what a handoff loads
-    assert.ok((await readdir(baseDir)).includes('memory.img.hidx'));
+    const indexPath = `${base.memoryPath}.hidx`;
+    const indexWritten = (await stat(indexPath)).mtimeMs;
     assert.equal((await loadBaseIndex(base.memoryPath)).contentHash, base.manifest.memory.contentHash);
+    assert.equal((await stat(indexPath)).mtimeMs, indexWritten, 'the index was built again instead of reused');
     assert.deepEqual((await readdir(dir)).filter((f) => f.includes('partial')), [], 'a partial folder was left');
 
     // the source guest runs on
@@ -335,5 +338,132 @@ describe('handoff base: bad input', () => {
     const help = await runBase(['--help'], 30_000);
     assert.equal(help.code, 0);
     assert.match(help.stdout, /--qmp SOCKET/);
+  });
+});
+
+/** A FULL device section as QEMU writes it: header, the device's bytes, footer. */
+function deviceSection(sectionId: number, idstr: string, body: Buffer): Buffer {
+  const head = Buffer.alloc(1 + 4 + 1 + idstr.length + 8);
+  head[0] = 0x04;
+  head.writeUInt32BE(sectionId, 1);
+  head[5] = idstr.length;
+  head.write(idstr, 6, 'latin1');
+  head.writeUInt32BE(0, 6 + idstr.length);
+  head.writeUInt32BE(2, 10 + idstr.length);
+  const footer = Buffer.alloc(5);
+  footer[0] = 0x7e;
+  footer.writeUInt32BE(sectionId, 1);
+  return Buffer.concat([head, body, footer]);
+}
+
+describe('handoff base: the stream into files, and readBase, without QEMU', () => {
+  let dir: string;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'base-pieces-'));
+  });
+  after(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  const page = (fill: number): Buffer => Buffer.alloc(4096, fill);
+  const head: MigrationRecord[] = [
+    { kind: 'header', version: 3 },
+    { kind: 'configuration', machineType: 'pc-i440fx-7.2', targetPageBits: 12 },
+  ];
+  const ram: MigrationRecord[] = [
+    { kind: 'ram-section', phase: 'start', sectionId: 2, instanceId: 0, versionId: 4 },
+    { kind: 'ram-blocks', totalBytes: 12288, blocks: [{ idstr: 'pc.ram', lengthBytes: 8192 }, { idstr: 'pc.bios', lengthBytes: 4096 }] },
+    { kind: 'ram-zero', block: 'pc.ram', offset: 0, fill: 0 },
+    { kind: 'ram-page', block: 'pc.ram', offset: 4096, data: page(0x11) },
+    { kind: 'ram-eos', sectionId: 2 },
+    { kind: 'ram-section', phase: 'end', sectionId: 2 },
+    { kind: 'ram-page', block: 'pc.bios', offset: 0, data: page(0x22) },
+    // a page sent before and zero now: overwritten
+    { kind: 'ram-zero', block: 'pc.ram', offset: 4096, fill: 0 },
+    { kind: 'ram-eos', sectionId: 2 },
+  ];
+
+  async function receive(name: string, stream: Buffer): Promise<{ memory: string; deviceState: string; result: Awaited<ReturnType<typeof receiveBaseStream>> }> {
+    const folder = join(dir, name);
+    await mkdir(folder);
+    const memory = await RamImageWriter.create(join(folder, 'memory.img'));
+    const deviceState = await open(join(folder, 'device-state.bin'), 'wx');
+    try {
+      // arrives in small pieces, as from a socket
+      const chunks = Array.from({ length: Math.ceil(stream.byteLength / 1000) }, (_, i) => stream.subarray(i * 1000, (i + 1) * 1000));
+      const result = await receiveBaseStream((async function* () { yield* chunks; })(), memory, deviceState);
+      return { memory: join(folder, 'memory.img'), deviceState: join(folder, 'device-state.bin'), result };
+    } finally {
+      await memory.close();
+      await deviceState.close();
+    }
+  }
+
+  test('RAM pages at their offsets in the flat image, the rest as the device state', async () => {
+    const writer = new MigrationStreamWriter();
+    const timer = deviceSection(3, 'timer', Buffer.from('some device bytes'));
+    const stream = Buffer.concat([...[...head, ...ram].map((r) => writer.encode(r)), timer, writer.encode({ kind: 'eof' })]);
+    const { memory, deviceState, result } = await receive('ok', stream);
+    assert.equal(result.machineType, 'pc-i440fx-7.2');
+    assert.deepEqual(result.ramSection, { sectionId: 2, instanceId: 0, versionId: 4 });
+    assert.equal(result.streamBytes, stream.byteLength);
+    const image = readFileSync(memory);
+    assert.equal(image.byteLength, 12288);
+    assert.ok(image.subarray(0, 8192).equals(Buffer.alloc(8192)), 'pc.ram is not zero');
+    assert.ok(image.subarray(8192).equals(page(0x22)), 'pc.bios is not at its offset');
+    const kinds: string[] = [];
+    for await (const r of parseMigrationStream(createReadStream(deviceState))) kinds.push(r.kind === 'device-section' ? `device-section ${r.idstr}` : r.kind);
+    assert.deepEqual(kinds, ['header', 'configuration', 'device-section timer', 'eof']);
+    const pages = [];
+    for await (const p of readRamImagePages(memory, ramLayout([{ idstr: 'pc.ram', lengthBytes: 8192 }, { idstr: 'pc.bios', lengthBytes: 4096 }]))) pages.push(`${p.block}@${p.offset}`);
+    assert.deepEqual(pages, ['pc.bios@0']);
+  });
+
+  test('a stream QEMU did not write, or cut short: an error with its offset', async () => {
+    const writer = new MigrationStreamWriter();
+    const start = Buffer.concat(head.map((r) => writer.encode(r)));
+    await assert.rejects(receive('bad', Buffer.concat([start, Buffer.from([0x42])])), new RegExp(`QEMU's migration stream: migration stream malformed at byte ${start.byteLength}: expected a section type`));
+    await assert.rejects(receive('short', start.subarray(0, 8)), /QEMU's migration stream: migration stream truncated at byte 8/);
+    await assert.rejects(receive('no-eof', Buffer.concat([start, ...ram.map((r) => writer.encode(r))])), /truncated/);
+  });
+
+  test('readBase names the file and the problem', async () => {
+    const writer = new MigrationStreamWriter();
+    const stream = Buffer.concat([...[...head, ...ram].map((r) => writer.encode(r)), writer.encode({ kind: 'eof' })]);
+    const { memory, deviceState, result } = await receive('folder', stream);
+    const folder = join(dir, 'folder');
+    await writeFile(join(folder, 'disk0.img'), Buffer.alloc(8192));
+    const manifest: BaseManifest = {
+      version: 1,
+      createdAt: new Date().toISOString(),
+      qemuVersion: '7.2.22',
+      sourceArgv: ['qemu-system-x86_64', '-m', '256M'],
+      machine: describeMachine(['qemu-system-x86_64', '-m', '256M', '-hda', 'disk.img']),
+      machineType: result.machineType,
+      ramSection: result.ramSection,
+      ramBlocks: ramLayout([{ idstr: 'pc.ram', lengthBytes: 8192 }, { idstr: 'pc.bios', lengthBytes: 4096 }]).blocks,
+      memory: { file: 'memory.img', bytes: 12288, contentHash: 'a'.repeat(64) },
+      disks: [{ file: 'disk0.img', bytes: 8192, format: 'raw', drive: 0, sourceFile: '/images/disk.img' }],
+      deviceState: { file: 'device-state.bin', bytes: (await stat(deviceState)).size },
+    };
+    const write = (m: unknown): Promise<void> => writeFile(join(folder, 'base.json'), JSON.stringify(m));
+    await write(manifest);
+    const base = await readBase(folder);
+    assert.equal(base.memoryPath, memory);
+    assert.deepEqual(base.diskPaths, [join(folder, 'disk0.img')]);
+
+    await write({ ...manifest, version: 2 });
+    await assert.rejects(readBase(folder), /base\.json: version is 2; this handoff reads version 1/);
+    await write({ ...manifest, memory: { ...manifest.memory, bytes: 16384 } });
+    await assert.rejects(readBase(folder), /memory image memory\.img is 12288 bytes, base\.json says 16384/);
+    await write({ ...manifest, ramBlocks: [{ ...manifest.ramBlocks[0]!, offset: 100 }] });
+    await assert.rejects(readBase(folder), /ramBlocks\[0\]\.offset 100 is not a multiple of 4096/);
+    await write({ ...manifest, disks: [{ ...manifest.disks[0]!, file: 'disk1.img' }] });
+    await assert.rejects(readBase(folder), /disk 0 disk1\.img is missing \(ENOENT\)/);
+    await write(manifest);
+    await rm(deviceState);
+    await assert.rejects(readBase(folder), /device state device-state\.bin is missing \(ENOENT\)/);
+    await rm(join(folder, 'base.json'));
+    await assert.rejects(readBase(folder), /base\.json cannot be read \(ENOENT\)/);
   });
 });

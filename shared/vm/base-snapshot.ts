@@ -183,7 +183,8 @@ async function probeFormat(path: string): Promise<{ format: DiskFormat; backing:
 }
 
 /** The disks to copy: every drive of the command line with an image file, checked before QEMU is asked anything. */
-async function planDisks(machine: MachineDescription, cwd: string): Promise<DiskPlan[]> {
+async function planDisks(argv: readonly string[], machine: MachineDescription, cwd: string): Promise<DiskPlan[]> {
+  if (argv.some((a) => a === '-blockdev' || a === '--blockdev')) fail('the VM names disks with -blockdev: a base copies the drives of -drive, -hda and the like only');
   const plans: DiskPlan[] = [];
   for (const [i, d] of machine.drives.entries()) {
     if (!d.file) continue;
@@ -219,18 +220,18 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-interface StreamResult {
+export interface StreamResult {
   streamBytes: number;
   machineType: string;
   ramSection: BaseManifest['ramSection'];
 }
 
 /**
- * Reads QEMU's migration stream from `socket` as it arrives: RAM pages into the image, everything
- * else encoded again into the device state. Reading waits for the writes, so QEMU sends at the
- * pace the disk takes.
+ * Reads QEMU's migration stream as it arrives (from the socket QEMU migrates to): RAM pages into
+ * the image, everything else encoded again into the device state. Reading waits for the writes, so
+ * QEMU sends at the pace the disk takes.
  */
-async function receiveStream(socket: Socket, memory: RamImageWriter, deviceState: FileHandle): Promise<StreamResult> {
+export async function receiveBaseStream(source: AsyncIterable<Buffer>, memory: RamImageWriter, deviceState: FileHandle): Promise<StreamResult> {
   const parser = new MigrationStreamParser();
   const writer = new MigrationStreamWriter();
   const result: StreamResult = { streamBytes: 0, machineType: '', ramSection: { sectionId: -1, instanceId: 0, versionId: 0 } };
@@ -261,13 +262,12 @@ async function receiveStream(socket: Socket, memory: RamImageWriter, deviceState
     await deviceState.write(writer.encode(r));
   };
   try {
-    for await (const chunk of socket as AsyncIterable<Buffer>) {
+    for await (const chunk of source) {
       result.streamBytes += chunk.byteLength;
       for (const r of parser.push(chunk)) await take(r);
     }
     for (const r of parser.end()) await take(r);
   } catch (err) {
-    socket.destroy();
     if (err instanceof MigrationStreamError) throw new BaseError(`QEMU's migration stream: ${err.message}`);
     throw err;
   }
@@ -344,7 +344,7 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
   await checkOutDir(out);
   const qemu = await checkQemu(options.qmpSocket);
   const machine = describeMachine(qemu.process.argv);
-  const disks = await planDisks(machine, qemu.cwd);
+  const disks = await planDisks(qemu.process.argv, machine, qemu.cwd);
   const qmp = await connectQmp(options.qmpSocket);
   // a private folder for the migration socket, owned by QEMU's user so that it alone can connect
   let socketDir: string | undefined;
@@ -412,9 +412,15 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
       const streamed = accepted.then(async (s) => {
         run.socket = s;
         abort.signal.addEventListener('abort', () => s.destroy(), { once: true });
-        const r = await receiveStream(s, memory!, deviceState!);
-        run.streamEnded = true;
-        return r;
+        try {
+          const r = await receiveBaseStream(s as AsyncIterable<Buffer>, memory!, deviceState!);
+          run.streamEnded = true;
+          return r;
+        } catch (err) {
+          // QEMU's write fails, its migration with it, and it resumes the guest
+          s.destroy();
+          throw err;
+        }
       });
       const completed = waitCompleted(qmp, timeoutMs, abort.signal, () => stoppedLocal !== undefined || run.streamEnded).then(async () => {
         run.migrationSeconds = (performance.now() - migrateAt) / 1000;
