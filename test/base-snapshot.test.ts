@@ -9,7 +9,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, open, readdir, rm, stat, writeFile } from 'node:fs/promises';
-import { connect, createServer, type Socket } from 'node:net';
+import { createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -23,7 +23,7 @@ import { MigrationStreamWriter } from '../shared/vm/migration-stream-writer.js';
 import { QEMU_BIN } from '../shared/vm/qemu.js';
 import { describeMachine } from '../shared/vm/qemu-process.js';
 import { RamImageWriter, ramLayout, readRamImagePages } from '../shared/vm/ram-image.js';
-import { startUserVm, userVmArgv, waitFor, type UserVm } from './helpers/user-vm.js';
+import { connectWhenListening, startUserVm, userVmArgv, waitFor, type UserVm } from './helpers/user-vm.js';
 
 declare module '../shared/vm/qmp.js' {
   interface QmpCommands {
@@ -59,16 +59,6 @@ function runBase(args: string[], timeoutMs: number): Promise<{ code: number | nu
       resolve({ code, stdout, stderr });
     });
   });
-}
-
-async function connectWhenListening(path: string, timeoutMs: number): Promise<Socket> {
-  return waitFor(`nothing listens on ${path}`, timeoutMs, () =>
-    new Promise<Socket | undefined>((resolve) => {
-      const s = connect(path);
-      s.once('connect', () => resolve(s));
-      s.once('error', () => resolve(undefined));
-    }),
-  );
 }
 
 async function send(socket: Socket, data: Buffer): Promise<void> {

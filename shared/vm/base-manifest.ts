@@ -124,6 +124,18 @@ export function checkManifest(v: unknown, where: string): BaseManifest {
   return v as unknown as BaseManifest;
 }
 
+/** The first `bytes` bytes of a file (fewer if it is shorter): enough to tell its format. */
+export async function readHead(path: string, bytes: number): Promise<Buffer> {
+  const head = Buffer.alloc(bytes);
+  const fh = await open(path, 'r');
+  try {
+    const { bytesRead } = await fh.read(head, 0, bytes, 0);
+    return head.subarray(0, bytesRead);
+  } finally {
+    await fh.close();
+  }
+}
+
 /** A file of the folder: present, a regular file, of the size the manifest says. */
 async function checkFile(dir: string, file: string, bytes: number, what: string): Promise<string> {
   if (file.includes('/') || file === '..' || file === '.') throw new BadBaseError(`base ${dir}: ${what} "${file}" must be a file name inside the folder`);
@@ -160,14 +172,8 @@ export async function readBase(dir: string): Promise<BaseFolder> {
   const memoryPath = await checkFile(dir, manifest.memory.file, manifest.memory.bytes, 'memory image');
   if (manifest.memory.bytes % PAGE_SIZE !== 0) throw new BadBaseError(`base ${dir}: memory image ${manifest.memory.file} is ${manifest.memory.bytes} bytes, not whole ${PAGE_SIZE}-byte pages`);
   const deviceStatePath = await checkFile(dir, manifest.deviceState.file, manifest.deviceState.bytes, 'device state');
-  const head = Buffer.alloc(4);
-  const fh = await open(deviceStatePath, 'r');
-  try {
-    await fh.read(head, 0, 4, 0);
-  } finally {
-    await fh.close();
-  }
-  if (head.readUInt32BE(0) !== QEMU_VM_FILE_MAGIC) throw new BadBaseError(`base ${dir}: device state ${manifest.deviceState.file} does not begin with QEMU's migration magic QEVM`);
+  const head = await readHead(deviceStatePath, 4);
+  if (head.byteLength < 4 || head.readUInt32BE(0) !== QEMU_VM_FILE_MAGIC) throw new BadBaseError(`base ${dir}: device state ${manifest.deviceState.file} does not begin with QEMU's migration magic QEVM`);
   const diskPaths: string[] = [];
   for (const [i, d] of manifest.disks.entries()) diskPaths.push(await checkFile(dir, d.file, d.bytes, `disk ${i}`));
   return { dir, manifest, memoryPath, deviceStatePath, diskPaths };

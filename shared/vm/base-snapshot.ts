@@ -19,6 +19,7 @@ import {
   BASE_MANIFEST_VERSION,
   BASE_MEMORY_FILE,
   readBase,
+  readHead,
   type BaseDisk,
   type BaseManifest,
   type DiskFormat,
@@ -171,14 +172,8 @@ interface DiskPlan {
 const QCOW2_MAGIC = 0x514649fb;
 
 async function probeFormat(path: string): Promise<{ format: DiskFormat; backing: boolean }> {
-  const head = Buffer.alloc(16);
-  const fh = await open(path, 'r');
-  try {
-    await fh.read(head, 0, 16, 0);
-  } finally {
-    await fh.close();
-  }
-  if (head.readUInt32BE(0) !== QCOW2_MAGIC) return { format: 'raw', backing: false };
+  const head = await readHead(path, 16);
+  if (head.byteLength < 16 || head.readUInt32BE(0) !== QCOW2_MAGIC) return { format: 'raw', backing: false };
   return { format: 'qcow2', backing: head.readBigUInt64BE(8) !== 0n };
 }
 
@@ -335,18 +330,120 @@ async function fileSummary(dir: string, file: string): Promise<BaseFileSummary> 
   return { file, bytes: s.size, allocatedBytes: s.blocks * 512 };
 }
 
+interface MigrationResult {
+  stream: StreamResult;
+  pausedMs: number | null;
+  migrationSeconds: number;
+}
+
+/** Listens on a fresh unix socket in a private folder, owned by QEMU's user so that it alone can connect. */
+async function listenForQemu(qemuUid: number): Promise<{ server: Server; socketDir: string; socketPath: string }> {
+  const socketDir = await mkdtemp(join(tmpdir(), 'handoff-base-'));
+  const asQemu = process.getuid?.() === 0 && qemuUid !== 0;
+  if (asQemu) await chown(socketDir, qemuUid, -1);
+  const socketPath = join(socketDir, 'migrate.sock');
+  const server = createServer();
+  await new Promise<void>((res, rej) => {
+    server.once('error', rej);
+    server.listen(socketPath, res);
+  });
+  if (asQemu) await chown(socketPath, qemuUid, -1);
+  return { server, socketDir, socketPath };
+}
+
+/**
+ * QEMU's migration into `server`'s socket, read into `memory` and `deviceState`; the guest resumed
+ * at once if it ran before. On a failure the migration is cancelled, the guest left running and
+ * the owner's capabilities set back.
+ */
+async function migrateInto(
+  qmp: QmpClient,
+  target: { server: Server; socketPath: string },
+  memory: RamImageWriter,
+  deviceState: FileHandle,
+  wasRunning: boolean,
+  timeoutMs: number,
+  signal: AbortSignal | undefined,
+): Promise<MigrationResult> {
+  const previous = new Map((await qmp.execute('query-migrate-capabilities')).map((c) => [c.capability, c.state]));
+  const changed = CAPABILITIES_OFF.filter((c) => previous.get(c) === true);
+  // explicitly off, whatever the owner set: multifd, xbzrle, compression and postcopy would take
+  // pages out of the main stream or encode them, x-ignore-shared would leave shared RAM out
+  await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES_OFF.filter((c) => previous.has(c)).map((capability) => ({ capability, state: false })) });
+  const restore = async (): Promise<void> => {
+    if (changed.length) await qmp.execute('migrate-set-capabilities', { capabilities: changed.map((capability) => ({ capability, state: true })) });
+  };
+
+  // the pause, on QEMU's clock: STOP when the last round begins, RESUME on cont
+  const pause: { stoppedAt?: number; stoppedLocal?: number; resumedAt?: number } = {};
+  const stopListening = qmp.onEvent((e) => {
+    if (e.event === 'STOP') {
+      pause.stoppedAt = eventMs(e);
+      pause.stoppedLocal = performance.now();
+    } else if (e.event === 'RESUME' && pause.stoppedLocal !== undefined) pause.resumedAt = eventMs(e);
+  });
+  const abort = new AbortController();
+  const onOuterAbort = (): void => abort.abort(new BaseError('interrupted'));
+  signal?.addEventListener('abort', onOuterAbort, { once: true });
+  const result: MigrationResult = { stream: { streamBytes: 0, machineType: '', ramSection: { sectionId: -1, instanceId: 0, versionId: 0 } }, pausedMs: null, migrationSeconds: 0 };
+  const connection: { socket?: Socket; ended: boolean } = { ended: false };
+  const migrateAt = performance.now();
+  try {
+    const accepted = acceptOne(target.server, abort.signal);
+    accepted.catch(() => undefined);
+    await qmp.execute('migrate', { uri: `unix:${target.socketPath}` });
+    const streamed = accepted.then(async (s) => {
+      connection.socket = s;
+      abort.signal.addEventListener('abort', () => s.destroy(), { once: true });
+      try {
+        result.stream = await receiveBaseStream(s as AsyncIterable<Buffer>, memory, deviceState);
+        connection.ended = true;
+      } catch (err) {
+        // QEMU's write fails, its migration with it, and it resumes the guest
+        s.destroy();
+        throw err;
+      }
+    });
+    const completed = waitCompleted(qmp, timeoutMs, abort.signal, () => pause.stoppedLocal !== undefined || connection.ended).then(async () => {
+      result.migrationSeconds = (performance.now() - migrateAt) / 1000;
+      // QEMU leaves the guest paused (postmigrate): it runs on at once
+      if (!wasRunning) return;
+      await qmp.execute('cont');
+      // QEMU sends RESUME before its reply to cont: the pause on QEMU's own clock, else on ours
+      const now = performance.now();
+      result.pausedMs = pause.stoppedAt !== undefined && pause.resumedAt !== undefined ? pause.resumedAt - pause.stoppedAt : now - (pause.stoppedLocal ?? now);
+    });
+    try {
+      await Promise.all([streamed, completed]);
+    } catch (err) {
+      abort.abort(err);
+      await Promise.allSettled([streamed, completed]);
+      throw err;
+    }
+    await restore();
+    return result;
+  } catch (err) {
+    connection.socket?.destroy();
+    target.server.close();
+    const left = await recover(qmp, wasRunning, restore);
+    if (left) throw new BaseError(`${errorMessage(err)}; ${left}`);
+    throw err;
+  } finally {
+    stopListening();
+    signal?.removeEventListener('abort', onOuterAbort);
+  }
+}
+
 /** Takes a base snapshot of the VM behind `qmpSocket` into `outDir`. */
 export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
   const started = performance.now();
   const log = options.log ?? ((): void => undefined);
   const out = resolve(options.outDir);
-  const timeoutMs = options.migrationTimeoutMs ?? 600_000;
   await checkOutDir(out);
   const qemu = await checkQemu(options.qmpSocket);
   const machine = describeMachine(qemu.process.argv);
   const disks = await planDisks(qemu.process.argv, machine, qemu.cwd);
   const qmp = await connectQmp(options.qmpSocket);
-  // a private folder for the migration socket, owned by QEMU's user so that it alone can connect
   let socketDir: string | undefined;
   let staging: string | undefined;
   let memory: RamImageWriter | undefined;
@@ -361,102 +458,21 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
     if (current.status && MIGRATION_ACTIVE.has(current.status)) fail(`a migration is already running on the VM behind ${options.qmpSocket} (status ${current.status}): wait for it or cancel it (QMP migrate_cancel)`);
     const parameters = await qmp.execute('query-migrate-parameters');
     if (parameters['tls-creds']) fail(`the VM's migrations are set to use TLS (tls-creds ${parameters['tls-creds']}): a base reads the plain stream; clear tls-creds first`);
-    const wasRunning = status.running;
 
     await mkdir(dirname(out), { recursive: true });
     staging = await mkdtemp(join(dirname(out), `.${basename(out)}.partial-`));
-    socketDir = await mkdtemp(join(tmpdir(), 'handoff-base-'));
-    if (process.getuid?.() === 0 && qemu.uid !== 0) await chown(socketDir, qemu.uid, -1);
-    const socketPath = join(socketDir, 'migrate.sock');
-    const server = createServer();
-    await new Promise<void>((res, rej) => {
-      server.once('error', rej);
-      server.listen(socketPath, res);
-    });
-    if (process.getuid?.() === 0 && qemu.uid !== 0) await chown(socketPath, qemu.uid, -1);
-
+    const target = await listenForQemu(qemu.uid);
+    socketDir = target.socketDir;
     memory = await RamImageWriter.create(join(staging, BASE_MEMORY_FILE));
     deviceState = await open(join(staging, BASE_DEVICE_STATE_FILE), 'wx');
-
-    const previous = new Map((await qmp.execute('query-migrate-capabilities')).map((c) => [c.capability, c.state]));
-    const changed = CAPABILITIES_OFF.filter((c) => previous.get(c) === true);
-    // explicitly off, whatever the owner set: multifd, xbzrle, compression and postcopy would take
-    // pages out of the main stream or encode them, x-ignore-shared would leave shared RAM out
-    await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES_OFF.filter((c) => previous.has(c)).map((capability) => ({ capability, state: false })) });
-    const restore = async (): Promise<void> => {
-      if (changed.length) await qmp.execute('migrate-set-capabilities', { capabilities: changed.map((capability) => ({ capability, state: true })) });
-    };
-
-    let stoppedAt: number | undefined;
-    let stoppedLocal: number | undefined;
-    let resumedAt: number | undefined;
-    const stopListening = qmp.onEvent((e) => {
-      if (e.event === 'STOP') {
-        stoppedAt = eventMs(e);
-        stoppedLocal = performance.now();
-      } else if (e.event === 'RESUME' && stoppedLocal !== undefined) resumedAt = eventMs(e);
-    });
-    const abort = new AbortController();
-    const onOuterAbort = (): void => abort.abort(new BaseError('interrupted'));
-    options.signal?.addEventListener('abort', onOuterAbort, { once: true });
-    // set from the callbacks below
-    const run: { socket?: Socket; streamEnded: boolean; pausedMs: number | null; migrationSeconds: number } = { streamEnded: false, pausedMs: null, migrationSeconds: 0 };
-    let stream: StreamResult;
-    const migrateAt = performance.now();
     const createdAt = new Date().toISOString();
-    try {
-      const accepted = acceptOne(server, abort.signal);
-      accepted.catch(() => undefined);
-      log(`migrating the RAM of QEMU ${qemuVersion} (pid ${qemu.process.pid}, ${machine.memoryBytes / 2 ** 20} MiB) into ${out}`);
-      await qmp.execute('migrate', { uri: `unix:${socketPath}` });
-      const streamed = accepted.then(async (s) => {
-        run.socket = s;
-        abort.signal.addEventListener('abort', () => s.destroy(), { once: true });
-        try {
-          const r = await receiveBaseStream(s as AsyncIterable<Buffer>, memory!, deviceState!);
-          run.streamEnded = true;
-          return r;
-        } catch (err) {
-          // QEMU's write fails, its migration with it, and it resumes the guest
-          s.destroy();
-          throw err;
-        }
-      });
-      const completed = waitCompleted(qmp, timeoutMs, abort.signal, () => stoppedLocal !== undefined || run.streamEnded).then(async () => {
-        run.migrationSeconds = (performance.now() - migrateAt) / 1000;
-        // QEMU leaves the guest paused (postmigrate): it runs on at once
-        if (wasRunning) {
-          await qmp.execute('cont');
-          const contLocal = performance.now();
-          run.pausedMs = stoppedAt !== undefined && resumedAt !== undefined ? resumedAt - stoppedAt : contLocal - (stoppedLocal ?? contLocal);
-          if (resumedAt === undefined && stoppedAt !== undefined) {
-            // the RESUME event may trail the reply to cont by a moment
-            for (let i = 0; i < 50 && resumedAt === undefined; i++) await sleep(2);
-            if (resumedAt !== undefined) run.pausedMs = resumedAt - stoppedAt;
-          }
-        }
-      });
-      try {
-        [stream] = await Promise.all([streamed, completed]);
-      } catch (err) {
-        abort.abort(err);
-        await Promise.allSettled([streamed, completed]);
-        throw err;
-      }
-      await restore();
-      log(`RAM taken in ${run.migrationSeconds.toFixed(2)} s (${memory.pages} pages, ${memory.zeroPages} zero pages); ${wasRunning ? `the guest was paused ${Math.round(run.pausedMs ?? 0)} ms and runs on` : 'the guest was not running and stays so'}`);
-    } catch (err) {
-      run.socket?.destroy();
-      server.close();
-      const left = await recover(qmp, wasRunning, restore);
-      if (left) throw new BaseError(`${errorMessage(err)}; ${left}`);
-      throw err;
-    } finally {
-      stopListening();
-      options.signal?.removeEventListener('abort', onOuterAbort);
-    }
+    log(`migrating the RAM of QEMU ${qemuVersion} (pid ${qemu.process.pid}, ${machine.memoryBytes / 2 ** 20} MiB) into ${out}`);
+    const migration = await migrateInto(qmp, target, memory, deviceState, status.running, options.migrationTimeoutMs ?? 600_000, options.signal);
     qmp.close();
-
+    log(
+      `RAM taken in ${migration.migrationSeconds.toFixed(2)} s (${memory.pages} pages, ${memory.zeroPages} zero pages); ` +
+        (migration.pausedMs === null ? 'the guest was not running and stays so' : `the guest was paused ${Math.round(migration.pausedMs)} ms and runs on`),
+    );
     await memory.close();
     const layout = memory.placement!;
     memory = undefined;
@@ -465,9 +481,9 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
 
     // the disks are copied with the guest running again: a base need only be fixed and identical at
     // every cloudlet, not consistent with its RAM (a handoff sends the disk blocks that differ from it)
-    if (disks.length) log(`copying ${disks.length} disk${disks.length > 1 ? 's' : ''} and indexing ${BASE_MEMORY_FILE}`);
-    else log(`indexing ${BASE_MEMORY_FILE}`);
+    log(disks.length ? `copying ${disks.length} disk${disks.length > 1 ? 's' : ''} and indexing ${BASE_MEMORY_FILE}` : `indexing ${BASE_MEMORY_FILE}`);
     const [index] = await Promise.all([loadBaseIndex(join(staging, BASE_MEMORY_FILE)), ...disks.map((d) => copySparse(d.source, join(staging!, d.file)))]);
+    if (options.signal?.aborted) fail('interrupted');
     const baseDisks: BaseDisk[] = [];
     for (const d of disks) baseDisks.push({ file: d.file, bytes: (await stat(join(staging, d.file))).size, format: d.format, drive: d.drive, sourceFile: d.source });
 
@@ -477,8 +493,8 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
       qemuVersion,
       sourceArgv: qemu.process.argv,
       machine,
-      machineType: stream!.machineType,
-      ramSection: stream!.ramSection,
+      machineType: migration.stream.machineType,
+      ramSection: migration.stream.ramSection,
       ramBlocks: layout.blocks,
       memory: { file: BASE_MEMORY_FILE, bytes: layout.bytes, contentHash: index.contentHash },
       disks: baseDisks,
@@ -492,16 +508,15 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
     staging = undefined;
 
     const names = [BASE_MANIFEST_FILE, BASE_MEMORY_FILE, `${BASE_MEMORY_FILE}.hidx`, BASE_DEVICE_STATE_FILE, ...baseDisks.map((d) => d.file)];
-    const files = await Promise.all(names.map((f) => fileSummary(out, f).catch(() => undefined)));
-    const present = files.filter((f): f is BaseFileSummary => f !== undefined);
+    const files = (await Promise.all(names.map((f) => fileSummary(out, f).catch(() => undefined)))).filter((f): f is BaseFileSummary => f !== undefined);
     return {
       dir: out,
-      files: present,
-      bytes: present.reduce((a, f) => a + f.bytes, 0),
-      pausedMs: run.pausedMs === null ? null : Math.round(run.pausedMs * 10) / 10,
+      files,
+      bytes: files.reduce((a, f) => a + f.bytes, 0),
+      pausedMs: migration.pausedMs === null ? null : Math.round(migration.pausedMs * 10) / 10,
       seconds: (performance.now() - started) / 1000,
-      migrationSeconds: run.migrationSeconds,
-      streamBytes: stream!.streamBytes,
+      migrationSeconds: migration.migrationSeconds,
+      streamBytes: migration.stream.streamBytes,
       ramBlocks: layout.blocks,
       contentHash: index.contentHash,
     };

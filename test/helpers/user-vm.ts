@@ -5,6 +5,7 @@
  * paths.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { connect, type Socket } from 'node:net';
 import { stopProcess } from '../../shared/actor/child.js';
 import type { GuestFiles } from '../../shared/testdata/guest.js';
 import { accelerator, lastCounter, QEMU_BIN } from '../../shared/vm/qemu.js';
@@ -38,6 +39,17 @@ export async function waitFor<T>(what: string, timeoutMs: number, probe: () => T
     if (Date.now() > deadline) throw new Error(`${what} within ${timeoutMs / 1000} s`);
     await new Promise((r) => setTimeout(r, 100));
   }
+}
+
+/** A connection to a unix socket, once something listens on it (a destination's -incoming). */
+export async function connectWhenListening(path: string, timeoutMs: number): Promise<Socket> {
+  return waitFor(`nothing listens on ${path}`, timeoutMs, () =>
+    new Promise<Socket | undefined>((resolve) => {
+      const s = connect(path);
+      s.once('connect', () => resolve(s));
+      s.once('error', () => resolve(undefined));
+    }),
+  );
 }
 
 export interface UserVm {
