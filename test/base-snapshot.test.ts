@@ -23,7 +23,7 @@ import { MigrationStreamWriter } from '../shared/vm/migration-stream-writer.js';
 import { QEMU_BIN } from '../shared/vm/qemu.js';
 import { describeMachine } from '../shared/vm/qemu-process.js';
 import { RamImageWriter, ramLayout, readRamImagePages } from '../shared/vm/ram-image.js';
-import { connectWhenListening, startUserVm, userVmArgv, waitFor, type UserVm } from './helpers/user-vm.js';
+import { connectWhenListening, startUserVm, userVmArgv, waitFor, writeEmptyQcow2, type UserVm } from './helpers/user-vm.js';
 
 declare module '../shared/vm/qmp.js' {
   interface QmpCommands {
@@ -34,6 +34,7 @@ declare module '../shared/vm/qmp.js' {
 const hasQemu = spawnSync(QEMU_BIN, ['--version']).status === 0;
 const MEMORY_BYTES = 256 << 20;
 const DISK_BYTES = 64 << 20;
+const QCOW2_BYTES = 16 << 20;
 /** guest-physical RAM below the VGA window and above the BIOS area: pc.ram at the same offsets */
 const RAM_RANGES: [number, number][] = [
   [0, 0xa0000],
@@ -160,12 +161,13 @@ describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ?
 
   test('a user-started guest: the base is taken, the guest runs on, the base resumes in a second QEMU', async () => {
     const guest = buildGuest(GUEST_CACHE);
-    const src = { qmp: join(dir, 'src.qmp'), serial: join(dir, 'src-serial.log'), disk: join(dir, 'src-disk.raw') };
+    const src = { qmp: join(dir, 'src.qmp'), serial: join(dir, 'src-serial.log'), disk: join(dir, 'src-disk.raw'), qcow2: join(dir, 'src-disk.qcow2') };
     // a sparse raw disk with some data at its start
     const disk = await open(src.disk, 'w');
     await disk.truncate(DISK_BYTES);
     await disk.write(Buffer.alloc(1 << 20, 0x5a), 0, 1 << 20, 0);
     await disk.close();
+    await writeEmptyQcow2(src.qcow2, QCOW2_BYTES);
     const vm = await startUserVm(userVmArgv(guest, src), src);
     vms.push(vm);
     source = vm;
@@ -201,16 +203,24 @@ describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ?
     const memoryFile = summary.files.find((f) => f.file === 'memory.img')!;
     assert.ok(memoryFile.allocatedBytes < memoryFile.bytes / 2, `memory.img is not sparse: ${memoryFile.allocatedBytes} of ${memoryFile.bytes} bytes allocated`);
     assert.deepEqual(summary.ramBlocks, base.manifest.ramBlocks);
+    // the device state is the stream without its RAM: header, configuration, devices, EOF, description
+    const kinds = new Set<string>();
+    for await (const r of parseMigrationStream(createReadStream(base.deviceStatePath))) kinds.add(r.kind);
+    assert.deepEqual([...kinds], ['header', 'configuration', 'device-section', 'eof', 'vm-description']);
     assert.ok(summary.pausedMs !== null && summary.pausedMs >= 0 && summary.pausedMs < 10_000, `paused ${summary.pausedMs} ms`);
-    // one disk, raw, sparse, the drive the command line names
-    assert.equal(base.manifest.disks.length, 1);
-    const [baseDisk] = base.manifest.disks;
+    // the disks the command line names: a raw one, sparse, and a qcow2 one (probed, as QEMU does)
+    assert.equal(base.manifest.disks.length, 2);
+    const [baseDisk, qcow2Disk] = base.manifest.disks;
     assert.equal(baseDisk!.format, 'raw');
     assert.equal(baseDisk!.bytes, DISK_BYTES);
     assert.equal(baseDisk!.sourceFile, src.disk);
     assert.equal(base.manifest.machine.drives[baseDisk!.drive]?.interface, 'virtio');
     const diskFile = summary.files.find((f) => f.file === baseDisk!.file)!;
     assert.ok(diskFile.allocatedBytes < DISK_BYTES / 2, `the disk copy is not sparse: ${diskFile.allocatedBytes} bytes allocated`);
+    assert.equal(qcow2Disk!.format, 'qcow2');
+    assert.equal(qcow2Disk!.file, 'disk1.qcow2');
+    assert.equal(base.manifest.machine.drives[qcow2Disk!.drive]?.interface, 'ide');
+    assert.equal(readFileSync(base.diskPaths[1]!).subarray(0, 4).toString('latin1'), 'QFI\xfb');
     // the index was built with the base and is what a handoff loads
     const indexPath = `${base.memoryPath}.hidx`;
     const indexWritten = (await stat(indexPath)).mtimeMs;
@@ -226,9 +236,11 @@ describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ?
     assert.equal(capabilities.find((c) => c.capability === 'xbzrle')?.state, true, "the owner's xbzrle was not set back");
 
     // the base resumes: the source's command line with this test's paths, a copy of the base disk
-    const dst = { qmp: join(dir, 'dst.qmp'), serial: join(dir, 'dst-serial.log'), disk: join(dir, 'dst-disk.raw'), incoming: join(dir, 'dst-incoming.sock') };
+    const dst = { qmp: join(dir, 'dst.qmp'), serial: join(dir, 'dst-serial.log'), disk: join(dir, 'dst-disk.raw'), qcow2: join(dir, 'dst-disk.qcow2'), incoming: join(dir, 'dst-incoming.sock') };
     await copyFile(base.diskPaths[0]!, dst.disk);
-    const destinationArgv = [...base.manifest.sourceArgv.map((a) => a.replace(src.qmp, dst.qmp).replace(src.serial, dst.serial).replace(src.disk, dst.disk)), '-S', '-incoming', 'defer'];
+    await copyFile(base.diskPaths[1]!, dst.qcow2);
+    const local = (a: string): string => a.replace(src.qmp, dst.qmp).replace(src.serial, dst.serial).replace(src.disk, dst.disk).replace(src.qcow2, dst.qcow2);
+    const destinationArgv = [...base.manifest.sourceArgv.map(local), '-S', '-incoming', 'defer'];
     const destination = await startUserVm(destinationArgv, dst);
     vms.push(destination);
     await destination.qmp!.execute('migrate-incoming', { uri: `unix:${dst.incoming}` });

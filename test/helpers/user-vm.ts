@@ -1,10 +1,11 @@
 /**
  * The test guest started the way a user starts a VM: ordinary RAM, QEMU's default devices, a virtio
- * NIC, a raw disk, a QMP socket; no memory-backend-file, no -nodefaults. Tests that take a base of
+ * NIC, a raw disk (and a qcow2 one if asked), a QMP socket; no memory-backend-file, no -nodefaults. Tests that take a base of
  * it, or hand it off, share this; a destination is started from the same command line with its own
  * paths.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { stopProcess } from '../../shared/actor/child.js';
 import type { GuestFiles } from '../../shared/testdata/guest.js';
@@ -16,6 +17,8 @@ export interface UserVmPaths {
   serial: string;
   /** a raw disk image (if=virtio: the test guest writes to it) */
   disk?: string;
+  /** a qcow2 image as a second IDE disk (-hdb, its format left for QEMU to probe) */
+  qcow2?: string;
 }
 
 /** The command line a user writes, program first. */
@@ -25,9 +28,32 @@ export function userVmArgv(guest: GuestFiles, paths: UserVmPaths, memory = '256M
     ...['-kernel', guest.kernel, '-initrd', guest.initrd, '-append', 'console=ttyS0 quiet panic=-1'],
     ...['-nic', 'user,model=virtio-net-pci'],
     ...(paths.disk ? ['-drive', `file=${paths.disk},format=raw,if=virtio`] : []),
+    ...(paths.qcow2 ? ['-hdb', paths.qcow2] : []),
     ...['-chardev', `file,id=serial0,path=${paths.serial}`, '-serial', 'chardev:serial0'],
     ...['-qmp', `unix:${paths.qmp},server=on,wait=off`],
   ];
+}
+
+const QCOW2_CLUSTER_BYTES = 1 << 16;
+
+/**
+ * An empty qcow2 (version 2) image of `bytes` virtual size, without qemu-img: the header, a
+ * refcount table and block, and an L1 table, one 64 KiB cluster each; no data cluster yet.
+ */
+export async function writeEmptyQcow2(path: string, bytes: number): Promise<void> {
+  const c = QCOW2_CLUSTER_BYTES;
+  const image = Buffer.alloc(4 * c);
+  image.writeUInt32BE(0x514649fb, 0); // QFI\xfb
+  image.writeUInt32BE(2, 4); // version
+  image.writeUInt32BE(16, 20); // cluster_bits
+  image.writeBigUInt64BE(BigInt(bytes), 24); // size
+  image.writeUInt32BE(Math.ceil(bytes / (c * (c / 8))), 36); // l1_size: one L2 table maps c/8 clusters
+  image.writeBigUInt64BE(BigInt(3 * c), 40); // l1_table_offset
+  image.writeBigUInt64BE(BigInt(c), 48); // refcount_table_offset
+  image.writeUInt32BE(1, 56); // refcount_table_clusters
+  image.writeBigUInt64BE(BigInt(2 * c), c); // the refcount table's first block
+  for (let cluster = 0; cluster < 4; cluster++) image.writeUInt16BE(1, 2 * c + 2 * cluster); // each cluster used once
+  await writeFile(path, image);
 }
 
 /** Resolves with the probe's first defined value; fails naming `what` after `timeoutMs`. */
