@@ -105,12 +105,13 @@ const REFUSED_RUNSTATES: Record<string, string> = {
   'finish-migrate': 'a migration is finishing',
 };
 
-class BaseError extends Error {
-  override name = 'BaseError';
+/** A base that cannot be taken as asked, naming why. */
+export class BaseSnapshotError extends Error {
+  override name = 'BaseSnapshotError';
 }
 
 function fail(message: string): never {
-  throw new BaseError(message);
+  throw new BaseSnapshotError(message);
 }
 
 /** The QEMU process behind the socket: as the path was given, else as an absolute path (QEMU may have bound either). */
@@ -123,7 +124,7 @@ function findQemu(qmpSocket: string): QemuProcess {
       first ??= err;
     }
   }
-  throw new BaseError(`no QEMU behind the QMP socket ${qmpSocket}: ${errorMessage(first)}`);
+  throw new BaseSnapshotError(`no QEMU behind the QMP socket ${qmpSocket}: ${errorMessage(first)}`);
 }
 
 async function checkQemu(qmpSocket: string): Promise<{ process: QemuProcess; cwd: string; uid: number }> {
@@ -145,7 +146,7 @@ async function connectQmp(qmpSocket: string): Promise<QmpClient> {
   } catch (err) {
     const why = errorMessage(err);
     const hint = /greeting/.test(why) ? ' (QEMU serves one QMP client per socket: is another one, such as libvirt or a handoff, connected?)' : '';
-    throw new BaseError(`QEMU does not answer on the QMP socket ${qmpSocket}: ${why}${hint}`);
+    throw new BaseSnapshotError(`QEMU does not answer on the QMP socket ${qmpSocket}: ${why}${hint}`);
   }
 }
 
@@ -203,7 +204,7 @@ function copySparse(from: string, to: string): Promise<void> {
     let stderr = '';
     cp.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     cp.once('error', reject);
-    cp.once('exit', (code) => (code === 0 ? resolvePromise() : reject(new BaseError(`copying ${from}: cp exited with ${code}: ${stderr.trim()}`))));
+    cp.once('exit', (code) => (code === 0 ? resolvePromise() : reject(new BaseSnapshotError(`copying ${from}: cp exited with ${code}: ${stderr.trim()}`))));
   });
 }
 
@@ -263,7 +264,7 @@ export async function receiveBaseStream(source: AsyncIterable<Buffer>, memory: R
     }
     for (const r of parser.end()) await take(r);
   } catch (err) {
-    if (err instanceof MigrationStreamError) throw new BaseError(`QEMU's migration stream: ${err.message}`);
+    if (err instanceof MigrationStreamError) throw new BaseSnapshotError(`QEMU's migration stream: ${err.message}`);
     throw err;
   }
   if (!sawEof) fail(`QEMU's migration stream ended after ${result.streamBytes} bytes without QEMU_VM_EOF`);
@@ -274,7 +275,7 @@ export async function receiveBaseStream(source: AsyncIterable<Buffer>, memory: R
 
 function acceptOne(server: Server, signal: AbortSignal): Promise<Socket> {
   return new Promise((resolvePromise, reject) => {
-    const onAbort = (): void => reject(new BaseError('QEMU never connected to the migration socket'));
+    const onAbort = (): void => reject(new BaseSnapshotError('QEMU never connected to the migration socket'));
     signal.addEventListener('abort', onAbort, { once: true });
     server.once('connection', (socket: Socket) => {
       signal.removeEventListener('abort', onAbort);
@@ -289,7 +290,7 @@ function acceptOne(server: Server, signal: AbortSignal): Promise<Socket> {
 async function waitCompleted(qmp: QmpClient, timeoutMs: number, signal: AbortSignal, paused: () => boolean): Promise<{ downtimeMs?: number }> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    if (signal.aborted) throw signal.reason instanceof Error ? signal.reason : new BaseError('interrupted');
+    if (signal.aborted) throw signal.reason instanceof Error ? signal.reason : new BaseSnapshotError('interrupted');
     const s = await qmp.execute('query-migrate');
     if (s.status === 'completed') return s.downtime === undefined ? {} : { downtimeMs: s.downtime };
     if (s.status === 'failed' || s.status === 'cancelled') throw new QmpError(`QEMU's migration ${s.status}: ${s['error-desc'] ?? 'no reason given'}`);
@@ -383,7 +384,7 @@ async function migrateInto(
     } else if (e.event === 'RESUME' && pause.stoppedLocal !== undefined) pause.resumedAt = eventMs(e);
   });
   const abort = new AbortController();
-  const onOuterAbort = (): void => abort.abort(new BaseError('interrupted'));
+  const onOuterAbort = (): void => abort.abort(new BaseSnapshotError('interrupted'));
   signal?.addEventListener('abort', onOuterAbort, { once: true });
   const result: MigrationResult = { stream: { streamBytes: 0, machineType: '', ramSection: { sectionId: -1, instanceId: 0, versionId: 0 } }, pausedMs: null, migrationSeconds: 0 };
   const connection: { socket?: Socket; ended: boolean } = { ended: false };
@@ -426,7 +427,7 @@ async function migrateInto(
     connection.socket?.destroy();
     target.server.close();
     const left = await recover(qmp, wasRunning, restore);
-    if (left) throw new BaseError(`${errorMessage(err)}; ${left}`);
+    if (left) throw new BaseSnapshotError(`${errorMessage(err)}; ${left}`);
     throw err;
   } finally {
     stopListening();
