@@ -21,6 +21,7 @@ Usage:
   handoff demo      [options]   both cloudlets on this machine, generated images, progress and summary
   handoff migrate   [options]   hand a VM (images, or a running QEMU guest) off to a destination
   handoff receive   [options]   be the destination: rebuild the images, verify, exit
+  handoff base      [options]   take a base snapshot of a running QEMU VM (every cloudlet holds it)
   handoff profile   [options]   measure every mode's cost and ratio: the tuner's profile
   handoff actor NAME --nats URL run one actor (${ACTOR_NAMES.join(', ')}) as a service
 
@@ -324,6 +325,8 @@ async function main(argv: string[]): Promise<number> {
       } else process.stdout.write(text);
       return 0;
     }
+    case 'base':
+      return (await import('./base.js')).baseMain(rest);
     case 'actor': {
       const { values, positionals } = parseArgs({
         args: rest,
