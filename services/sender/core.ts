@@ -85,7 +85,8 @@ export function helloFor(d: MigrationDescriptor, linkTraceparent: string | undef
     baseHashes: { memory: d.memory.baseHash, disk: d.disk.baseHash },
     bytes: { memory: d.memory.bytes, disk: d.disk.bytes },
     ...(linkTraceparent ? { traceparent: linkTraceparent, traceEveryChunks: d.traceEveryChunks ?? 1 } : {}),
-    ...(d.live ? { vm: d.live.vm } : {}),
+    ...(d.live?.vm ? { vm: d.live.vm } : {}),
+    ...(d.live?.machine ? { machine: d.live.machine } : {}),
   };
 }
 

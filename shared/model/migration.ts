@@ -2,6 +2,7 @@
 import { MalformedMessageError } from './errors.js';
 import { isMode, type Mode } from './mode.js';
 import type { VmDescription } from '../vm/qemu.js';
+import type { RamBlockPlacement } from '../vm/ram-image.js';
 import { amount, count, counters, digests, object, parseJson, text } from './validate.js';
 import { CAPTURED_EVENT_OVERHEAD_BYTES, MAX_DEVICE_STATE_CHARS, NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
@@ -50,8 +51,18 @@ export interface LiveVm {
   /** stop when the last round is predicted to fit this (default 300 ms) */
   downtimeMs: number;
   maxRounds: number;
-  /** the machine both ends build */
-  vm: VmDescription;
+  /** RAM in a shared file that capture reads: the machine both ends build from the project's command line */
+  vm?: VmDescription;
+  /** RAM from QEMU's own migration stream (any RAM backing): the source's own machine, which the destination runs */
+  machine?: SourceMachine;
+}
+
+/** The source's own QEMU machine: what a destination must run to load its state. */
+export interface SourceMachine {
+  /** the source QEMU's command line, program first (read from the process behind its QMP socket) */
+  argv: string[];
+  /** the base's RAM blocks as its memory image places them: the live stream must list the same */
+  ramBlocks: RamBlockPlacement[];
 }
 
 /** One pre-copy round as the source saw it, and what the round policy decided after it. */

@@ -8,6 +8,7 @@ import { MalformedMessageError } from '../model/errors.js';
 import { parseRebuildResult, type ImageDigests, type RebuildResult } from '../model/migration.js';
 import { amount, count, digests, object, text } from '../model/validate.js';
 import type { VmDescription } from '../vm/qemu.js';
+import type { SourceMachine } from '../model/migration.js';
 import { validateMigrationId } from './chunk-codec.js';
 import { MAX_DEVICE_STATE_CHARS, NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
@@ -162,8 +163,10 @@ export interface Hello {
   traceparent?: string;
   /** which chunks are traced (see shared/telemetry/telemetry.ts) */
   traceEveryChunks?: number;
-  /** live: the VM the destination starts (with -incoming) and resumes */
+  /** live, RAM in a shared file: the VM the destination starts (with -incoming) and resumes */
   vm?: VmDescription;
+  /** live, RAM from QEMU's stream: the source's own machine; the destination refuses one it cannot run */
+  machine?: SourceMachine;
 }
 
 /** ERROR: why the receiver closes the link; `resumable` when a new connection may carry on (transit corruption). */
@@ -219,6 +222,27 @@ function vmDescription(v: unknown): VmDescription {
   };
 }
 
+/** most arguments and RAM blocks a source machine may have */
+const MAX_MACHINE_ARGS = 4096;
+const MAX_RAM_BLOCKS = 256;
+
+function sourceMachine(v: unknown): SourceMachine {
+  const o = object(v, 'hello frame: machine');
+  if (!Array.isArray(o.argv) || o.argv.length === 0 || o.argv.length > MAX_MACHINE_ARGS) throw new MalformedMessageError(`hello frame: machine argv is not a command line (1 to ${MAX_MACHINE_ARGS} arguments)`);
+  if (!Array.isArray(o.ramBlocks) || o.ramBlocks.length === 0 || o.ramBlocks.length > MAX_RAM_BLOCKS) throw new MalformedMessageError(`hello frame: machine ramBlocks is not a list of 1 to ${MAX_RAM_BLOCKS} blocks`);
+  return {
+    argv: o.argv.map((a, i) => text(a, `hello frame: machine argv[${i}]`, 65536)),
+    ramBlocks: o.ramBlocks.map((b, i) => {
+      const block = object(b, `hello frame: machine ramBlocks[${i}]`);
+      return {
+        idstr: text(block.idstr, `hello frame: machine ramBlocks[${i}] idstr`, 256),
+        bytes: count(block.bytes, `hello frame: machine ramBlocks[${i}] bytes`, 2 ** 44),
+        offset: count(block.offset, `hello frame: machine ramBlocks[${i}] offset`, 2 ** 44),
+      };
+    }),
+  };
+}
+
 function frameObject(frame: Frame, what: string): Record<string, unknown> {
   return object(parseJsonPayload(frame), `${what} frame`);
 }
@@ -236,6 +260,7 @@ export function parseHello(frame: Frame): Hello {
     ...(o.traceparent !== undefined ? { traceparent: traceparent(o.traceparent) } : {}),
     ...(o.traceEveryChunks !== undefined ? { traceEveryChunks: count(o.traceEveryChunks, 'hello frame: traceEveryChunks', 2 ** 32) } : {}),
     ...(o.vm !== undefined ? { vm: vmDescription(o.vm) } : {}),
+    ...(o.machine !== undefined ? { machine: sourceMachine(o.machine) } : {}),
   };
 }
 
