@@ -127,6 +127,11 @@ const FLAGS = new Set([
   'alt-grab', 'ctrl-grab', 'rtc-td-hack', 'singlestep', 'xen-attach', 'nodefconfig', 'version', 'help', 'curses', 'old-param',
 ]);
 
+/** Whether QEMU option `name` (without its dashes) takes no argument. */
+export function isQemuFlag(name: string): boolean {
+  return FLAGS.has(name);
+}
+
 /** QemuOpts syntax: `implied,key=value,...` with `,,` for a comma in a value. */
 export function parseQemuOpts(text: string, impliedKey?: string): Map<string, string> {
   const parts: string[] = [];
@@ -196,6 +201,11 @@ const DRIVE_OPTIONS: Record<string, { interface: string; index?: number; media?:
   pflash: { interface: 'pflash' },
   mtdblock: { interface: 'mtd' },
 };
+
+/** Whether `name` (without its dashes) is a drive option of old (-hda, -cdrom, ...), its value the image. */
+export function isLegacyDriveOption(name: string): boolean {
+  return Object.hasOwn(DRIVE_OPTIONS, name);
+}
 
 /** What of a QEMU command line (argv, with or without the program) the destination must match. */
 export function describeMachine(argv: readonly string[]): MachineDescription {
