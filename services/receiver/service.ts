@@ -87,7 +87,7 @@ function streamDestination(stream: StreamResumeOptions): StreamDestination {
   const { manifest } = stream.base;
   const disk = manifest.disks[0];
   if (!disk) throw new Error(`the base ${stream.base.dir} has no disk: a handoff carries one`);
-  return { ramBlocks: manifest.ramBlocks, diskDrive: disk.drive, host: nodeHostFiles, ...(stream.qemuCommand ? { qemuCommand: stream.qemuCommand } : {}) };
+  return { ramBlocks: manifest.ramBlocks, baseMachine: manifest.machine, diskDrive: disk.drive, host: nodeHostFiles, ...(stream.qemuCommand ? { qemuCommand: stream.qemuCommand } : {}) };
 }
 
 async function startLinkServer(ctx: ActorContext, options: ReceiverOptions, setup: RebuildSetup): Promise<ReceiverWiring> {

@@ -9,7 +9,7 @@ import { basename, join } from 'node:path';
 import { PAGE_SIZE } from '../../shared/image/pages.js';
 import type { SourceMachine } from '../../shared/model/migration.js';
 import type { MigrationRecord } from '../../shared/vm/migration-stream.js';
-import { compareMachines, describeMachine, isLegacyDriveOption, isQemuFlag, parseQemuOpts } from '../../shared/vm/qemu-process.js';
+import { compareMachines, describeMachine, isLegacyDriveOption, isQemuFlag, parseQemuOpts, type MachineDescription } from '../../shared/vm/qemu-process.js';
 import type { RamBlockPlacement } from '../../shared/vm/ram-image.js';
 
 /** What the mapping asks of this host's files (injected: tests give their own). */
@@ -213,6 +213,8 @@ export function ramBlockDifferences(source: readonly RamBlockPlacement[], base: 
 export interface StreamDestination {
   /** the base's RAM blocks, as its memory image places them */
   ramBlocks: RamBlockPlacement[];
+  /** the machine the base was taken of: its RAM and device state are that machine's */
+  baseMachine: MachineDescription;
   /** the base's (handed-off) disk: its position among the command line's drives */
   diskDrive: number;
   /** the operator's command line for the destination (program first); else the source's, mapped */
@@ -231,7 +233,9 @@ export function streamRefusal(source: SourceMachine, d: StreamDestination): stri
     return `the destination's QEMU command line cannot be read: ${(err as Error).message}`;
   }
   try {
-    differences.push(...compareMachines(describeMachine(source.argv), describeMachine(command.argv)));
+    const sourceMachine = describeMachine(source.argv);
+    differences.push(...compareMachines(d.baseMachine, sourceMachine, undefined, { source: 'base', destination: 'source' }));
+    differences.push(...compareMachines(sourceMachine, describeMachine(command.argv)));
   } catch (err) {
     return `a QEMU command line cannot be read: ${(err as Error).message}`;
   }
