@@ -27,6 +27,10 @@ import { QEMU_BIN, lastCounter } from '../shared/vm/qemu.js';
 import { QmpClient } from '../shared/vm/qmp.js';
 import { WrittenPages, streamRefusal, type StreamDestination } from '../services/receiver/stream-resume.js';
 import { StreamResumer, nodeHostFiles } from '../services/receiver/stream-resumer.js';
+import { startReceiver, type RunningReceiver } from '../services/receiver/service.js';
+import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
+import { dialLink, ensureLocalLinkKey, linkSecurityFromEnv } from '../shared/wire/link-security.js';
+import { FrameReader, FrameType, encodeFrame, encodeJsonFrame, parseReason, parseResult, type Frame, type Hello } from '../shared/wire/frames.js';
 import { startUserVm, userVmArgv, waitFor, type UserVm } from './helpers/user-vm.js';
 
 declare module '../shared/vm/qmp.js' {
@@ -105,6 +109,35 @@ async function writePages(from: string, to: string, pages: number[]): Promise<vo
   } finally {
     await Promise.all([src.close(), dst.close()]);
   }
+}
+
+/** A hand-driven source end of the link: frames sent, frames awaited by type. */
+async function sourceLink(address: { host: string; port: number }): Promise<{ send(frame: Buffer): void; next(type: number, timeoutMs: number): Promise<Frame>; close(): void }> {
+  const socket = await dialLink(address.host, address.port, linkSecurityFromEnv(), 5000);
+  const reader = new FrameReader();
+  const got: Frame[] = [];
+  let notify: (() => void) | undefined;
+  socket.on('data', (d: Buffer) => {
+    got.push(...reader.push(d));
+    notify?.();
+  });
+  socket.on('error', () => undefined);
+  return {
+    send: (frame) => void socket.write(frame),
+    next: (type, timeoutMs) =>
+      withTimeout(`no frame of type ${type} from the receiver`, timeoutMs, (async () => {
+        for (;;) {
+          const i = got.findIndex((f) => f.type === type || f.type === FrameType.Refuse || f.type === FrameType.Error);
+          if (i >= 0) {
+            const [f] = got.splice(i, 1);
+            if (f!.type !== type) throw new Error(`the receiver answered ${f!.type === FrameType.Refuse ? 'REFUSE' : 'ERROR'}: ${parseReason(f!, 'answer')}`);
+            return f!;
+          }
+          await new Promise<void>((resolve) => (notify = resolve));
+        }
+      })()),
+    close: () => socket.destroy(),
+  };
 }
 
 function withTimeout<T>(what: string, timeoutMs: number, promise: Promise<T>): Promise<T> {
@@ -221,6 +254,73 @@ describe("resuming the source's own machine from QEMU's stream", { timeout: 600_
       streamRefusal(machine, { ...destination, qemuCommand: noNic }),
       "the destination cannot run the source's machine: device virtio-net-pci missing at the destination; network backend user missing at the destination",
     );
+  });
+
+  test("through the receiver: the machine's hello, a final round with its device state, the go: the VM runs; another machine refused on the link", async (t) => {
+    if (!base) return t.skip('the first test took no base');
+    ensureLocalLinkKey();
+    const nats: EmbeddedNats = await startEmbeddedNats();
+    const receivers: RunningReceiver[] = [];
+    let pid: number | undefined;
+    try {
+      const outDir = join(dir, 'received');
+      const options = { listen: '127.0.0.1:0', baseMemory: base.memoryPath, baseDisk: base.diskPaths[0]!, outDir, natsUrl: nats.url };
+      const receiver = await startReceiver({ ...options, stream: { base } });
+      receivers.push(receiver);
+      const hello: Hello = {
+        migrationId: 'stream-1',
+        baseHashes: receiver.baseHashes,
+        bytes: { memory: base.manifest.memory.bytes, disk: base.manifest.disks[0]!.bytes },
+        machine: { argv: base.manifest.sourceArgv, ramBlocks: base.manifest.ramBlocks },
+      };
+      const link = await sourceLink(receiver.address);
+      try {
+        link.send(encodeJsonFrame(FrameType.Hello, hello));
+        await link.next(FrameType.Accept, 10_000);
+        // nothing changed since the base: no chunk, the base's own device state
+        const deviceState = await readFile(base.deviceStatePath);
+        link.send(encodeJsonFrame(FrameType.Captured, { round: 0, slices: 0, imageHashes: receiver.baseHashes, final: true, deviceState: encodePatch(deviceState, deviceState).toString('base64') }));
+        const result = parseResult(await link.next(FrameType.Result, 90_000));
+        assert.equal(result.verified, true, result.reason);
+        assert.equal(result.vmReady, true, result.vmError);
+        link.send(encodeFrame(FrameType.Go, Buffer.alloc(0)));
+        await link.next(FrameType.Resumed, 30_000);
+      } finally {
+        link.close();
+      }
+      const received = await withTimeout('the receiver reported no migration', 30_000, receiver.next());
+      pid = received.vm?.pid;
+      assert.equal(received.vm?.serialLog, join(outDir, 'serial0.log'));
+      const serial = received.vm!.serialLog;
+      await waitFor('the resumed guest printed no counter', 60_000, () => (lastCounter(serial) > 0 ? true : undefined));
+      assert.doesNotMatch(readFileSync(serial, 'utf8'), /Linux version|Booting/, 'the destination guest booted again');
+      const qmp = await QmpClient.connect(received.vm!.qmpSocket, 10_000);
+      assert.equal((await qmp.execute('query-status')).status, 'running');
+      await qmp.execute('quit').catch(() => undefined);
+      qmp.close();
+
+      // a destination whose operator runs another RAM size: refused at the hello, the difference named
+      const other = await startReceiver({ ...options, outDir: join(dir, 'received-512'), stream: { base, qemuCommand: base.manifest.sourceArgv.map((a) => (a === '256M' ? '512M' : a)) } });
+      receivers.push(other);
+      const refused = await sourceLink(other.address);
+      try {
+        refused.send(encodeJsonFrame(FrameType.Hello, { ...hello, migrationId: 'stream-2' }));
+        const answer = await refused.next(FrameType.Refuse, 10_000);
+        assert.equal(parseReason(answer, 'refuse'), "the destination cannot run the source's machine: memory: source 256 MiB, destination 512 MiB");
+      } finally {
+        refused.close();
+      }
+    } finally {
+      if (pid !== undefined) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // quit already
+        }
+      }
+      for (const r of receivers) await r.stop();
+      await nats.stop();
+    }
   });
 
   test("a QEMU that cannot load the stream fails with its own words, not a closed socket", async (t) => {

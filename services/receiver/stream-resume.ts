@@ -54,6 +54,9 @@ function fileName(id: string): string {
   return id.replace(/[^A-Za-z0-9_.-]/g, '_');
 }
 
+/** the longest path a unix socket may have (sun_path less its terminating NUL) */
+export const MAX_SOCKET_PATH_BYTES = 107;
+
 /** -serial and -monitor values that name no host path: kept as they are */
 const KEPT_CHAR_SPECS = /^(none|null|pty|vc(:.*)?|chardev:.*)$/;
 /** options whose value is a path on this host that QEMU reads: kept, and it must exist here */
@@ -80,6 +83,11 @@ export function destinationCommand(argv: readonly string[], diskDrive: number, p
   let serials = 0;
   let chardevs = 0;
   const numbered = (name: string, n: number, ext: string): string => join(dir, `${name}${n === 0 ? '' : `-${n}`}.${ext}`);
+  const sockets: string[] = [];
+  const socketAt = (path: string): string => {
+    sockets.push(path);
+    return path;
+  };
   /** chardev id -> the file it now writes */
   const chardevFiles = new Map<string, string>();
   let firstSerial: { file?: string; chardev?: string } | undefined;
@@ -108,13 +116,13 @@ export function destinationCommand(argv: readonly string[], diskDrive: number, p
         break;
       case 'qmp':
       case 'qmp-pretty': {
-        const socket = numbered('qmp', qmps++, 'sock');
+        const socket = socketAt(numbered('qmp', qmps++, 'sock'));
         qmpSocket ||= socket;
         out.push(arg, `unix:${socket},server=on,wait=off`);
         break;
       }
       case 'monitor':
-        out.push(arg, KEPT_CHAR_SPECS.test(value) ? value : `unix:${numbered('monitor', monitors++, 'sock')},server=on,wait=off`);
+        out.push(arg, KEPT_CHAR_SPECS.test(value) ? value : `unix:${socketAt(numbered('monitor', monitors++, 'sock'))},server=on,wait=off`);
         break;
       case 'serial': {
         const file = KEPT_CHAR_SPECS.test(value) ? undefined : numbered('serial', serials++, 'log');
@@ -133,7 +141,7 @@ export function destinationCommand(argv: readonly string[], diskDrive: number, p
           opts.delete('signal');
           opts.set('path', join(dir, `${id}.log`));
           chardevFiles.set(opts.get('id') ?? id, join(dir, `${id}.log`));
-        } else if (backend === 'socket' && opts.has('path')) opts.set('path', join(dir, `${id}.sock`));
+        } else if (backend === 'socket' && opts.has('path')) opts.set('path', socketAt(join(dir, `${id}.sock`)));
         if (opts.has('logfile')) opts.set('logfile', join(dir, `${id}.chardev.log`));
         out.push(arg, formatQemuOpts(opts, 'backend'));
         break;
@@ -176,10 +184,13 @@ export function destinationCommand(argv: readonly string[], diskDrive: number, p
     }
   }
   if (!qmpSocket) {
-    qmpSocket = numbered('qmp', qmps, 'sock');
+    qmpSocket = socketAt(numbered('qmp', qmps, 'sock'));
     out.push('-qmp', `unix:${qmpSocket},server=on,wait=off`);
   }
   if (diskDrive >= drive) problems.push(`the base's disk is drive ${diskDrive}, the command line has ${drive} drive${drive === 1 ? '' : 's'}`);
+  for (const socket of sockets) {
+    if (Buffer.byteLength(socket) > MAX_SOCKET_PATH_BYTES) problems.push(`the socket ${socket} is longer than a unix socket's path may be (${MAX_SOCKET_PATH_BYTES} bytes): give a shorter --out`);
+  }
   out.push('-S', '-incoming', 'defer');
   const serialLog = firstSerial?.file ?? (firstSerial?.chardev !== undefined ? chardevFiles.get(firstSerial.chardev) : undefined) ?? '';
   return { argv: out, qmpSocket, serialLog, problems };

@@ -23,7 +23,7 @@ import { MigrationStreamWriter } from '../../shared/vm/migration-stream-writer.j
 import { QmpClient } from '../../shared/vm/qmp.js';
 import { readRamImagePages } from '../../shared/vm/ram-image.js';
 import type { DestinationVm, ResumedVm } from './resume.js';
-import { RamPageLocator, WrittenPages, destinationCommand, pageRecords, type DestinationCommand, type HostFiles } from './stream-resume.js';
+import { MAX_SOCKET_PATH_BYTES, RamPageLocator, WrittenPages, destinationCommand, pageRecords, type DestinationCommand, type HostFiles } from './stream-resume.js';
 
 /** What a destination needs to resume machines from the stream: the base, and maybe the operator's command line. */
 export interface StreamResumeOptions {
@@ -162,6 +162,7 @@ export class StreamResumer implements DestinationVm {
     const baseDeviceState = await readFile(options.base.deviceStatePath);
     const errorLog = join(dir, 'qemu-errors.log');
     const incoming = join(dir, 'incoming.sock');
+    if (Buffer.byteLength(incoming) > MAX_SOCKET_PATH_BYTES) throw new Error(`the socket ${incoming} is longer than a unix socket's path may be (${MAX_SOCKET_PATH_BYTES} bytes): give a shorter --out`);
     rmSync(incoming, { force: true });
     rmSync(command.qmpSocket, { force: true });
     const err = openSync(errorLog, 'a');

@@ -122,6 +122,10 @@ describe("the destination's command line", () => {
     assert.deepEqual(empty.problems, []);
     assert.deepEqual(empty.argv.slice(1, 5), ['-drive', 'if=ide,media=cdrom', '-drive', 'file=/out/m1/disk.img.partial']);
     assert.throws(() => destinationCommand(['qemu', '-m'], 0, paths, host), /-m needs an argument/);
+    const deep = `/out/${'d'.repeat(100)}`;
+    assert.deepEqual(destinationCommand(split('qemu -hda a.img'), 0, { dir: deep, disk: `${deep}/disk.img` }, host).problems, [
+      `the socket ${deep}/qmp.sock is longer than a unix socket's path may be (107 bytes): give a shorter --out`,
+    ]);
   });
 
   test("an operator's command line is split as a shell would", () => {
