@@ -64,6 +64,10 @@ export function receiverActor(options: ReceiverOptions, setup: RebuildSetup): Ac
 
 export async function startReceiver(options: ReceiverOptions): Promise<RunningReceiver> {
   const [memoryIndex, diskIndex] = await Promise.all([loadBaseIndex(options.baseMemory), loadBaseIndex(options.baseDisk)]);
+  const manifestHash = options.stream?.base.manifest.memory.contentHash;
+  if (manifestHash !== undefined && manifestHash !== memoryIndex.contentHash) {
+    throw new Error(`the base's memory image ${options.baseMemory} hashes to ${memoryIndex.contentHash}, its base.json says ${manifestHash}: it changed since the base was taken`);
+  }
   mkdirSync(options.outDir, { recursive: true });
   const { baseMemory, baseDisk, outDir, perMigrationDirs, vm, stream } = options;
   const setup: RebuildSetup = { baseMemory, baseDisk, outDir, memoryIndex, diskIndex, perMigrationDirs, vm, stream };

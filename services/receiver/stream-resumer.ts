@@ -112,7 +112,8 @@ export class StreamResumer implements DestinationVm {
   private feeding: Promise<void> = Promise.resolve();
   private finalRequested = false;
   private wake: (() => void) | undefined;
-  private failure: string | undefined;
+  /** QEMU's reason once something failed (explained with its own words, which may take a moment) */
+  private failing: Promise<string> | undefined;
   private settled = false;
   private resumedAtMs: number | undefined;
   private bytesFed = 0;
@@ -216,17 +217,19 @@ export class StreamResumer implements DestinationVm {
     return said ? `destination QEMU: ${said} (${errorMessage(err)})` : `destination QEMU: ${errorMessage(err)}`;
   }
 
-  private async fail(err: unknown): Promise<void> {
-    if (this.failure !== undefined || this.settled) return;
-    this.failure = errorMessage(err);
-    this.failure = await this.explain(err);
-    this.log.error('destination VM failed', { reason: this.failure });
+  private fail(err: unknown): Promise<string> {
+    if (this.failing || this.settled) return this.failing ?? Promise.resolve(errorMessage(err));
     this.wake?.();
-    this.onFailure(this.failure);
+    this.failing = this.explain(err).then((reason) => {
+      this.log.error('destination VM failed', { reason });
+      this.onFailure(reason);
+      return reason;
+    });
+    return this.failing;
   }
 
   private send(data: Buffer): Promise<void> {
-    if (this.failure !== undefined) return Promise.reject(new Error(this.failure));
+    if (this.failing) return Promise.reject(new Error('the destination QEMU failed'));
     this.bytesFed += data.byteLength;
     return new Promise((resolve, reject) => {
       const s = this.socket;
@@ -293,7 +296,7 @@ export class StreamResumer implements DestinationVm {
       }
       if (batch.length) await this.send(this.section('part', batch));
       this.log.info('base memory fed to the destination VM', { pages: this.figures.basePages, bytes: this.bytesFed });
-      while (!this.finalRequested && this.failure === undefined) {
+      while (!this.finalRequested && !this.failing) {
         if (this.rebuild.written.count === 0) {
           await new Promise<void>((resolve) => {
             this.wake = resolve;
@@ -320,7 +323,7 @@ export class StreamResumer implements DestinationVm {
     this.finalRequested = true;
     this.wake?.();
     await this.feeding;
-    if (this.failure !== undefined) throw new Error(this.failure);
+    if (this.failing) throw new Error(await this.failing);
     try {
       const state = decodePatch(Buffer.from(deviceStatePatch, 'base64'), this.baseDeviceState);
       const devices = parseStream(state, "the source's device state").filter((r) => DEVICE_KINDS.has(r.kind));
@@ -337,9 +340,7 @@ export class StreamResumer implements DestinationVm {
       this.socket.on('error', () => undefined);
       this.socket.destroy();
     } catch (err) {
-      const reason = this.failure ?? (await this.explain(err));
-      this.failure = reason;
-      throw new Error(reason);
+      throw new Error(await (this.failing ?? this.fail(err)));
     } finally {
       this.closeMemory();
     }
