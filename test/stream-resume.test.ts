@@ -10,7 +10,6 @@
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -31,51 +30,13 @@ import { startReceiver, type RunningReceiver } from '../services/receiver/servic
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
 import { dialLink, ensureLocalLinkKey, linkSecurityFromEnv } from '../shared/wire/link-security.js';
 import { FrameReader, FrameType, encodeFrame, encodeJsonFrame, parseReason, parseResult, type Frame, type Hello } from '../shared/wire/frames.js';
+import { imageMemoryHash, qemuMemoryHash } from './helpers/guest-memory.js';
 import { startUserVm, userVmArgv, waitFor, type UserVm } from './helpers/user-vm.js';
-
-declare module '../shared/vm/qmp.js' {
-  interface QmpCommands {
-    pmemsave: { args: { val: number; size: number; filename: string }; result: Record<string, never> };
-  }
-}
 
 const hasQemu = spawnSync(QEMU_BIN, ['--version']).status === 0;
 const MEMORY_BYTES = 256 << 20;
 const DISK_BYTES = 64 << 20;
-/** guest-physical RAM below the VGA window and above the BIOS area: pc.ram at the same offsets */
-const RAM_RANGES: [number, number][] = [
-  [0, 0xa0000],
-  [0x100000, MEMORY_BYTES - 0x100000],
-];
 const log = createLogger({ stage: 'stream-resume-test' });
-
-/** SHA-256 of pc.ram over RAM_RANGES, from QEMU itself (pmemsave) or from a base's memory.img. */
-async function qemuMemoryHash(qmp: QmpClient, dir: string): Promise<string> {
-  const hash = createHash('sha256');
-  for (const [i, [val, size]] of RAM_RANGES.entries()) {
-    const filename = join(dir, `pmem-${i}.ram`);
-    await qmp.execute('pmemsave', { val, size, filename });
-    hash.update(readFileSync(filename));
-    await rm(filename);
-  }
-  return hash.digest('hex');
-}
-
-async function imageMemoryHash(base: BaseFolder): Promise<string> {
-  const pcRam = base.manifest.ramBlocks.find((b) => b.idstr === 'pc.ram')!;
-  const hash = createHash('sha256');
-  const fh = await open(base.memoryPath, 'r');
-  try {
-    for (const [val, size] of RAM_RANGES) {
-      const buf = Buffer.alloc(size);
-      await fh.read(buf, 0, size, pcRam.offset + val);
-      hash.update(buf);
-    }
-  } finally {
-    await fh.close();
-  }
-  return hash.digest('hex');
-}
 
 /** The pages in which two memory images of one layout differ. */
 async function differingPages(a: string, b: string, bytes: number): Promise<number[]> {
@@ -225,7 +186,7 @@ describe("resuming the source's own machine from QEMU's stream", { timeout: 600_
     const qmp = await QmpClient.connect(join(out, 'qmp-1.sock'), 10_000);
     try {
       assert.notEqual((await qmp.execute('query-status')).running, true);
-      assert.equal(await qemuMemoryHash(qmp, dir), await imageMemoryHash(later), "the destination's RAM before cont is not the later image's");
+      assert.equal(await qemuMemoryHash(qmp, dir, MEMORY_BYTES), await imageMemoryHash(later, MEMORY_BYTES), "the destination's RAM before cont is not the later image's");
     } finally {
       qmp.close();
     }
