@@ -251,6 +251,7 @@ describe("resuming the source's own machine from QEMU's stream", { timeout: 600_
       }
       const received = await withTimeout('the receiver reported no migration', 30_000, receiver.next());
       pid = received.vm?.pid;
+      assert.ok(received.feed && received.feed.basePages > 0 && received.feed.finalMs > 0, JSON.stringify(received.feed));
       assert.equal(received.vm?.serialLog, join(outDir, 'serial0.log'));
       const serial = received.vm!.serialLog;
       await waitFor('the resumed guest printed no counter', 60_000, () => (lastCounter(serial) > 0 ? true : undefined));

@@ -19,7 +19,7 @@ import { Rebuilder } from './core.js';
 import { VmResumer, type DestinationVm, type ResumeOptions, type ResumedVm } from './resume.js';
 import { FilePageStore } from './store.js';
 import { WrittenPages } from './stream-resume.js';
-import { StreamResumer, type StreamResumeOptions } from './stream-resumer.js';
+import { StreamResumer, type FeedFigures, type StreamResumeOptions } from './stream-resumer.js';
 import { failedResult, verifiedResult } from './verify.js';
 
 export interface ReceivedMigration {
@@ -27,6 +27,8 @@ export interface ReceivedMigration {
   result: RebuildResult;
   /** live: the VM running here now */
   vm?: ResumedVm;
+  /** live, the source's own machine: what feeding its QEMU took */
+  feed?: FeedFigures;
   memoryPath: string;
   diskPath: string;
 }
@@ -298,7 +300,7 @@ export class Migrations {
         reportResumed: () => {
           if (reported) return;
           reported = true;
-          this.results.push({ migrationId: state.migrationId, result, ...this.pathsOf(state.migrationId), vm: vm.info });
+          this.results.push({ migrationId: state.migrationId, result, ...this.pathsOf(state.migrationId), vm: vm.info, ...(vm instanceof StreamResumer ? { feed: { ...vm.figures } } : {}) });
         },
       });
     } catch (err) {
