@@ -5,6 +5,7 @@ import { errorMessage } from '../shared/model/errors.js';
 import type { LiveVm } from '../shared/model/migration.js';
 import type { VmDescription } from '../shared/vm/qemu.js';
 import type { ResumeOptions } from '../services/receiver/resume.js';
+import type { StreamResumeOptions } from '../services/receiver/stream-resumer.js';
 import { healthPortFromEnv, healthServerWanted, startHealthServer } from '../shared/telemetry/health.js';
 import { createLogger } from '../shared/telemetry/log.js';
 import { startTelemetry } from '../shared/telemetry/telemetry.js';
@@ -75,6 +76,8 @@ Exit status: 0 when the destination verified both images, 1 otherwise.`,
 
   --listen HOST:PORT             where the source's sender connects (port 0: any free port)
   --base-memory F --base-disk F  this cloudlet's copy of the base VM (refused if not the source's)
+  --base DIR                     instead: the base folder 'handoff base' made (its memory.img and
+                                 its disk)
   --out DIR                      writes DIR/memory.img and DIR/disk.img once verified
   --nats URL                     use this NATS instead of an embedded one
   --json                         print one JSON result object on stdout
@@ -82,6 +85,15 @@ Exit status: 0 when the destination verified both images, 1 otherwise.`,
                                  accept live handoffs of running VMs: start QEMU on the images being
                                  rebuilt, load the device state once verified, run the guest on the
                                  source's go (the VM outlives this command)
+  --base DIR --resume-vm [--qemu-command "ARGS"]
+                                 accept live handoffs of the source's own machine (RAM from QEMU's
+                                 stream): QEMU runs the source's command line with this cloudlet's
+                                 paths (drive -> the disk being rebuilt; -qmp, -serial, -monitor,
+                                 chardev files and sockets, -pidfile -> files in the out folder;
+                                 -kernel, -initrd, -bios, -L kept: they must exist here), or ARGS
+                                 (mapped the same way); fed the base's RAM at once and the rebuilt
+                                 pages as they come, the device state once verified. A source whose
+                                 machine or RAM blocks differ is refused, each difference named
   --serve                        keep receiving migrations until SIGTERM, each into DIR/<migrationId>/
                                  (one result line each; with --json one JSON object per line)
 The link's credentials come from HANDOFF_LINK_PSK or HANDOFF_LINK_CERT/KEY/CA (see 'handoff --help');
@@ -173,6 +185,26 @@ function resumeFrom(values: Record<string, string | boolean | undefined>): Resum
   return { kernel: values.kernel as string, initrd: values.initrd as string, baseDeviceState: values['base-device-state'] as string };
 }
 
+/** `receive --base DIR`: the base folder's memory image and disk, and what resuming from the stream needs. */
+async function baseFolderFrom(values: Record<string, string | boolean | undefined>): Promise<{ baseMemory: string; baseDisk: string; stream: StreamResumeOptions }> {
+  if (values['base-memory'] || values['base-disk']) throw new UsageError('receive: --base DIR gives the base memory and disk; leave out --base-memory and --base-disk');
+  if (values.kernel || values.initrd || values['base-device-state']) throw new UsageError("receive: --kernel, --initrd and --base-device-state are for a shared-file VM; with --base the VM is the source's own machine");
+  const [{ readBase }, { splitCommandLine }] = await Promise.all([import('../shared/vm/base-manifest.js'), import('../services/receiver/stream-resume.js')]);
+  const base = await readBase(values.base as string);
+  const disk = base.diskPaths[0];
+  if (!disk) throw new UsageError(`receive: the base ${base.dir} has no disk: a handoff carries one`);
+  let qemuCommand: string[] | undefined;
+  if (values['qemu-command'] !== undefined) {
+    try {
+      qemuCommand = splitCommandLine(values['qemu-command'] as string);
+    } catch (err) {
+      throw new UsageError(`receive: --qemu-command: ${errorMessage(err)}`);
+    }
+    if (qemuCommand.length === 0) throw new UsageError('receive: --qemu-command is empty');
+  }
+  return { baseMemory: base.memoryPath, baseDisk: disk, stream: { base, ...(qemuCommand ? { qemuCommand } : {}) } };
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (!command || command === '--help' || command === '-h' || command === 'help') {
@@ -252,19 +284,24 @@ async function main(argv: string[]): Promise<number> {
           kernel: { type: 'string' },
           initrd: { type: 'string' },
           'base-device-state': { type: 'string' },
+          base: { type: 'string' },
+          'qemu-command': { type: 'string' },
           help: { type: 'boolean', short: 'h' },
         },
       });
       if (values.help) return console.log(HELP.receive), 0;
-      need(values, ['listen', 'base-memory', 'base-disk', 'out'], 'receive');
+      const folder = values.base ? await baseFolderFrom(values) : undefined;
+      if (!folder) need(values, ['listen', 'base-memory', 'base-disk', 'out'], 'receive');
+      else need(values, ['listen', 'out'], 'receive');
+      if (values['qemu-command'] !== undefined && !(folder && values['resume-vm'])) throw new UsageError('receive: --qemu-command needs --base DIR --resume-vm');
       const receiveOptions: ReceiveOptions & { onListening: NonNullable<ReceiveOptions['onListening']> } = {
         listen: values.listen!,
-        baseMemory: values['base-memory']!,
-        baseDisk: values['base-disk']!,
+        baseMemory: folder?.baseMemory ?? values['base-memory']!,
+        baseDisk: folder?.baseDisk ?? values['base-disk']!,
         outDir: values.out!,
         ...((values.nats ?? process.env.NATS_URL) ? { natsUrl: (values.nats ?? process.env.NATS_URL)! } : {}),
         onListening: (a) => void process.stderr.write(`receiver listening on ${a.host}:${a.port}\n`),
-        ...(values['resume-vm'] ? { vm: resumeFrom(values) } : {}),
+        ...(values['resume-vm'] ? (folder ? { stream: folder.stream } : { vm: resumeFrom(values) }) : {}),
       };
       if (values.serve) {
         // a serving receiver is a long-running service: health, readiness and metrics like an actor's

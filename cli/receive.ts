@@ -5,6 +5,7 @@ import { ensureLocalLinkKey } from '../shared/wire/link-security.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
 import { startReceiver, type ReceivedMigration, type RunningReceiver } from '../services/receiver/service.js';
 import type { ResumeOptions } from '../services/receiver/resume.js';
+import type { StreamResumeOptions } from '../services/receiver/stream-resumer.js';
 
 export interface ReceiveOptions {
   listen: string;
@@ -14,6 +15,8 @@ export interface ReceiveOptions {
   natsUrl?: string;
   /** live handoffs: resume VMs here */
   vm?: ResumeOptions;
+  /** live handoffs of the source's own machine (RAM from QEMU's stream): resume it here */
+  stream?: StreamResumeOptions;
   /** called once listening, with the bound address (port 0 picks one) */
   onListening?: (address: { host: string; port: number }) => void;
 }
@@ -68,8 +71,11 @@ export interface ReceiverProcess {
 }
 
 export interface ReceiverProcessOptions {
-  baseMemory: string;
-  baseDisk: string;
+  /** the base images (`--base-memory`, `--base-disk`), unless `base` gives them */
+  baseMemory?: string;
+  baseDisk?: string;
+  /** a base folder made by `handoff base` (`--base`) */
+  base?: string;
   outDir: string;
   /** default 127.0.0.1:0 (any free port) */
   listen?: string;
@@ -81,6 +87,8 @@ export interface ReceiverProcessOptions {
   serve?: boolean;
   /** live handoffs: resume VMs here (`--resume-vm`) */
   vm?: ResumeOptions;
+  /** with `base`: resume the source's own machine here (`--resume-vm`), maybe on the operator's command line (`--qemu-command`) */
+  stream?: { qemuCommand?: string };
   /** extra environment for it */
   env?: NodeJS.ProcessEnv;
   /** in a process group of its own, which a test can kill whole (not on Ctrl-C with ours, though) */
@@ -97,7 +105,9 @@ const TAIL_CHARS = 8192;
 export async function spawnReceiverProcess(o: ReceiverProcessOptions): Promise<ReceiverProcess> {
   ensureLocalLinkKey();
   const main = fileURLToPath(new URL('./main.js', import.meta.url));
-  const args = [main, 'receive', '--listen', o.listen ?? '127.0.0.1:0', '--base-memory', o.baseMemory, '--base-disk', o.baseDisk, '--out', o.outDir, '--json', ...(o.serve ? ['--serve'] : []), ...(o.vm ? ['--resume-vm', '--kernel', o.vm.kernel, '--initrd', o.vm.initrd, '--base-device-state', o.vm.baseDeviceState] : [])];
+  const bases = o.base ? ['--base', o.base] : ['--base-memory', o.baseMemory ?? '', '--base-disk', o.baseDisk ?? ''];
+  const stream = o.stream ? ['--resume-vm', ...(o.stream.qemuCommand ? ['--qemu-command', o.stream.qemuCommand] : [])] : [];
+  const args = [main, 'receive', '--listen', o.listen ?? '127.0.0.1:0', ...bases, '--out', o.outDir, '--json', ...(o.serve ? ['--serve'] : []), ...(o.vm ? ['--resume-vm', '--kernel', o.vm.kernel, '--initrd', o.vm.initrd, '--base-device-state', o.vm.baseDeviceState] : []), ...stream];
   const [command, ...prefixArgs] = o.prefix?.length ? [...o.prefix, process.execPath] : [process.execPath];
   const child = spawn(command!, [...prefixArgs, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -16,8 +16,10 @@ import type { Logger } from '../../shared/telemetry/log.js';
 import { decodeChunk } from '../../shared/wire/chunk-codec.js';
 import { FrameType, MAX_APPLIED_FRAMES, encodeJsonFrame, type Accept, type Captured, type Hello } from '../../shared/wire/frames.js';
 import { Rebuilder } from './core.js';
-import { VmResumer, type ResumeOptions, type ResumedVm } from './resume.js';
+import { VmResumer, type DestinationVm, type ResumeOptions, type ResumedVm } from './resume.js';
 import { FilePageStore } from './store.js';
+import { WrittenPages } from './stream-resume.js';
+import { StreamResumer, type FeedFigures, type StreamResumeOptions } from './stream-resumer.js';
 import { failedResult, verifiedResult } from './verify.js';
 
 export interface ReceivedMigration {
@@ -25,6 +27,8 @@ export interface ReceivedMigration {
   result: RebuildResult;
   /** live: the VM running here now */
   vm?: ResumedVm;
+  /** live, the source's own machine: what feeding its QEMU took */
+  feed?: FeedFigures;
   memoryPath: string;
   diskPath: string;
 }
@@ -46,7 +50,7 @@ export interface MigrationState {
   /** the source's last round has been announced */
   final: boolean;
   /** live: the VM waiting for its device state, and that state (from the final round) */
-  vm?: Promise<VmResumer>;
+  vm?: Promise<DestinationVm>;
   deviceState?: string;
   /** the rebuild's span (a child of the sender's link span) and which chunks get their own */
   span: Span;
@@ -102,6 +106,8 @@ export interface RebuildSetup {
   perMigrationDirs?: boolean;
   /** live handoffs: resume the VM here */
   vm?: ResumeOptions;
+  /** live handoffs of the source's own machine (RAM from QEMU's stream): resume it here */
+  stream?: StreamResumeOptions;
 }
 
 /** A live migration whose VM is loaded: the source's go resumes it (once, however often asked). */
@@ -171,6 +177,20 @@ export class Migrations {
       const files = { memory: `${memoryPath}.partial`, disk: `${diskPath}.partial` };
       state.vm = VmResumer.prepare(hello.vm, this.setup.vm, files, dirname(memoryPath), log);
       state.vm.catch((err: unknown) => log.error('destination VM did not start', { reason: errorMessage(err) }));
+    } else if (hello.machine && this.setup.stream) {
+      // started now and fed as the rebuild goes: only the last round and the devices are downtime
+      const written = new WrittenPages(store.pageCount(0));
+      store.onWrite = (image, index) => {
+        if (image === 0) written.mark(index);
+      };
+      const files = { memory: `${memoryPath}.partial`, disk: `${diskPath}.partial` };
+      // a QEMU that fails ends the migration with its reason, before more pages cross for nothing
+      const failed = (reason: string): void => void this.finish(state, reason);
+      state.vm = StreamResumer.prepare(hello.machine, this.setup.stream, files, dirname(memoryPath), { written, flush: () => store.flush() }, log, failed);
+      state.vm.catch((err: unknown) => {
+        log.error('destination VM did not start', { reason: errorMessage(err) });
+        failed(`destination VM did not start: ${errorMessage(err)}`);
+      });
     }
     this.states.set(migrationId, state);
     return state;
@@ -259,7 +279,7 @@ export class Migrations {
 
   /** Verified images: load the device state into the waiting VM; it resumes on the source's go. */
   private async loadVm(state: MigrationState, result: RebuildResult): Promise<void> {
-    let resumer: VmResumer | undefined;
+    let resumer: DestinationVm | undefined;
     try {
       resumer = await state.vm!;
       if (!result.verified) throw new Error('images not verified');
@@ -280,7 +300,7 @@ export class Migrations {
         reportResumed: () => {
           if (reported) return;
           reported = true;
-          this.results.push({ migrationId: state.migrationId, result, ...this.pathsOf(state.migrationId), vm: vm.info });
+          this.results.push({ migrationId: state.migrationId, result, ...this.pathsOf(state.migrationId), vm: vm.info, ...(vm instanceof StreamResumer ? { feed: { ...vm.figures } } : {}) });
         },
       });
     } catch (err) {

@@ -23,7 +23,17 @@ export interface ResumedVm {
   serialLog: string;
 }
 
-export class VmResumer {
+/** A destination VM waiting for its state: the shared-file one here, the source's own machine in stream-resumer.ts. */
+export interface DestinationVm {
+  readonly info: ResumedVm;
+  /** loads the source's device state (encoded against the base's); the guest stays stopped */
+  load(deviceStatePatch: string): Promise<void>;
+  /** runs the guest (once; a repeated go gets the same answer) */
+  resume(): Promise<number>;
+  abort(): Promise<void>;
+}
+
+export class VmResumer implements DestinationVm {
   private resumedAtMs: number | undefined;
 
   private constructor(

@@ -15,6 +15,8 @@ import { parseAddress } from '../../shared/wire/frames.js';
 import { handleConnection } from './connection.js';
 import { Migrations, type ReceivedMigration, type RebuildSetup } from './migration.js';
 import type { ResumeOptions } from './resume.js';
+import { nodeHostFiles, type StreamResumeOptions } from './stream-resumer.js';
+import type { StreamDestination } from './stream-resume.js';
 import type { Destination } from './verify.js';
 
 export type { ReceivedMigration } from './migration.js';
@@ -33,6 +35,8 @@ export interface ReceiverOptions {
   perMigrationDirs?: boolean;
   /** live handoffs: resume the VM here (without: refused) */
   vm?: ResumeOptions;
+  /** live handoffs of the source's own machine from QEMU's stream: resume it here (without: refused) */
+  stream?: StreamResumeOptions;
   /** a connection that brings nothing for this long is closed (default 120 s) */
   idleTimeoutMs?: number;
 }
@@ -60,9 +64,13 @@ export function receiverActor(options: ReceiverOptions, setup: RebuildSetup): Ac
 
 export async function startReceiver(options: ReceiverOptions): Promise<RunningReceiver> {
   const [memoryIndex, diskIndex] = await Promise.all([loadBaseIndex(options.baseMemory), loadBaseIndex(options.baseDisk)]);
+  const manifestHash = options.stream?.base.manifest.memory.contentHash;
+  if (manifestHash !== undefined && manifestHash !== memoryIndex.contentHash) {
+    throw new Error(`the base's memory image ${options.baseMemory} hashes to ${memoryIndex.contentHash}, its base.json says ${manifestHash}: it changed since the base was taken`);
+  }
   mkdirSync(options.outDir, { recursive: true });
-  const { baseMemory, baseDisk, outDir, perMigrationDirs, vm } = options;
-  const setup: RebuildSetup = { baseMemory, baseDisk, outDir, memoryIndex, diskIndex, perMigrationDirs, vm };
+  const { baseMemory, baseDisk, outDir, perMigrationDirs, vm, stream } = options;
+  const setup: RebuildSetup = { baseMemory, baseDisk, outDir, memoryIndex, diskIndex, perMigrationDirs, vm, stream };
   const actor = await runActor(receiverActor(options, setup), options.natsUrl);
   const next = actor.wiring.next;
   return {
@@ -78,12 +86,21 @@ export async function startReceiver(options: ReceiverOptions): Promise<RunningRe
   };
 }
 
+/** What a source's machine is checked against: the base's RAM blocks and disk, the operator's command line. */
+function streamDestination(stream: StreamResumeOptions): StreamDestination {
+  const { manifest } = stream.base;
+  const disk = manifest.disks[0];
+  if (!disk) throw new Error(`the base ${stream.base.dir} has no disk: a handoff carries one`);
+  return { ramBlocks: manifest.ramBlocks, baseMachine: manifest.machine, diskDrive: disk.drive, host: nodeHostFiles, ...(stream.qemuCommand ? { qemuCommand: stream.qemuCommand } : {}) };
+}
+
 async function startLinkServer(ctx: ActorContext, options: ReceiverOptions, setup: RebuildSetup): Promise<ReceiverWiring> {
   const { log } = ctx;
   const destination: Destination = {
     baseHashes: { memory: setup.memoryIndex.contentHash, disk: setup.diskIndex.contentHash },
     bytes: { memory: setup.memoryIndex.bytes, disk: setup.diskIndex.bytes },
     resumesVms: options.vm !== undefined,
+    ...(options.stream ? { stream: streamDestination(options.stream) } : {}),
   };
   const migrations = new Migrations(ctx, setup);
   const settings = { destination, helloTimeoutMs: options.helloTimeoutMs ?? 10_000, idleTimeoutMs: options.idleTimeoutMs ?? 120_000 };

@@ -14,6 +14,8 @@ export interface ImageFiles {
 export class FilePageStore implements PageStore {
   private readonly baseFds: number[];
   private readonly outFds: number[];
+  /** told of every page written (a resumer feeding QEMU tracks the memory pages it must send) */
+  onWrite: ((image: ImageId, index: number) => void) | undefined;
 
   /** Starts each rebuilt image as a copy of its base (copy_file_range/reflink where the filesystem can). */
   constructor(private readonly images: [ImageFiles, ImageFiles]) {
@@ -47,6 +49,7 @@ export class FilePageStore implements PageStore {
   private run: { image: ImageId; first: number; pages: Uint8Array[] } | undefined;
 
   writeRebuilt(image: ImageId, index: number, page: Uint8Array): void {
+    this.onWrite?.(image, index);
     const run = this.run;
     if (run && run.image === image && run.first + run.pages.length === index && run.pages.length < MAX_RUN_PAGES) {
       run.pages.push(page);
@@ -56,7 +59,8 @@ export class FilePageStore implements PageStore {
     this.run = { image, first: index, pages: [page] };
   }
 
-  private flush(): void {
+  /** Writes the pages gathered so far: another reader of the rebuilt files sees them then. */
+  flush(): void {
     const run = this.run;
     if (!run) return;
     this.run = undefined;

@@ -4,6 +4,7 @@
  */
 import type { ImageDigests, RebuildResult } from '../../shared/model/migration.js';
 import type { Hello } from '../../shared/wire/frames.js';
+import { streamRefusal, type StreamDestination } from './stream-resume.js';
 
 /** What a source's handshake is checked against. */
 export interface Destination {
@@ -12,6 +13,8 @@ export interface Destination {
   bytes: { memory: number; disk: number };
   /** it can resume VMs (started with --resume-vm) */
   resumesVms: boolean;
+  /** it can resume the source's own machine from QEMU's stream (started with --base DIR --resume-vm) */
+  stream?: StreamDestination;
 }
 
 /** Why this destination refuses `hello`, or undefined where it takes it. */
@@ -25,6 +28,8 @@ export function refusalOf(hello: Hello, d: Destination): string | undefined {
   }
   if (hello.vm && !d.resumesVms) return "this destination cannot resume VMs (start it with --resume-vm, the base VM's kernel, initrd and device state)";
   if (hello.vm && hello.vm.memoryBytes !== d.bytes.memory) return `the VM has ${hello.vm.memoryBytes} bytes of memory, the base memory image ${d.bytes.memory}`;
+  if (hello.machine && !d.stream) return "this destination cannot resume the source's machine (start it with --base DIR --resume-vm)";
+  if (hello.machine) return streamRefusal(hello.machine, d.stream!);
   return undefined;
 }
 

@@ -127,6 +127,11 @@ const FLAGS = new Set([
   'alt-grab', 'ctrl-grab', 'rtc-td-hack', 'singlestep', 'xen-attach', 'nodefconfig', 'version', 'help', 'curses', 'old-param',
 ]);
 
+/** Whether QEMU option `name` (without its dashes) takes no argument. */
+export function isQemuFlag(name: string): boolean {
+  return FLAGS.has(name);
+}
+
 /** QemuOpts syntax: `implied,key=value,...` with `,,` for a comma in a value. */
 export function parseQemuOpts(text: string, impliedKey?: string): Map<string, string> {
   const parts: string[] = [];
@@ -196,6 +201,11 @@ const DRIVE_OPTIONS: Record<string, { interface: string; index?: number; media?:
   pflash: { interface: 'pflash' },
   mtdblock: { interface: 'mtd' },
 };
+
+/** Whether `name` (without its dashes) is a drive option of old (-hda, -cdrom, ...), its value the image. */
+export function isLegacyDriveOption(name: string): boolean {
+  return Object.hasOwn(DRIVE_OPTIONS, name);
+}
 
 /** What of a QEMU command line (argv, with or without the program) the destination must match. */
 export function describeMachine(argv: readonly string[]): MachineDescription {
@@ -332,32 +342,40 @@ function missing(present: string[], absent: string[]): string[] {
   });
 }
 
+/** What the two machines compared are called in the differences' words. */
+export interface MachineNames {
+  source: string;
+  destination: string;
+}
+
 /**
  * What differs between the source's machine and the destination's, in words; empty when QEMU can
- * load the one's migration into the other as far as the command lines tell.
+ * load the one's migration into the other as far as the command lines tell. `names` says what the
+ * two are (a base's machine against a source's, say).
  */
-export function compareMachines(source: MachineDescription, destination: MachineDescription, qemuVersion = '7.2'): string[] {
+export function compareMachines(source: MachineDescription, destination: MachineDescription, qemuVersion = '7.2', names: MachineNames = { source: 'source', destination: 'destination' }): string[] {
   const differences: string[] = [];
+  const { source: s, destination: d } = names;
   const pair = (what: string, a: string | number, b: string | number): void => {
-    if (a !== b) differences.push(`${what}: source ${a}, destination ${b}`);
+    if (a !== b) differences.push(`${what}: ${s} ${a}, ${d} ${b}`);
   };
   pair('machine type', resolveMachineType(source.machineType, qemuVersion), resolveMachineType(destination.machineType, qemuVersion));
-  if (source.memoryBytes !== destination.memoryBytes) differences.push(`memory: source ${mib(source.memoryBytes)}, destination ${mib(destination.memoryBytes)}`);
+  if (source.memoryBytes !== destination.memoryBytes) differences.push(`memory: ${s} ${mib(source.memoryBytes)}, ${d} ${mib(destination.memoryBytes)}`);
   pair('cpus', source.cpus, destination.cpus);
-  if (source.defaults !== destination.defaults) differences.push(`default devices: ${source.defaults ? 'the source has QEMU default devices, the destination -nodefaults' : 'the source has -nodefaults, the destination QEMU default devices'}`);
+  if (source.defaults !== destination.defaults) differences.push(`default devices: ${source.defaults ? `the ${s} has QEMU default devices, the ${d} -nodefaults` : `the ${s} has -nodefaults, the ${d} QEMU default devices`}`);
   pair('vga', source.vga, destination.vga);
   const src = source.devices.map(deviceName);
   const dst = destination.devices.map(deviceName);
-  for (const d of missing(src, dst)) differences.push(`device ${d} missing at the destination`);
-  for (const d of missing(dst, src)) differences.push(`device ${d} only at the destination`);
+  for (const x of missing(src, dst)) differences.push(`device ${x} missing at the ${d}`);
+  for (const x of missing(dst, src)) differences.push(`device ${x} only at the ${d}`);
   if (missing(src, dst).length === 0 && missing(dst, src).length === 0 && src.join('\n') !== dst.join('\n')) {
-    differences.push(`devices in another order (their PCI slots would differ): source ${src.join(', ')}; destination ${dst.join(', ')}`);
+    differences.push(`devices in another order (their PCI slots would differ): ${s} ${src.join(', ')}; ${d} ${dst.join(', ')}`);
   }
-  for (const b of missing(source.netBackends, destination.netBackends)) differences.push(`network backend ${b} missing at the destination`);
-  for (const b of missing(destination.netBackends, source.netBackends)) differences.push(`network backend ${b} only at the destination`);
+  for (const b of missing(source.netBackends, destination.netBackends)) differences.push(`network backend ${b} missing at the ${d}`);
+  for (const b of missing(destination.netBackends, source.netBackends)) differences.push(`network backend ${b} only at the ${d}`);
   const srcDrives = source.drives.map(driveName);
   const dstDrives = destination.drives.map(driveName);
-  for (const d of missing(srcDrives, dstDrives)) differences.push(`drive ${d} missing at the destination`);
-  for (const d of missing(dstDrives, srcDrives)) differences.push(`drive ${d} only at the destination`);
+  for (const x of missing(srcDrives, dstDrives)) differences.push(`drive ${x} missing at the ${d}`);
+  for (const x of missing(dstDrives, srcDrives)) differences.push(`drive ${x} only at the ${d}`);
   return differences;
 }
