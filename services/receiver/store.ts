@@ -1,5 +1,6 @@
 /** File-backed PageStore: base images read-only, rebuilt images written at `<out>.partial` until verified. */
-import { closeSync, copyFileSync, fsyncSync, openSync, readSync, renameSync, rmSync, writevSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { closeSync, fsyncSync, openSync, readSync, renameSync, rmSync, writevSync } from 'node:fs';
 import { PAGE_SIZE, type ImageId } from '../../shared/image/pages.js';
 import type { PageStore } from './core.js';
 
@@ -17,11 +18,14 @@ export class FilePageStore implements PageStore {
   /** told of every page written (a resumer feeding QEMU tracks the memory pages it must send) */
   onWrite: ((image: ImageId, index: number) => void) | undefined;
 
-  /** Starts each rebuilt image as a copy of its base (copy_file_range/reflink where the filesystem can). */
+  /**
+   * Starts each rebuilt image as a copy of its base: a reflink where the filesystem has them, else a
+   * sparse copy (the base's holes stay holes; copy_file_range writes them out in full on ext4).
+   */
   constructor(private readonly images: [ImageFiles, ImageFiles]) {
     this.baseFds = images.map((i) => openSync(i.base, 'r'));
     this.outFds = images.map((i) => {
-      copyFileSync(i.base, partial(i.out));
+      copySparse(i.base, partial(i.out));
       return openSync(partial(i.out), 'r+');
     });
   }
@@ -98,6 +102,14 @@ export class FilePageStore implements PageStore {
   /** After a failure: no image that could be mistaken for a good one is left behind. */
   discard(): void {
     for (const i of this.images) rmSync(partial(i.out), { force: true });
+  }
+}
+
+function copySparse(from: string, to: string): void {
+  try {
+    execFileSync('cp', ['--sparse=always', '--reflink=auto', '--', from, to], { stdio: ['ignore', 'ignore', 'pipe'] });
+  } catch (err) {
+    throw new Error(`cannot copy the base ${from} to ${to}: ${(err as { stderr?: Buffer }).stderr?.toString().trim() || (err as Error).message}`);
   }
 }
 

@@ -40,3 +40,40 @@ describe('receiver', () => {
     assert.equal(await q.next(), 3);
   });
 });
+
+describe('receiver store', () => {
+  test('the rebuilt images start as sparse copies of their bases: holes stay holes, pages read as the base', async () => {
+    const { mkdtempSync, openSync, writeSync, closeSync, ftruncateSync, statSync, rmSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const { FilePageStore } = await import('../../services/receiver/store.js');
+    const dir = mkdtempSync(join(tmpdir(), 'handoff-store-'));
+    try {
+      const bytes = 64 << 20;
+      const bases = ['memory', 'disk'].map((name) => {
+        const path = join(dir, `base-${name}.img`);
+        const fd = openSync(path, 'w');
+        ftruncateSync(fd, bytes);
+        writeSync(fd, Buffer.alloc(4096, 7), 0, 4096, 5 * 4096);
+        closeSync(fd);
+        return path;
+      });
+      const store = new FilePageStore([
+        { base: bases[0]!, out: join(dir, 'memory.img'), bytes },
+        { base: bases[1]!, out: join(dir, 'disk.img'), bytes },
+      ]);
+      try {
+        assert.equal(Buffer.from(store.readRebuilt(1, 5)).equals(Buffer.alloc(4096, 7)), true);
+        for (const out of ['memory.img', 'disk.img']) {
+          const s = statSync(join(dir, `${out}.partial`));
+          assert.equal(s.size, bytes);
+          assert.ok(s.blocks * 512 < bytes / 8, `${out}.partial takes ${s.blocks * 512} bytes on disk: not sparse`);
+        }
+      } finally {
+        store.close();
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
