@@ -26,7 +26,7 @@ import {
 import { MigrationStreamParser, MigrationStreamError, type MigrationRecord } from './migration-stream.js';
 import { MigrationStreamWriter } from './migration-stream-writer.js';
 import { describeMachine, type MachineDescription, type QemuProcess } from './qemu-process.js';
-import { acceptOne, cancelMigration, eventMs, findQemuBehind, listenForQemu, MIGRATION_ACTIVE, setMigrationCapabilities, streamCapabilitiesOff, type MigrationTarget } from './qemu-migration.js';
+import { acceptOne, eventMs, findQemuBehind, recoverFromMigration, listenForQemu, MIGRATION_ACTIVE, setMigrationCapabilities, streamCapabilitiesOff, type MigrationTarget } from './qemu-migration.js';
 import { QmpClient, QmpError } from './qmp.js';
 import { RamImageWriter, type RamBlockPlacement } from './ram-image.js';
 
@@ -245,23 +245,6 @@ async function waitCompleted(qmp: QmpClient, timeoutMs: number, signal: AbortSig
   }
 }
 
-/**
- * After a failure once `migrate` was sent: the migration cancelled if it runs on, the capabilities
- * set back, and the guest running again if it ran before. Returns what could not be done.
- */
-async function recover(qmp: QmpClient, wasRunning: boolean, restore: () => Promise<void>): Promise<string | undefined> {
-  try {
-    await cancelMigration(qmp);
-    await restore().catch(() => undefined);
-    // QEMU resumes the guest itself when a migration fails; one that completed leaves it paused
-    const status = await qmp.execute('query-status');
-    if (wasRunning && !status.running && (status.status === 'postmigrate' || status.status === 'paused')) await qmp.execute('cont');
-    return undefined;
-  } catch (err) {
-    return `the guest may be left paused (${errorMessage(err)}): resume it with QMP cont`;
-  }
-}
-
 async function fileSummary(dir: string, file: string): Promise<BaseFileSummary> {
   const s = await stat(join(dir, file));
   return { file, bytes: s.size, allocatedBytes: s.blocks * 512 };
@@ -342,7 +325,7 @@ async function migrateInto(
   } catch (err) {
     connection.socket?.destroy();
     target.server.close();
-    const left = await recover(qmp, wasRunning, restore);
+    const left = await recoverFromMigration(qmp, wasRunning, restore);
     if (left) throw new BaseSnapshotError(`${errorMessage(err)}; ${left}`);
     throw err;
   } finally {

@@ -134,3 +134,20 @@ export async function cancelMigration(qmp: QmpClient): Promise<void> {
 export function eventMs(e: QmpEvent): number | undefined {
   return e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : undefined;
 }
+
+/**
+ * After a failure once `migrate` was sent: the migration cancelled if it runs on, `restore` (the
+ * owner's settings back), and the guest running again if it ran before. Returns what could not be done.
+ */
+export async function recoverFromMigration(qmp: QmpClient, wasRunning: boolean, restore: () => Promise<void>): Promise<string | undefined> {
+  try {
+    await cancelMigration(qmp);
+    await restore().catch(() => undefined);
+    // QEMU resumes the guest itself when a migration fails; one that completed leaves it paused
+    const status = await qmp.execute('query-status');
+    if (wasRunning && !status.running && (status.status === 'postmigrate' || status.status === 'paused')) await qmp.execute('cont');
+    return undefined;
+  } catch (err) {
+    return `the guest may be left paused (${errorMessage(err)}): resume it with QMP cont`;
+  }
+}
