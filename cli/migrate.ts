@@ -356,7 +356,7 @@ export async function prepareStreamHandoff(source: StreamSource): Promise<Stream
   const qemu = findQemuBehind(source.qmpSocket, (m) => new StreamSourceError(m));
   const machine = describeMachine(qemu.argv);
   // compareMachines speaks of a source and a destination: here they are the VM and its base
-  const differences = compareMachines(machine, manifest.machine).map((d) => d.replace(/\bsource\b/g, 'the VM').replace(/\bdestination\b/g, 'the base'));
+  const differences = compareMachines(machine, manifest.machine).map((d) => d.replace(/\b(the )?source\b/g, 'the VM').replace(/\b(the )?destination\b/g, 'the base'));
   if (differences.length) throw new StreamSourceError(`the VM behind ${source.qmpSocket} is not the machine of the base ${source.baseDir}: ${differences.join('; ')}`);
   const drives = machine.drives.map((d, i) => ({ ...d, drive: i })).filter((d) => d.file);
   const name = (d: (typeof drives)[number]): string => `drive ${d.drive} (if=${d.interface}, ${d.file})`;

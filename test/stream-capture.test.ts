@@ -9,10 +9,11 @@
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { prepareStreamHandoff } from '../cli/migrate.js';
 import { GUEST_CACHE } from '../load/lib/vm.js';
 import { captureStream, type StreamLiveVm } from '../services/capture/stream.js';
 import type { StreamRoundRecord } from '../services/capture/stream-core.js';
@@ -143,6 +144,31 @@ describe('stream capture from a real QEMU', { timeout: 600_000, skip: hasQemu ? 
     await nats?.stop();
     await vm?.kill();
     await rm(dir, { recursive: true, force: true });
+  });
+
+  test('migrate checks the VM against its base before any page moves: its own base passes, another machine is refused naming the difference', async () => {
+    const ok = await prepareStreamHandoff({ qmpSocket: live.qmpSocket, baseDir: base.dir, downtimeMs: 300, maxRounds: 30, autoConverge: true });
+    assert.equal(ok.disk, disk);
+    assert.equal(ok.baseDisk, base.diskPaths[0]);
+    assert.deepEqual(ok.live.machine.argv, vm!.argv);
+    assert.deepEqual(ok.live.machine.ramBlocks, base.manifest.ramBlocks);
+    // a base of another machine (more memory, no NIC): its files linked, its manifest changed
+    const other = join(dir, 'base-other');
+    await mkdir(other);
+    for (const f of await readdir(base.dir)) if (f !== 'base.json') await symlink(join(base.dir, f), join(other, f));
+    const manifest = { ...base.manifest, machine: { ...base.manifest.machine, memoryBytes: 512 << 20, devices: [] } };
+    await writeFile(join(other, 'base.json'), JSON.stringify(manifest));
+    await assert.rejects(
+      prepareStreamHandoff({ qmpSocket: live.qmpSocket, baseDir: other, downtimeMs: 300, maxRounds: 30, autoConverge: true }),
+      (err: Error) => {
+        process.stderr.write(`refused: ${err.message}\n`);
+        assert.match(err.message, /is not the machine of the base/);
+        assert.match(err.message, /memory: the VM 256 MiB, the base 512 MiB/);
+        assert.match(err.message, /device virtio-net-pci missing at the base/);
+        return true;
+      },
+    );
+    assert.equal(await vmStatus(vm!), 'running');
   });
 
   test("a VM whose RAM blocks are not the base's is refused before any chunk is published; the guest runs on", async () => {
