@@ -6,6 +6,8 @@
  * the VM, the device state. QEMU decides when to stop (downtime-limit, auto-converge) from the pace
  * this process reads at, which the pipeline sets: reading waits while a round is delivered.
  * The disk is still scanned (round 0 against the base, the final round against round 0).
+ * Nothing in the reading waits for QMP: QEMU writes its last round holding its main lock, and
+ * answers QMP only after.
  */
 import { readFile, rm, stat } from 'node:fs/promises';
 import type { Socket } from 'node:net';
@@ -149,7 +151,9 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       if (!state.forcedStop && cutter.round >= live.maxRounds - 1) {
         // the round limit: QEMU stops the VM at its next look, whatever is left becomes the last round
         state.forcedStop = true;
-        await qmp.execute('migrate-set-parameters', { 'downtime-limit': DOWNTIME_LIMIT_MAX_MS });
+        // not awaited: QEMU may answer only once its migration thread, writing to this process's
+        // socket while it holds QEMU's lock (the stop), has written; the reading must go on meanwhile
+        qmp.execute('migrate-set-parameters', { 'downtime-limit': DOWNTIME_LIMIT_MAX_MS }).catch((err: unknown) => log.warn('cannot raise the downtime limit after the round limit', { reason: errorMessage(err) }));
         rounds.at(-1)!.decision += `; round limit ${live.maxRounds}: QEMU told to stop the VM`;
       }
     };
