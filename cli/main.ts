@@ -73,8 +73,8 @@ A running VM, started however its owner starts QEMU (ordinary RAM, any devices):
   Before any page moves, migrate refuses, naming the difference, a VM that is not the base's
   machine (machine type, memory, cpus, devices, drives, as its command line says), a base that does
   not hold its disk, a VM with more than one disk or a qcow2 one (one raw disk, drive 0, for now),
-  and a VM that is not running or migrating already; capture then refuses, before publishing, a
-  VM whose RAM blocks are not the base's. Rounds are QEMU's passes over its dirty log; the pace
+  and a VM waiting for an incoming migration, migrated away or migrating already; capture then
+  refuses, before it publishes anything, a VM whose RAM blocks are not the base's. Rounds are QEMU's passes over its dirty log; the pace
   this handoff reads the stream at is the pipeline's, so QEMU's bandwidth estimate is the link's.
   The disk is still read whole in round 0 and the last round. Until QEMU stops the VM a failure
   cancels QEMU's migration and the VM runs on; after, the source VM is resumed unless the
