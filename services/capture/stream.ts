@@ -68,7 +68,11 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
   const baseState = await readFile(live.baseDeviceState);
   const qemu = findQemuBehind(live.qmpSocket);
   const target = await listenForQemu((await stat(`/proc/${qemu.pid}`)).uid, 'handoff-capture-');
-  const qmp = await QmpClient.connect(live.qmpSocket, 10_000);
+  const qmp = await QmpClient.connect(live.qmpSocket, 10_000).catch(async (err: unknown) => {
+    target.server.close();
+    await rm(target.socketDir, { recursive: true, force: true });
+    throw err;
+  });
   const span = startSpan('capture stream', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture' });
 
   const state = { stopEventMs: undefined as number | undefined, stopSeenMs: undefined as number | undefined, finalPublished: false, maxThrottlePct: 0, throttlePct: 0, forcedStop: false };
@@ -77,17 +81,20 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
   });
   /** when QEMU stopped the VM: its STOP event's time, else when its RAM END section came */
   const stoppedAt = (): number | undefined => state.stopEventMs ?? state.stopSeenMs;
-  const wasRunning = (await qmp.execute('query-status')).running;
-  const restoreCapabilities = await setMigrationCapabilities(qmp, { ...streamCapabilitiesOff(), 'auto-converge': live.autoConverge !== false });
-  const previous = await qmp.execute('query-migrate-parameters');
-  const restoreParameters = async (): Promise<void> => {
-    const back = Object.fromEntries((['downtime-limit', 'max-bandwidth'] as const).filter((k) => previous[k] !== undefined).map((k) => [k, previous[k]]));
-    if (Object.keys(back).length) await qmp.execute('migrate-set-parameters', back);
-  };
+  let wasRunning = true;
+  let restoreCapabilities = async (): Promise<void> => undefined;
+  let restoreParameters = async (): Promise<void> => undefined;
   let socket: Socket | undefined;
   let poller: NodeJS.Timeout | undefined;
   const abort = new AbortController();
   try {
+    wasRunning = (await qmp.execute('query-status')).running;
+    restoreCapabilities = await setMigrationCapabilities(qmp, { ...streamCapabilitiesOff(), 'auto-converge': live.autoConverge !== false });
+    const previous = await qmp.execute('query-migrate-parameters');
+    restoreParameters = async () => {
+      const back = Object.fromEntries((['downtime-limit', 'max-bandwidth'] as const).filter((k) => previous[k] !== undefined).map((k) => [k, previous[k]]));
+      if (Object.keys(back).length) await qmp.execute('migrate-set-parameters', back);
+    };
     await qmp.execute('migrate-set-parameters', { 'downtime-limit': live.downtimeMs, 'max-bandwidth': UNCAPPED_BANDWIDTH });
     const timer = setTimeout(() => abort.abort(), CONNECT_TIMEOUT_MS);
     const accepted = acceptOne(target.server, abort.signal, () => new Error(`QEMU did not connect to the migration socket within ${CONNECT_TIMEOUT_MS / 1000} s`));
@@ -117,7 +124,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     let scannedBytes = 0;
     let blocksChecked = false;
 
-    /** Ends the current round: its pages flushed, the disk read in round 0 and the last, its `captured` event. */
+    /** Ends the current round: its pages flushed and acknowledged, the disk read in round 0 and the last. */
     const endRound = async (final: boolean): Promise<{ slices: number; dirtyPages: number; imageHashes: { memory: string; disk: string } }> => {
       const round = cutter.round;
       if (current.builder.pending > 0) await current.publisher.flush(current.builder, scannedBytes);
