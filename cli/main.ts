@@ -56,19 +56,42 @@ HANDOFF_NATS_USER/HANDOFF_NATS_PASSWORD, or an nkey seed in HANDOFF_NATS_NKEY_SE
   --nats URL                     use this NATS (JetStream on) instead of an embedded one (or NATS_URL)
   --external-actors              the actors run already as services on --nats: start none
   --id ID                        migration id (default: generated)
-  --qmp SOCKET                   hand off a running VM: its QMP socket; --memory is then its RAM
-                                 file (memory-backend-file, share=on) and --disk its disk. Pre-copy
-                                 rounds, then stop, device state, last round; the destination resumes
-                                 it (receive --resume-vm); on failure the source VM runs again
-  --base-device-state F          the base snapshot's device state (the final one is sent against it)
-  --vm-description F             JSON {memoryBytes, cpus, append}: the machine both ends build
-  --downtime-ms N                stop when the last round is predicted to fit this (default 300)
-  --max-rounds N                 pre-copy rounds at most (default 5)
   --link-deadline SECONDS        how long a lost WAN link may take to come back before the
                                  migration fails (default 60); until then the sender reconnects
                                  and resends what the destination has not acknowledged
   --progress / --no-progress     progress bar with ETA on stderr (default: on a terminal)
   --json                         print one JSON summary object on stdout
+
+A running VM, started however its owner starts QEMU (ordinary RAM, any devices):
+  --qmp SOCKET --base DIR        its QMP socket and its base ('handoff base --out DIR', held by the
+                                 destination too); no --memory/--disk: QEMU migrates its RAM into
+                                 this handoff, which sends only the pages that differ from what the
+                                 destination holds (the base's, then the version last sent)
+  --downtime-ms N                QEMU's downtime-limit: it stops the VM when what is left fits (300)
+  --max-rounds N                 after N-1 rounds QEMU is told to stop the VM whatever is left (30)
+  --no-auto-converge             leave QEMU's auto-converge off: a guest that dirties memory faster
+                                 than the link carries is then not throttled, and may not converge
+  Before any page moves, migrate refuses, naming the difference, a VM that is not the base's
+  machine (machine type, memory, cpus, devices, drives, as its command line says), a base that does
+  not hold its disk, a VM with more than one disk or a qcow2 one (one raw disk, drive 0, for now),
+  and a VM waiting for an incoming migration, migrated away or migrating already; capture then
+  refuses, before it publishes anything, a VM whose RAM blocks are not the base's. Rounds are QEMU's passes over its dirty log; the pace
+  this handoff reads the stream at is the pipeline's, so QEMU's bandwidth estimate is the link's.
+  The disk is still read whole in round 0 and the last round. Until QEMU stops the VM a failure
+  cancels QEMU's migration and the VM runs on; after, the source VM is resumed unless the
+  destination may run it. The summary gives the rounds, QEMU's own downtime, and how far
+  auto-converge throttled the guest.
+
+A running VM of the project's own shared-file machine:
+  --qmp SOCKET                   its QMP socket; --memory is then its RAM file (memory-backend-file,
+                                 share=on) and --disk its disk. Pre-copy rounds, then stop, device
+                                 state, last round; the destination resumes it (receive --resume-vm);
+                                 on failure the source VM runs again
+  --base-device-state F          the base snapshot's device state (the final one is sent against it)
+  --vm-description F             JSON {memoryBytes, cpus, append}: the machine both ends build
+  --downtime-ms N                stop when the last round is predicted to fit this (default 300)
+  --max-rounds N                 pre-copy rounds at most (default 5)
+
 SIGTERM or Ctrl-C stops the handoff with its actors and nats-server and prints the summary (a
 second one exits at once); a live VM already stopped for the switch is left stopped.
 Exit status: 0 when the destination verified both images, 1 otherwise.`,
@@ -230,10 +253,20 @@ async function main(argv: string[]): Promise<number> {
           'vm-description': { type: 'string' },
           'downtime-ms': { type: 'string' },
           'max-rounds': { type: 'string' },
+          base: { type: 'string' },
+          'no-auto-converge': { type: 'boolean' },
         },
       });
       if (values.help) return console.log(HELP.migrate), 0;
-      need(values, ['base-memory', 'memory', 'base-disk', 'disk', 'to'], 'migrate');
+      const streamMode = values.base !== undefined;
+      if (streamMode) {
+        need(values, ['qmp', 'to'], 'migrate');
+        const given = (['base-memory', 'memory', 'base-disk', 'disk', 'base-device-state', 'vm-description'] as const).filter((n) => values[n] !== undefined);
+        if (given.length) throw new UsageError(`migrate: --base takes the images from the base and QEMU: not ${given.map((n) => `--${n}`).join(', ')}`);
+      } else {
+        need(values, ['base-memory', 'memory', 'base-disk', 'disk', 'to'], 'migrate');
+        if (values['no-auto-converge']) throw new UsageError('migrate: --no-auto-converge is for a VM handed off with --qmp and --base');
+      }
       if (values['external-actors'] && !(values.nats ?? process.env.NATS_URL)) throw new UsageError('migrate: --external-actors needs --nats (where the actors run)');
       // SIGTERM or Ctrl-C: the handoff stops with its actors and nats-server (killed outright, its
       // actors stop on their own but the nats-server would run on); a second one exits at once
@@ -246,13 +279,22 @@ async function main(argv: string[]): Promise<number> {
       process.on('SIGINT', onSignal);
       // each command loads what it runs: an actor process (seven start on the source's cores for a
       // spawned handoff) skips the command's, the receiver's and the tuner's modules
-      const [{ migrate }, { formatSummary }] = await Promise.all([import('./migrate.js'), import('./summary.js')]);
+      const [{ migrate, prepareStreamHandoff }, { formatSummary }] = await Promise.all([import('./migrate.js'), import('./summary.js')]);
+      const stream = streamMode
+        ? await prepareStreamHandoff({
+            qmpSocket: values.qmp!,
+            baseDir: values.base!,
+            downtimeMs: positiveInt(values['downtime-ms'], 'downtime-ms', 300),
+            maxRounds: positiveInt(values['max-rounds'], 'max-rounds', 30),
+            autoConverge: !values['no-auto-converge'],
+          })
+        : undefined;
       const summary = await migrate({
         stop: stop.signal,
-        baseMemory: values['base-memory']!,
-        memory: values.memory!,
-        baseDisk: values['base-disk']!,
-        disk: values.disk!,
+        baseMemory: stream?.baseMemory ?? values['base-memory']!,
+        memory: stream ? '' : values.memory!,
+        baseDisk: stream?.baseDisk ?? values['base-disk']!,
+        disk: stream?.disk ?? values.disk!,
         to: values.to!,
         ...modeFrom(values),
         compressWorkers: positiveInt(values['compress-workers'], 'compress-workers', 2),
@@ -261,7 +303,7 @@ async function main(argv: string[]): Promise<number> {
         ...((values.nats ?? process.env.NATS_URL) ? { natsUrl: (values.nats ?? process.env.NATS_URL)! } : {}),
         ...(values.id ? { migrationId: values.id } : {}),
         ...(values['link-deadline'] ? { linkDeadlineMs: positiveInt(values['link-deadline'], 'link-deadline', 60) * 1000 } : {}),
-        ...(values.qmp ? { live: liveFrom(values) } : {}),
+        ...(stream ? { live: stream.live } : values.qmp ? { live: liveFrom(values) } : {}),
         spawnActors: !values['external-actors'],
         progress: values['no-progress'] ? false : (values.progress ?? Boolean(process.stderr.isTTY)),
       });

@@ -22,7 +22,13 @@ import type { Span } from '@opentelemetry/api';
 import { startSpan, traceparentOf } from '../shared/telemetry/telemetry.js';
 import { spawnActor, stopActors, type ActorProcess } from './actors.js';
 import { ProgressBar } from './progress.js';
-import { StatsCollector, type MigrationSummary } from './summary.js';
+import { StatsCollector, qemuSummary, type MigrationSummary } from './summary.js';
+import { readlink } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { readBase, type BaseFolder } from '../shared/vm/base-manifest.js';
+import { compareMachines, describeMachine } from '../shared/vm/qemu-process.js';
+import { findQemuBehind, MIGRATION_ACTIVE } from '../shared/vm/qemu-migration.js';
+import type { StreamLiveVm } from '../services/capture/stream.js';
 
 export interface MigrateOptions {
   baseMemory: string;
@@ -91,7 +97,12 @@ const ACTORS_READY_WAIT_MS = 30_000;
 export async function migrate(options: MigrateOptions): Promise<MigrationSummary> {
   const migrationId = options.migrationId ?? newMigrationId();
   const log = createLogger({ stage: 'control', migration: migrationId });
-  const [memoryBytes, diskBytes] = await Promise.all([checkPair(options.baseMemory, options.memory, 'memory'), checkPair(options.baseDisk, options.disk, 'disk')]);
+  // stream mode: memory comes from QEMU's stream, laid out as the base's memory image: no current file
+  const streamMode = options.live?.machine !== undefined;
+  const [memoryBytes, diskBytes] = await Promise.all([
+    streamMode ? checkImage(options.baseMemory, 'base memory image') : checkPair(options.baseMemory, options.memory, 'memory'),
+    checkPair(options.baseDisk, options.disk, 'disk'),
+  ]);
   // the sender we start reads the link's credentials from our environment: a missing one is said now
   if (options.spawnActors) linkSecurityFromEnv();
   const [memoryIndex, diskIndex] = await Promise.all([loadBaseIndex(options.baseMemory), loadBaseIndex(options.baseDisk)]);
@@ -115,7 +126,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     const descriptor: MigrationDescriptor = {
       migrationId,
       createdAtMs: Date.now(),
-      memory: { base: options.baseMemory, current: options.memory, baseHash: memoryIndex.contentHash, bytes: memoryBytes },
+      memory: { base: options.baseMemory, current: streamMode ? '' : options.memory, baseHash: memoryIndex.contentHash, bytes: memoryBytes },
       disk: { base: options.baseDisk, current: options.disk, baseHash: diskIndex.contentHash, bytes: diskBytes },
       destination: options.to,
       parts: options.dedupInstances,
@@ -264,6 +275,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
  */
 async function settleLiveVm(live: LiveVm, summary: MigrationSummary, captured: Extract<MigrationEvent, { type: 'captured' }> | undefined, outcome: MigrationEvent | undefined, log: Logger, interrupted: boolean): Promise<void> {
   if (captured?.rounds) summary.rounds = captured.rounds;
+  if (live.machine) summary.qemu = qemuSummary(captured?.rounds ?? [], (live as StreamLiveVm).autoConverge !== false);
   const stopped = captured?.final !== false && captured?.stoppedAtMs !== undefined;
   const result = outcome?.type === 'result' ? outcome.result : undefined;
   if (result?.resumedAtMs !== undefined && stopped) {
@@ -300,4 +312,89 @@ async function settleLiveVm(live: LiveVm, summary: MigrationSummary, captured: E
     summary.sourceVm = 'stopped';
     summary.reason = `${why}; the source VM could not be resumed either: ${errorMessage(err)}`;
   }
+}
+
+/** A VM that cannot be handed off from its own migration stream as asked; the message names why. */
+export class StreamSourceError extends Error {
+  override name = 'StreamSourceError';
+}
+
+export interface StreamSource {
+  /** the running VM's QMP socket */
+  qmpSocket: string;
+  /** the base folder (`handoff base --out`) every cloudlet holds */
+  baseDir: string;
+  downtimeMs: number;
+  maxRounds: number;
+  autoConverge: boolean;
+}
+
+/** What `migrate` hands off in stream mode: the images as MigrateOptions names them, and the live VM. */
+export interface StreamHandoff {
+  base: BaseFolder;
+  baseMemory: string;
+  baseDisk: string;
+  disk: string;
+  live: StreamLiveVm;
+}
+
+/** QEMU's runstates a handoff cannot start from, with why. */
+const REFUSED_RUNSTATES: Record<string, string> = {
+  inmigrate: 'it is waiting for an incoming migration (-incoming)',
+  postmigrate: 'it was migrated away and is stopped (postmigrate)',
+  'finish-migrate': 'a migration is finishing',
+};
+
+/**
+ * The checks before any page moves: the base is whole, the VM behind the socket is the base's
+ * machine (compared from the command lines), it has one disk (drive 0, raw) the base holds a copy
+ * of, and it runs with no migration under way. Refuses naming what differs.
+ */
+export async function prepareStreamHandoff(source: StreamSource): Promise<StreamHandoff> {
+  const base = await readBase(source.baseDir);
+  const { manifest } = base;
+  const qemu = findQemuBehind(source.qmpSocket, (m) => new StreamSourceError(m));
+  const machine = describeMachine(qemu.argv);
+  // compareMachines speaks of a source and a destination: here they are the VM and its base
+  const differences = compareMachines(machine, manifest.machine).map((d) => d.replace(/\b(the )?source\b/g, 'the VM').replace(/\b(the )?destination\b/g, 'the base'));
+  if (differences.length) throw new StreamSourceError(`the VM behind ${source.qmpSocket} is not the machine of the base ${source.baseDir}: ${differences.join('; ')}`);
+  const drives = machine.drives.map((d, i) => ({ ...d, drive: i })).filter((d) => d.file);
+  const name = (d: (typeof drives)[number]): string => `drive ${d.drive} (if=${d.interface}, ${d.file})`;
+  if (drives.length === 0) throw new StreamSourceError(`the VM behind ${source.qmpSocket} has no disk: a stream handoff needs one (drive 0) for now`);
+  if (drives.length > 1) throw new StreamSourceError(`the VM behind ${source.qmpSocket} has ${drives.length} disks: a stream handoff takes one (drive 0) for now, not ${drives.slice(1).map(name).join(', ')}`);
+  const drive = drives[0]!;
+  if (drive.drive !== 0) throw new StreamSourceError(`${name(drive)}: a stream handoff takes drive 0 for now`);
+  const baseDisk = manifest.disks.find((d) => d.drive === drive.drive);
+  if (!baseDisk) throw new StreamSourceError(`the base ${source.baseDir} holds no copy of ${name(drive)}`);
+  if (baseDisk.format !== 'raw') throw new StreamSourceError(`${name(drive)} is ${baseDisk.format}: a stream handoff takes raw disks only for now`);
+  const cwd = await readlink(`/proc/${qemu.pid}/cwd`);
+  const disk = resolve(cwd, drive.file!);
+
+  const qmp = await QmpClient.connect(source.qmpSocket, 2000).catch((err: unknown) => {
+    throw new StreamSourceError(`QEMU does not answer on the QMP socket ${source.qmpSocket}: ${errorMessage(err)} (QEMU serves one QMP client per socket: is another one connected?)`);
+  });
+  try {
+    const status = await qmp.execute('query-status');
+    const refused = REFUSED_RUNSTATES[status.status];
+    if (refused) throw new StreamSourceError(`cannot hand off the VM behind ${source.qmpSocket}: ${refused}`);
+    const current = await qmp.execute('query-migrate');
+    if (current.status && MIGRATION_ACTIVE.has(current.status)) throw new StreamSourceError(`a migration is already running on the VM behind ${source.qmpSocket} (status ${current.status})`);
+  } finally {
+    // capture connects on its own: QEMU serves one QMP client at a time
+    qmp.close();
+  }
+  return {
+    base,
+    baseMemory: base.memoryPath,
+    baseDisk: base.diskPaths[manifest.disks.indexOf(baseDisk)]!,
+    disk,
+    live: {
+      qmpSocket: source.qmpSocket,
+      baseDeviceState: base.deviceStatePath,
+      downtimeMs: source.downtimeMs,
+      maxRounds: source.maxRounds,
+      machine: { argv: qemu.argv, ramBlocks: manifest.ramBlocks },
+      autoConverge: source.autoConverge,
+    },
+  };
 }

@@ -2,6 +2,7 @@
 import type { ImageDigests, RebuildResult, RoundRecord, StageStats, TunerDecision } from '../shared/model/migration.js';
 import { formatMode } from '../shared/model/mode.js';
 import { formatBytes, formatRate } from '../shared/config/units.js';
+import type { StreamRoundRecord } from '../services/capture/stream-core.js';
 
 export interface StageSummary {
   chunks: number;
@@ -49,6 +50,34 @@ export interface MigrationSummary {
   downtimeMs?: number;
   /** live: the source VM at the end (stopped: handed off; resumed: the handoff failed) */
   sourceVm?: 'stopped' | 'resumed' | 'running';
+  /** live from QEMU's own migration stream: what QEMU did */
+  qemu?: QemuSummary;
+}
+
+/** What QEMU did in a stream-mode handoff: its own downtime, and whether auto-converge throttled the guest. */
+export interface QemuSummary {
+  autoConverge: boolean;
+  /** how long QEMU says the VM was stopped at the source (the stop to its last byte sent) */
+  downtimeMs?: number;
+  /** the most auto-converge throttled the guest's vCPUs (%; 0: not throttled) */
+  maxCpuThrottlePct: number;
+  /** rounds that ended with the guest throttled */
+  throttledRounds: number;
+}
+
+export function qemuSummary(rounds: readonly StreamRoundRecord[], autoConverge: boolean): QemuSummary {
+  const downtimeMs = rounds.at(-1)?.qemuDowntimeMs;
+  return {
+    autoConverge,
+    ...(downtimeMs !== undefined ? { downtimeMs } : {}),
+    maxCpuThrottlePct: Math.max(0, ...rounds.map((r) => r.cpuThrottlePct ?? 0)),
+    throttledRounds: rounds.filter((r) => (r.cpuThrottlePct ?? 0) > 0).length,
+  };
+}
+
+function formatQemu(q: QemuSummary): string {
+  const throttle = !q.autoConverge ? 'auto-converge off' : q.maxCpuThrottlePct > 0 ? `auto-converge throttled the guest up to ${q.maxCpuThrottlePct}% (${q.throttledRounds} rounds)` : 'auto-converge on, the guest not throttled';
+  return `QEMU: downtime ${q.downtimeMs !== undefined ? `${q.downtimeMs} ms` : '-'} at the source; ${throttle}`;
 }
 
 export const STAGE_ORDER = ['capture', 'dedup', 'delta', 'compress', 'sender'] as const;
@@ -113,7 +142,11 @@ export function formatSummary(s: MigrationSummary): string {
   );
   if (s.rounds) {
     lines.push(`live: ${s.rounds.length} rounds, downtime ${s.downtimeMs !== undefined ? `${s.downtimeMs} ms` : '-'}, source VM ${s.sourceVm ?? '?'}`);
-    for (const r of s.rounds) lines.push(`  round ${r.round}: ${r.dirtyPages} dirty pages in ${r.seconds.toFixed(2)} s; ${r.decision}`);
+    if (s.qemu) lines.push(formatQemu(s.qemu));
+    for (const r of s.rounds as StreamRoundRecord[]) {
+      const throttled = r.cpuThrottlePct ? ` (guest throttled ${r.cpuThrottlePct}%)` : '';
+      lines.push(`  round ${r.round}: ${r.dirtyPages} dirty pages in ${r.seconds.toFixed(2)} s; ${r.decision}${throttled}`);
+    }
   }
   const switches = s.decisions.filter((d) => d.from !== d.to).length;
   lines.push(`modes: ${s.modes.map((m) => (s.modes.length > 1 ? `${m} (${s.chunksByMode[m] ?? 0} chunks)` : m)).join(', ') || 'none'}${s.adaptive ? ` (adaptive, ${switches} switches)` : ''}`);

@@ -25,7 +25,7 @@ import { captureRound, type CaptureGate, type LiveImages, type PublishStats } fr
 const STOP_OVERHEAD_MS = 150;
 
 /** Waits until every stage's queue is empty and nothing is unacknowledged: the round has arrived. */
-async function waitDelivered(bus: Bus, d: MigrationDescriptor): Promise<void> {
+export async function waitDelivered(bus: Bus, d: MigrationDescriptor): Promise<void> {
   const consumers: [string, string][] = [
     ...Array.from({ length: d.parts }, (_, p) => [STREAMS.dedup, durableName('dedup', p)] as [string, string]),
     ...(['delta', 'compress', 'wire'] as WorkStage[]).map((s) => [STREAMS[s], durableName(s)] as [string, string]),

@@ -13,6 +13,7 @@ import { BadImageError, BaseMismatchError } from '../../shared/model/errors.js';
 import type { Logger } from '../../shared/telemetry/log.js';
 import type { ImageDigests, MigrationDescriptor, StageStats } from '../../shared/model/migration.js';
 import type { ActorContext } from '../../shared/actor/shell.js';
+import type { Span } from '@opentelemetry/api';
 import { PAGE_SIZE, digestOfPageHashes, newImageDigest, type ImageId } from '../../shared/image/pages.js';
 import { workSubject } from '../../shared/bus/subjects.js';
 import { chunkTraced, headersFor, startSpan, traceparentOf } from '../../shared/telemetry/telemetry.js';
@@ -59,6 +60,93 @@ function publishAsCapture(bus: Bus): PublishStats {
 }
 
 /**
+ * Publishes one round's chunk slices into dedup's partitions: a few JetStream acks awaited at once
+ * (overlapping the reading with the bus), the gate, traced chunks, and each chunk's statistics.
+ */
+export class RoundPublisher {
+  private readonly inFlight = new Set<Promise<void>>();
+  // a publish that fails while not awaited fails the round at the next publish or at its end
+  private failed: { reason: unknown } | undefined;
+  private readonly headStart: Promise<unknown> | undefined;
+  /** a chunk's cost is everything since the previous one: reading and hashing its pages too */
+  private since = { wallMs: performance.now(), cpu: process.cpuUsage() };
+
+  constructor(
+    private readonly bus: Bus,
+    private readonly d: MigrationDescriptor,
+    private readonly round: number,
+    private readonly span: Span,
+    private gate: CaptureGate | undefined,
+    private readonly report: PublishStats,
+  ) {
+    this.headStart = gate?.headStartWaitMs ? Promise.race([gate.open, new Promise((resolve) => setTimeout(resolve, gate.headStartWaitMs).unref())]) : undefined;
+  }
+
+  /** the next chunk's cost is counted from now */
+  restartClock(): void {
+    this.since = { wallMs: performance.now(), cpu: process.cpuUsage() };
+  }
+
+  async publish(chunk: Chunk): Promise<void> {
+    const { d, round } = this;
+    if (this.gate && chunk.seq >= this.gate.afterChunks) {
+      await this.gate.open;
+      this.gate = undefined;
+    } else if (this.headStart) await this.headStart;
+    // a traced chunk starts its chain of spans here (one per stage it passes)
+    let traceparent: string | undefined;
+    if (d.traceparent && chunkTraced(chunk.seq, d.traceEveryChunks)) {
+      const chunkSpan = startSpan('capture chunk', traceparentOf(this.span), { 'handoff.seq': chunk.seq, 'handoff.part': chunk.part, 'handoff.round': round, 'handoff.pages': chunk.pageIndex.length, 'handoff.actor': 'capture' });
+      traceparent = traceparentOf(chunkSpan);
+      chunkSpan.end();
+    }
+    const p = publishWork(this.bus, workSubject('dedup', d.migrationId, chunk.part), encodeChunk(chunk), `${d.migrationId}.capture.${chunkKey(chunk)}`, headersFor(traceparent))
+      .catch((reason: unknown) => void (this.failed ??= { reason }))
+      .finally(() => this.inFlight.delete(p));
+    this.inFlight.add(p);
+    if (this.inFlight.size >= MAX_PUBLISHES_IN_FLIGHT) await Promise.race(this.inFlight);
+    if (this.failed) throw this.failed.reason;
+  }
+
+  /** The builder's pending pages as one chunk's slices, published, with the chunk's statistics. */
+  async flush(builder: ChunkBuilder, scannedBytes: number): Promise<void> {
+    const pages = builder.pending;
+    const slices = builder.take();
+    for (const slice of slices) await this.publish(slice);
+    const used = process.cpuUsage(this.since.cpu);
+    const startedMs = this.since.wallMs;
+    this.restartClock();
+    const stats: Omit<StageStats, 'stage' | 'instance'> = {
+      migrationId: this.d.migrationId,
+      round: this.round,
+      seq: slices[0]!.seq,
+      part: 0,
+      pages,
+      bytesIn: pages * PAGE_SIZE,
+      bytesOut: pages * PAGE_SIZE,
+      cpuMs: (used.user + used.system) / 1000,
+      wallMs: performance.now() - startedMs,
+      mode: slices[0]!.mode,
+      counts: { scannedBytes, slices: slices.length },
+    };
+    this.report(stats);
+  }
+
+  /** Waits for every publish's ack; throws if one failed. */
+  async settle(): Promise<void> {
+    await Promise.all(this.inFlight);
+    if (this.failed) throw this.failed.reason;
+  }
+}
+
+/** Which images a round reads: both, or the disk alone (a stream capture takes memory from QEMU's stream). */
+export interface RoundImages {
+  images?: readonly ImageId[];
+  /** the round's first chunk seq (the chunks of memory taken from the stream come before) */
+  firstSeq?: number;
+}
+
+/**
  * Captures round `round` (`live`: of a live handoff, whose later rounds compare with the round
  * before; `gate`: hold chunks past the first few until it opens).
  */
@@ -70,40 +158,19 @@ export async function captureRound(
   live?: LiveImages,
   gate?: CaptureGate,
   report: PublishStats = publishAsCapture(bus),
+  which: RoundImages = {},
 ): Promise<RoundResult> {
   const records = live?.records;
   if (round > 0 && !records) throw new Error('a later round needs the hashes of the round before');
   const started = performance.now();
-  const inFlight = new Set<Promise<void>>();
-  // a publish that fails while not awaited fails the round at the next publish or at its end
-  let publishFailed: { reason: unknown } | undefined;
   const span = startSpan('capture', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture', 'handoff.round': round });
-  const headStart = gate?.headStartWaitMs ? Promise.race([gate.open, new Promise((resolve) => setTimeout(resolve, gate!.headStartWaitMs).unref())]) : undefined;
-  const publish = async (chunk: Chunk): Promise<void> => {
-    if (gate && chunk.seq >= gate.afterChunks) {
-      await gate.open;
-      gate = undefined;
-    } else if (headStart) await headStart;
-    // a traced chunk starts its chain of spans here (one per stage it passes)
-    let traceparent: string | undefined;
-    if (d.traceparent && chunkTraced(chunk.seq, d.traceEveryChunks)) {
-      const chunkSpan = startSpan('capture chunk', traceparentOf(span), { 'handoff.seq': chunk.seq, 'handoff.part': chunk.part, 'handoff.round': round, 'handoff.pages': chunk.pageIndex.length, 'handoff.actor': 'capture' });
-      traceparent = traceparentOf(chunkSpan);
-      chunkSpan.end();
-    }
-    const p = publishWork(bus, workSubject('dedup', d.migrationId, chunk.part), encodeChunk(chunk), `${d.migrationId}.capture.${chunkKey(chunk)}`, headersFor(traceparent))
-      .catch((reason: unknown) => void (publishFailed ??= { reason }))
-      .finally(() => inFlight.delete(p));
-    inFlight.add(p);
-    if (inFlight.size >= MAX_PUBLISHES_IN_FLIGHT) await Promise.race(inFlight);
-    if (publishFailed) throw publishFailed.reason;
-  };
-  let seq = 0;
+  const publisher = new RoundPublisher(bus, d, round, span, gate, report);
+  let seq = which.firstSeq ?? 0;
   let dirtyPages = 0;
   let scannedBytes = 0;
   const imageHashes: ImageDigests = { memory: '', disk: '' };
   try {
-    for (const image of [0, 1] as ImageId[]) {
+    for (const image of which.images ?? ([0, 1] as ImageId[])) {
       const pair = image === 0 ? d.memory : d.disk;
       const name = image === 0 ? 'memory' : 'disk';
       const record = records?.[image];
@@ -118,30 +185,8 @@ export async function captureRound(
         const size = (await fh.stat()).size;
         if (size !== pair.bytes) throw new BadImageError(`${name} image ${pair.current} is ${size} bytes now, ${pair.bytes} when the migration started`);
         const block = Buffer.allocUnsafe(READ_BLOCK_BYTES);
-        // a chunk's cost is everything since the previous one: reading and hashing its pages too
-        let since = { wallMs: performance.now(), cpu: process.cpuUsage() };
-        const flush = async (): Promise<void> => {
-          const pages = builder.pending;
-          const slices = builder.take();
-          for (const slice of slices) await publish(slice);
-          const used = process.cpuUsage(since.cpu);
-          const startedMs = since.wallMs;
-          since = { wallMs: performance.now(), cpu: process.cpuUsage() };
-          const stats: Omit<StageStats, 'stage' | 'instance'> = {
-            migrationId: d.migrationId,
-            round,
-            seq: slices[0]!.seq,
-            part: 0,
-            pages,
-            bytesIn: pages * PAGE_SIZE,
-            bytesOut: pages * PAGE_SIZE,
-            cpuMs: (used.user + used.system) / 1000,
-            wallMs: performance.now() - startedMs,
-            mode: slices[0]!.mode,
-            counts: { scannedBytes, slices: slices.length },
-          };
-          report(stats);
-        };
+        publisher.restartClock();
+        const flush = (): Promise<void> => publisher.flush(builder, scannedBytes);
         for (let offset = 0; offset < size; ) {
           const want = Math.min(READ_BLOCK_BYTES, size - offset);
           const bytesRead = view ? want : (await fh.read(block, 0, want, offset)).bytesRead;
@@ -164,12 +209,11 @@ export async function captureRound(
       // later rounds hashed only what changed: the digest comes from the hashes kept up to date
       imageHashes[name] = base ? digest.digest('hex') : digestOfPageHashes(record!.strong);
     }
-    await Promise.all(inFlight);
-    if (publishFailed) throw publishFailed.reason;
+    await publisher.settle();
   } finally {
     span.setAttributes({ 'handoff.dirty_pages': dirtyPages, 'handoff.scanned_bytes': scannedBytes });
     span.end();
   }
   log.info('captured', { round, chunks: seq, dirtyPages, scannedBytes });
-  return { round, slices: seq * d.parts, dirtyPages, scannedBytes, imageHashes, seconds: (performance.now() - started) / 1000 };
+  return { round, slices: (seq - (which.firstSeq ?? 0)) * d.parts, dirtyPages, scannedBytes, imageHashes, seconds: (performance.now() - started) / 1000 };
 }

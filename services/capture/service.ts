@@ -1,7 +1,7 @@
 /**
  * Capture actor: when a destination has accepted a migration, capture it (image files: one round
- * against the base, services/capture/round.ts; a running VM: pre-copy rounds, live.ts) and announce
- * each round's count.
+ * against the base, services/capture/round.ts; a running VM: pre-copy rounds, live.ts, or its
+ * own migration stream, stream.ts) and announce each round's count.
  */
 import { firstEvent } from '../../shared/bus/bus.js';
 import { errorMessage } from '../../shared/model/errors.js';
@@ -11,6 +11,7 @@ import type { Logger } from '../../shared/telemetry/log.js';
 import { HEAD_START_CHUNKS, parseEvent, type MigrationDescriptor } from '../../shared/model/migration.js';
 import { captureLive } from './live.js';
 import { captureRound, type CaptureGate } from './round.js';
+import { captureStream } from './stream.js';
 
 /**
  * The longest an adaptive migration's capture holds its chunks for the tuner's first look: the
@@ -76,7 +77,8 @@ async function capture(ctx: ActorContext, d: MigrationDescriptor, mlog: Logger):
     gate = { afterChunks: HEAD_START_CHUNKS, open, headStartWaitMs: HEAD_START_WAIT_MS };
   }
   mlog.info('capture started');
-  if (d.live) await captureLive(bus, d, mlog, gate, ctx.publishStats);
+  if (d.live?.machine) await captureStream(bus, d, mlog, gate, ctx.publishStats);
+  else if (d.live) await captureLive(bus, d, mlog, gate, ctx.publishStats);
   else {
     const r = await captureRound(bus, d, 0, mlog, undefined, gate, ctx.publishStats);
     await ctx.publishEvent(d.migrationId, { type: 'captured', round: 0, slices: r.slices, imageHashes: r.imageHashes, dirtyPages: r.dirtyPages, scannedBytes: r.scannedBytes });

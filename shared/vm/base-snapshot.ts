@@ -6,9 +6,8 @@
  * migration's last round, and `cont` follows at once.
  */
 import { spawn } from 'node:child_process';
-import { chown, lstat, mkdir, mkdtemp, open, readdir, readlink, rename, rm, rmdir, stat, writeFile, type FileHandle } from 'node:fs/promises';
-import { createServer, type Server, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
+import { lstat, mkdir, mkdtemp, open, readdir, readlink, rename, rm, rmdir, stat, writeFile, type FileHandle } from 'node:fs/promises';
+import type { Socket } from 'node:net';
 import { basename, dirname, join, resolve } from 'node:path';
 import { loadBaseIndex } from '../image/base-index.js';
 import { PAGE_SIZE } from '../image/pages.js';
@@ -26,15 +25,14 @@ import {
 } from './base-manifest.js';
 import { MigrationStreamParser, MigrationStreamError, type MigrationRecord } from './migration-stream.js';
 import { MigrationStreamWriter } from './migration-stream-writer.js';
-import { describeMachine, findQemuByQmpSocket, type MachineDescription, type QemuProcess } from './qemu-process.js';
-import { QmpClient, QmpError, type QmpEvent } from './qmp.js';
+import { describeMachine, type MachineDescription, type QemuProcess } from './qemu-process.js';
+import { acceptOne, eventMs, findQemuBehind, recoverFromMigration, listenForQemu, MIGRATION_ACTIVE, setMigrationCapabilities, streamCapabilitiesOff, type MigrationTarget } from './qemu-migration.js';
+import { QmpClient, QmpError } from './qmp.js';
 import { RamImageWriter, type RamBlockPlacement } from './ram-image.js';
 
 declare module './qmp.js' {
   interface QmpCommands {
     'query-version': { args: undefined; result: { qemu: { major: number; minor: number; micro: number }; package: string } };
-    'query-migrate-capabilities': { args: undefined; result: { capability: string; state: boolean }[] };
-    'query-migrate-parameters': { args: undefined; result: { 'tls-creds'?: string } };
   }
 }
 
@@ -74,30 +72,6 @@ export interface BaseSummary {
   contentHash: string;
 }
 
-/**
- * Capabilities that change what the stream carries or how (pages outside the main stream, encoded
- * pages, postcopy, RAM left out, a return path or a pause this process would have to answer): all
- * off for the base's migration, whatever the VM's owner set, and set back afterwards.
- */
-const CAPABILITIES_OFF = [
-  'multifd',
-  'xbzrle',
-  'compress',
-  'postcopy-ram',
-  'postcopy-preempt',
-  'x-ignore-shared',
-  'return-path',
-  'pause-before-switchover',
-  'block',
-  'dirty-bitmaps',
-  'background-snapshot',
-  'x-colo',
-  'zero-copy-send',
-];
-
-/** query-migrate states of a migration still under way. */
-const MIGRATION_ACTIVE = new Set(['setup', 'active', 'device', 'pre-switchover', 'cancelling', 'wait-unplug', 'postcopy-active', 'postcopy-paused', 'postcopy-recover', 'colo']);
-
 /** Runstates a base cannot be taken from, with why. */
 const REFUSED_RUNSTATES: Record<string, string> = {
   inmigrate: 'it is waiting for an incoming migration (-incoming)',
@@ -114,23 +88,10 @@ function fail(message: string): never {
   throw new BaseSnapshotError(message);
 }
 
-/** The QEMU process behind the socket: as the path was given, else as an absolute path (QEMU may have bound either). */
-function findQemu(qmpSocket: string): QemuProcess {
-  let first: unknown;
-  for (const path of new Set([qmpSocket, resolve(qmpSocket)])) {
-    try {
-      return findQemuByQmpSocket(path);
-    } catch (err) {
-      first ??= err;
-    }
-  }
-  throw new BaseSnapshotError(`no QEMU behind the QMP socket ${qmpSocket}: ${errorMessage(first)}`);
-}
-
 async function checkQemu(qmpSocket: string): Promise<{ process: QemuProcess; cwd: string; uid: number }> {
   const s = await lstat(qmpSocket).catch((err: NodeJS.ErrnoException) => fail(`no QEMU behind the QMP socket ${qmpSocket}: ${err.code === 'ENOENT' ? 'no such file' : err.code}`));
   if (!s.isSocket()) fail(`no QEMU behind the QMP socket ${qmpSocket}: it is not a socket`);
-  const found = findQemu(qmpSocket);
+  const found = findQemuBehind(qmpSocket, (m) => new BaseSnapshotError(m));
   const exe = await readlink(`/proc/${found.pid}/exe`).catch(() => found.argv[0] ?? '');
   if (![exe, found.argv[0] ?? ''].some((p) => /qemu|kvm/i.test(basename(p)))) {
     fail(`the process behind the QMP socket ${qmpSocket} is not QEMU: pid ${found.pid}, ${basename(exe) || 'unknown program'}`);
@@ -208,10 +169,6 @@ function copySparse(from: string, to: string): Promise<void> {
   });
 }
 
-function eventMs(e: QmpEvent): number | undefined {
-  return e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : undefined;
-}
-
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
@@ -273,19 +230,6 @@ export async function receiveBaseStream(source: AsyncIterable<Buffer>, memory: R
   return result;
 }
 
-function acceptOne(server: Server, signal: AbortSignal): Promise<Socket> {
-  return new Promise((resolvePromise, reject) => {
-    const onAbort = (): void => reject(new BaseSnapshotError('QEMU never connected to the migration socket'));
-    signal.addEventListener('abort', onAbort, { once: true });
-    server.once('connection', (socket: Socket) => {
-      signal.removeEventListener('abort', onAbort);
-      // one migration, one connection
-      server.close();
-      resolvePromise(socket);
-    });
-  });
-}
-
 /** Polls query-migrate until QEMU says completed; finely once the guest is paused, since that is downtime. */
 async function waitCompleted(qmp: QmpClient, timeoutMs: number, signal: AbortSignal, paused: () => boolean): Promise<{ downtimeMs?: number }> {
   const deadline = Date.now() + timeoutMs;
@@ -301,31 +245,6 @@ async function waitCompleted(qmp: QmpClient, timeoutMs: number, signal: AbortSig
   }
 }
 
-/**
- * After a failure once `migrate` was sent: the migration cancelled if it runs on, the capabilities
- * set back, and the guest running again if it ran before. Returns what could not be done.
- */
-async function recover(qmp: QmpClient, wasRunning: boolean, restore: () => Promise<void>): Promise<string | undefined> {
-  try {
-    let s = await qmp.execute('query-migrate');
-    if (s.status && MIGRATION_ACTIVE.has(s.status)) {
-      await qmp.execute('migrate_cancel');
-      const deadline = Date.now() + 10_000;
-      while (s.status && MIGRATION_ACTIVE.has(s.status) && Date.now() < deadline) {
-        await sleep(20);
-        s = await qmp.execute('query-migrate');
-      }
-    }
-    await restore().catch(() => undefined);
-    // QEMU resumes the guest itself when a migration fails; one that completed leaves it paused
-    const status = await qmp.execute('query-status');
-    if (wasRunning && !status.running && (status.status === 'postmigrate' || status.status === 'paused')) await qmp.execute('cont');
-    return undefined;
-  } catch (err) {
-    return `the guest may be left paused (${errorMessage(err)}): resume it with QMP cont`;
-  }
-}
-
 async function fileSummary(dir: string, file: string): Promise<BaseFileSummary> {
   const s = await stat(join(dir, file));
   return { file, bytes: s.size, allocatedBytes: s.blocks * 512 };
@@ -337,21 +256,6 @@ interface MigrationResult {
   migrationSeconds: number;
 }
 
-/** Listens on a fresh unix socket in a private folder, owned by QEMU's user so that it alone can connect. */
-async function listenForQemu(qemuUid: number): Promise<{ server: Server; socketDir: string; socketPath: string }> {
-  const socketDir = await mkdtemp(join(tmpdir(), 'handoff-base-'));
-  const asQemu = process.getuid?.() === 0 && qemuUid !== 0;
-  if (asQemu) await chown(socketDir, qemuUid, -1);
-  const socketPath = join(socketDir, 'migrate.sock');
-  const server = createServer();
-  await new Promise<void>((res, rej) => {
-    server.once('error', rej);
-    server.listen(socketPath, res);
-  });
-  if (asQemu) await chown(socketPath, qemuUid, -1);
-  return { server, socketDir, socketPath };
-}
-
 /**
  * QEMU's migration into `server`'s socket, read into `memory` and `deviceState`; the guest resumed
  * at once if it ran before. On a failure the migration is cancelled, the guest left running and
@@ -359,21 +263,16 @@ async function listenForQemu(qemuUid: number): Promise<{ server: Server; socketD
  */
 async function migrateInto(
   qmp: QmpClient,
-  target: { server: Server; socketPath: string },
+  target: Pick<MigrationTarget, 'server' | 'socketPath'>,
   memory: RamImageWriter,
   deviceState: FileHandle,
   wasRunning: boolean,
   timeoutMs: number,
   signal: AbortSignal | undefined,
 ): Promise<MigrationResult> {
-  const previous = new Map((await qmp.execute('query-migrate-capabilities')).map((c) => [c.capability, c.state]));
-  const changed = CAPABILITIES_OFF.filter((c) => previous.get(c) === true);
   // explicitly off, whatever the owner set: multifd, xbzrle, compression and postcopy would take
   // pages out of the main stream or encode them, x-ignore-shared would leave shared RAM out
-  await qmp.execute('migrate-set-capabilities', { capabilities: CAPABILITIES_OFF.filter((c) => previous.has(c)).map((capability) => ({ capability, state: false })) });
-  const restore = async (): Promise<void> => {
-    if (changed.length) await qmp.execute('migrate-set-capabilities', { capabilities: changed.map((capability) => ({ capability, state: true })) });
-  };
+  const restore = await setMigrationCapabilities(qmp, streamCapabilitiesOff());
 
   // the pause, on QEMU's clock: STOP when the last round begins, RESUME on cont
   const pause: { stoppedAt?: number; stoppedLocal?: number; resumedAt?: number } = {};
@@ -390,7 +289,7 @@ async function migrateInto(
   const connection: { socket?: Socket; ended: boolean } = { ended: false };
   const migrateAt = performance.now();
   try {
-    const accepted = acceptOne(target.server, abort.signal);
+    const accepted = acceptOne(target.server, abort.signal, () => new BaseSnapshotError('QEMU never connected to the migration socket'));
     accepted.catch(() => undefined);
     await qmp.execute('migrate', { uri: `unix:${target.socketPath}` });
     const streamed = accepted.then(async (s) => {
@@ -426,7 +325,7 @@ async function migrateInto(
   } catch (err) {
     connection.socket?.destroy();
     target.server.close();
-    const left = await recover(qmp, wasRunning, restore);
+    const left = await recoverFromMigration(qmp, wasRunning, restore);
     if (left) throw new BaseSnapshotError(`${errorMessage(err)}; ${left}`);
     throw err;
   } finally {

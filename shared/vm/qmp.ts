@@ -19,10 +19,23 @@ export interface QmpCommands {
   'migrate-set-capabilities': { args: { capabilities: { capability: string; state: boolean }[] }; result: Record<string, never> };
   migrate: { args: { uri: string }; result: Record<string, never> };
   'migrate-incoming': { args: { uri: string }; result: Record<string, never> };
-  'query-migrate': { args: undefined; result: { status?: string; 'error-desc'?: string; 'total-time'?: number; downtime?: number; ram?: { transferred: number } } };
+  'query-migrate': { args: undefined; result: MigrationStatus };
   'migrate-set-parameters': { args: Record<string, unknown>; result: Record<string, never> };
   quit: { args: undefined; result: Record<string, never> };
   migrate_cancel: { args: undefined; result: Record<string, never> };
+}
+
+/** query-migrate's answer, as far as the handoff reads it. */
+export interface MigrationStatus {
+  status?: string;
+  'error-desc'?: string;
+  'total-time'?: number;
+  /** ms the VM was stopped, once completed */
+  downtime?: number;
+  'expected-downtime'?: number;
+  /** how far auto-converge throttles the vCPUs (present while it does) */
+  'cpu-throttle-percentage'?: number;
+  ram?: { transferred: number; remaining?: number; 'dirty-sync-count'?: number; 'dirty-pages-rate'?: number; mbps?: number };
 }
 
 export class QmpError extends Error {

@@ -1,0 +1,123 @@
+/**
+ * The pure part of capturing memory from QEMU's own migration stream (stream.ts wires it): the
+ * stream's RAM blocks checked against the base's, each page placed in the base's flat memory image,
+ * rounds cut where a page comes a second time, and each page compared with the version the
+ * destination holds (the base's, then the last one sent).
+ */
+import { formatBytes } from '../../shared/config/units.js';
+import type { RoundRecord } from '../../shared/model/migration.js';
+import { PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE, ZERO_PAGE_HASH, digestOfPageHashes, strongHash } from '../../shared/image/pages.js';
+import type { RamBlockInfo } from '../../shared/vm/migration-stream.js';
+import type { RamBlockPlacement } from '../../shared/vm/ram-image.js';
+import type { DirtyPage } from './core.js';
+
+/** A stream round as the source saw it, with what QEMU said about it. */
+export interface StreamRoundRecord extends RoundRecord {
+  /** how far QEMU's auto-converge throttled the guest's vCPUs when the round ended (%, 0: not at all) */
+  cpuThrottlePct?: number;
+  /** the final round: how long QEMU says the VM was stopped at the source (its `downtime`) */
+  qemuDowntimeMs?: number;
+}
+
+/**
+ * What differs between the stream's MEM_SIZE list and the base's RAM blocks (same names, sizes and
+ * order), one sentence each; empty when they are the same.
+ */
+export function ramBlockDifferences(stream: readonly RamBlockInfo[], base: readonly RamBlockPlacement[]): string[] {
+  const differences: string[] = [];
+  const inBase = new Map(base.map((b, i) => [b.idstr, { bytes: b.bytes, at: i }]));
+  const inStream = new Map(stream.map((b, i) => [b.idstr, { bytes: b.lengthBytes, at: i }]));
+  for (const [idstr, s] of inStream) {
+    const b = inBase.get(idstr);
+    if (!b) differences.push(`RAM block "${idstr}" (${formatBytes(s.bytes)}) is in the VM, not in the base`);
+    else if (b.bytes !== s.bytes) differences.push(`RAM block "${idstr}": ${formatBytes(s.bytes)} in the VM, ${formatBytes(b.bytes)} in the base`);
+  }
+  for (const [idstr, b] of inBase) if (!inStream.has(idstr)) differences.push(`RAM block "${idstr}" (${formatBytes(b.bytes)}) is in the base, not in the VM`);
+  if (differences.length === 0 && stream.some((s, i) => s.idstr !== base[i]!.idstr)) {
+    differences.push(`the RAM blocks come in another order: ${stream.map((s) => s.idstr).join(', ')} in the VM, ${base.map((b) => b.idstr).join(', ')} in the base`);
+  }
+  return differences;
+}
+
+/** Where each RAM block's pages are in the base's memory image: flat page index = (block offset + offset) / 4096. */
+export class FlatPages {
+  private readonly blocks = new Map<string, RamBlockPlacement>();
+  readonly pages: number;
+
+  constructor(placements: readonly RamBlockPlacement[]) {
+    for (const b of placements) this.blocks.set(b.idstr, b);
+    const last = placements.at(-1);
+    this.pages = last ? Math.ceil((last.offset + last.bytes) / PAGE_SIZE) : 0;
+  }
+
+  index(block: string, offset: number): number {
+    const b = this.blocks.get(block);
+    if (!b) throw new RangeError(`a RAM page of block "${block}", which the base does not have`);
+    if (offset % PAGE_SIZE !== 0 || offset + PAGE_SIZE > Math.ceil(b.bytes / PAGE_SIZE) * PAGE_SIZE) throw new RangeError(`RAM page at ${offset} of block "${block}" (${b.bytes} bytes) is outside it`);
+    return (b.offset + offset) / PAGE_SIZE;
+  }
+}
+
+/**
+ * Rounds as QEMU's passes over its dirty log make them: QEMU sends a page once per pass, so a page
+ * that comes again within a round is the next pass, and ends the round before it.
+ */
+export class RoundCutter {
+  /** per page: the round it was last seen in, plus one (0: not yet) */
+  private readonly seenIn: Uint32Array;
+  round = 0;
+  /** pages seen in the current round, changed or not */
+  pagesSeen = 0;
+
+  constructor(pages: number) {
+    this.seenIn = new Uint32Array(pages);
+  }
+
+  /** whether `index` was seen in the current round already (the round ends before it) */
+  repeats(index: number): boolean {
+    return this.seenIn[index] === this.round + 1;
+  }
+
+  see(index: number): void {
+    this.seenIn[index] = this.round + 1;
+    this.pagesSeen++;
+  }
+
+  next(): void {
+    this.round++;
+    this.pagesSeen = 0;
+  }
+}
+
+/**
+ * Each page's strong hash as the destination holds it: the base's to begin with, then the version
+ * last sent. A page equal to it is not sent again.
+ */
+export class PageReference {
+  readonly strong: Buffer;
+
+  constructor(baseHashes: Uint8Array) {
+    this.strong = Buffer.from(baseHashes);
+  }
+
+  /** The page to send if it differs from the reference (which becomes it), else undefined. */
+  changed(index: number, page: Uint8Array, hash: Buffer = strongHash(page)): DirtyPage | undefined {
+    const at = index * STRONG_HASH_BYTES;
+    if (at + STRONG_HASH_BYTES > this.strong.byteLength) throw new RangeError(`page ${index} is outside the memory image (${this.strong.byteLength / STRONG_HASH_BYTES} pages)`);
+    if (hash.compare(this.strong, at, at + STRONG_HASH_BYTES) === 0) return undefined;
+    hash.copy(this.strong, at);
+    return { index, page, hash };
+  }
+
+  /** A zero page record's page (its fill byte repeated), with its hash. */
+  static filled(fill: number): { page: Buffer; hash: Buffer } {
+    if (fill === 0) return { page: ZERO_PAGE, hash: ZERO_PAGE_HASH };
+    const page = Buffer.alloc(PAGE_SIZE, fill);
+    return { page, hash: strongHash(page) };
+  }
+
+  /** the memory image's digest as the destination will compute it */
+  digest(): string {
+    return digestOfPageHashes(this.strong);
+  }
+}

@@ -1,0 +1,267 @@
+/**
+ * Live capture of the user's own VM from QEMU's migration stream (stream mode: the descriptor's
+ * `live.machine`). QEMU migrates to a socket this process listens on; its RAM pages become chunks
+ * of the base's flat memory image (only pages that differ from what the destination holds), its
+ * passes over the dirty log become rounds, and the sections after the RAM, once QEMU has stopped
+ * the VM, the device state. QEMU decides when to stop (downtime-limit, auto-converge) from the pace
+ * this process reads at, which the pipeline sets: reading waits while a round is delivered.
+ * The disk is still scanned (round 0 against the base, the final round against round 0).
+ * Nothing in the reading waits for QMP: QEMU writes its last round holding its main lock, and
+ * answers QMP only after.
+ */
+import { readFile, rm, stat } from 'node:fs/promises';
+import type { Socket } from 'node:net';
+import { publishEvent, type Bus } from '../../shared/bus/bus.js';
+import { encodePatch } from '../../shared/codecs/patch.js';
+import { loadBaseIndex } from '../../shared/image/base-index.js';
+import { PAGE_SIZE, digestOfPageHashes } from '../../shared/image/pages.js';
+import { BaseMismatchError, errorMessage } from '../../shared/model/errors.js';
+import type { LiveVm, MigrationDescriptor } from '../../shared/model/migration.js';
+import { startSpan } from '../../shared/telemetry/telemetry.js';
+import type { Logger } from '../../shared/telemetry/log.js';
+import { MigrationStreamParser, type MigrationRecord } from '../../shared/vm/migration-stream.js';
+import { MigrationStreamWriter } from '../../shared/vm/migration-stream-writer.js';
+import { acceptOne, eventMs, recoverFromMigration, findQemuBehind, listenForQemu, setMigrationCapabilities, streamCapabilitiesOff } from '../../shared/vm/qemu-migration.js';
+import { QmpClient } from '../../shared/vm/qmp.js';
+import { ChunkBuilder, newPageRecord } from './core.js';
+import { waitDelivered } from './live.js';
+import { captureRound, RoundPublisher, type CaptureGate, type LiveImages, type PublishStats } from './round.js';
+import { FlatPages, PageReference, RoundCutter, ramBlockDifferences, type StreamRoundRecord } from './stream-core.js';
+
+/** A stream-mode live VM; `autoConverge: false` leaves QEMU's throttling of the guest off. */
+export interface StreamLiveVm extends LiveVm {
+  machine: NonNullable<LiveVm['machine']>;
+  autoConverge?: boolean;
+}
+
+/** A VM whose stream cannot be handed off as asked (its RAM is not the base's): refused before any page moves. */
+export class StreamRefusedError extends Error {
+  override name = 'StreamRefusedError';
+}
+
+/** QEMU caps downtime-limit here (ms): set after the round limit, QEMU stops the VM at its next look. */
+const DOWNTIME_LIMIT_MAX_MS = 2_000_000;
+/** bytes/s: no cap of QEMU's own; the pipeline's reading paces it */
+const UNCAPPED_BANDWIDTH = 1e12;
+/** how long QEMU may take to connect to the socket after `migrate` */
+const CONNECT_TIMEOUT_MS = 10_000;
+/** how often auto-converge's throttle is read while the migration runs */
+const THROTTLE_POLL_MS = 500;
+
+interface OpenRound {
+  builder: ChunkBuilder;
+  publisher: RoundPublisher;
+  dirtyPages: number;
+  startedMs: number;
+}
+
+export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logger, gate: CaptureGate | undefined, report: PublishStats): Promise<void> {
+  const live = d.live as StreamLiveVm;
+  const base = await loadBaseIndex(d.memory.base);
+  if (base.contentHash !== d.memory.baseHash) throw new BaseMismatchError(`base memory ${d.memory.base} changed: content hash ${base.contentHash}, migration expects ${d.memory.baseHash}`);
+  const flat = new FlatPages(live.machine.ramBlocks);
+  if (flat.pages * PAGE_SIZE !== d.memory.bytes) throw new BaseMismatchError(`the base's RAM blocks place ${flat.pages} pages, its memory image holds ${d.memory.bytes / PAGE_SIZE}`);
+  const reference = new PageReference(base.hashes);
+  const cutter = new RoundCutter(flat.pages);
+  // the disk's hashes as round 0 read them: the final round compares with them
+  const disk: LiveImages = { records: [newPageRecord(0), newPageRecord(d.disk.bytes / PAGE_SIZE)], views: [undefined, undefined] };
+  const baseState = await readFile(live.baseDeviceState);
+  const qemu = findQemuBehind(live.qmpSocket);
+  const target = await listenForQemu((await stat(`/proc/${qemu.pid}`)).uid, 'handoff-capture-');
+  const qmp = await QmpClient.connect(live.qmpSocket, 10_000).catch(async (err: unknown) => {
+    target.server.close();
+    await rm(target.socketDir, { recursive: true, force: true });
+    throw err;
+  });
+  const span = startSpan('capture stream', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture' });
+
+  const state = { stopEventMs: undefined as number | undefined, stopSeenMs: undefined as number | undefined, finalPublished: false, maxThrottlePct: 0, throttlePct: 0, forcedStop: false };
+  const stopListening = qmp.onEvent((e) => {
+    if (e.event === 'STOP') state.stopEventMs ??= eventMs(e) ?? Date.now();
+  });
+  /** when QEMU stopped the VM: its STOP event's time, else when its RAM END section came */
+  const stoppedAt = (): number | undefined => state.stopEventMs ?? state.stopSeenMs;
+  let wasRunning = true;
+  let restoreCapabilities = async (): Promise<void> => undefined;
+  let restoreParameters = async (): Promise<void> => undefined;
+  let socket: Socket | undefined;
+  let poller: NodeJS.Timeout | undefined;
+  const abort = new AbortController();
+  try {
+    wasRunning = (await qmp.execute('query-status')).running;
+    restoreCapabilities = await setMigrationCapabilities(qmp, { ...streamCapabilitiesOff(), 'auto-converge': live.autoConverge !== false });
+    const previous = await qmp.execute('query-migrate-parameters');
+    restoreParameters = async () => {
+      const back = Object.fromEntries((['downtime-limit', 'max-bandwidth'] as const).filter((k) => previous[k] !== undefined).map((k) => [k, previous[k]]));
+      if (Object.keys(back).length) await qmp.execute('migrate-set-parameters', back);
+    };
+    await qmp.execute('migrate-set-parameters', { 'downtime-limit': live.downtimeMs, 'max-bandwidth': UNCAPPED_BANDWIDTH });
+    const timer = setTimeout(() => abort.abort(), CONNECT_TIMEOUT_MS);
+    const accepted = acceptOne(target.server, abort.signal, () => new Error(`QEMU did not connect to the migration socket within ${CONNECT_TIMEOUT_MS / 1000} s`));
+    accepted.catch(() => undefined);
+    await qmp.execute('migrate', { uri: `unix:${target.socketPath}` });
+    socket = await accepted;
+    clearTimeout(timer);
+    log.info('QEMU migrates into capture', { downtimeLimitMs: live.downtimeMs, autoConverge: live.autoConverge !== false });
+    poller = setInterval(() => {
+      qmp.execute('query-migrate').then(
+        (s) => {
+          state.throttlePct = s['cpu-throttle-percentage'] ?? 0;
+          state.maxThrottlePct = Math.max(state.maxThrottlePct, state.throttlePct);
+        },
+        () => undefined,
+      );
+    }, THROTTLE_POLL_MS);
+
+    const rounds: StreamRoundRecord[] = [];
+    const openRound = (round: number): OpenRound => ({
+      builder: new ChunkBuilder({ migrationId: d.migrationId, round, image: 0, parts: d.parts }, d.chunkPages),
+      publisher: new RoundPublisher(bus, d, round, span, round === 0 ? gate : undefined, report),
+      dirtyPages: 0,
+      startedMs: performance.now(),
+    });
+    let current = openRound(0);
+    let scannedBytes = 0;
+    let blocksChecked = false;
+
+    /** Ends the current round: its pages flushed and acknowledged, the disk read in round 0 and the last. */
+    const endRound = async (final: boolean): Promise<{ slices: number; dirtyPages: number; imageHashes: { memory: string; disk: string } }> => {
+      const round = cutter.round;
+      if (current.builder.pending > 0) await current.publisher.flush(current.builder, scannedBytes);
+      await current.publisher.settle();
+      let slices = current.builder.nextSeq * d.parts;
+      let dirtyPages = current.dirtyPages;
+      let diskHash = digestOfPageHashes(disk.records[1].strong);
+      if (round === 0 || final) {
+        const r = await captureRound(bus, d, round, log, disk, undefined, report, { images: [1], firstSeq: current.builder.nextSeq });
+        slices += r.slices;
+        dirtyPages += r.dirtyPages;
+        scannedBytes += r.scannedBytes;
+        diskHash = r.imageHashes.disk;
+      }
+      return { slices, dirtyPages, imageHashes: { memory: reference.digest(), disk: diskHash } };
+    };
+
+    /** A round QEMU's next pass (or its stop) ended: announced, delivered before reading on unless the VM is stopped. */
+    const cutRound = async (why: string): Promise<void> => {
+      const round = cutter.round;
+      const r = await endRound(false);
+      await publishEvent(bus, d.migrationId, { type: 'captured', round, slices: r.slices, imageHashes: r.imageHashes, dirtyPages: r.dirtyPages, scannedBytes, final: false });
+      // while the VM runs, QEMU waits (its writes block) until the round has arrived: its bandwidth
+      // estimate is then the pipeline's real pace; once stopped, waiting is only downtime
+      if (stoppedAt() === undefined) await waitDelivered(bus, d);
+      const seconds = (performance.now() - current.startedMs) / 1000;
+      rounds.push({ round, dirtyPages: r.dirtyPages, seconds: Number(seconds.toFixed(3)), decision: why, cpuThrottlePct: state.throttlePct });
+      log.info('stream round delivered', { round, dirtyPages: r.dirtyPages, pagesSeen: cutter.pagesSeen, seconds: Number(seconds.toFixed(2)), cpuThrottlePct: state.throttlePct });
+      cutter.next();
+      current = openRound(cutter.round);
+      if (!state.forcedStop && cutter.round >= live.maxRounds - 1) {
+        // the round limit: QEMU stops the VM at its next look, whatever is left becomes the last round
+        state.forcedStop = true;
+        // not awaited: QEMU may answer only once its migration thread, writing to this process's
+        // socket while it holds QEMU's lock (the stop), has written; the reading must go on meanwhile
+        qmp.execute('migrate-set-parameters', { 'downtime-limit': DOWNTIME_LIMIT_MAX_MS }).catch((err: unknown) => log.warn('cannot raise the downtime limit after the round limit', { reason: errorMessage(err) }));
+        rounds.at(-1)!.decision += `; round limit ${live.maxRounds}: QEMU told to stop the VM`;
+      }
+    };
+
+    const writer = new MigrationStreamWriter();
+    const deviceState: Buffer[] = [];
+    const takePage = async (block: string, offset: number, page: Buffer, hash?: Buffer): Promise<void> => {
+      if (!blocksChecked) throw new StreamRefusedError("QEMU's stream sent a RAM page before its RAM block list (MEM_SIZE)");
+      const index = flat.index(block, offset);
+      if (cutter.repeats(index)) await cutRound(stoppedAt() === undefined ? "a page came again: QEMU's next pass" : 'QEMU stopped the VM');
+      cutter.see(index);
+      scannedBytes += PAGE_SIZE;
+      const dirty = reference.changed(index, page, hash);
+      if (!dirty) return;
+      current.dirtyPages++;
+      if (current.builder.add(dirty)) await current.publisher.flush(current.builder, scannedBytes);
+    };
+    const take = async (r: MigrationRecord): Promise<void> => {
+      switch (r.kind) {
+        case 'ram-blocks': {
+          const differences = ramBlockDifferences(r.blocks, live.machine.ramBlocks);
+          if (differences.length) throw new StreamRefusedError(`the VM's RAM is not the base's: ${differences.join('; ')}`);
+          blocksChecked = true;
+          return;
+        }
+        case 'ram-page':
+          return takePage(r.block, r.offset, r.data);
+        case 'ram-zero': {
+          const { page, hash } = PageReference.filled(r.fill);
+          return takePage(r.block, r.offset, page, hash);
+        }
+        case 'ram-section':
+          // QEMU sends the RAM's END section once it has stopped the VM: the pages before are a round of their own
+          if (r.phase === 'end') {
+            state.stopSeenMs ??= Date.now();
+            if (cutter.pagesSeen > 0) await cutRound('QEMU stopped the VM');
+          }
+          return;
+        case 'ram-eos':
+          return;
+        case 'configuration':
+          if (r.targetPageBits !== undefined && 1 << r.targetPageBits !== PAGE_SIZE) throw new StreamRefusedError(`the VM's target pages are ${1 << r.targetPageBits} bytes, not ${PAGE_SIZE}`);
+          break;
+        default:
+          break;
+      }
+      deviceState.push(writer.encode(r));
+    };
+
+    const parser = new MigrationStreamParser();
+    for await (const chunk of socket as AsyncIterable<Buffer>) for (const r of parser.push(chunk)) await take(r);
+    for (const r of parser.end()) await take(r);
+    if (stoppedAt() === undefined) throw new Error("QEMU's migration stream ended without QEMU stopping the VM");
+
+    const stoppedAtMs = stoppedAt()!;
+    const round = cutter.round;
+    const r = await endRound(true);
+    const status = await qmp.waitMigration(10_000).then(() => qmp.execute('query-migrate'));
+    clearInterval(poller);
+    const encoded = encodePatch(Buffer.concat(deviceState), baseState, 3).toString('base64');
+    rounds.push({
+      round,
+      dirtyPages: r.dirtyPages,
+      seconds: Number(((performance.now() - current.startedMs) / 1000).toFixed(3)),
+      decision: 'stop-and-copy: QEMU stopped the VM',
+      cpuThrottlePct: state.maxThrottlePct,
+      ...(status.downtime !== undefined ? { qemuDowntimeMs: status.downtime } : {}),
+    });
+    await publishEvent(bus, d.migrationId, {
+      type: 'captured',
+      round,
+      slices: r.slices,
+      imageHashes: r.imageHashes,
+      dirtyPages: r.dirtyPages,
+      scannedBytes,
+      final: true,
+      deviceState: encoded,
+      stoppedAtMs,
+      rounds,
+    });
+    state.finalPublished = true;
+    log.info('final round captured', { round, dirtyPages: r.dirtyPages, deviceStateBytes: Buffer.concat(deviceState).byteLength, qemuDowntimeMs: status.downtime, maxCpuThrottlePct: state.maxThrottlePct, sinceStopMs: Math.round(Date.now() - stoppedAtMs) });
+    await restoreCapabilities().catch(() => undefined);
+    await restoreParameters().catch(() => undefined);
+  } catch (err) {
+    if (state.finalPublished) throw err;
+    // nothing the destination could resume has left: the source runs on
+    socket?.destroy();
+    const left = await recoverFromMigration(qmp, wasRunning, async () => {
+      await restoreCapabilities();
+      await restoreParameters();
+    });
+    log.error('stream capture failed: the source VM runs on', { reason: errorMessage(err), ...(left ? { left } : {}) });
+    throw new Error(`${errorMessage(err)} (${left ?? 'the source VM runs on'})`);
+  } finally {
+    clearInterval(poller);
+    abort.abort();
+    stopListening();
+    span.end();
+    qmp.close();
+    target.server.close();
+    await rm(target.socketDir, { recursive: true, force: true });
+  }
+}
