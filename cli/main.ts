@@ -67,8 +67,9 @@ A running VM, started however its owner starts QEMU (ordinary RAM, any devices):
                                  destination too); no --memory/--disk: QEMU migrates its RAM into
                                  this handoff, which sends only the pages that differ from what the
                                  destination holds (the base's, then the version last sent)
-  --downtime-ms N                QEMU's downtime-limit: it stops the VM when what is left fits (300)
-  --max-rounds N                 after N-1 rounds QEMU is told to stop the VM whatever is left (30)
+  --downtime-ms N                QEMU is told to stop the VM once the last round is predicted to fit
+                                 this, from the pages this handoff sent and their time to arrive (300)
+  --max-rounds N                 rounds at most (30); also a round no smaller than the one before stops
   --no-auto-converge             leave QEMU's auto-converge off: a guest that dirties memory faster
                                  than the link carries is then not throttled, and may not converge
   Before any page moves, migrate refuses, naming the difference, a VM that is not the base's

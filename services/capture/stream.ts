@@ -3,8 +3,10 @@
  * `live.machine`). QEMU migrates to a socket this process listens on; its RAM pages become chunks
  * of the base's flat memory image (only pages that differ from what the destination holds), its
  * passes over the dirty log become rounds, and the sections after the RAM, once QEMU has stopped
- * the VM, the device state. QEMU decides when to stop (downtime-limit, auto-converge) from the pace
- * this process reads at, which the pipeline sets: reading waits while a round is delivered.
+ * the VM, the device state. Capture decides when QEMU stops the VM, with the round policy on the pages
+ * it sends and the time they take to arrive: QEMU's own estimate counts the pages capture skips
+ * (most of round 0), which pass at memory speed, and stopped a VM whose last round then took the
+ * link seconds. Reading waits while a round is delivered, so auto-converge sees the real pace.
  * The disk is still scanned (round 0 against the base, the final round against round 0).
  * Nothing in the reading waits for QMP: QEMU writes its last round holding its main lock, and
  * answers QMP only after.
@@ -24,6 +26,7 @@ import { MigrationStreamWriter } from '../../shared/vm/migration-stream-writer.j
 import { acceptOne, eventMs, recoverFromMigration, findQemuBehind, listenForQemu, setMigrationCapabilities, streamCapabilitiesOff } from '../../shared/vm/qemu-migration.js';
 import { QmpClient } from '../../shared/vm/qmp.js';
 import { ChunkBuilder, newPageRecord } from './core.js';
+import { decideAfterRound, type RoundStat } from './policy.js';
 import { waitDelivered } from './live.js';
 import { captureRound, RoundPublisher, type CaptureGate, type LiveImages, type PublishStats } from './round.js';
 import { FlatPages, PageReference, RoundCutter, ramBlockDifferences, type StreamRoundRecord } from './stream-core.js';
@@ -39,8 +42,12 @@ export class StreamRefusedError extends Error {
   override name = 'StreamRefusedError';
 }
 
-/** QEMU caps downtime-limit here (ms): set after the round limit, QEMU stops the VM at its next look. */
+/** QEMU caps downtime-limit here (ms): set when capture decides to stop, QEMU stops the VM at its next look. */
 const DOWNTIME_LIMIT_MAX_MS = 2_000_000;
+/** QEMU's downtime-limit until then: QEMU stops on its own only where what is left is next to nothing */
+const DOWNTIME_LIMIT_UNTIL_DECIDED_MS = 1;
+/** what the stop costs besides the last round's pages: the device state, the disk's final scan, the resume */
+const STOP_OVERHEAD_MS = 150;
 /** bytes/s: no cap of QEMU's own; the pipeline's reading paces it */
 const UNCAPPED_BANDWIDTH = 1e12;
 /** how long QEMU may take to connect to the socket after `migrate` */
@@ -95,14 +102,14 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       const back = Object.fromEntries((['downtime-limit', 'max-bandwidth'] as const).filter((k) => previous[k] !== undefined).map((k) => [k, previous[k]]));
       if (Object.keys(back).length) await qmp.execute('migrate-set-parameters', back);
     };
-    await qmp.execute('migrate-set-parameters', { 'downtime-limit': live.downtimeMs, 'max-bandwidth': UNCAPPED_BANDWIDTH });
+    await qmp.execute('migrate-set-parameters', { 'downtime-limit': DOWNTIME_LIMIT_UNTIL_DECIDED_MS, 'max-bandwidth': UNCAPPED_BANDWIDTH });
     const timer = setTimeout(() => abort.abort(), CONNECT_TIMEOUT_MS);
     const accepted = acceptOne(target.server, abort.signal, () => new Error(`QEMU did not connect to the migration socket within ${CONNECT_TIMEOUT_MS / 1000} s`));
     accepted.catch(() => undefined);
     await qmp.execute('migrate', { uri: `unix:${target.socketPath}` });
     socket = await accepted;
     clearTimeout(timer);
-    log.info('QEMU migrates into capture', { downtimeLimitMs: live.downtimeMs, autoConverge: live.autoConverge !== false });
+    log.info('QEMU migrates into capture', { downtimeTargetMs: live.downtimeMs, autoConverge: live.autoConverge !== false });
     poller = setInterval(() => {
       qmp.execute('query-migrate').then(
         (s) => {
@@ -114,6 +121,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     }, THROTTLE_POLL_MS);
 
     const rounds: StreamRoundRecord[] = [];
+    const history: RoundStat[] = [];
     const openRound = (round: number): OpenRound => ({
       builder: new ChunkBuilder({ migrationId: d.migrationId, round, image: 0, parts: d.parts }, d.chunkPages),
       publisher: new RoundPublisher(bus, d, round, span, round === 0 ? gate : undefined, report),
@@ -155,13 +163,17 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       log.info('stream round delivered', { round, dirtyPages: r.dirtyPages, pagesSeen: cutter.pagesSeen, seconds: Number(seconds.toFixed(2)), cpuThrottlePct: state.throttlePct });
       cutter.next();
       current = openRound(cutter.round);
-      if (!state.forcedStop && cutter.round >= live.maxRounds - 1) {
-        // the round limit: QEMU stops the VM at its next look, whatever is left becomes the last round
+      if (stoppedAt() !== undefined || state.forcedStop) return;
+      history.push({ round, dirtyPages: r.dirtyPages, seconds });
+      const decision = decideAfterRound(history, { downtimeMs: live.downtimeMs, maxRounds: live.maxRounds, overheadMs: STOP_OVERHEAD_MS });
+      rounds.at(-1)!.decision += `; ${decision.reason}`;
+      rounds.at(-1)!.predictedDowntimeMs = Math.round(decision.predictedDowntimeMs);
+      if (decision.final) {
+        // QEMU stops the VM at its next look, whatever is left becomes the last round
         state.forcedStop = true;
         // not awaited: QEMU may answer only once its migration thread, writing to this process's
         // socket while it holds QEMU's lock (the stop), has written; the reading must go on meanwhile
-        qmp.execute('migrate-set-parameters', { 'downtime-limit': DOWNTIME_LIMIT_MAX_MS }).catch((err: unknown) => log.warn('cannot raise the downtime limit after the round limit', { reason: errorMessage(err) }));
-        rounds.at(-1)!.decision += `; round limit ${live.maxRounds}: QEMU told to stop the VM`;
+        qmp.execute('migrate-set-parameters', { 'downtime-limit': DOWNTIME_LIMIT_MAX_MS }).catch((err: unknown) => log.warn('cannot tell QEMU to stop the VM', { reason: errorMessage(err) }));
       }
     };
 
