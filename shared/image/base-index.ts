@@ -56,20 +56,22 @@ interface CacheHeader {
   magic: string;
   size: number;
   mtimeMs: number;
-  ino: number;
   contentHash: string;
 }
 
-/** Loads the cached index when the file is unchanged (size, mtime, inode), else builds and caches it. */
+/**
+ * Loads the cached index when the file is unchanged (size and mtime: a base folder copied to another
+ * cloudlet with its times kept, `cp -a` or `rsync -a`, reuses its index), else builds and caches it.
+ */
 export async function loadBaseIndex(path: string): Promise<BaseIndex> {
   const bytes = await checkImage(path, 'base image');
   const s = await stat(path);
   const cachePath = await cachePathFor(path);
-  const cached = await readCache(cachePath, s.size, s.mtimeMs, s.ino);
+  const cached = await readCache(cachePath, s.size, s.mtimeMs);
   if (cached) return { path, bytes, pages: bytes / PAGE_SIZE, ...cached };
   const hashes = await hashPages(path, bytes);
   const contentHash = digestOfPageHashes(hashes);
-  const header: CacheHeader = { magic: MAGIC, size: s.size, mtimeMs: s.mtimeMs, ino: s.ino, contentHash };
+  const header: CacheHeader = { magic: MAGIC, size: s.size, mtimeMs: s.mtimeMs, contentHash };
   const headerBytes = Buffer.from(`${JSON.stringify(header)}\n`);
   const tmp = `${cachePath}.${process.pid}.tmp`;
   await writeFile(tmp, Buffer.concat([headerBytes, hashes]));
@@ -77,7 +79,7 @@ export async function loadBaseIndex(path: string): Promise<BaseIndex> {
   return { path, bytes, pages: bytes / PAGE_SIZE, contentHash, hashes };
 }
 
-async function readCache(cachePath: string, size: number, mtimeMs: number, ino: number): Promise<{ contentHash: string; hashes: Uint8Array } | undefined> {
+async function readCache(cachePath: string, size: number, mtimeMs: number): Promise<{ contentHash: string; hashes: Uint8Array } | undefined> {
   let data: Buffer;
   try {
     data = await readFile(cachePath);
@@ -89,7 +91,7 @@ async function readCache(cachePath: string, size: number, mtimeMs: number, ino: 
   try {
     const header = JSON.parse(data.subarray(0, nl).toString('utf8')) as CacheHeader;
     const hashes = data.subarray(nl + 1);
-    if (header.magic !== MAGIC || header.size !== size || header.mtimeMs !== mtimeMs || header.ino !== ino) return undefined;
+    if (header.magic !== MAGIC || header.size !== size || header.mtimeMs !== mtimeMs) return undefined;
     if (hashes.byteLength !== (size / PAGE_SIZE) * STRONG_HASH_BYTES) return undefined;
     // the stamp says unchanged; the content hash must still match what is cached
     if (digestOfPageHashes(hashes) !== header.contentHash) return undefined;
