@@ -22,7 +22,7 @@ index is built, once, for every handoff against this base. The folder holds:
   base.json                      the manifest: QEMU version, the source's command line and machine,
                                  RAM blocks, files, sizes and the memory's content hash
   memory.img                     the RAM blocks one after another (sparse: zero pages are holes)
-  memory.img.hidx                its page index
+  memory.img.hidx                its page index (and diskN.img.hidx, a raw disk's)
   device-state.bin               QEMU's migration stream without its RAM
   diskN.img / diskN.qcow2        a copy of drive N
 Copy the folder to every cloudlet that may receive this VM: a handoff sends what differs from it.

@@ -384,6 +384,9 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
     log(disks.length ? `copying ${disks.length} disk${disks.length > 1 ? 's' : ''} and indexing ${BASE_MEMORY_FILE}` : `indexing ${BASE_MEMORY_FILE}`);
     const [index] = await Promise.all([loadBaseIndex(join(staging, BASE_MEMORY_FILE)), ...disks.map((d) => copySparse(d.source, join(staging!, d.file)))]);
     if (options.signal?.aborted) fail('interrupted');
+    // a raw disk's page index too, built once here and not at every cloudlet's first handoff
+    for (const d of disks) if (d.format === 'raw') await loadBaseIndex(join(staging, d.file));
+    if (options.signal?.aborted) fail('interrupted');
     const baseDisks: BaseDisk[] = [];
     for (const d of disks) baseDisks.push({ file: d.file, bytes: (await stat(join(staging, d.file))).size, format: d.format, drive: d.drive, sourceFile: d.source });
 
@@ -407,7 +410,7 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
     await rename(staging, out);
     staging = undefined;
 
-    const names = [BASE_MANIFEST_FILE, BASE_MEMORY_FILE, `${BASE_MEMORY_FILE}.hidx`, BASE_DEVICE_STATE_FILE, ...baseDisks.map((d) => d.file)];
+    const names = [BASE_MANIFEST_FILE, BASE_MEMORY_FILE, `${BASE_MEMORY_FILE}.hidx`, BASE_DEVICE_STATE_FILE, ...baseDisks.flatMap((d) => (d.format === 'raw' ? [d.file, `${d.file}.hidx`] : [d.file]))];
     const files = (await Promise.all(names.map((f) => fileSummary(out, f).catch(() => undefined)))).filter((f): f is BaseFileSummary => f !== undefined);
     return {
       dir: out,
