@@ -23,6 +23,8 @@ import { parseArgs } from 'node:util';
 import { formatTable } from '../cli/summary.js';
 import { stopProcess } from '../shared/actor/child.js';
 import { spawnActor, stopActors } from '../cli/actors.js';
+import { spawnReceiverProcess, type ReceiverProcess } from '../cli/receive.js';
+import { ensureLocalLinkKey } from '../shared/wire/link-security.js';
 import { startEmbeddedNats } from '../shared/bus/nats-server.js';
 import { BlockCompressor } from '../shared/codecs/block.js';
 import { PAGE_SIZE, ZERO_PAGE, strongHash } from '../shared/image/pages.js';
@@ -69,6 +71,8 @@ say('building (or reusing) the Debian guest ...');
 const guestDir = execFileSync('bash', [join(ROOT, 'load', 'guests', 'debian.sh')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] }).trim().split('\n').at(-1)!;
 const guest = { kernel: join(ROOT, guestDir, 'vmlinuz'), initrd: join(ROOT, guestDir, 'initrd.img'), disk: join(ROOT, guestDir, 'disk.img'), append: readFileSync(join(ROOT, guestDir, 'cmdline'), 'utf8').trim() };
 
+// both cloudlets' link key, for this run (the processes it starts inherit it)
+ensureLocalLinkKey();
 const dir = await mkdtemp(join(tmpdir(), 'handoff-real-vm-'));
 const link = createShapedLink(rateMbit * 1e6, `rv${process.pid % 10000}`);
 const inNs = (ns: string): string[] => ['ip', 'netns', 'exec', ns];
@@ -172,8 +176,8 @@ async function handoffRun(): Promise<Row> {
   const qmp = join(src, 'qmp.sock');
   const vm = startVm(link.sourceNs, userArgv(join(src, 'disk.img'), qmp, join(src, 'serial.log')));
   const nats = await startEmbeddedNats({ prefix: inNs(link.sourceNs) });
-  const actors = (['capture', 'dedup', 'delta', 'compress', 'compress', 'sender'] as const).map((name) => spawnActor(name, nats.url, { prefix: inNs(link.sourceNs) }));
-  let receiver: ChildProcess | undefined;
+  const actors = (['capture', 'dedup', 'delta', 'compress', 'compress', 'sender', 'tuner'] as const).map((name) => spawnActor(name, nats.url, { prefix: inNs(link.sourceNs) }));
+  let receiver: ReceiverProcess | undefined;
   const probes = [prober(link.sourceNs), prober(link.destNs)];
   try {
     await waitService(probes[0]!, 180_000);
@@ -186,12 +190,10 @@ async function handoffRun(): Promise<Row> {
     const proxy = informationProxy(join(src, 'base', 'memory.img'), join(src, 'now', 'memory.img'));
     await rm(join(src, 'now'), { recursive: true, force: true });
     say(`information proxy: ${proxy.dirtyPages} dirty pages, ${proxy.survivors} survive dedup, zstd -19 ${(proxy.bytes / 2 ** 20).toFixed(1)} MiB`);
-    receiver = spawn('ip', [...inNs(link.destNs).slice(1), process.execPath, MAIN, 'receive', '--listen', `${link.destIp}:7300`, '--base', join(dst, 'base'), '--resume-vm', '--out', join(dst, 'out'), '--json'], {
-      stdio: ['ignore', 'ignore', 'inherit'],
-    });
-    await new Promise((r) => setTimeout(r, 3000));
+    receiver = await spawnReceiverProcess({ base: join(dst, 'base'), outDir: join(dst, 'out'), listen: `${link.destIp}:7300`, prefix: inNs(link.destNs), stream: {} });
     const sentBefore = link.sentBytes();
-    const s = await migrateOn(inNs(link.sourceNs), ['--external-actors', '--nats', nats.url, '--qmp', qmp, '--base', join(src, 'base'), '--to', `${link.destIp}:7300`]);
+    const s = await migrateOn(inNs(link.sourceNs), ['--external-actors', '--nats', nats.url, '--qmp', qmp, '--base', join(src, 'base'), '--to', receiver.address]);
+    if (!s.verified) say(`the destination's last words: ${receiver.logTail().slice(-2000)}`);
     const wireBytes = link.sentBytes() - sentBefore;
     await new Promise((r) => setTimeout(r, 5000));
     const service = serviceFigures(probes[0]!.answers, probes[1]!.answers);
@@ -210,7 +212,7 @@ async function handoffRun(): Promise<Row> {
     for (const p of probes) p.child.kill();
     await stopActors(actors);
     await nats.stop();
-    if (receiver) await stopProcess(receiver, 5000);
+    if (receiver) await stopProcess(receiver.child, 5000);
     vm.kill('SIGKILL');
     try {
       execFileSync('pkill', ['-9', '-f', dst]);

@@ -4,13 +4,14 @@
 # The folder holds disk.img (8 GiB sparse raw, ext4 made with mkfs.ext4 -d: no loop device needed),
 # vmlinuz and initrd.img (from the guest's own /boot, for -kernel/-initrd), and cmdline (the -append).
 # The guest runs systemd, a DHCP client on its NIC, and stateful.service: a Python HTTP service on
-# port 8080 that holds ~200 MB of records in memory, replaces ~300 KB of them a second, and appends a
-# line a second to /var/lib/stateful/log. GET /state answers {"seq": N, "digest": ...}: seq only grows,
+# port 8080 that holds ~200 MB of records in memory (text, as an application's records are: words and
+# numbers, not random bytes), replaces ~300 KB of them a second, and appends a line a second to
+# /var/lib/stateful/log. GET /state answers {"seq": N, "digest": ...}: seq only grows,
 # so a client that ever sees it go back has met a guest that lost state.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-.handoff-cache/debian-guest}
-version=1
+version=2
 if [ -f "$out/ready" ] && [ "$(cat "$out/ready")" = "$version" ]; then echo "$out"; exit 0; fi
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 need() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || { as_root apt-get update -qq; DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$2" >/dev/null; }; }
@@ -36,9 +37,13 @@ DHCP=ipv4
 NET
 as_root chroot "$root" systemctl enable systemd-networkd >/dev/null 2>&1
 as_root tee "$root/opt/stateful/server.py" >/dev/null <<'PY'
-import hashlib, http.server, json, os, random, threading, time
+import hashlib, http.server, json, random, threading, time
 RECORDS, RECORD_BYTES = 50_000, 4096          # ~200 MB of state in memory
-state = [os.urandom(RECORD_BYTES) for _ in range(RECORDS)]
+WORDS = [f'{a}{b}' for a in ('ka', 'lo', 'mi', 'ne', 'ru', 'sa', 'ti', 'vo') for b in ('ber', 'dal', 'fin', 'gor', 'han', 'mel', 'pos', 'ril', 'sun', 'tek', 'vam', 'zor')]
+def record():
+    text = ' '.join(f'{random.choice(WORDS)}={random.randrange(100)}' for _ in range(500)).encode()
+    return text[:RECORD_BYTES].ljust(RECORD_BYTES, b' ')
+state = [record() for _ in range(RECORDS)]
 seq, lock = 0, threading.Lock()
 def churn():
     global seq
@@ -48,7 +53,7 @@ def churn():
         t = time.time()
         with lock:
             for _ in range(8):             # ~300 KB/s: 8 records every ~0.1 s
-                state[random.randrange(RECORDS)] = os.urandom(RECORD_BYTES)
+                state[random.randrange(RECORDS)] = record()
             seq += 1
         if t - last_log >= 1:
             log.write(f'{t:.3f} seq={seq}\n'); last_log = t
