@@ -63,6 +63,8 @@ export interface QemuSummary {
   maxCpuThrottlePct: number;
   /** rounds that ended with the guest throttled */
   throttledRounds: number;
+  /** the lowest CPU quota capture put on the source's QEMU (% of a core), where rounds stopped shrinking */
+  minCpuQuotaPct?: number;
 }
 
 export function qemuSummary(rounds: readonly StreamRoundRecord[], autoConverge: boolean): QemuSummary {
@@ -72,12 +74,14 @@ export function qemuSummary(rounds: readonly StreamRoundRecord[], autoConverge: 
     ...(downtimeMs !== undefined ? { downtimeMs } : {}),
     maxCpuThrottlePct: Math.max(0, ...rounds.map((r) => r.cpuThrottlePct ?? 0)),
     throttledRounds: rounds.filter((r) => (r.cpuThrottlePct ?? 0) > 0).length,
+    ...(rounds.some((r) => r.cpuQuotaPct !== undefined) ? { minCpuQuotaPct: Math.min(...rounds.map((r) => r.cpuQuotaPct ?? 100)) } : {}),
   };
 }
 
 function formatQemu(q: QemuSummary): string {
   const throttle = !q.autoConverge ? 'auto-converge off' : q.maxCpuThrottlePct > 0 ? `auto-converge throttled the guest up to ${q.maxCpuThrottlePct}% (${q.throttledRounds} rounds)` : 'auto-converge on, the guest not throttled';
-  return `QEMU: downtime ${q.downtimeMs !== undefined ? `${q.downtimeMs} ms` : '-'} at the source; ${throttle}`;
+  const quota = q.minCpuQuotaPct !== undefined ? `; the guest slowed to ${q.minCpuQuotaPct}% of a core (CPU quota)` : '';
+  return `QEMU: downtime ${q.downtimeMs !== undefined ? `${q.downtimeMs} ms` : '-'} at the source; ${throttle}${quota}`;
 }
 
 export const STAGE_ORDER = ['capture', 'dedup', 'delta', 'compress', 'sender'] as const;
@@ -144,7 +148,7 @@ export function formatSummary(s: MigrationSummary): string {
     lines.push(`live: ${s.rounds.length} rounds, downtime ${s.downtimeMs !== undefined ? `${s.downtimeMs} ms` : '-'}, source VM ${s.sourceVm ?? '?'}`);
     if (s.qemu) lines.push(formatQemu(s.qemu));
     for (const r of s.rounds as StreamRoundRecord[]) {
-      const throttled = r.cpuThrottlePct ? ` (guest throttled ${r.cpuThrottlePct}%)` : '';
+      const throttled = (r.cpuThrottlePct ? ` (guest throttled ${r.cpuThrottlePct}%)` : '') + (r.cpuQuotaPct !== undefined ? ` (CPU quota ${r.cpuQuotaPct}%)` : '');
       lines.push(`  round ${r.round}: ${r.dirtyPages} dirty pages in ${r.seconds.toFixed(2)} s; ${r.decision}${throttled}`);
     }
   }

@@ -17,6 +17,8 @@ export interface StreamRoundRecord extends RoundRecord {
   cpuThrottlePct?: number;
   /** the final round: how long QEMU says the VM was stopped at the source (its `downtime`) */
   qemuDowntimeMs?: number;
+  /** the CPU quota capture put on the source's QEMU when the round ended (% of a core; absent: none) */
+  cpuQuotaPct?: number;
 }
 
 /**
@@ -120,4 +122,24 @@ export class PageReference {
   digest(): string {
     return digestOfPageHashes(this.strong);
   }
+}
+
+/**
+ * Rounds that stopped shrinking with a last round predicted this many times the downtime target:
+ * the guest is slowed (its QEMU's CPU quota halved) and pre-copy goes on, rather than a stop whose
+ * last round would take the link that long; down to MIN_CPU_QUOTA_PCT of a core.
+ */
+export const SLOW_GUEST_OVER_TARGET = 2;
+export const FIRST_CPU_QUOTA_PCT = 50;
+export const MIN_CPU_QUOTA_PCT = 6;
+
+/** Whether a stop the round policy decided is better replaced by slowing the guest (rounds remain, the stop would cost too much). */
+export function slowRatherThanStop(decision: { final: boolean; predictedDowntimeMs: number }, downtimeTargetMs: number, roundsDone: number, maxRounds: number): boolean {
+  return decision.final && decision.predictedDowntimeMs > downtimeTargetMs * SLOW_GUEST_OVER_TARGET && roundsDone < maxRounds;
+}
+
+/** The next CPU quota (% of a core) after `currentPct` (100: none yet); undefined where it would go below the floor. */
+export function nextCpuQuotaPct(currentPct: number): number | undefined {
+  const next = currentPct >= 100 ? FIRST_CPU_QUOTA_PCT : Math.floor(currentPct / 2);
+  return next >= MIN_CPU_QUOTA_PCT ? next : undefined;
 }

@@ -25,11 +25,12 @@ import { MigrationStreamParser, type MigrationRecord } from '../../shared/vm/mig
 import { MigrationStreamWriter } from '../../shared/vm/migration-stream-writer.js';
 import { acceptOne, eventMs, recoverFromMigration, findQemuBehind, listenForQemu, setMigrationCapabilities, streamCapabilitiesOff } from '../../shared/vm/qemu-migration.js';
 import { QmpClient } from '../../shared/vm/qmp.js';
+import { CpuQuota } from '../../shared/cpu/quota.js';
 import { ChunkBuilder, newPageRecord } from './core.js';
 import { decideAfterRound, type RoundStat } from './policy.js';
 import { waitDelivered } from './live.js';
 import { captureRound, RoundPublisher, type CaptureGate, type LiveImages, type PublishStats } from './round.js';
-import { FlatPages, PageReference, RoundCutter, ramBlockDifferences, type StreamRoundRecord } from './stream-core.js';
+import { FlatPages, PageReference, RoundCutter, nextCpuQuotaPct, ramBlockDifferences, slowRatherThanStop, type StreamRoundRecord } from './stream-core.js';
 
 /** A stream-mode live VM; `autoConverge: false` leaves QEMU's throttling of the guest off. */
 export interface StreamLiveVm extends LiveVm {
@@ -48,6 +49,7 @@ const DOWNTIME_LIMIT_MAX_MS = 2_000_000;
 const DOWNTIME_LIMIT_UNTIL_DECIDED_MS = 1;
 /** what the stop costs besides the last round's pages: the device state, the disk's final scan, the resume */
 const STOP_OVERHEAD_MS = 150;
+
 /** bytes/s: no cap of QEMU's own; the pipeline's reading paces it */
 const UNCAPPED_BANDWIDTH = 1e12;
 /** how long QEMU may take to connect to the socket after `migrate` */
@@ -89,6 +91,8 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
   /** when QEMU stopped the VM: its STOP event's time, else when its RAM END section came */
   const stoppedAt = (): number | undefined => state.stopEventMs ?? state.stopSeenMs;
   let wasRunning = true;
+  let quota: CpuQuota | undefined;
+  let quotaUnavailable = false;
   let restoreCapabilities = async (): Promise<void> => undefined;
   let restoreParameters = async (): Promise<void> => undefined;
   let socket: Socket | undefined;
@@ -122,6 +126,21 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
 
     const rounds: StreamRoundRecord[] = [];
     const history: RoundStat[] = [];
+    /** halves the source QEMU's CPU quota (the first time: puts one on); undefined where it cannot go lower or there is none to be had */
+    const slowGuest = (): number | undefined => {
+      if (quotaUnavailable) return undefined;
+      try {
+        quota ??= CpuQuota.take(qemu.pid);
+      } catch (err) {
+        quotaUnavailable = true;
+        log.warn('cannot slow the guest with a CPU quota: pre-copy stops as it is', { reason: errorMessage(err) });
+        return undefined;
+      }
+      const next = nextCpuQuotaPct(quota.percent);
+      if (next === undefined) return undefined;
+      quota.limit(next);
+      return next;
+    };
     const openRound = (round: number): OpenRound => ({
       builder: new ChunkBuilder({ migrationId: d.migrationId, round, image: 0, parts: d.parts }, d.chunkPages),
       publisher: new RoundPublisher(bus, d, round, span, round === 0 ? gate : undefined, report),
@@ -168,6 +187,16 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       const decision = decideAfterRound(history, { downtimeMs: live.downtimeMs, maxRounds: live.maxRounds, overheadMs: STOP_OVERHEAD_MS });
       rounds.at(-1)!.decision += `; ${decision.reason}`;
       rounds.at(-1)!.predictedDowntimeMs = Math.round(decision.predictedDowntimeMs);
+      if (live.autoConverge !== false && slowRatherThanStop(decision, live.downtimeMs, history.length, live.maxRounds)) {
+        const slowed = slowGuest();
+        if (slowed !== undefined) {
+          rounds.at(-1)!.decision += `: the guest slowed to ${slowed}% of a core instead`;
+          rounds.at(-1)!.cpuQuotaPct = slowed;
+          log.info('guest slowed: rounds stopped shrinking', { round, cpuQuotaPct: slowed, predictedDowntimeMs: Math.round(decision.predictedDowntimeMs) });
+          return;
+        }
+      }
+      if (quota) rounds.at(-1)!.cpuQuotaPct = quota.percent;
       if (decision.final) {
         // QEMU stops the VM at its next look, whatever is left becomes the last round
         state.forcedStop = true;
@@ -268,6 +297,8 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     log.error('stream capture failed: the source VM runs on', { reason: errorMessage(err), ...(left ? { left } : {}) });
     throw new Error(`${errorMessage(err)} (${left ?? 'the source VM runs on'})`);
   } finally {
+    // the quota goes with the handoff: a source that runs on runs at full speed
+    quota?.release();
     clearInterval(poller);
     abort.abort();
     stopListening();

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { qemuSummary } from '../../cli/summary.js';
-import { FlatPages, PageReference, RoundCutter, ramBlockDifferences, type StreamRoundRecord } from '../../services/capture/stream-core.js';
+import { FlatPages, PageReference, RoundCutter, nextCpuQuotaPct, ramBlockDifferences, slowRatherThanStop, type StreamRoundRecord } from '../../services/capture/stream-core.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE, digestOfPageHashes, strongHash } from '../../shared/image/pages.js';
 import { encodeMigrationStream } from '../../shared/vm/migration-stream-writer.js';
 import { MigrationStreamParser, type MigrationRecord } from '../../shared/vm/migration-stream.js';
@@ -153,5 +153,17 @@ describe('QEMU in the summary', () => {
     ];
     assert.deepEqual(qemuSummary(rounds, true), { autoConverge: true, downtimeMs: 41, maxCpuThrottlePct: 30, throttledRounds: 2 });
     assert.deepEqual(qemuSummary([], false), { autoConverge: false, maxCpuThrottlePct: 0, throttledRounds: 0 });
+  });
+});
+
+describe('stream capture: slowing a guest whose rounds stop shrinking', () => {
+  test('a stop predicted far over the target, with rounds left, slows the guest instead; halving down to a floor', () => {
+    assert.equal(slowRatherThanStop({ final: true, predictedDowntimeMs: 5000 }, 300, 3, 30), true);
+    assert.equal(slowRatherThanStop({ final: true, predictedDowntimeMs: 500 }, 300, 3, 30), false, 'a stop near the target is taken');
+    assert.equal(slowRatherThanStop({ final: true, predictedDowntimeMs: 5000 }, 300, 30, 30), false, 'the round limit stops whatever is left');
+    assert.equal(slowRatherThanStop({ final: false, predictedDowntimeMs: 5000 }, 300, 3, 30), false);
+    const steps: number[] = [];
+    for (let pct: number | undefined = 100; (pct = nextCpuQuotaPct(pct)) !== undefined; ) steps.push(pct);
+    assert.deepEqual(steps, [50, 25, 12, 6]);
   });
 });
