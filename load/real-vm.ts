@@ -31,6 +31,7 @@ import { PAGE_SIZE, ZERO_PAGE, strongHash } from '../shared/image/pages.js';
 import { QEMU_BIN, accelerator } from '../shared/vm/qemu.js';
 import { QmpClient } from '../shared/vm/qmp.js';
 import { migrateOn } from './lib/hosts.js';
+import { qemuLiveMigration } from './lib/qemu-live.js';
 import { createShapedLink } from './lib/wan.js';
 
 const { values } = parseArgs({
@@ -238,33 +239,15 @@ async function qemuRun(system: 'qemu-plain' | 'qemu-multifd-zstd'): Promise<Row>
     await new Promise((r) => setTimeout(r, sessionSeconds * 1000));
     source = await QmpClient.connect(join(src, 'qmp.sock'));
     dest = await QmpClient.connect(join(src, 'qmp-dst.sock'));
-    if (system === 'qemu-multifd-zstd') {
-      for (const qmp of [source, dest]) {
-        await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
-        await qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'multifd-compression': 'zstd', 'multifd-zstd-level': 3 });
-      }
-    }
-    await dest.execute('migrate-incoming', { uri: `tcp:${link.destIp}:7400` });
-    const sentBefore = link.sentBytes();
-    await source.execute('migrate', { uri: `tcp:${link.destIp}:7400` });
-    const converged = await source.waitMigration(convergeLimitS * 1000).then(
-      () => true,
-      (err: unknown) => {
-        if (!/ still /.test((err as Error).message)) throw err;
-        return false;
-      },
-    );
-    const wireBytes = link.sentBytes() - sentBefore;
-    if (!converged) await source.execute('migrate_cancel').catch(() => undefined);
-    const info = converged ? await source.execute('query-migrate') : undefined;
+    const run = await qemuLiveMigration(source, dest, `tcp:${link.destIp}:7400`, { multifd: system === 'qemu-multifd-zstd', limitSeconds: convergeLimitS, sentBytes: link.sentBytes });
     await new Promise((r) => setTimeout(r, 5000));
     const service = serviceFigures(probes[0]!.answers, probes[1]!.answers);
-    say(`${system}: ${converged ? `${((info?.['total-time'] ?? 0) / 1000).toFixed(1)} s, downtime ${info?.downtime} ms` : `no convergence within ${convergeLimitS} s`}`);
+    say(`${system}: ${run.converged ? `${run.totalSeconds!.toFixed(1)} s, downtime ${run.downtimeMs} ms` : `no convergence within ${convergeLimitS} s`}`);
     return {
       system,
-      totalSeconds: converged ? (info?.['total-time'] ?? 0) / 1000 : undefined,
-      downtimeMs: converged ? info?.downtime : undefined,
-      wireBytes,
+      totalSeconds: run.totalSeconds,
+      downtimeMs: run.downtimeMs,
+      wireBytes: run.wireBytes,
       serviceUnreachableSeconds: service.unreachableSeconds,
       lostStateAnswers: service.lostStateAnswers,
     };

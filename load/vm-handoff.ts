@@ -26,6 +26,7 @@ import { startEmbeddedNats } from '../shared/bus/nats-server.js';
 import { startQemu } from '../shared/vm/qemu.js';
 import { QmpClient } from '../shared/vm/qmp.js';
 import { migrateOn } from './lib/hosts.js';
+import { qemuLiveMigration } from './lib/qemu-live.js';
 import { liveMigrateArgs, spawnVmDestination, startTestVm } from './lib/vm.js';
 import { createShapedLink } from './lib/wan.js';
 
@@ -100,34 +101,14 @@ async function qemuRun(system: 'qemu-plain' | 'qemu-multifd-zstd'): Promise<Row>
   const source = await QmpClient.connect(vm.paths.qmpSocket);
   try {
     await vm.vm.waitCounter(vm.vm.counter() + SESSION_TICKS);
-    const multifd = system === 'qemu-multifd-zstd';
-    for (const qmp of [source, target.qmp]) {
-      // QEMU moves the RAM itself here (the base snapshot left x-ignore-shared on at the source)
-      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: false }] });
-      if (multifd) {
-        await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
-        await qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'multifd-compression': 'zstd', 'multifd-zstd-level': 3 });
-      }
-    }
-    await target.qmp.execute('migrate-incoming', { uri: `tcp:${link.destIp}:7400` });
-    const sentBefore = link.sentBytes();
-    await source.execute('migrate', { uri: `tcp:${link.destIp}:7400` });
-    // pre-copy that cannot keep up with the guest never ends: reported as such after a limit
-    const converged = await source.waitMigration(CONVERGE_LIMIT_S * 1000).then(
-      () => true,
-      (err: unknown) => {
-        if (!/ still /.test((err as Error).message)) throw err;
-        return false;
-      },
-    );
-    const wireBytes = link.sentBytes() - sentBefore;
-    if (!converged) await source.execute('migrate_cancel').catch(() => undefined);
-    if (!converged) {
+    // QEMU moves the RAM itself here (the base snapshot left x-ignore-shared on at the source)
+    for (const qmp of [source, target.qmp]) await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: false }] });
+    const run = await qemuLiveMigration(source, target.qmp, `tcp:${link.destIp}:7400`, { multifd: system === 'qemu-multifd-zstd', limitSeconds: CONVERGE_LIMIT_S, sentBytes: link.sentBytes });
+    if (!run.converged) {
       say(`${system}: no convergence within ${CONVERGE_LIMIT_S} s`);
-      return { system, totalSeconds: Infinity, downtimeMs: NaN, wireBytes };
+      return { system, totalSeconds: Infinity, downtimeMs: NaN, wireBytes: run.wireBytes };
     }
-    const info = await source.execute('query-migrate');
-    const row: Row = { system, totalSeconds: (info['total-time'] ?? 0) / 1000, downtimeMs: info.downtime ?? NaN, wireBytes };
+    const row: Row = { system, totalSeconds: run.totalSeconds!, downtimeMs: run.downtimeMs ?? NaN, wireBytes: run.wireBytes };
     say(`${system}: ${row.totalSeconds.toFixed(1)} s, downtime ${row.downtimeMs} ms`);
     return row;
   } finally {
