@@ -181,7 +181,7 @@ async function handoffRun(): Promise<Row> {
   let receiver: ReceiverProcess | undefined;
   const probes = [prober(link.sourceNs), prober(link.destNs)];
   try {
-    await waitService(probes[0]!, 180_000);
+    await waitService(probes[0]!, 300_000);
     // every cloudlet holds the base: taken once at the source, copied to the destination
     execFileSync('ip', [...inNs(link.sourceNs).slice(1), process.execPath, MAIN, 'base', '--qmp', qmp, '--out', join(src, 'base')], { stdio: 'inherit' });
     execFileSync('cp', ['-a', '--sparse=always', join(src, 'base'), join(dst, 'base')]);
@@ -235,7 +235,7 @@ async function qemuRun(system: 'qemu-plain' | 'qemu-multifd-zstd'): Promise<Row>
   let source: QmpClient | undefined;
   let dest: QmpClient | undefined;
   try {
-    await waitService(probes[0]!, 180_000);
+    await waitService(probes[0]!, 300_000);
     await new Promise((r) => setTimeout(r, sessionSeconds * 1000));
     source = await QmpClient.connect(join(src, 'qmp.sock'));
     dest = await QmpClient.connect(join(src, 'qmp-dst.sock'));
