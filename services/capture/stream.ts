@@ -7,20 +7,26 @@
  * it sends and the time they take to arrive: QEMU's own estimate counts the pages capture skips
  * (most of round 0), which pass at memory speed, and stopped a VM whose last round then took the
  * link seconds. Reading waits while a round is delivered, so auto-converge sees the real pace.
- * The disk is still scanned (round 0 against the base, the final round against round 0).
+ * The disk's pages come from QEMU's dirty bitmaps (see disk-dirty.ts): round 0 reads those written
+ * since the base, the final round those written since round 0; without the base's bitmap in QEMU
+ * the whole disk is read at both.
  * Nothing in the reading waits for QMP: QEMU writes its last round holding its main lock, and
  * answers QMP only after.
  */
-import { readFile, rm, stat } from 'node:fs/promises';
+import { open, readFile, readlink, rm, stat } from 'node:fs/promises';
 import type { Socket } from 'node:net';
+import { basename, dirname, join } from 'node:path';
+import type { Span } from '@opentelemetry/api';
 import { publishEvent, type Bus } from '../../shared/bus/bus.js';
 import { encodePatch } from '../../shared/codecs/patch.js';
 import { loadBaseIndex } from '../../shared/image/base-index.js';
 import { PAGE_SIZE, digestOfPageHashes } from '../../shared/image/pages.js';
-import { BaseMismatchError, errorMessage } from '../../shared/model/errors.js';
+import { BadImageError, BaseMismatchError, errorMessage } from '../../shared/model/errors.js';
 import type { LiveVm, MigrationDescriptor } from '../../shared/model/migration.js';
 import { startSpan } from '../../shared/telemetry/telemetry.js';
 import type { Logger } from '../../shared/telemetry/log.js';
+import { BASE_MANIFEST_FILE, checkManifest } from '../../shared/vm/base-manifest.js';
+import { DiskDirtyRounds, bitmapMissing, findDriveNode, pagesIn, type PageRun } from '../../shared/vm/disk-dirty.js';
 import { MigrationStreamParser, type MigrationRecord } from '../../shared/vm/migration-stream.js';
 import { MigrationStreamWriter } from '../../shared/vm/migration-stream-writer.js';
 import { acceptOne, eventMs, recoverFromMigration, findQemuBehind, listenForQemu, setMigrationCapabilities, streamCapabilitiesOff } from '../../shared/vm/qemu-migration.js';
@@ -47,7 +53,7 @@ export class StreamRefusedError extends Error {
 const DOWNTIME_LIMIT_MAX_MS = 2_000_000;
 /** QEMU's downtime-limit until then: QEMU stops on its own only where what is left is next to nothing */
 const DOWNTIME_LIMIT_UNTIL_DECIDED_MS = 1;
-/** what the stop costs besides the last round's pages: the device state, the disk's final scan, the resume */
+/** what the stop costs besides the last round's pages: the device state, the disk's final pages, the resume */
 const STOP_OVERHEAD_MS = 150;
 
 /** bytes/s: no cap of QEMU's own; the pipeline's reading paces it */
@@ -56,6 +62,78 @@ const UNCAPPED_BANDWIDTH = 1e12;
 const CONNECT_TIMEOUT_MS = 10_000;
 /** how often auto-converge's throttle is read while the migration runs */
 const THROTTLE_POLL_MS = 500;
+/** dirty disk pages are read this many at a time where they run on */
+const DISK_READ_PAGES = 1024;
+
+/** The disk's rounds from QEMU's dirty bitmaps: round 0's pages, and the hashes the destination holds. */
+interface DiskBitmap {
+  rounds: DiskDirtyRounds;
+  round0: PageRun[];
+  round0Read: boolean;
+  reference: PageReference;
+}
+
+/** The base's bitmap for the disk if QEMU still has it, else why not (the whole disk is read then). */
+async function startDiskBitmap(qmp: QmpClient, d: MigrationDescriptor, qemuUid: number, cwd: string): Promise<DiskBitmap | string> {
+  const manifestPath = join(dirname(d.disk.base), BASE_MANIFEST_FILE);
+  const text = await readFile(manifestPath, 'utf8').catch(() => undefined);
+  if (text === undefined) return `the base disk ${d.disk.base} has no ${BASE_MANIFEST_FILE} beside it`;
+  const disk = checkManifest(JSON.parse(text), manifestPath).disks.find((x) => x.file === basename(d.disk.base));
+  if (!disk?.dirtyBitmap) return `the base names no dirty bitmap for ${basename(d.disk.base)} (taken before bitmaps, or QEMU had no block node for it)`;
+  // a bitmap counts the guest's offsets, which are the file's only in a raw image
+  if (disk.format !== 'raw') return `the disk is ${disk.format}: its bitmap's guest offsets are not offsets in the file that is read`;
+  const device = await findDriveNode(qmp, d.disk.current, cwd);
+  const missing = bitmapMissing(device, disk.dirtyBitmap, d.disk.current);
+  if (missing) return missing;
+  const index = await loadBaseIndex(d.disk.base);
+  if (index.contentHash !== d.disk.baseHash) throw new BaseMismatchError(`base disk ${d.disk.base} changed: content hash ${index.contentHash}, migration expects ${d.disk.baseHash}`);
+  const started = await DiskDirtyRounds.start(qmp, device!.inserted!['node-name']!, disk.dirtyBitmap, qemuUid);
+  return { rounds: started.rounds, round0: started.pages, round0Read: false, reference: new PageReference(index.hashes) };
+}
+
+/** The pages of `runs` that differ from `reference` (which becomes them), read from the disk file and published as image 1's chunks. */
+async function captureDiskPages(
+  bus: Bus,
+  d: MigrationDescriptor,
+  round: number,
+  span: Span,
+  report: PublishStats,
+  runs: readonly PageRun[],
+  reference: PageReference,
+  firstSeq: number,
+): Promise<{ slices: number; dirtyPages: number; scannedBytes: number; nextSeq: number }> {
+  const publisher = new RoundPublisher(bus, d, round, span, undefined, report);
+  const builder = new ChunkBuilder({ migrationId: d.migrationId, round, image: 1, parts: d.parts }, d.chunkPages, firstSeq);
+  const diskPages = d.disk.bytes / PAGE_SIZE;
+  let dirtyPages = 0;
+  let scannedBytes = 0;
+  const fh = await open(d.disk.current, 'r');
+  try {
+    const size = (await fh.stat()).size;
+    if (size !== d.disk.bytes) throw new BadImageError(`disk image ${d.disk.current} is ${size} bytes now, ${d.disk.bytes} when the migration started`);
+    const block = Buffer.allocUnsafe(DISK_READ_PAGES * PAGE_SIZE);
+    for (const run of runs) {
+      const end = Math.min(run.first + run.pages, diskPages);
+      for (let first = run.first; first < end; first += DISK_READ_PAGES) {
+        const pages = Math.min(DISK_READ_PAGES, end - first);
+        const { bytesRead } = await fh.read(block, 0, pages * PAGE_SIZE, first * PAGE_SIZE);
+        if (bytesRead !== pages * PAGE_SIZE) throw new BadImageError(`disk image ${d.disk.current} was truncated while it was read (at page ${first})`);
+        scannedBytes += bytesRead;
+        for (let p = 0; p < pages; p++) {
+          const dirty = reference.changed(first + p, block.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE));
+          if (!dirty) continue;
+          dirtyPages++;
+          if (builder.add(dirty)) await publisher.flush(builder, scannedBytes);
+        }
+      }
+    }
+    if (builder.pending > 0) await publisher.flush(builder, scannedBytes);
+    await publisher.settle();
+  } finally {
+    await fh.close();
+  }
+  return { slices: (builder.nextSeq - firstSeq) * d.parts, dirtyPages, scannedBytes, nextSeq: builder.nextSeq };
+}
 
 interface OpenRound {
   builder: ChunkBuilder;
@@ -76,7 +154,8 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
   const disk: LiveImages = { records: [newPageRecord(0), newPageRecord(d.disk.bytes / PAGE_SIZE)], views: [undefined, undefined] };
   const baseState = await readFile(live.baseDeviceState);
   const qemu = findQemuBehind(live.qmpSocket);
-  const target = await listenForQemu((await stat(`/proc/${qemu.pid}`)).uid, 'handoff-capture-');
+  const qemuUid = (await stat(`/proc/${qemu.pid}`)).uid;
+  const target = await listenForQemu(qemuUid, 'handoff-capture-');
   const qmp = await QmpClient.connect(live.qmpSocket, 10_000).catch(async (err: unknown) => {
     target.server.close();
     await rm(target.socketDir, { recursive: true, force: true });
@@ -97,9 +176,19 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
   let restoreParameters = async (): Promise<void> => undefined;
   let socket: Socket | undefined;
   let poller: NodeJS.Timeout | undefined;
+  let diskBitmap: DiskBitmap | undefined;
   const abort = new AbortController();
   try {
     wasRunning = (await qmp.execute('query-status')).running;
+    // the disk's round 0 begins here, before the RAM's: its bitmap then holds every write from now
+    const bitmap = await startDiskBitmap(qmp, d, qemuUid, await readlink(`/proc/${qemu.pid}/cwd`).catch(() => process.cwd())).catch((err: unknown) =>
+      err instanceof BaseMismatchError ? Promise.reject(err) : `QEMU's dirty bitmaps cannot be read: ${errorMessage(err)}`,
+    );
+    if (typeof bitmap === 'string') log.warn('the disk is read whole at round 0 and at the stop', { reason: bitmap });
+    else {
+      diskBitmap = bitmap;
+      log.info('disk pages from the dirty bitmap', { bitmap: 'base', round0Pages: pagesIn(bitmap.round0), diskPages: d.disk.bytes / PAGE_SIZE });
+    }
     restoreCapabilities = await setMigrationCapabilities(qmp, { ...streamCapabilitiesOff(), 'auto-converge': live.autoConverge !== false });
     const previous = await qmp.execute('query-migrate-parameters');
     restoreParameters = async () => {
@@ -158,13 +247,33 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       await current.publisher.settle();
       let slices = current.builder.nextSeq * d.parts;
       let dirtyPages = current.dirtyPages;
-      let diskHash = digestOfPageHashes(disk.records[1].strong);
-      if (round === 0 || final) {
+      let diskHash = diskBitmap ? diskBitmap.reference.digest() : digestOfPageHashes(disk.records[1].strong);
+      if ((round === 0 || final) && diskBitmap) {
+        const startedMs = performance.now();
+        // the final round's pages were written since round 0's bitmap was frozen; a round 0 that is
+        // also the last reads both (the second read of a page finds it unchanged)
+        const sets: PageRun[][] = [];
+        if (!diskBitmap.round0Read) sets.push(diskBitmap.round0);
+        diskBitmap.round0Read = true;
+        if (final) sets.push(await diskBitmap.rounds.finalPages());
+        let seq = current.builder.nextSeq;
+        for (const runs of sets) {
+          const r = await captureDiskPages(bus, d, round, span, report, runs, diskBitmap.reference, seq);
+          seq = r.nextSeq;
+          slices += r.slices;
+          dirtyPages += r.dirtyPages;
+          scannedBytes += r.scannedBytes;
+        }
+        diskHash = diskBitmap.reference.digest();
+        log.info('disk captured', { round, final, pagesRead: sets.reduce((n, runs) => n + pagesIn(runs), 0), diskPages: d.disk.bytes / PAGE_SIZE, ms: Math.round(performance.now() - startedMs), from: 'dirty bitmap' });
+      } else if (round === 0 || final) {
+        const startedMs = performance.now();
         const r = await captureRound(bus, d, round, log, disk, undefined, report, { images: [1], firstSeq: current.builder.nextSeq });
         slices += r.slices;
         dirtyPages += r.dirtyPages;
         scannedBytes += r.scannedBytes;
         diskHash = r.imageHashes.disk;
+        log.info('disk captured', { round, final, pagesRead: d.disk.bytes / PAGE_SIZE, diskPages: d.disk.bytes / PAGE_SIZE, ms: Math.round(performance.now() - startedMs), from: 'whole disk' });
       }
       return { slices, dirtyPages, imageHashes: { memory: reference.digest(), disk: diskHash } };
     };
@@ -303,6 +412,8 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     abort.abort();
     stopListening();
     span.end();
+    // the bitmaps this handoff added (never the base's)
+    await diskBitmap?.rounds.close();
     qmp.close();
     target.server.close();
     await rm(target.socketDir, { recursive: true, force: true });

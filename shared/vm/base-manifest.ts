@@ -27,6 +27,11 @@ export interface BaseDisk {
   drive: number;
   /** the image the source QEMU uses (a path on the source's host) */
   sourceFile: string;
+  /**
+   * the source QEMU's non-persistent dirty bitmap on the drive, added when the base was taken: a
+   * handoff reads the pages written since from it (absent, or gone after QEMU restarted: the whole disk)
+   */
+  dirtyBitmap?: string;
 }
 
 export interface BaseManifest {
@@ -117,6 +122,7 @@ export function checkManifest(v: unknown, where: string): BaseManifest {
     count(d, 'bytes', at);
     count(d, 'drive', at);
     if (d.format !== 'raw' && d.format !== 'qcow2') bad(`${at}format`, `is ${JSON.stringify(d.format)}, not raw or qcow2`);
+    if (d.dirtyBitmap !== undefined) str(d, 'dirtyBitmap', at);
   });
   const deviceState = obj(v, 'deviceState');
   str(deviceState, 'file', 'deviceState.');

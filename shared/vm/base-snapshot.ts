@@ -25,6 +25,7 @@ import {
 } from './base-manifest.js';
 import { MigrationStreamParser, MigrationStreamError, type MigrationRecord } from './migration-stream.js';
 import { MigrationStreamWriter } from './migration-stream-writer.js';
+import { addBaseBitmap, baseBitmapName, findDriveNode } from './disk-dirty.js';
 import { describeMachine, type MachineDescription, type QemuProcess } from './qemu-process.js';
 import { acceptOne, eventMs, findQemuBehind, recoverFromMigration, listenForQemu, MIGRATION_ACTIVE, setMigrationCapabilities, streamCapabilitiesOff, type MigrationTarget } from './qemu-migration.js';
 import { QmpClient, QmpError } from './qmp.js';
@@ -269,6 +270,8 @@ async function migrateInto(
   wasRunning: boolean,
   timeoutMs: number,
   signal: AbortSignal | undefined,
+  /** runs once the migration completed, with the guest still paused, before `cont` */
+  whilePaused: () => Promise<void>,
 ): Promise<MigrationResult> {
   // explicitly off, whatever the owner set: multifd, xbzrle, compression and postcopy would take
   // pages out of the main stream or encode them, x-ignore-shared would leave shared RAM out
@@ -306,6 +309,7 @@ async function migrateInto(
     });
     const completed = waitCompleted(qmp, timeoutMs, abort.signal, () => pause.stoppedLocal !== undefined || connection.ended).then(async () => {
       result.migrationSeconds = (performance.now() - migrateAt) / 1000;
+      await whilePaused();
       // QEMU leaves the guest paused (postmigrate): it runs on at once
       if (!wasRunning) return;
       await qmp.execute('cont');
@@ -366,8 +370,30 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
     memory = await RamImageWriter.create(join(staging, BASE_MEMORY_FILE));
     deviceState = await open(join(staging, BASE_DEVICE_STATE_FILE), 'wx');
     const createdAt = new Date().toISOString();
+    // each disk's block node, for the bitmap that tracks the writes after the base
+    const nodes = new Map<number, string>();
+    for (const d of disks) {
+      const node = (await findDriveNode(qmp, d.source, qemu.cwd))?.inserted?.['node-name'];
+      if (node) nodes.set(d.drive, node);
+      else log(`drive ${d.drive} (${d.source}): QEMU names no block node for it; its handoffs will read the whole disk`);
+    }
+    const bitmaps = new Map<number, string>();
+    // added while the guest is paused with its RAM taken, before cont and the disks' copy: every
+    // write after the RAM is tracked; the copy may hold some of them too, which only makes the
+    // bitmap a superset of the pages that differ from the base's disk
+    const addBitmaps = async (): Promise<void> => {
+      for (const [drive, node] of nodes) {
+        const name = baseBitmapName();
+        try {
+          await addBaseBitmap(qmp, node, name);
+          bitmaps.set(drive, name);
+        } catch (err) {
+          log(`drive ${drive}: no dirty bitmap (${errorMessage(err)}); its handoffs will read the whole disk`);
+        }
+      }
+    };
     log(`migrating the RAM of QEMU ${qemuVersion} (pid ${qemu.process.pid}, ${machine.memoryBytes / 2 ** 20} MiB) into ${out}`);
-    const migration = await migrateInto(qmp, target, memory, deviceState, status.running, options.migrationTimeoutMs ?? 600_000, options.signal);
+    const migration = await migrateInto(qmp, target, memory, deviceState, status.running, options.migrationTimeoutMs ?? 600_000, options.signal, addBitmaps);
     qmp.close();
     log(
       `RAM taken in ${migration.migrationSeconds.toFixed(2)} s (${memory.pages} pages, ${memory.zeroPages} zero pages); ` +
@@ -388,7 +414,10 @@ export async function takeBase(options: TakeBaseOptions): Promise<BaseSummary> {
     for (const d of disks) if (d.format === 'raw') await loadBaseIndex(join(staging, d.file));
     if (options.signal?.aborted) fail('interrupted');
     const baseDisks: BaseDisk[] = [];
-    for (const d of disks) baseDisks.push({ file: d.file, bytes: (await stat(join(staging, d.file))).size, format: d.format, drive: d.drive, sourceFile: d.source });
+    for (const d of disks) {
+      const dirtyBitmap = bitmaps.get(d.drive);
+      baseDisks.push({ file: d.file, bytes: (await stat(join(staging, d.file))).size, format: d.format, drive: d.drive, sourceFile: d.source, ...(dirtyBitmap ? { dirtyBitmap } : {}) });
+    }
 
     const manifest: BaseManifest = {
       version: BASE_MANIFEST_VERSION,
