@@ -58,6 +58,7 @@ export class RatioProbes {
    * of its own at the tuner's priority.
    */
   async startAndWait(migrationId: string, d: MigrationDescriptor, f: Followed, plan: ProbePlan, nowMs: number): Promise<void> {
+    if (this.noImages(migrationId, d, f)) return;
     if (f.acceptedAtMs !== undefined && nowMs - f.acceptedAtMs < PROBE_HERE_WITHIN_MS) this.here(migrationId, d, f, plan);
     else f.probe = this.inProcess(migrationId, d, f, plan, 0);
     f.probeAwaiting = true;
@@ -67,6 +68,7 @@ export class RatioProbes {
   /** the probe put off, at the lowest priority, where the look at `nowMs` finds its time come (see putOffProbeStarts) */
   startPutOffIfDue(migrationId: string, d: MigrationDescriptor, f: Followed, nowMs: number): void {
     if (f.laterProbe && putOffProbeStarts(f.laterProbe.dueMs, nowMs, pick(f.tuner.lastLook?.top ?? []), f.linkBoundShare)) {
+      if (this.noImages(migrationId, d, f)) return;
       f.probe = this.inProcess(migrationId, d, f, f.laterProbe.plan, PROBE_NICE);
       f.laterProbe = undefined;
     }
@@ -91,6 +93,15 @@ export class RatioProbes {
   /** from now a failed probe is the tuner stopping, not worth a warning */
   beginStop(): void {
     this.stopping = true;
+  }
+
+  /** A migration whose RAM comes from QEMU's stream has no memory image to sample: the profile's ratios stand. */
+  private noImages(migrationId: string, d: MigrationDescriptor, f: Followed): boolean {
+    if (d.memory.current) return false;
+    f.probe = Promise.resolve();
+    f.laterProbe = undefined;
+    this.log.info("no memory image to sample (the RAM comes from QEMU's stream): profile ratios kept", { migration: migrationId });
+    return true;
   }
 
   /** stops every probe still running, in processes of their own and in this one */
