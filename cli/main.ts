@@ -67,13 +67,13 @@ A running VM, started however its owner starts QEMU (ordinary RAM, any devices):
                                  destination too); no --memory/--disk: QEMU migrates its RAM into
                                  this handoff, which sends only the pages that differ from what the
                                  destination holds (the base's, then the version last sent)
-  --downtime-ms N                QEMU is told to stop the VM once the last round is predicted to fit
-                                 this, from the pages this handoff sent and their time to arrive (300)
-  --max-rounds N                 rounds at most (30); also a round no smaller than the one before stops
+  --downtime-ms N                QEMU is told to stop the VM once what it has left to send would
+                                 cross in this at the pace pages were delivered so far (300)
+  --max-rounds N                 rounds at most (30)
   --no-auto-converge             leave the guest unthrottled: neither QEMU's auto-converge nor, where
-                                 rounds stop shrinking far above the target, a CPU quota on its QEMU
-                                 (halved each such round, 50% of a core down to 6%); a guest that
-                                 dirties memory faster than the link carries may then not converge
+                                 it dirties pages faster than they are delivered, a CPU quota on its
+                                 QEMU (halved each such round, 50% of a core down to 6%); such a
+                                 guest may then not converge
   Before any page moves, migrate refuses, naming the difference, a VM that is not the base's
   machine (machine type, memory, cpus, devices, drives, as its command line says), a base that does
   not hold its disk, a VM with more than one disk or a qcow2 one (one raw disk, drive 0, for now),

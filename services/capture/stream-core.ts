@@ -124,22 +124,49 @@ export class PageReference {
   }
 }
 
-/**
- * Rounds that stopped shrinking with a last round predicted this many times the downtime target:
- * the guest is slowed (its QEMU's CPU quota halved) and pre-copy goes on, rather than a stop whose
- * last round would take the link that long; down to MIN_CPU_QUOTA_PCT of a core.
- */
-export const SLOW_GUEST_OVER_TARGET = 2;
+/** The CPU quota that slows a guest dirtying faster than pages are delivered: halved at each such round, down to a floor. */
 export const FIRST_CPU_QUOTA_PCT = 50;
 export const MIN_CPU_QUOTA_PCT = 6;
-
-/** Whether a stop the round policy decided is better replaced by slowing the guest (rounds remain, the stop would cost too much). */
-export function slowRatherThanStop(decision: { final: boolean; predictedDowntimeMs: number }, downtimeTargetMs: number, roundsDone: number, maxRounds: number): boolean {
-  return decision.final && decision.predictedDowntimeMs > downtimeTargetMs * SLOW_GUEST_OVER_TARGET && roundsDone < maxRounds;
-}
 
 /** The next CPU quota (% of a core) after `currentPct` (100: none yet); undefined where it would go below the floor. */
 export function nextCpuQuotaPct(currentPct: number): number | undefined {
   const next = currentPct >= 100 ? FIRST_CPU_QUOTA_PCT : Math.floor(currentPct / 2);
   return next >= MIN_CPU_QUOTA_PCT ? next : undefined;
+}
+
+/** What the stream capture knows after a round, for deciding when QEMU is to stop the VM. */
+export interface StreamStopInput {
+  /** QEMU's dirty pages still to send (its `ram.remaining`, in pages), at its last report */
+  remainingPages: number;
+  /** QEMU's measured dirty rate (pages/s) */
+  dirtyPagesPerSec: number;
+  /** pages this handoff sent and had delivered, per second, over the rounds so far */
+  deliveredPagesPerSec: number;
+  roundsDone: number;
+  maxRounds: number;
+  downtimeMs: number;
+  /** fixed costs of the stop: the device state, the disk's final capture, the resume */
+  overheadMs: number;
+  /** the guest can still be slowed (a CPU quota not yet at its floor) */
+  canSlow: boolean;
+}
+
+export type StreamStopDecision = { action: 'stop' | 'continue' | 'slow'; predictedDowntimeMs: number; reason: string };
+
+/**
+ * After a round: stop when QEMU's remaining dirty pages would cross at the delivered pace within
+ * the downtime target; slow the guest where it dirties at least as fast as pages are delivered
+ * (waiting would not shrink what is left); stop anyway at the round limit or where it cannot be
+ * slowed further and is not converging. QEMU's own figures count what it has to send, where the
+ * rounds this capture sees are cut wherever QEMU resends a page (mid-pass syncs make them small).
+ */
+export function decideStreamStop(i: StreamStopInput): StreamStopDecision {
+  const predictedDowntimeMs = i.overheadMs + (i.deliveredPagesPerSec > 0 ? (i.remainingPages / i.deliveredPagesPerSec) * 1000 : Infinity);
+  const shown = Math.round(predictedDowntimeMs);
+  if (predictedDowntimeMs <= i.downtimeMs) return { action: 'stop', predictedDowntimeMs, reason: `QEMU has ${i.remainingPages} pages left: ${shown} ms at the delivered pace fits ${i.downtimeMs} ms` };
+  if (i.roundsDone >= i.maxRounds) return { action: 'stop', predictedDowntimeMs, reason: `round limit ${i.maxRounds} (predicted downtime ${shown} ms)` };
+  const converging = i.dirtyPagesPerSec < i.deliveredPagesPerSec;
+  if (!converging && i.canSlow) return { action: 'slow', predictedDowntimeMs, reason: `the guest dirties ${Math.round(i.dirtyPagesPerSec)} pages/s, ${Math.round(i.deliveredPagesPerSec)} are delivered` };
+  if (!converging) return { action: 'stop', predictedDowntimeMs, reason: `not converging (${Math.round(i.dirtyPagesPerSec)} pages/s dirtied, ${Math.round(i.deliveredPagesPerSec)} delivered) and the guest slowed as far as it goes` };
+  return { action: 'continue', predictedDowntimeMs, reason: `QEMU has ${i.remainingPages} pages left (${shown} ms): another round` };
 }

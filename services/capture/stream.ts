@@ -33,10 +33,10 @@ import { acceptOne, eventMs, recoverFromMigration, findQemuBehind, listenForQemu
 import { QmpClient } from '../../shared/vm/qmp.js';
 import { CpuQuota } from '../../shared/cpu/quota.js';
 import { ChunkBuilder, newPageRecord } from './core.js';
-import { decideAfterRound, type RoundStat } from './policy.js';
+import type { RoundStat } from './policy.js';
 import { waitDelivered } from './live.js';
 import { captureRound, RoundPublisher, type CaptureGate, type LiveImages, type PublishStats } from './round.js';
-import { FlatPages, PageReference, RoundCutter, nextCpuQuotaPct, ramBlockDifferences, slowRatherThanStop, type StreamRoundRecord } from './stream-core.js';
+import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, type StreamRoundRecord } from './stream-core.js';
 
 /** A stream-mode live VM; `autoConverge: false` leaves QEMU's throttling of the guest off. */
 export interface StreamLiveVm extends LiveVm {
@@ -163,7 +163,17 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
   });
   const span = startSpan('capture stream', d.traceparent, { 'handoff.migration': d.migrationId, 'handoff.actor': 'capture' });
 
-  const state = { stopEventMs: undefined as number | undefined, stopSeenMs: undefined as number | undefined, finalPublished: false, maxThrottlePct: 0, throttlePct: 0, forcedStop: false };
+  const state = {
+    stopEventMs: undefined as number | undefined,
+    stopSeenMs: undefined as number | undefined,
+    finalPublished: false,
+    maxThrottlePct: 0,
+    throttlePct: 0,
+    forcedStop: false,
+    /** QEMU's last report: dirty pages left to send, and its dirty rate */
+    remainingPages: Infinity,
+    dirtyPagesPerSec: 0,
+  };
   const stopListening = qmp.onEvent((e) => {
     if (e.event === 'STOP') state.stopEventMs ??= eventMs(e) ?? Date.now();
   });
@@ -208,6 +218,8 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
         (s) => {
           state.throttlePct = s['cpu-throttle-percentage'] ?? 0;
           state.maxThrottlePct = Math.max(state.maxThrottlePct, state.throttlePct);
+          state.remainingPages = (s.ram?.remaining ?? state.remainingPages * PAGE_SIZE) / PAGE_SIZE;
+          state.dirtyPagesPerSec = s.ram?.['dirty-pages-rate'] ?? state.dirtyPagesPerSec;
         },
         () => undefined,
       );
@@ -293,20 +305,31 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       current = openRound(cutter.round);
       if (stoppedAt() !== undefined || state.forcedStop) return;
       history.push({ round, dirtyPages: r.dirtyPages, seconds });
-      const decision = decideAfterRound(history, { downtimeMs: live.downtimeMs, maxRounds: live.maxRounds, overheadMs: STOP_OVERHEAD_MS });
+      const delivered = history.reduce((a, h) => ({ pages: a.pages + h.dirtyPages, seconds: a.seconds + h.seconds }), { pages: 0, seconds: 0 });
+      const decision = decideStreamStop({
+        // what QEMU reported, and what it dirtied since (its report is up to a poll old)
+        remainingPages: Math.round(state.remainingPages + (state.dirtyPagesPerSec * THROTTLE_POLL_MS) / 1000),
+        dirtyPagesPerSec: state.dirtyPagesPerSec,
+        deliveredPagesPerSec: delivered.seconds > 0 ? delivered.pages / delivered.seconds : 0,
+        roundsDone: history.length,
+        maxRounds: live.maxRounds,
+        downtimeMs: live.downtimeMs,
+        overheadMs: STOP_OVERHEAD_MS,
+        canSlow: live.autoConverge !== false && !quotaUnavailable && nextCpuQuotaPct(quota?.percent ?? 100) !== undefined,
+      });
       rounds.at(-1)!.decision += `; ${decision.reason}`;
       rounds.at(-1)!.predictedDowntimeMs = Math.round(decision.predictedDowntimeMs);
-      if (live.autoConverge !== false && slowRatherThanStop(decision, live.downtimeMs, history.length, live.maxRounds)) {
+      if (decision.action === 'slow') {
         const slowed = slowGuest();
         if (slowed !== undefined) {
-          rounds.at(-1)!.decision += `: the guest slowed to ${slowed}% of a core instead`;
+          rounds.at(-1)!.decision += `: the guest slowed to ${slowed}% of a core`;
           rounds.at(-1)!.cpuQuotaPct = slowed;
-          log.info('guest slowed: rounds stopped shrinking', { round, cpuQuotaPct: slowed, predictedDowntimeMs: Math.round(decision.predictedDowntimeMs) });
+          log.info('guest slowed: it dirties faster than pages are delivered', { round, cpuQuotaPct: slowed, predictedDowntimeMs: Math.round(decision.predictedDowntimeMs) });
           return;
         }
       }
       if (quota) rounds.at(-1)!.cpuQuotaPct = quota.percent;
-      if (decision.final) {
+      if (decision.action === 'stop') {
         // QEMU stops the VM at its next look, whatever is left becomes the last round
         state.forcedStop = true;
         // not awaited: QEMU may answer only once its migration thread, writing to this process's

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { qemuSummary } from '../../cli/summary.js';
-import { FlatPages, PageReference, RoundCutter, nextCpuQuotaPct, ramBlockDifferences, slowRatherThanStop, type StreamRoundRecord } from '../../services/capture/stream-core.js';
+import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, type StreamRoundRecord, type StreamStopInput } from '../../services/capture/stream-core.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE, digestOfPageHashes, strongHash } from '../../shared/image/pages.js';
 import { encodeMigrationStream } from '../../shared/vm/migration-stream-writer.js';
 import { MigrationStreamParser, type MigrationRecord } from '../../shared/vm/migration-stream.js';
@@ -156,14 +156,26 @@ describe('QEMU in the summary', () => {
   });
 });
 
-describe('stream capture: slowing a guest whose rounds stop shrinking', () => {
-  test('a stop predicted far over the target, with rounds left, slows the guest instead; halving down to a floor', () => {
-    assert.equal(slowRatherThanStop({ final: true, predictedDowntimeMs: 5000 }, 300, 3, 30), true);
-    assert.equal(slowRatherThanStop({ final: true, predictedDowntimeMs: 500 }, 300, 3, 30), false, 'a stop near the target is taken');
-    assert.equal(slowRatherThanStop({ final: true, predictedDowntimeMs: 5000 }, 300, 30, 30), false, 'the round limit stops whatever is left');
-    assert.equal(slowRatherThanStop({ final: false, predictedDowntimeMs: 5000 }, 300, 3, 30), false);
+describe('stream capture: slowing the guest', () => {
+  test('its CPU quota halves at each round, down to a floor', () => {
     const steps: number[] = [];
     for (let pct: number | undefined = 100; (pct = nextCpuQuotaPct(pct)) !== undefined; ) steps.push(pct);
     assert.deepEqual(steps, [50, 25, 12, 6]);
+  });
+});
+
+describe('stream capture: when QEMU is to stop the VM', () => {
+  const at = (o: Partial<StreamStopInput>): StreamStopInput => ({ remainingPages: 100, dirtyPagesPerSec: 50, deliveredPagesPerSec: 1000, roundsDone: 2, maxRounds: 30, downtimeMs: 300, overheadMs: 150, canSlow: true, ...o });
+  test("stops when QEMU's remaining pages cross within the target at the delivered pace", () => {
+    const d = decideStreamStop(at({ remainingPages: 100 }));
+    assert.equal(d.action, 'stop');
+    assert.equal(Math.round(d.predictedDowntimeMs), 250);
+  });
+  test('goes on while converging, slows a guest that dirties as fast as pages are delivered, stops at the floor or the round limit', () => {
+    assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 200 })).action, 'continue');
+    assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 2000 })).action, 'slow');
+    assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 2000, canSlow: false })).action, 'stop');
+    assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 200, roundsDone: 30 })).action, 'stop');
+    assert.equal(decideStreamStop(at({ remainingPages: 1, deliveredPagesPerSec: 0 })).predictedDowntimeMs, Infinity, 'nothing delivered yet: no stop on a guess');
   });
 });
