@@ -6,7 +6,6 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { createReadStream, readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, open, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { createServer, type Socket } from 'node:net';
@@ -23,6 +22,7 @@ import { MigrationStreamWriter } from '../shared/vm/migration-stream-writer.js';
 import { QEMU_BIN } from '../shared/vm/qemu.js';
 import { describeMachine } from '../shared/vm/qemu-process.js';
 import { RamImageWriter, ramLayout, readRamImagePages } from '../shared/vm/ram-image.js';
+import { imageMemoryHash, qemuMemoryHash } from './helpers/guest-memory.js';
 import { connectWhenListening, startUserVm, userVmArgv, waitFor, writeEmptyQcow2, type UserVm } from './helpers/user-vm.js';
 
 declare module '../shared/vm/qmp.js' {
@@ -35,11 +35,6 @@ const hasQemu = spawnSync(QEMU_BIN, ['--version']).status === 0;
 const MEMORY_BYTES = 256 << 20;
 const DISK_BYTES = 64 << 20;
 const QCOW2_BYTES = 16 << 20;
-/** guest-physical RAM below the VGA window and above the BIOS area: pc.ram at the same offsets */
-const RAM_RANGES: [number, number][] = [
-  [0, 0xa0000],
-  [0x100000, MEMORY_BYTES - 0x100000],
-];
 
 /** Runs `baseMain` in a process of its own, as the CLI would; bounded. */
 function runBase(args: string[], timeoutMs: number): Promise<{ code: number | null; stdout: string; stderr: string }> {
@@ -115,35 +110,6 @@ async function sendBaseStream(base: BaseFolder, socket: Socket): Promise<{ bytes
   }
   socket.end();
   return { bytes, pages };
-}
-
-/** SHA-256 of pc.ram over RAM_RANGES: from QEMU (pmemsave) or from the base's memory.img. */
-async function guestMemoryHash(vm: UserVm, dir: string): Promise<string> {
-  const qmp = await vm.connect();
-  const hash = createHash('sha256');
-  for (const [i, [val, size]] of RAM_RANGES.entries()) {
-    const filename = join(dir, `pmem-${i}.ram`);
-    await qmp.execute('pmemsave', { val, size, filename });
-    hash.update(readFileSync(filename));
-    await rm(filename);
-  }
-  return hash.digest('hex');
-}
-
-async function imageMemoryHash(base: BaseFolder): Promise<string> {
-  const pcRam = base.manifest.ramBlocks.find((b) => b.idstr === 'pc.ram')!;
-  const hash = createHash('sha256');
-  const fh = await open(base.memoryPath, 'r');
-  try {
-    for (const [val, size] of RAM_RANGES) {
-      const buf = Buffer.alloc(size);
-      await fh.read(buf, 0, size, pcRam.offset + val);
-      hash.update(buf);
-    }
-  } finally {
-    await fh.close();
-  }
-  return hash.digest('hex');
 }
 
 describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ? false : `${QEMU_BIN} is not installed` }, () => {
@@ -252,7 +218,7 @@ describe('handoff base from a running QEMU', { timeout: 600_000, skip: hasQemu ?
     } finally {
       toDestination.destroy();
     }
-    assert.equal(await guestMemoryHash(destination, dir), await imageMemoryHash(base), "the destination's RAM before cont is not memory.img's");
+    assert.equal(await qemuMemoryHash(await destination.connect(), dir, MEMORY_BYTES), await imageMemoryHash(base, MEMORY_BYTES), "the destination's RAM before cont is not memory.img's");
     await destination.qmp!.execute('cont');
     const firstAtDestination = await waitFor(`the destination guest printed no counter (${destination.stderr()})`, 60_000, () => {
       const m = /handoff-counter (\d+)/.exec(readFileSync(dst.serial, 'utf8'));

@@ -9,7 +9,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { connect, createServer, type Socket } from 'node:net';
+import { createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -21,20 +21,11 @@ import { MigrationStreamWriter } from '../shared/vm/migration-stream-writer.js';
 import { accelerator, lastCounter, QEMU_BIN } from '../shared/vm/qemu.js';
 import { compareMachines, describeMachine, findQemuByQmpSocket, resolveMachineType } from '../shared/vm/qemu-process.js';
 import { QmpClient } from '../shared/vm/qmp.js';
-
-declare module '../shared/vm/qmp.js' {
-  interface QmpCommands {
-    pmemsave: { args: { val: number; size: number; filename: string }; result: Record<string, never> };
-  }
-}
+import { qemuMemoryHash } from './helpers/guest-memory.js';
+import { connectWhenListening, waitFor } from './helpers/user-vm.js';
 
 const hasQemu = spawnSync(QEMU_BIN, ['--version']).status === 0;
 const MEMORY_BYTES = 256 << 20;
-/** guest-physical ranges of RAM for pmemsave: below the VGA window, and above the BIOS area to the end */
-const RAM_RANGES: [number, number][] = [
-  [0, 0xa0000],
-  [0x100000, MEMORY_BYTES - 0x100000],
-];
 
 interface Qemu {
   child: ChildProcess;
@@ -58,42 +49,13 @@ async function startQemu(argv: string[], qmpSocket: string, serialLog: string): 
   }
 }
 
-async function until<T>(what: string, timeoutMs: number, probe: () => T | undefined | Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`${what} within ${timeoutMs / 1000} s`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
 function withTimeout<T>(what: string, timeoutMs: number, promise: Promise<T>): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} within ${timeoutMs / 1000} s`)), timeoutMs)));
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
-/** SHA-256 of the guest's RAM, saved by QEMU itself (pmemsave) range by range. */
-async function guestMemoryHash(qmp: QmpClient, dir: string, name: string): Promise<string> {
-  const hash = createHash('sha256');
-  for (const [i, [val, size]] of RAM_RANGES.entries()) {
-    const filename = join(dir, `${name}-${i}.ram`);
-    await qmp.execute('pmemsave', { val, size, filename });
-    hash.update(readFileSync(filename));
-  }
-  return hash.digest('hex');
-}
 
-async function connectWhenListening(path: string, timeoutMs: number): Promise<Socket> {
-  return until(`nothing listens on ${path}`, timeoutMs, () =>
-    new Promise<Socket | undefined>((resolve) => {
-      const s = connect(path);
-      s.once('connect', () => resolve(s));
-      s.once('error', () => resolve(undefined));
-    }),
-  );
-}
 
 interface StreamFigures {
   bytes: number;
@@ -203,7 +165,7 @@ describe("a real QEMU's migration stream, parsed and rebuilt", { timeout: 600_00
     ];
     const source = await startQemu(sourceArgv, src.qmp, src.serial);
     started.push(source);
-    await until(`the source guest printed no counter 3 (${source.stderr()})`, 180_000, () => (lastCounter(src.serial) >= 3 ? true : undefined));
+    await waitFor(`the source guest printed no counter 3 (${source.stderr()})`, 180_000, () => (lastCounter(src.serial) >= 3 ? true : undefined));
 
     // the destination's command line is the source's, read from the QEMU behind its QMP socket
     const found = findQemuByQmpSocket(src.qmp);
@@ -247,12 +209,12 @@ describe("a real QEMU's migration stream, parsed and rebuilt", { timeout: 600_00
       // the source is stopped; the destination has loaded but not run (-S)
       assert.equal((await source.qmp.execute('query-status')).status, 'postmigrate');
       assert.notEqual((await destination.qmp.execute('query-status')).running, true);
-      const sourceMemory = await guestMemoryHash(source.qmp, dir, 'source');
-      const destinationMemory = await guestMemoryHash(destination.qmp, dir, 'destination');
+      const sourceMemory = await qemuMemoryHash(source.qmp, dir, MEMORY_BYTES);
+      const destinationMemory = await qemuMemoryHash(destination.qmp, dir, MEMORY_BYTES);
       assert.equal(destinationMemory, sourceMemory, "the destination's memory before cont differs from the source's at stop");
 
       await destination.qmp.execute('cont');
-      const reached = await until(`the destination guest did not count past ${stoppedAt + 3} (${destination.stderr()})`, 60_000, () => {
+      const reached = await waitFor(`the destination guest did not count past ${stoppedAt + 3} (${destination.stderr()})`, 60_000, () => {
         const c = lastCounter(dst.serial);
         return c > stoppedAt + 3 ? c : undefined;
       });
