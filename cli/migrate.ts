@@ -275,7 +275,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
  */
 async function settleLiveVm(live: LiveVm, summary: MigrationSummary, captured: Extract<MigrationEvent, { type: 'captured' }> | undefined, outcome: MigrationEvent | undefined, log: Logger, interrupted: boolean): Promise<void> {
   if (captured?.rounds) summary.rounds = captured.rounds;
-  if (live.machine) summary.qemu = qemuSummary(captured?.rounds ?? [], (live as StreamLiveVm).autoConverge !== false);
+  if (live.machine) summary.qemu = qemuSummary(captured?.rounds ?? [], live.autoConverge !== false);
   const stopped = captured?.final !== false && captured?.stoppedAtMs !== undefined;
   const result = outcome?.type === 'result' ? outcome.result : undefined;
   if (result?.resumedAtMs !== undefined && stopped) {

@@ -38,10 +38,9 @@ import { waitDelivered } from './live.js';
 import { captureRound, RoundPublisher, type CaptureGate, type LiveImages, type PublishStats } from './round.js';
 import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, type StreamRoundRecord } from './stream-core.js';
 
-/** A stream-mode live VM; `autoConverge: false` leaves QEMU's throttling of the guest off. */
+/** A stream-mode live VM: one with the source's own machine. */
 export interface StreamLiveVm extends LiveVm {
   machine: NonNullable<LiveVm['machine']>;
-  autoConverge?: boolean;
 }
 
 /** A VM whose stream cannot be handed off as asked (its RAM is not the base's): refused before any page moves. */

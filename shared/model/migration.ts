@@ -55,6 +55,8 @@ export interface LiveVm {
   vm?: VmDescription;
   /** RAM from QEMU's own migration stream (any RAM backing): the source's own machine, which the destination runs */
   machine?: SourceMachine;
+  /** with `machine`: false leaves the guest unthrottled (neither QEMU's auto-converge nor a CPU quota) */
+  autoConverge?: boolean;
 }
 
 /** The source's own QEMU machine: what a destination must run to load its state. */
