@@ -19,6 +19,8 @@ export interface StreamRoundRecord extends RoundRecord {
   qemuDowntimeMs?: number;
   /** the CPU quota capture put on the source's QEMU when the round ended (% of a core; absent: none) */
   cpuQuotaPct?: number;
+  /** the final round: the pages QEMU sent more than once, compared with its memory at the stop (ram-check.ts), and those found stale */
+  ramCheck?: { reason: string; pagesChecked: number; pagesStale: number; ms: number };
 }
 
 /**
@@ -43,17 +45,25 @@ export function ramBlockDifferences(stream: readonly RamBlockInfo[], base: reado
 
 /** Where each RAM block's pages are in the base's memory image: flat page index = (block offset + offset) / 4096. */
 export class FlatPages {
-  private readonly blocks = new Map<string, RamBlockPlacement>();
+  private readonly byName = new Map<string, RamBlockPlacement>();
   readonly pages: number;
 
-  constructor(placements: readonly RamBlockPlacement[]) {
-    for (const b of placements) this.blocks.set(b.idstr, b);
-    const last = placements.at(-1);
+  constructor(readonly blocks: readonly RamBlockPlacement[]) {
+    for (const b of blocks) this.byName.set(b.idstr, b);
+    const last = blocks.at(-1);
     this.pages = last ? Math.ceil((last.offset + last.bytes) / PAGE_SIZE) : 0;
   }
 
+  /** the block and offset of flat page `index` (the inverse of `index`) */
+  locate(index: number): { block: string; offset: number } {
+    const at = index * PAGE_SIZE;
+    const b = this.blocks.find((x) => at >= x.offset && at < x.offset + Math.ceil(x.bytes / PAGE_SIZE) * PAGE_SIZE);
+    if (!b) throw new RangeError(`flat page ${index} is in no RAM block`);
+    return { block: b.idstr, offset: at - b.offset };
+  }
+
   index(block: string, offset: number): number {
-    const b = this.blocks.get(block);
+    const b = this.byName.get(block);
     if (!b) throw new RangeError(`a RAM page of block "${block}", which the base does not have`);
     if (offset % PAGE_SIZE !== 0 || offset + PAGE_SIZE > Math.ceil(b.bytes / PAGE_SIZE) * PAGE_SIZE) throw new RangeError(`RAM page at ${offset} of block "${block}" (${b.bytes} bytes) is outside it`);
     return (b.offset + offset) / PAGE_SIZE;

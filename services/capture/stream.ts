@@ -36,6 +36,7 @@ import { ChunkBuilder, newPageRecord } from './core.js';
 import type { RoundStat } from './policy.js';
 import { waitDelivered } from './live.js';
 import { captureRound, RoundPublisher, type CaptureGate, type LiveImages, type PublishStats } from './round.js';
+import { checkResentPages, ramCheckReason, ResentPages } from './ram-check.js';
 import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, type StreamRoundRecord } from './stream-core.js';
 
 /** A stream-mode live VM: one with the source's own machine. */
@@ -59,6 +60,8 @@ const STOP_OVERHEAD_MS = 150;
 const UNCAPPED_BANDWIDTH = 1e12;
 /** how long QEMU may take to connect to the socket after `migrate` */
 const CONNECT_TIMEOUT_MS = 10_000;
+/** how long QEMU's migration setup may keep the guest paused */
+const SETUP_TIMEOUT_MS = 10_000;
 /** how often auto-converge's throttle is read while the migration runs */
 const THROTTLE_POLL_MS = 500;
 /** dirty disk pages are read this many at a time where they run on */
@@ -88,6 +91,20 @@ async function startDiskBitmap(qmp: QmpClient, d: MigrationDescriptor, qemuUid: 
   if (index.contentHash !== d.disk.baseHash) throw new BaseMismatchError(`base disk ${d.disk.base} changed: content hash ${index.contentHash}, migration expects ${d.disk.baseHash}`);
   const started = await DiskDirtyRounds.start(qmp, device!.inserted!['node-name']!, disk.dirtyBitmap, qemuUid);
   return { rounds: started.rounds, round0: started.pages, round0Read: false, reference: new PageReference(index.hashes) };
+}
+
+/** Waits until QEMU's migration has left its setup (its dirty log started and first synced), then resumes the guest; returns how long it was paused (ms). */
+async function resumeAfterSetup(qmp: QmpClient): Promise<number> {
+  const startedMs = performance.now();
+  const deadline = Date.now() + SETUP_TIMEOUT_MS;
+  for (;;) {
+    const s = await qmp.execute('query-migrate');
+    if (s.status !== 'setup') break;
+    if (Date.now() > deadline) throw new Error(`QEMU's migration still in setup after ${SETUP_TIMEOUT_MS / 1000} s`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  await qmp.execute('cont');
+  return Math.round(performance.now() - startedMs);
 }
 
 /** The pages of `runs` that differ from `reference` (which becomes them), read from the disk file and published as image 1's chunks. */
@@ -149,6 +166,8 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
   if (flat.pages * PAGE_SIZE !== d.memory.bytes) throw new BaseMismatchError(`the base's RAM blocks place ${flat.pages} pages, its memory image holds ${d.memory.bytes / PAGE_SIZE}`);
   const reference = new PageReference(base.hashes);
   const cutter = new RoundCutter(flat.pages);
+  /** the pages QEMU sent more than once, where they are checked at the stop */
+  let resent: ResentPages | undefined;
   // the disk's hashes as round 0 read them: the final round compares with them
   const disk: LiveImages = { records: [newPageRecord(0), newPageRecord(d.disk.bytes / PAGE_SIZE)], views: [undefined, undefined] };
   const baseState = await readFile(live.baseDeviceState);
@@ -169,12 +188,14 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     maxThrottlePct: 0,
     throttlePct: 0,
     forcedStop: false,
+    pausedForSetup: false,
     /** QEMU's last report: dirty pages left to send, and its dirty rate */
     remainingPages: Infinity,
     dirtyPagesPerSec: 0,
   };
   const stopListening = qmp.onEvent((e) => {
-    if (e.event === 'STOP') state.stopEventMs ??= eventMs(e) ?? Date.now();
+    // the pause around QEMU's migration setup (below) is not the handoff's stop
+    if (e.event === 'STOP' && !state.pausedForSetup) state.stopEventMs ??= eventMs(e) ?? Date.now();
   });
   /** when QEMU stopped the VM: its STOP event's time, else when its RAM END section came */
   const stoppedAt = (): number | undefined => state.stopEventMs ?? state.stopSeenMs;
@@ -189,6 +210,11 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
   const abort = new AbortController();
   try {
     wasRunning = (await qmp.execute('query-status')).running;
+    const ramCheck = await ramCheckReason(qmp);
+    if (ramCheck) {
+      resent = new ResentPages(flat.pages);
+      log.info("pages QEMU sends more than once are checked against its memory at the stop", { reason: ramCheck });
+    }
     // the disk's round 0 begins here, before the RAM's: its bitmap then holds every write from now
     const bitmap = await startDiskBitmap(qmp, d, qemuUid, await readlink(`/proc/${qemu.pid}/cwd`).catch(() => process.cwd())).catch((err: unknown) =>
       err instanceof BaseMismatchError ? Promise.reject(err) : `QEMU's dirty bitmaps cannot be read: ${errorMessage(err)}`,
@@ -208,8 +234,20 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     const timer = setTimeout(() => abort.abort(), CONNECT_TIMEOUT_MS);
     const accepted = acceptOne(target.server, abort.signal, () => new Error(`QEMU did not connect to the migration socket within ${CONNECT_TIMEOUT_MS / 1000} s`));
     accepted.catch(() => undefined);
+    // where the stream may miss stores (ram-check.ts), no TLB entry may predate QEMU's first
+    // dirty-log sync: the guest is paused until QEMU's setup is done
+    const pauseForSetup = ramCheck !== undefined && wasRunning;
+    if (pauseForSetup) {
+      state.pausedForSetup = true;
+      await qmp.execute('stop');
+    }
     await qmp.execute('migrate', { uri: `unix:${target.socketPath}` });
     socket = await accepted;
+    if (pauseForSetup) {
+      const pausedMs = await resumeAfterSetup(qmp);
+      state.pausedForSetup = false;
+      log.info("guest resumed after QEMU's migration setup", { pausedMs });
+    }
     clearTimeout(timer);
     log.info('QEMU migrates into capture', { downtimeTargetMs: live.downtimeMs, autoConverge: live.autoConverge !== false });
     poller = setInterval(() => {
@@ -344,6 +382,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       const index = flat.index(block, offset);
       if (cutter.repeats(index)) await cutRound(stoppedAt() === undefined ? "a page came again: QEMU's next pass" : 'QEMU stopped the VM');
       cutter.see(index);
+      resent?.carried(index, page);
       scannedBytes += PAGE_SIZE;
       const dirty = reference.changed(index, page, hash);
       if (!dirty) return;
@@ -389,6 +428,19 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
 
     const stoppedAtMs = stoppedAt()!;
     const round = cutter.round;
+    let checked: StreamRoundRecord['ramCheck'];
+    if (resent) {
+      const startedMs = performance.now();
+      const result = await checkResentPages(qmp, qemu.pid, flat, resent, async (index, page) => {
+        const dirty = reference.changed(index, page);
+        if (!dirty) return;
+        current.dirtyPages++;
+        if (current.builder.add(dirty)) await current.publisher.flush(current.builder, scannedBytes);
+      });
+      checked = { reason: ramCheck!, ...result, ms: Math.round(performance.now() - startedMs) };
+      if (result.pagesStale > 0) log.warn("pages QEMU's stream left stale, sent from the source's memory", { round, ...checked });
+      else log.info("RAM check at the stop: QEMU's stream held every page's last version", { round, ...checked });
+    }
     const r = await endRound(true);
     const status = await qmp.waitMigration(10_000).then(() => qmp.execute('query-migrate'));
     clearInterval(poller);
@@ -399,6 +451,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       seconds: Number(((performance.now() - current.startedMs) / 1000).toFixed(3)),
       decision: 'stop-and-copy: QEMU stopped the VM',
       cpuThrottlePct: state.maxThrottlePct,
+      ...(checked ? { ramCheck: checked } : {}),
       ...(status.downtime !== undefined ? { qemuDowntimeMs: status.downtime } : {}),
     });
     await publishEvent(bus, d.migrationId, {

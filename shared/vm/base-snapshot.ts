@@ -31,12 +31,6 @@ import { acceptOne, eventMs, findQemuBehind, recoverFromMigration, listenForQemu
 import { QmpClient, QmpError } from './qmp.js';
 import { RamImageWriter, type RamBlockPlacement } from './ram-image.js';
 
-declare module './qmp.js' {
-  interface QmpCommands {
-    'query-version': { args: undefined; result: { qemu: { major: number; minor: number; micro: number }; package: string } };
-  }
-}
-
 export interface TakeBaseOptions {
   /** the VM's QMP socket (QEMU serves one client at a time: nothing else may be connected) */
   qmpSocket: string;

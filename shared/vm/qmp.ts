@@ -23,6 +23,11 @@ export interface QmpCommands {
   'migrate-set-parameters': { args: Record<string, unknown>; result: Record<string, never> };
   quit: { args: undefined; result: Record<string, never> };
   migrate_cancel: { args: undefined; result: Record<string, never> };
+  'query-version': { args: undefined; result: { qemu: { major: number; minor: number; micro: number }; package: string } };
+  /** whether the VM runs under KVM (else TCG, for the handoff's purposes) */
+  /** an HMP command line, for what QMP does not tell (`info mtree -f`, `gpa2hva`): its output as text */
+  'human-monitor-command': { args: { 'command-line': string }; result: string };
+  'query-kvm': { args: undefined; result: { enabled: boolean; present: boolean } };
 }
 
 /** query-migrate's answer, as far as the handoff reads it. */

@@ -1,0 +1,176 @@
+/**
+ * The pages QEMU's own stream may hold stale, read again from the paused source at the stop.
+ * QEMU before 9.0 under TCG clears its dirty log without bringing the TCG TLB up to date (fixed
+ * by QEMU commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG memory
+ * access"): a store through a TLB entry made before a dirty-log sync is not logged, so the page
+ * may never be sent again. Such a store needs the page logged dirty before that sync, and so sent
+ * again after it: with the guest paused while QEMU starts its dirty log and first sync (no entry
+ * can predate them), only pages the stream carries more than once can be stale, and those are
+ * the ones compared with QEMU's memory at the stop, through /proc/PID/mem.
+ */
+import { open } from 'node:fs/promises';
+import { PAGE_SIZE, pageCheck } from '../../shared/image/pages.js';
+import { errorMessage } from '../../shared/model/errors.js';
+import type { QmpClient } from '../../shared/vm/qmp.js';
+import type { FlatPages } from './stream-core.js';
+
+/** the first QEMU whose TCG keeps its dirty log whole */
+const TCG_DIRTY_LOG_FIXED = { major: 9, minor: 0 };
+/** pages read from QEMU's memory at a time, where they run on */
+const READ_PAGES = 256;
+
+/** Why the source's pages must be checked at the stop, or undefined where its stream holds every write. */
+export async function ramCheckReason(qmp: QmpClient): Promise<string | undefined> {
+  const [kvm, version] = await Promise.all([qmp.execute('query-kvm'), qmp.execute('query-version')]);
+  if (kvm.enabled) return undefined;
+  const { major, minor, micro } = version.qemu;
+  if (major > TCG_DIRTY_LOG_FIXED.major || (major === TCG_DIRTY_LOG_FIXED.major && minor >= TCG_DIRTY_LOG_FIXED.minor)) return undefined;
+  return `QEMU ${major}.${minor}.${micro} under TCG can leave a page's last write out of its stream (fixed in QEMU ${TCG_DIRTY_LOG_FIXED.major}.${TCG_DIRTY_LOG_FIXED.minor})`;
+}
+
+/**
+ * The pages the stream carried more than once, each with the xxh64 of its last version there:
+ * at the stop, a page whose bytes in QEMU differ from that version is one the stream left stale.
+ */
+export class ResentPages {
+  /** per page: 0 not sent, 1 sent once, 2 sent again (its last version's xxh64 in `lastCheck`) */
+  private readonly sends: Uint8Array;
+  private readonly lastCheck: BigUint64Array;
+  count = 0;
+
+  constructor(pages: number) {
+    this.sends = new Uint8Array(pages);
+    this.lastCheck = new BigUint64Array(pages);
+  }
+
+  /** the stream carried `page` (its bytes) for flat page `index` */
+  carried(index: number, page: Uint8Array): void {
+    const sends = this.sends[index]!;
+    if (sends === 0) {
+      this.sends[index] = 1;
+      return;
+    }
+    if (sends === 1) {
+      this.sends[index] = 2;
+      this.count++;
+    }
+    this.lastCheck[index] = pageCheck(page);
+  }
+
+  /** whether `page`, read at the stop for `index`, is not the stream's last version of it */
+  stale(index: number, page: Uint8Array): boolean {
+    return this.sends[index] === 2 && pageCheck(page) !== this.lastCheck[index];
+  }
+
+  /** runs of consecutive resent flat page indexes, [first, count] */
+  *runs(maxPages: number): Generator<[number, number]> {
+    let first = -1;
+    for (let i = 0; i <= this.sends.length; i++) {
+      const resent = i < this.sends.length && this.sends[i] === 2;
+      if (resent && first < 0) first = i;
+      if (first >= 0 && (!resent || i - first === maxPages)) {
+        yield [first, i - first];
+        first = resent ? i : -1;
+      }
+    }
+  }
+}
+
+/** One `info mtree -f` line of the system address space: a guest-physical range and the region mapped there. */
+export interface FlatRange {
+  start: number;
+  end: number;
+  kind: string;
+  region: string;
+  regionOffset: number;
+}
+
+/** The ranges of the flat view of QEMU's system address space (AS "memory"), from `info mtree -f`. */
+export function systemFlatRanges(mtree: string): FlatRange[] {
+  const view = mtree.split(/^FlatView #\d+/m).find((v) => /AS "memory"/.test(v));
+  if (!view) return [];
+  const ranges: FlatRange[] = [];
+  for (const line of view.split(/\r?\n/)) {
+    const m = /^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ([^)]+)\): (\S+)(?: @([0-9a-f]+))?/.exec(line);
+    if (m) ranges.push({ start: Number.parseInt(m[1]!, 16), end: Number.parseInt(m[2]!, 16), kind: m[3]!, region: m[4]!, regionOffset: m[5] ? Number.parseInt(m[5], 16) : 0 });
+  }
+  return ranges;
+}
+
+/** The RAM block a region is (its idstr, or a device's "path/name"), among `idstrs`; undefined where none or several are. */
+export function blockOfRegion(region: string, idstrs: readonly string[]): string | undefined {
+  const exact = idstrs.find((b) => b === region);
+  if (exact) return exact;
+  const suffixed = idstrs.filter((b) => b.endsWith(`/${region}`));
+  return suffixed.length === 1 ? suffixed[0] : undefined;
+}
+
+/**
+ * Where each RAM block the guest can write (mapped as RAM, not ROM) starts in QEMU's own memory:
+ * the host address of one of its guest-physical pages (HMP gpa2hva) less its offset in the block.
+ * A block mapped nowhere writable cannot take a store through the TLB.
+ */
+export async function writableBlockAddresses(qmp: QmpClient, idstrs: readonly string[]): Promise<Map<string, number>> {
+  const hmp = (command: string): Promise<string> => qmp.execute('human-monitor-command', { 'command-line': command });
+  const bases = new Map<string, number>();
+  for (const r of systemFlatRanges(await hmp('info mtree -f'))) {
+    if (r.kind !== 'ram') continue;
+    const block = blockOfRegion(r.region, idstrs);
+    if (!block || bases.has(block)) continue;
+    const answer = await hmp(`gpa2hva 0x${r.start.toString(16)}`);
+    const hva = /is (0x[0-9a-f]+)/.exec(answer)?.[1];
+    if (!hva) throw new Error(`QEMU gave no host address for guest-physical 0x${r.start.toString(16)} (${r.region}): ${answer.trim()}`);
+    bases.set(block, Number(hva) - r.regionOffset);
+  }
+  return bases;
+}
+
+/** What the check at the stop did. */
+export interface RamCheckResult {
+  /** pages the stream carried more than once, compared with QEMU's memory */
+  pagesChecked: number;
+  /** of those, pages whose bytes in QEMU were not the stream's last version: sent from the check */
+  pagesStale: number;
+}
+
+/**
+ * Reads every resent page of a writable block from the paused QEMU (`pid`) and hands the stale
+ * ones to `send`. Fails naming the cause where QEMU's memory cannot be read.
+ */
+export async function checkResentPages(qmp: QmpClient, pid: number, flat: FlatPages, resent: ResentPages, send: (index: number, page: Buffer) => Promise<void>): Promise<RamCheckResult> {
+  const status = await qmp.execute('query-status');
+  if (status.running) throw new Error('the source VM runs again: its RAM cannot be checked at the stop');
+  const bases = await writableBlockAddresses(qmp, flat.blocks.map((b) => b.idstr));
+  const mem = await open(`/proc/${pid}/mem`, 'r').catch((err: unknown) => {
+    throw new Error(`cannot read QEMU's memory (/proc/${pid}/mem): ${errorMessage(err)}`);
+  });
+  const result: RamCheckResult = { pagesChecked: 0, pagesStale: 0 };
+  try {
+    for (const [first, count] of resent.runs(READ_PAGES)) {
+      const { block, offset } = flat.locate(first);
+      const base = bases.get(block);
+      if (base === undefined) continue;
+      // a run may cross into the next block: read page by page from there
+      const buf = Buffer.allocUnsafe(count * PAGE_SIZE);
+      const sameBlock = flat.locate(first + count - 1).block === block;
+      if (sameBlock) await mem.read(buf, 0, buf.byteLength, base + offset);
+      for (let p = 0; p < count; p++) {
+        const index = first + p;
+        const page = buf.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+        if (!sameBlock) {
+          const at = flat.locate(index);
+          const b = bases.get(at.block);
+          if (b === undefined) continue;
+          await mem.read(page, 0, PAGE_SIZE, b + at.offset);
+        }
+        result.pagesChecked++;
+        if (!resent.stale(index, page)) continue;
+        result.pagesStale++;
+        await send(index, page);
+      }
+    }
+  } finally {
+    await mem.close();
+  }
+  return result;
+}
