@@ -7,13 +7,12 @@
 import { open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { publishEvent, type Bus } from '../../shared/bus/bus.js';
+import { publishEvent, waitMigrationBacklog, type Bus } from '../../shared/bus/bus.js';
 import { encodePatch } from '../../shared/codecs/patch.js';
 import { errorMessage } from '../../shared/model/errors.js';
 import type { Logger } from '../../shared/telemetry/log.js';
 import type { MigrationDescriptor, RoundRecord } from '../../shared/model/migration.js';
 import { PAGE_SIZE } from '../../shared/image/pages.js';
-import { durableName, STREAMS, type WorkStage } from '../../shared/bus/subjects.js';
 import { QmpClient } from '../../shared/vm/qmp.js';
 import { saveDeviceState } from '../../shared/vm/qemu.js';
 import { newPageRecord } from './core.js';
@@ -24,19 +23,12 @@ import { captureRound, type CaptureGate, type LiveImages, type PublishStats } fr
 /** What the stop costs besides the last round's pages: device state, the final scan, the resume. */
 const STOP_OVERHEAD_MS = 150;
 
-/** Waits until every stage's queue is empty and nothing is unacknowledged: the round has arrived. */
+/** Waits until none of this migration's messages is left in the work streams: the round has arrived. */
 export async function waitDelivered(bus: Bus, d: MigrationDescriptor): Promise<void> {
-  const consumers: [string, string][] = [
-    ...Array.from({ length: d.parts }, (_, p) => [STREAMS.dedup, durableName('dedup', p)] as [string, string]),
-    ...(['delta', 'compress', 'wire'] as WorkStage[]).map((s) => [STREAMS[s], durableName(s)] as [string, string]),
-  ];
-  for (let i = 0; ; i++) {
-    const infos = await Promise.all(consumers.map(([stream, durable]) => bus.jsm.consumers.info(stream, durable).catch(() => undefined)));
-    if (infos.every((info) => !info || info.num_pending + info.num_ack_pending === 0)) return;
-    // a migration that failed meanwhile (its descriptor is gone) ends pre-copy: the VM runs on
-    if (i % 10 === 9 && !(await bus.migrations.get(d.migrationId).catch(() => null))?.length) throw new Error('the migration ended during pre-copy');
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  // a migration that failed meanwhile (its descriptor is gone) ends pre-copy: the VM runs on
+  await waitMigrationBacklog(bus, d.migrationId, 1).catch((err: unknown) => {
+    throw new Error(`the migration ended during pre-copy (${errorMessage(err)})`);
+  });
 }
 
 /** `gate`: round 0's, see captureRound; `report`: each round's per-chunk statistics */

@@ -6,7 +6,8 @@
 import { open } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { loadBaseIndex } from '../../shared/image/base-index.js';
-import { publishStats, publishWork, type Bus } from '../../shared/bus/bus.js';
+import { publishStats, publishWork, waitMigrationBacklog, type Bus } from '../../shared/bus/bus.js';
+import { MIGRATION_BACKLOG_MAX_MESSAGES } from '../../shared/config/limits.js';
 import { chunkKey, type Chunk } from '../../shared/model/chunk.js';
 import { encodeChunk } from '../../shared/wire/chunk-codec.js';
 import { BadImageError, BaseMismatchError } from '../../shared/model/errors.js';
@@ -23,6 +24,8 @@ import { ChunkBuilder, changedPagesOf, dirtyPagesOf, type PageRecord } from './c
 const READ_BLOCK_BYTES = 4 * 1024 * 1024;
 /** publishes awaiting their JetStream ack at once: overlaps reading with the bus */
 const MAX_PUBLISHES_IN_FLIGHT = 8;
+/** the migration's backlog is looked at once every this many publishes (it costs a request per stream) */
+const BACKLOG_CHECK_EVERY = 4;
 
 export interface RoundResult {
   round: number;
@@ -68,6 +71,7 @@ export class RoundPublisher {
   // a publish that fails while not awaited fails the round at the next publish or at its end
   private failed: { reason: unknown } | undefined;
   private readonly headStart: Promise<unknown> | undefined;
+  private published = 0;
   /** a chunk's cost is everything since the previous one: reading and hashing its pages too */
   private since = { wallMs: performance.now(), cpu: process.cpuUsage() };
 
@@ -93,6 +97,8 @@ export class RoundPublisher {
       await this.gate.open;
       this.gate = undefined;
     } else if (this.headStart) await this.headStart;
+    // this migration's chunks wait here, not in the streams other migrations share
+    if (++this.published % BACKLOG_CHECK_EVERY === 0) await waitMigrationBacklog(this.bus, d.migrationId, MIGRATION_BACKLOG_MAX_MESSAGES);
     // a traced chunk starts its chain of spans here (one per stage it passes)
     let traceparent: string | undefined;
     if (d.traceparent && chunkTraced(chunk.seq, d.traceEveryChunks)) {

@@ -30,7 +30,10 @@ const HEAD_START_WAIT_MS = 50;
 /** A capture takes long: JetStream is told this often that the `accepted` event is still being handled. */
 const CAPTURE_HEARTBEAT_MS = 10_000;
 
-/** The capture actor: takes `accepted` events (each by one instance, one at a time) and captures that migration. */
+/** Migrations one capture process captures at once: a long live capture holds no other back. */
+const CONCURRENT_CAPTURES = 8;
+
+/** The capture actor: takes `accepted` events (each by one instance) and captures that migration. */
 export function captureActor(): ActorDefinition {
   return {
     name: 'capture',
@@ -43,7 +46,7 @@ export function captureActor(): ActorDefinition {
           await capture(ctx, d, mlog);
         },
         {
-          maxMessages: 1,
+          maxMessages: CONCURRENT_CAPTURES,
           heartbeatMs: CAPTURE_HEARTBEAT_MS,
           onError: async (err, migrationId, mlog) => {
             mlog.error('capture failed', { reason: errorMessage(err) });

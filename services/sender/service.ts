@@ -1,10 +1,15 @@
 /**
  * Sender actor (WAN): opens the link when a migration starts (the destination accepts or refuses
- * before any page moves), streams the wire queue's chunks over it, and acks each JetStream message
- * only when the receiver has acknowledged it, so nothing unacknowledged is ever dropped.
+ * before any page moves), streams the migration's chunks from the wire queue over it, and acks each
+ * JetStream message only when the receiver has acknowledged it, so nothing unacknowledged is ever
+ * dropped. Each migration has its own lane: its own consumer of the wire queue and its own window
+ * of bytes in flight, so a slow link holds no other migration's chunks back.
  */
 import { SpanStatusCode } from '@opentelemetry/api';
-import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, ensureWorkConsumer, resizeWireQueue, streamOf } from '../../shared/bus/bus.js';
+import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, dropMigrationWork, ensureMigrationWireConsumer, resizeWireQueue, streamOf, type JsMsg } from '../../shared/bus/bus.js';
+import { MIGRATION_BACKLOG_MAX_MESSAGES } from '../../shared/config/limits.js';
+import { PAGE_SIZE } from '../../shared/image/pages.js';
+import { durableName } from '../../shared/bus/subjects.js';
 import { RefusedError, errorMessage } from '../../shared/model/errors.js';
 import { consumeEvents } from '../../shared/actor/events.js';
 import { runActor, type ActorContext, type ActorDefinition, type ActorWiring, type RunningService } from '../../shared/actor/shell.js';
@@ -21,16 +26,103 @@ import { DestinationError, WanLink } from './link.js';
 const WIRE_ACK_WAIT_MS = 120_000;
 
 export function senderActor(): ActorDefinition {
-  return { name: 'sender', start: startSender };
+  let links: Links | undefined;
+  return {
+    name: 'sender',
+    start: async (ctx) => {
+      const wiring = await startSender(ctx);
+      links = wiring.links;
+      return wiring;
+    },
+    // the migration has ended: its lane stopped, its consumer and leftover messages dropped
+    forget: (migrationId, ctx) => void links?.drop(migrationId).then(() => dropMigrationWork(ctx.bus, migrationId)).catch((err: unknown) => ctx.log.warn('cannot drop the migration\'s wire work', { migration: migrationId, reason: errorMessage(err) })),
+  };
 }
 
 export function runSenderService(natsUrl: string): Promise<RunningService> {
   return runActor(senderActor(), natsUrl);
 }
 
-/** One WAN link per migration, opened by its first event or chunk. */
+/**
+ * One migration's lane: its consumer of the wire queue, read at its link's pace, each chunk acked
+ * once the destination has it; the bytes in flight bounded by this link's bandwidth alone.
+ */
+class WireLane {
+  private stopped = false;
+  private constructor(
+    private readonly done: Promise<void>,
+    private readonly stopReading: () => void,
+  ) {}
+
+  static async start(ctx: ActorContext, d: MigrationDescriptor, link: WanLink, cpu: CpuAccount, mlog: Logger): Promise<WireLane> {
+    const { bus } = ctx;
+    const durable = await ensureMigrationWireConsumer(bus, d.migrationId, WIRE_ACK_WAIT_MS);
+    const messages = await (await bus.js.consumers.get(streamOf('wire'), durable)).consume({ max_messages: 16 });
+    mlog.debug('wire lane open', { consumer: durable });
+    const inFlight = new Set<Promise<void>>();
+    let inFlightBytes = 0;
+    const saturation = new Saturation();
+    const send = (m: JsMsg): void => {
+      const cpuStart = cpu.start();
+      const started = performance.now();
+      const size = m.data.byteLength;
+      // only traced chunks carry a traceparent (capture chose them)
+      const parent = traceparentFrom(m.headers);
+      const chunkSpan = parent ? startSpan('send chunk', parent, { 'handoff.actor': 'sender', 'handoff.bytes': size }) : undefined;
+      inFlightBytes += size;
+      const p = link
+        .sendChunk(m.data)
+        .then(({ frameBytes, sends }) => {
+          m.ack();
+          announceRoom(bus.nc, 'wire');
+          chunkSpan?.setAttributes({ 'handoff.frame_bytes': frameBytes, 'handoff.sends': sends });
+          chunkSpan?.end();
+          const chunk = { migrationId: d.migrationId, streamSeq: m.seq, bytesIn: size, frameBytes, sends, cpuMs: cpu.finish(cpuStart), wallMs: performance.now() - started };
+          const reading = { bandwidthBps: link.bandwidth.bandwidthBps, averageBandwidthBps: link.averageBandwidthBps, linkBoundShare: saturation.linkBoundShare, reconnects: link.takeReconnects() };
+          ctx.publishStats(ackedChunkStats(chunk, reading));
+        })
+        .catch((err: Error) => {
+          chunkSpan?.setStatus({ code: SpanStatusCode.ERROR, message: err.message });
+          chunkSpan?.end();
+          mlog.warn('chunk not acknowledged, will be redelivered', { reason: err.message });
+          m.nak(1000);
+        })
+        .finally(() => {
+          inFlightBytes -= size;
+          inFlight.delete(p);
+        });
+      inFlight.add(p);
+    };
+    const done = (async () => {
+      saturation.idle();
+      for await (const m of messages) {
+        saturation.busy();
+        try {
+          send(m);
+          saturation.linkBound();
+          while (inFlightBytes > inFlightLimitBytes(link.bandwidth.bandwidthBps) && inFlight.size > 0) await Promise.race(inFlight);
+        } catch (err) {
+          mlog.error('cannot send chunk', { reason: errorMessage(err) });
+          m.nak(2000);
+        }
+        saturation.idle();
+      }
+      await Promise.all(inFlight);
+    })();
+    return new WireLane(done, () => messages.stop());
+  }
+
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.stopReading();
+    await this.done.catch(() => undefined);
+  }
+}
+
+/** One WAN link per migration, opened by its first event, with its lane of the wire queue. */
 class Links {
-  private readonly links = new Map<string, Promise<WanLink>>();
+  private readonly links = new Map<string, Promise<{ link: WanLink; lane: WireLane; descriptor: MigrationDescriptor }>>();
   // `cpu` is shared with the chunks' statistics: no CPU is counted twice
   constructor(
     private readonly ctx: ActorContext,
@@ -38,27 +130,47 @@ class Links {
     private readonly cpu: CpuAccount,
   ) {}
 
-  open(d: MigrationDescriptor, mlog: Logger): Promise<WanLink> {
+  async open(d: MigrationDescriptor, mlog: Logger): Promise<WanLink> {
     let p = this.links.get(d.migrationId);
-    if (p) return p;
-    p = this.connect(d, mlog);
-    this.links.set(d.migrationId, p);
-    p.catch(() => this.links.delete(d.migrationId));
-    return p;
+    if (!p) {
+      p = this.connect(d, mlog);
+      this.links.set(d.migrationId, p);
+      p.catch(() => this.links.delete(d.migrationId));
+    }
+    return (await p).link;
   }
 
   /** the links' measured bandwidths added up (bits/s), those not yet measured as 0 */
   async totalBandwidthBps(): Promise<number> {
     let bps = 0;
-    for (const p of this.links.values()) bps += (await p.catch(() => undefined))?.bandwidth.bandwidthBps ?? 0;
+    for (const p of this.links.values()) bps += (await p.catch(() => undefined))?.link.bandwidth.bandwidthBps ?? 0;
     return bps;
   }
 
-  async closeAll(): Promise<void> {
-    for (const p of this.links.values()) (await p.catch(() => undefined))?.close();
+  /** what the wire queue must hold for every lane's migration to have its whole backlog there */
+  async backlogBytes(): Promise<number> {
+    let bytes = 0;
+    for (const p of this.links.values()) {
+      const open = await p.catch(() => undefined);
+      if (open) bytes += MIGRATION_BACKLOG_MAX_MESSAGES * open.descriptor.chunkPages * PAGE_SIZE;
+    }
+    return bytes;
   }
 
-  private async connect(d: MigrationDescriptor, mlog: Logger): Promise<WanLink> {
+  /** The migration's lane stopped and its link closed (it has ended). */
+  async drop(migrationId: string): Promise<void> {
+    const p = this.links.get(migrationId);
+    this.links.delete(migrationId);
+    const open = await p?.catch(() => undefined);
+    await open?.lane.stop();
+    open?.link.close();
+  }
+
+  async closeAll(): Promise<void> {
+    for (const migrationId of [...this.links.keys()]) await this.drop(migrationId);
+  }
+
+  private async connect(d: MigrationDescriptor, mlog: Logger): Promise<{ link: WanLink; lane: WireLane; descriptor: MigrationDescriptor }> {
     const { ctx } = this;
     // the link's span: child of the migration's root; the destination's spans hang under it
     const span = startSpan('wan link', d.traceparent, { 'handoff.actor': 'sender', 'handoff.migration': d.migrationId, 'handoff.destination': d.destination });
@@ -70,6 +182,10 @@ class Links {
       ...(d.linkDeadlineMs ? { deadlineMs: d.linkDeadlineMs } : {}),
       log: mlog,
     });
+    const lane = await WireLane.start(ctx, d, link, this.cpu, mlog).catch((err: unknown) => {
+      link.close();
+      throw err;
+    });
     mlog.info('destination accepted', { destination: d.destination });
     await ctx.publishEvent(d.migrationId, { type: 'accepted', destinationBaseHashes });
     // while capture starts: the link's speed, so an adaptive migration's first mode fits it
@@ -79,8 +195,14 @@ class Links {
         if (bandwidthBps === undefined) return;
         mlog.info('link probed', { bandwidthBps: Math.round(bandwidthBps) });
         ctx.publishStats(probeStats(d.migrationId, bandwidthBps, this.cpu.finish(cpuStart)));
-      });
+      // a link lost mid-probe fails the migration through link.result; the probe only goes unread
+      }, (err: unknown) => mlog.warn('link probe not finished', { reason: errorMessage(err) }));
     }
+    const ended = async (): Promise<void> => {
+      await lane.stop();
+      link.close();
+      this.links.delete(d.migrationId);
+    };
     link.result.then(
       async (result) => {
         if (result.vmReady) {
@@ -92,7 +214,7 @@ class Links {
             const failure = commitFailure(err instanceof DestinationError, errorMessage(err));
             mlog.error(failure.log, { reason: errorMessage(err) });
             await ctx.fail(d.migrationId, failure.reason, failure.committed ? { committed: true } : undefined);
-            this.links.delete(d.migrationId);
+            await ended();
             return;
           }
         }
@@ -100,28 +222,29 @@ class Links {
         span.end();
         mlog.info('destination result', { verified: result.verified });
         await ctx.publishEvent(d.migrationId, { type: 'result', result });
-        link.close();
-        this.links.delete(d.migrationId);
+        await ended();
       },
       async (err: Error) => {
         span.setStatus({ code: SpanStatusCode.ERROR, message: err.message });
         span.end();
         mlog.error('WAN link failed', { reason: err.message });
         await ctx.fail(d.migrationId, err.message);
-        this.links.delete(d.migrationId);
+        await ended();
       },
     );
-    return link;
+    return { link, lane, descriptor: d };
   }
 }
 
-async function startSender(ctx: ActorContext): Promise<ActorWiring> {
-  const { bus, log, descriptors } = ctx;
+async function startSender(ctx: ActorContext): Promise<ActorWiring & { links: Links }> {
+  const { bus, log } = ctx;
   // the link's credentials are this process's own (environment or files), never on the bus
   const security = linkSecurityFromEnv();
   // the sender's CPU per chunk: from the chunk's arrival or the previous statistics message, whichever came later
   const cpu = new CpuAccount();
   const links = new Links(ctx, security, cpu);
+  // one consumer per migration now: the shared one of earlier versions would overlap them
+  await bus.jsm.consumers.delete(streamOf('wire'), durableName('wire')).catch(() => undefined);
 
   // the destination refusing is the migration's answer, not the sender failing
   const onError = async (type: 'start' | 'captured', err: unknown, migrationId: string, mlog: Logger): Promise<void> => {
@@ -156,82 +279,30 @@ async function startSender(ctx: ActorContext): Promise<ActorWiring> {
     { maxMessages: 4, onError: (err, migrationId, mlog) => onError('captured', err, migrationId, mlog) },
   );
 
-  // the wire queue follows the bandwidth (unless fixed by HANDOFF_WIRE_STREAM_MAX_BYTES)
+  // the wire queue follows the bandwidth, and holds every migration's backlog (unless fixed by HANDOFF_WIRE_STREAM_MAX_BYTES)
   let wireQueueBytes = WIRE_QUEUE_MIN_BYTES;
   const sizer = setInterval(() => {
     if (process.env.HANDOFF_WIRE_STREAM_MAX_BYTES) return;
     void (async () => {
       const bps = await links.totalBandwidthBps();
-      const target = wireQueueResizeBytes(bps, wireQueueBytes, { minBytes: WIRE_QUEUE_MIN_BYTES, maxBytes: WIRE_QUEUE_MAX_BYTES });
+      const backlogBytes = await links.backlogBytes();
+      const sized = wireQueueResizeBytes(bps, wireQueueBytes, { minBytes: Math.max(WIRE_QUEUE_MIN_BYTES, backlogBytes), maxBytes: Math.max(WIRE_QUEUE_MAX_BYTES, backlogBytes) });
+      const target = sized ?? (wireQueueBytes < backlogBytes ? backlogBytes : undefined);
       if (target === undefined) return;
       wireQueueBytes = target;
       await resizeWireQueue(bus, target);
-      log.debug('wire queue resized', { maxBytes: Math.round(target), bandwidthBps: Math.round(bps) });
+      log.debug('wire queue resized', { maxBytes: Math.round(target), bandwidthBps: Math.round(bps), backlogBytes });
     })().catch((err: unknown) => log.warn('cannot resize the wire queue', { reason: errorMessage(err) }));
   }, 1000);
-
-  const durable = await ensureWorkConsumer(bus, 'wire', undefined, WIRE_ACK_WAIT_MS);
-  const messages = await (await bus.js.consumers.get(streamOf('wire'), durable)).consume({ max_messages: 16 });
-  log.info('ready', { consumer: durable });
-  const inFlight = new Set<Promise<void>>();
-  let inFlightBytes = 0;
-  const saturation = new Saturation();
-  const done = (async () => {
-    saturation.idle();
-    for await (const m of messages) {
-      saturation.busy();
-      // handoff.wire.<partition>.<migrationId>
-      const migrationId = m.subject.split('.')[3]!;
-      const mlog = ctx.logFor(migrationId);
-      try {
-        const link = await links.open(await descriptors.get(migrationId), mlog);
-        const cpuStart = cpu.start();
-        const started = performance.now();
-        const size = m.data.byteLength;
-        // only traced chunks carry a traceparent (capture chose them)
-        const parent = traceparentFrom(m.headers);
-        const chunkSpan = parent ? startSpan('send chunk', parent, { 'handoff.actor': 'sender', 'handoff.bytes': size }) : undefined;
-        const sent = link.sendChunk(m.data);
-        inFlightBytes += size;
-        const p = sent
-          .then(({ frameBytes, sends }) => {
-            m.ack();
-            announceRoom(bus.nc, 'wire');
-            chunkSpan?.setAttributes({ 'handoff.frame_bytes': frameBytes, 'handoff.sends': sends });
-            chunkSpan?.end();
-            const chunk = { migrationId, streamSeq: m.seq, bytesIn: size, frameBytes, sends, cpuMs: cpu.finish(cpuStart), wallMs: performance.now() - started };
-            const reading = { bandwidthBps: link.bandwidth.bandwidthBps, averageBandwidthBps: link.averageBandwidthBps, linkBoundShare: saturation.linkBoundShare, reconnects: link.takeReconnects() };
-            ctx.publishStats(ackedChunkStats(chunk, reading));
-          })
-          .catch((err: Error) => {
-            chunkSpan?.setStatus({ code: SpanStatusCode.ERROR, message: err.message });
-            chunkSpan?.end();
-            mlog.warn('chunk not acknowledged, will be redelivered', { reason: err.message });
-            m.nak(1000);
-          })
-          .finally(() => {
-            inFlightBytes -= size;
-            inFlight.delete(p);
-          });
-        inFlight.add(p);
-        saturation.linkBound();
-        while (inFlightBytes > inFlightLimitBytes(link.bandwidth.bandwidthBps) && inFlight.size > 0) await Promise.race(inFlight);
-        saturation.idle();
-      } catch (err) {
-        mlog.error('cannot send chunk', { reason: errorMessage(err) });
-        m.nak(2000);
-      }
-      saturation.idle();
-    }
-    await Promise.all(inFlight);
-  })();
+  log.info('ready', { consumer: 'wire-<migration>' });
 
   return {
-    done,
+    links,
+    // the event bindings end when the bus goes; the lanes with their links
+    done: Promise.all([starts.done, captures.done]).then(() => undefined),
     stop: async () => {
       clearInterval(sizer);
-      messages.stop();
-      await Promise.all([done.catch(() => undefined), starts.stop(), captures.stop()]);
+      await Promise.all([starts.stop(), captures.stop()]);
       await links.closeAll();
     },
   };

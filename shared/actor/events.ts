@@ -15,7 +15,7 @@ export interface EventHandler {
 }
 
 export interface EventBindingOptions {
-  /** events handled at once */
+  /** events handled at once (of different migrations: one migration's events are handled in order) */
   maxMessages: number;
   /** a handler that runs long tells JetStream so this often, so the event is not delivered again meanwhile */
   heartbeatMs?: number;
@@ -38,20 +38,35 @@ export async function consumeEvents(ctx: ActorContext, type: MigrationEvent['typ
       log.error(`${type} failed`, { reason: errorMessage(err) });
       await ctx.fail(migrationId, errorMessage(err));
     });
+  // events of different migrations are handled at once (up to maxMessages), one migration's in order
+  const inFlight = new Set<Promise<void>>();
+  const lastOf = new Map<string, Promise<void>>();
+  const handleOne = async (m: JsMsg, migrationId: string): Promise<void> => {
+    const log = ctx.logFor(migrationId);
+    try {
+      await handle(m, await ctx.descriptors.get(migrationId), log);
+    } catch (err) {
+      await onError(err, migrationId, log);
+    } finally {
+      m.ack();
+    }
+  };
   const done = (async () => {
     for await (const m of messages) {
       const migrationId = eventMigrationId(m.subject);
-      const log = ctx.logFor(migrationId);
+      const previous = lastOf.get(migrationId) ?? Promise.resolve();
+      // from its arrival: an event waiting behind its migration's previous one is not delivered again
       const heartbeat = options.heartbeatMs ? setInterval(() => m.working(), options.heartbeatMs) : undefined;
-      try {
-        await handle(m, await ctx.descriptors.get(migrationId), log);
-      } catch (err) {
-        await onError(err, migrationId, log);
-      } finally {
+      const p: Promise<void> = previous.then(() => handleOne(m, migrationId)).finally(() => {
         clearInterval(heartbeat);
-        m.ack();
-      }
+        inFlight.delete(p);
+        if (lastOf.get(migrationId) === p) lastOf.delete(migrationId);
+      });
+      lastOf.set(migrationId, p);
+      inFlight.add(p);
+      if (inFlight.size >= options.maxMessages) await Promise.race(inFlight);
     }
+    await Promise.all(inFlight);
   })();
   return {
     done,

@@ -17,7 +17,7 @@ import {
 } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
 import { TimeoutError, connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
-import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, deadLetterSubject, statsSubject, durableName, eventSubject, workFilter, workStageOf, type WorkStage } from './subjects.js';
+import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, WORK_STAGES, deadLetterSubject, migrationWireDurable, migrationWorkFilter, statsSubject, durableName, eventSubject, workFilter, workStageOf, type WorkStage } from './subjects.js';
 import { ROOM_WAIT_MAX_MS, nextRoomWaitMs, roomWatch } from './room.js';
 import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from '../model/migration.js';
 import { recordStats } from '../telemetry/telemetry.js';
@@ -158,6 +158,34 @@ export async function publishDeadLetter(bus: Bus, stage: string, migrationId: st
   await bus.js.publish(deadLetterSubject(stage, migrationId), data, { headers: h });
 }
 
+/**
+ * Messages of one migration still in the work streams: not yet acknowledged by the stage that
+ * takes them (a stage publishes its output before it acknowledges its input, so a chunk between
+ * stages is counted once at least). Zero: everything published for it has reached the destination.
+ * Other migrations' messages are not counted: each migration's rounds wait on its own chunks.
+ */
+export async function migrationBacklog(bus: Bus, migrationId: string): Promise<number> {
+  const counts = await Promise.all(
+    WORK_STAGES.map(async (stage) => {
+      const info = await bus.jsm.streams.info(STREAMS[stage], { subjects_filter: migrationWorkFilter(stage, migrationId) });
+      return Object.values(info.state.subjects ?? {}).reduce((a, n) => a + n, 0);
+    }),
+  );
+  return counts.reduce((a, n) => a + n, 0);
+}
+
+/**
+ * Waits until `migrationId` has fewer than `below` messages in the work streams; fails once its
+ * descriptor is gone (the migration ended meanwhile).
+ */
+export async function waitMigrationBacklog(bus: Bus, migrationId: string, below: number, pollMs = 20): Promise<void> {
+  for (let i = 0; ; i++) {
+    if ((await migrationBacklog(bus, migrationId)) < below) return;
+    if (i % 10 === 9 && !(await bus.migrations.get(migrationId).catch(() => null))?.length) throw new Error(`the migration ${migrationId} ended while its chunks were on their way`);
+    await new Promise((r) => setTimeout(r, pollMs));
+  }
+}
+
 export function streamOf(stage: WorkStage): string {
   return STREAMS[stage];
 }
@@ -172,6 +200,28 @@ export const MAX_DELIVERIES = 5;
  * stalled) count too, and at max_deliver the server drops a message without a word.
  */
 const SERVER_MAX_DELIVER = 4 * MAX_DELIVERIES;
+
+/**
+ * The durable consumer of one migration's wire messages: the sender reads each migration's chunks
+ * at its own link's pace, so a slow link holds back no other migration's chunks.
+ */
+export async function ensureMigrationWireConsumer(bus: Bus, migrationId: string, ackWaitMs: number): Promise<string> {
+  const durable = migrationWireDurable(migrationId);
+  await bus.jsm.consumers.add(STREAMS.wire, {
+    durable_name: durable,
+    ack_policy: AckPolicy.Explicit,
+    filter_subject: migrationWorkFilter('wire', migrationId),
+    ack_wait: nanos(ackWaitMs),
+    max_deliver: SERVER_MAX_DELIVER,
+  });
+  return durable;
+}
+
+/** A migration that has ended: its wire consumer deleted and what is left of its messages purged from every work stream. */
+export async function dropMigrationWork(bus: Bus, migrationId: string): Promise<void> {
+  await bus.jsm.consumers.delete(STREAMS.wire, migrationWireDurable(migrationId)).catch(() => undefined);
+  for (const stage of WORK_STAGES) await bus.jsm.streams.purge(STREAMS[stage], { filter: migrationWorkFilter(stage, migrationId) }).catch(() => undefined);
+}
 
 /** Creates (or keeps) the durable pull consumer a stage's instances share. */
 export async function ensureWorkConsumer(bus: Bus, stage: WorkStage, partition: number | undefined, ackWaitMs: number): Promise<string> {

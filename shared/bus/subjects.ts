@@ -12,7 +12,8 @@ export const STREAMS = {
   dead: 'HANDOFF_DEAD',
 } as const;
 
-export type WorkStage = 'dedup' | 'delta' | 'compress' | 'wire';
+export const WORK_STAGES = ['dedup', 'delta', 'compress', 'wire'] as const;
+export type WorkStage = (typeof WORK_STAGES)[number];
 
 /** `handoff.<stage>.<partition>.<migrationId>`; only dedup has more than partition 0. */
 export function workSubject(stage: WorkStage, migrationId: string, partition = 0): string {
@@ -32,6 +33,16 @@ export function roomSubject(stage: WorkStage): string {
 
 export function workFilter(stage: WorkStage, partition?: number): string {
   return partition === undefined ? `handoff.${stage}.>` : `handoff.${stage}.${partition}.*`;
+}
+
+/** one migration's messages in a stage's stream, every partition */
+export function migrationWorkFilter(stage: WorkStage, migrationId: string): string {
+  return `handoff.${stage}.*.${migrationId}`;
+}
+
+/** the sender's durable consumer of one migration's wire messages (migration ids are [A-Za-z0-9_-]) */
+export function migrationWireDurable(migrationId: string): string {
+  return `wire-${migrationId}`;
 }
 
 /** Durable consumer shared by every instance of a stage (and partition). */
