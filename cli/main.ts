@@ -80,7 +80,8 @@ A running VM, started however its owner starts QEMU (ordinary RAM, any devices):
   and a VM waiting for an incoming migration, migrated away or migrating already; capture then
   refuses, before it publishes anything, a VM whose RAM blocks are not the base's. Rounds are QEMU's passes over its dirty log; the pace
   this handoff reads the stream at is the pipeline's, so QEMU's bandwidth estimate is the link's.
-  The disk is still read whole in round 0 and the last round. Until QEMU stops the VM a failure
+  The disk's pages come from the base's dirty bitmap over NBD (read whole only where QEMU lacks
+  the bitmap). Until QEMU stops the VM a failure
   cancels QEMU's migration and the VM runs on; after, the source VM is resumed unless the
   destination may run it. The summary gives the rounds, QEMU's own downtime, and how far
   auto-converge throttled the guest.

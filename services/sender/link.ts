@@ -375,6 +375,8 @@ export class WanLink {
     const pieces = encodeChunkFrame(frameNo, chunk);
     await this.limiter?.take(pieces[0].byteLength + pieces[1].byteLength);
     const { frame, acked } = this.pending.add(frameNo, pieces);
+    // a link failing while we wait for its connection rejects this too, and the caller gets that error instead
+    acked.catch(() => undefined);
     this.firstSendMs ??= performance.now();
     const conn = await this.connection();
     // unless a resume sent it already (or it was acknowledged): a write cut short by a drop is left

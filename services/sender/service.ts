@@ -6,7 +6,7 @@
  * of bytes in flight, so a slow link holds no other migration's chunks back.
  */
 import { SpanStatusCode } from '@opentelemetry/api';
-import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, dropMigrationWork, ensureMigrationWireConsumer, resizeWireQueue, streamOf, type JsMsg } from '../../shared/bus/bus.js';
+import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, dropMigrationWork, purgeEndedWireWork, ensureMigrationWireConsumer, resizeWireQueue, streamOf, type JsMsg } from '../../shared/bus/bus.js';
 import { MIGRATION_BACKLOG_MAX_MESSAGES } from '../../shared/config/limits.js';
 import { PAGE_SIZE } from '../../shared/image/pages.js';
 import { durableName } from '../../shared/bus/subjects.js';
@@ -24,6 +24,8 @@ import { DestinationError, WanLink } from './link.js';
 
 /** How long JetStream waits for a wire message's ack: a chunk is acked only once the receiver has it. */
 const WIRE_ACK_WAIT_MS = 120_000;
+/** How often the wire queue is swept of ended migrations' chunks. */
+const WIRE_SWEEP_MS = 2000;
 
 export function senderActor(): ActorDefinition {
   let links: Links | undefined;
@@ -294,6 +296,11 @@ async function startSender(ctx: ActorContext): Promise<ActorWiring & { links: Li
       log.debug('wire queue resized', { maxBytes: Math.round(target), bandwidthBps: Math.round(bps), backlogBytes });
     })().catch((err: unknown) => log.warn('cannot resize the wire queue', { reason: errorMessage(err) }));
   }, 1000);
+  const sweeper = setInterval(() => {
+    void purgeEndedWireWork(bus)
+      .then((purged) => { if (purged.length) log.info('ended migrations\' chunks purged from the wire queue', { migrations: purged.join(',') }); })
+      .catch((err: unknown) => log.debug('cannot sweep the wire queue', { reason: errorMessage(err) }));
+  }, WIRE_SWEEP_MS);
   log.info('ready', { consumer: 'wire-<migration>' });
 
   return {
@@ -302,6 +309,7 @@ async function startSender(ctx: ActorContext): Promise<ActorWiring & { links: Li
     done: Promise.all([starts.done, captures.done]).then(() => undefined),
     stop: async () => {
       clearInterval(sizer);
+      clearInterval(sweeper);
       await Promise.all([starts.stop(), captures.stop()]);
       await links.closeAll();
     },

@@ -186,6 +186,23 @@ export async function waitMigrationBacklog(bus: Bus, migrationId: string, below:
   }
 }
 
+/**
+ * Purges the wire messages of migrations that have ended (descriptor gone): a stage that held one
+ * of their chunks while they ended publishes it after their purge, and with no consumer left it
+ * would hold the wire queue's room for good. Returns the migrations purged.
+ */
+export async function purgeEndedWireWork(bus: Bus): Promise<string[]> {
+  const info = await bus.jsm.streams.info(STREAMS.wire, { subjects_filter: workFilter('wire') });
+  const migrationIds = new Set(Object.keys(info.state.subjects ?? {}).map((subject) => subject.split('.')[3]!));
+  const purged: string[] = [];
+  for (const migrationId of migrationIds) {
+    if ((await bus.migrations.get(migrationId).catch(() => null))?.length) continue;
+    await bus.jsm.streams.purge(STREAMS.wire, { filter: migrationWorkFilter('wire', migrationId) });
+    purged.push(migrationId);
+  }
+  return purged;
+}
+
 export function streamOf(stage: WorkStage): string {
   return STREAMS[stage];
 }
