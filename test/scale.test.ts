@@ -299,6 +299,9 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
     const queued = async (): Promise<number> => (await bus.jsm.streams.info(STREAMS.dedup, { subjects_filter: subject })).state.subjects?.[subject] ?? 0;
     let open: () => void = () => undefined;
     const looked = new Promise<void>((resolve) => (open = resolve));
+    // nothing consumes here: the migration's backlog budget would hold capture, not the gate
+    const budget = process.env.HANDOFF_MIGRATION_BACKLOG;
+    process.env.HANDOFF_MIGRATION_BACKLOG = String(Number.MAX_SAFE_INTEGER);
     try {
       const round = captureRound(bus, d, 0, createLogger({ stage: 'capture' }), undefined, gate(looked));
       await check(queued, open);
@@ -306,6 +309,8 @@ describe('scale-out of compress workers', { timeout: 300_000 }, () => {
       assert.ok(r.slices > 4 * HEAD_START_CHUNKS, `${r.slices} chunks: too few to tell`);
       assert.equal(await queued(), r.slices, 'chunks queued after the look');
     } finally {
+      if (budget === undefined) delete process.env.HANDOFF_MIGRATION_BACKLOG;
+      else process.env.HANDOFF_MIGRATION_BACKLOG = budget;
       await bus.jsm.streams.purge(STREAMS.dedup, { filter: subject }).catch(() => undefined);
       await bus.close();
     }

@@ -7,7 +7,7 @@ import { open } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { loadBaseIndex } from '../../shared/image/base-index.js';
 import { publishStats, publishWork, waitMigrationBacklog, type Bus } from '../../shared/bus/bus.js';
-import { MIGRATION_BACKLOG_MAX_MESSAGES } from '../../shared/config/limits.js';
+import { migrationBacklogMaxMessages } from '../../shared/config/limits.js';
 import { chunkKey, type Chunk } from '../../shared/model/chunk.js';
 import { encodeChunk } from '../../shared/wire/chunk-codec.js';
 import { BadImageError, BaseMismatchError } from '../../shared/model/errors.js';
@@ -98,7 +98,7 @@ export class RoundPublisher {
       this.gate = undefined;
     } else if (this.headStart) await this.headStart;
     // this migration's chunks wait here, not in the streams other migrations share
-    if (++this.published % BACKLOG_CHECK_EVERY === 0) await waitMigrationBacklog(this.bus, d.migrationId, MIGRATION_BACKLOG_MAX_MESSAGES);
+    if (++this.published % BACKLOG_CHECK_EVERY === 0) await waitMigrationBacklog(this.bus, d.migrationId, migrationBacklogMaxMessages());
     // a traced chunk starts its chain of spans here (one per stage it passes)
     let traceparent: string | undefined;
     if (d.traceparent && chunkTraced(chunk.seq, d.traceEveryChunks)) {

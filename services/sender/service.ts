@@ -7,7 +7,7 @@
  */
 import { SpanStatusCode } from '@opentelemetry/api';
 import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, dropMigrationWork, purgeEndedWireWork, ensureMigrationWireConsumer, resizeWireQueue, streamOf, type JsMsg } from '../../shared/bus/bus.js';
-import { MIGRATION_BACKLOG_MAX_MESSAGES } from '../../shared/config/limits.js';
+import { migrationBacklogMaxMessages } from '../../shared/config/limits.js';
 import { PAGE_SIZE } from '../../shared/image/pages.js';
 import { durableName } from '../../shared/bus/subjects.js';
 import { RefusedError, errorMessage } from '../../shared/model/errors.js';
@@ -154,7 +154,7 @@ class Links {
     let bytes = 0;
     for (const p of this.links.values()) {
       const open = await p.catch(() => undefined);
-      if (open) bytes += MIGRATION_BACKLOG_MAX_MESSAGES * open.descriptor.chunkPages * PAGE_SIZE;
+      if (open) bytes += migrationBacklogMaxMessages() * open.descriptor.chunkPages * PAGE_SIZE;
     }
     return bytes;
   }

@@ -20,4 +20,6 @@ export const MAX_DEVICE_STATE_CHARS = NATS_MAX_PAYLOAD_BYTES - CAPTURED_EVENT_OV
  * so a slow link's chunks cannot fill a stream another migration's chunks must pass through.
  * The sender sizes the wire stream to hold this much of every migration it serves.
  */
-export const MIGRATION_BACKLOG_MAX_MESSAGES = Number(process.env.HANDOFF_MIGRATION_BACKLOG ?? 32);
+export function migrationBacklogMaxMessages(): number {
+  return Number(process.env.HANDOFF_MIGRATION_BACKLOG ?? 32);
+}
