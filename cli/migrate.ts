@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
 import { DeliverPolicy } from '@nats-io/jetstream';
 import { checkImage, loadBaseIndex } from '../shared/image/base-index.js';
-import { connectBus, publishEvent, type Bus } from '../shared/bus/bus.js';
+import { connectBus, publishEvent, subscribeParsed, type Bus } from '../shared/bus/bus.js';
 import { BadImageError, errorMessage } from '../shared/model/errors.js';
 import { linkSecurityFromEnv } from '../shared/wire/link-security.js';
 import { createLogger, type Logger } from '../shared/telemetry/log.js';
@@ -16,7 +16,8 @@ import { QmpClient } from '../shared/vm/qmp.js';
 import type { Mode } from '../shared/model/mode.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
 import { PAGE_SIZE } from '../shared/image/pages.js';
-import { STREAMS, eventSubject, statsSubject } from '../shared/bus/subjects.js';
+import { STREAMS, eventSubject, linkSubject, statsSubject } from '../shared/bus/subjects.js';
+import { parseLinkReport } from '../shared/model/link-report.js';
 import { runTunerService } from '../services/tuner/service.js';
 import type { Span } from '@opentelemetry/api';
 import { startSpan, traceparentOf } from '../shared/telemetry/telemetry.js';
@@ -164,16 +165,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     if (options.stop?.aborted) throw new MigrationStoppedError();
 
     const stats = new StatsCollector();
-    const statsSub = bus.nc.subscribe(statsSubject(migrationId, '*'), {
-      callback: (err, msg) => {
-        if (err) return;
-        try {
-          stats.add(parseStats(msg.data));
-        } catch (e) {
-          log.warn('malformed statistics ignored', { reason: errorMessage(e) });
-        }
-      },
-    });
+    const statsSub = subscribeParsed(bus, statsSubject(migrationId, '*'), parseStats, (s) => stats.add(s), (e) => log.warn('malformed statistics ignored', { reason: errorMessage(e) }));
+    const linkSub = subscribeParsed(bus, linkSubject(migrationId), parseLinkReport, (r) => stats.addLinkReport(r), (e) => log.warn('malformed link report ignored', { reason: errorMessage(e) }));
     const events = await (await bus.js.consumers.get(STREAMS.events, { filter_subjects: eventSubject(migrationId, '*'), deliver_policy: DeliverPolicy.All })).consume();
     await publishEvent(bus, migrationId, { type: 'start' });
     log.info('started', { destination: options.to, mode: options.mode });
@@ -231,6 +224,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationSummary
     await bus.nc.flush();
     await new Promise((r) => setTimeout(r, 100));
     statsSub.unsubscribe();
+    linkSub.unsubscribe();
     const summary: MigrationSummary = {
       migrationId,
       verified: outcome?.type === 'result' && outcome.result.verified,

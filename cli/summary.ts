@@ -1,5 +1,6 @@
 /** What a migration did, gathered from the stages' statistics and events; printed as a table or JSON. */
 import type { ImageDigests, RebuildResult, RoundRecord, StageStats, TunerDecision } from '../shared/model/migration.js';
+import type { LinkReport } from '../shared/model/link-report.js';
 import { formatMode } from '../shared/model/mode.js';
 import { formatBytes, formatRate } from '../shared/config/units.js';
 import type { StreamRoundRecord } from '../services/capture/stream-core.js';
@@ -108,7 +109,7 @@ export class StatsCollector {
     st.perInstance[s.instance] = (st.perInstance[s.instance] ?? 0) + 1;
     st.instances = Object.keys(st.perInstance).length;
     for (const [k, v] of Object.entries(s.counts ?? {})) {
-      if (k === 'scannedBytes' || k === 'bandwidthBps' || k === 'averageBandwidthBps' || k === 'blocks' || k === 'linkBoundPct') continue;
+      if (k === 'scannedBytes' || k === 'blocks') continue;
       st.counts[k] = (st.counts[k] ?? 0) + v;
     }
     if (s.next === 'wire') {
@@ -122,8 +123,12 @@ export class StatsCollector {
     if (s.stage === 'sender') {
       this.wireBytes += s.bytesOut;
       this.ackedChunks++;
-      if (s.counts?.averageBandwidthBps) this.measuredBandwidthBps = s.counts.averageBandwidthBps;
     }
+  }
+
+  /** the link's average rate, as the sender reads it with each acknowledged chunk */
+  addLinkReport(r: LinkReport): void {
+    if (r.type === 'measured' && r.averageBandwidthBps) this.measuredBandwidthBps = r.averageBandwidthBps;
   }
 }
 

@@ -5,8 +5,8 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { DiscardPolicy, RetentionPolicy, StorageType } from '@nats-io/jetstream';
-import { connectBus, isStreamFull, isTransient, publishEvent, type Bus } from '../shared/bus/bus.js';
-import { STREAMS } from '../shared/bus/subjects.js';
+import { connectBus, dropMigrationWork, ensureMigrationWireConsumer, ensureWorkConsumer, isStreamFull, isTransient, publishEvent, type Bus } from '../shared/bus/bus.js';
+import { STREAMS, migrationWireDurable, workSubject } from '../shared/bus/subjects.js';
 import { MAX_DEVICE_STATE_CHARS, NATS_MAX_PAYLOAD_BYTES } from '../shared/config/limits.js';
 import { DeviceStateTooLargeError, type MigrationEvent } from '../shared/model/migration.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
@@ -87,5 +87,29 @@ describe('max_payload and the device state', { timeout: 60_000 }, () => {
       await smallBus.close();
       await small.stop();
     }
+  });
+});
+
+// nats-server before 2.9.12 (Debian's is 2.9.10) moves every consumer whose filter covers a
+// filtered purge's subject past the purged messages, skipping other subjects' messages between
+// (nats-server #3838): a migration's end purging its chunks from a stage's shared stream had left
+// another migration's chunk there, never delivered, and that handoff stalled for good.
+describe('a migration that ends, beside another', { timeout: 60_000 }, () => {
+  test('dropping its work leaves the other\'s chunks to the stages\' shared consumers and its own wire consumer', async () => {
+    const durable = await ensureWorkConsumer(bus, 'delta', undefined, 10_000);
+    await ensureMigrationWireConsumer(bus, 'm-kept', 10_000);
+    for (const stage of ['delta', 'wire'] as const) {
+      await bus.js.publish(workSubject(stage, 'm-kept'), new TextEncoder().encode(`kept ${stage}`));
+      for (let i = 0; i < 3; i++) await bus.js.publish(workSubject(stage, 'm-ended'), new TextEncoder().encode(`ended ${stage} ${i}`));
+    }
+    await dropMigrationWork(bus, 'm-ended');
+    const shared = await (await bus.js.consumers.get(STREAMS.delta, durable)).next({ expires: 2000 });
+    assert.equal(shared?.subject, workSubject('delta', 'm-kept'), 'the kept migration\'s chunk is skipped by the stage\'s consumer');
+    await shared.ackAck();
+    const own = await (await bus.js.consumers.get(STREAMS.wire, migrationWireDurable('m-kept'))).next({ expires: 2000 });
+    assert.equal(own?.subject, workSubject('wire', 'm-kept'));
+    await own.ackAck();
+    // the ended migration's wire chunks are gone (no consumer would take them); the stages drop its others as they come
+    assert.equal(Object.keys((await bus.jsm.streams.info(STREAMS.wire, { subjects_filter: '>' })).state.subjects ?? {}).length, 0);
   });
 });

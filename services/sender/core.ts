@@ -92,23 +92,6 @@ export function helloFor(d: MigrationDescriptor, linkTraceparent: string | undef
 
 const NO_MODE = { delta: 'none', compressor: 'none', level: 0 } as const;
 
-/** The link probe's reading, before any chunk: the tuner's first look at the link. */
-export function probeStats(migrationId: string, bandwidthBps: number, cpuMs: number): SenderStats {
-  return {
-    migrationId,
-    round: 0,
-    seq: 0,
-    part: 0,
-    pages: 0,
-    bytesIn: 0,
-    bytesOut: 0,
-    cpuMs,
-    wallMs: 0,
-    mode: { ...NO_MODE },
-    counts: { bandwidthBps: Math.round(bandwidthBps), probe: 1 },
-  };
-}
-
 export interface AckedChunk {
   migrationId: string;
   /** the wire stream's sequence number of the chunk's message */
@@ -123,17 +106,8 @@ export interface AckedChunk {
   wallMs: number;
 }
 
-export interface LinkReading {
-  /** the link's current bandwidth, undefined until measured */
-  bandwidthBps: number | undefined;
-  averageBandwidthBps: number;
-  linkBoundShare: number;
-  /** reconnections since the previous statistics message */
-  reconnects: number;
-}
-
-/** The statistics of one chunk the receiver acknowledged. */
-export function ackedChunkStats(chunk: AckedChunk, link: LinkReading): SenderStats {
+/** The statistics of one chunk the receiver acknowledged; `reconnects`: since the previous chunk's. */
+export function ackedChunkStats(chunk: AckedChunk, reconnects: number): SenderStats {
   return {
     migrationId: chunk.migrationId,
     round: 0,
@@ -146,12 +120,9 @@ export function ackedChunkStats(chunk: AckedChunk, link: LinkReading): SenderSta
     wallMs: chunk.wallMs,
     mode: { ...NO_MODE },
     counts: {
-      bandwidthBps: Math.round(link.bandwidthBps ?? 0),
-      averageBandwidthBps: Math.round(link.averageBandwidthBps),
-      linkBoundPct: Math.round(link.linkBoundShare * 100),
       // bytes this chunk cost beyond one copy (resent after a drop or a corrupted frame)
       resentBytes: (chunk.sends - 1) * chunk.frameBytes,
-      reconnects: link.reconnects,
+      reconnects,
     },
   };
 }

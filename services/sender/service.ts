@@ -6,7 +6,7 @@
  * of bytes in flight, so a slow link holds no other migration's chunks back.
  */
 import { SpanStatusCode } from '@opentelemetry/api';
-import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, dropMigrationWork, purgeEndedWireWork, ensureMigrationWireConsumer, resizeWireQueue, streamOf, type JsMsg } from '../../shared/bus/bus.js';
+import { WIRE_QUEUE_MAX_BYTES, WIRE_QUEUE_MIN_BYTES, dropMigrationWork, publishLinkReport, purgeEndedWireWork, ensureMigrationWireConsumer, resizeWireQueue, streamOf, type JsMsg } from '../../shared/bus/bus.js';
 import { migrationBacklogMaxMessages } from '../../shared/config/limits.js';
 import { PAGE_SIZE } from '../../shared/image/pages.js';
 import { durableName } from '../../shared/bus/subjects.js';
@@ -19,7 +19,7 @@ import { announceRoom } from '../../shared/bus/room.js';
 import { CpuAccount } from '../../shared/cpu/cpu-account.js';
 import { startSpan, traceparentFrom, traceparentOf } from '../../shared/telemetry/telemetry.js';
 import { linkSecurityFromEnv, type LinkSecurity } from '../../shared/wire/link-security.js';
-import { Saturation, ackedChunkStats, commitFailure, helloFor, inFlightLimitBytes, probeStats, wireQueueResizeBytes } from './core.js';
+import { Saturation, ackedChunkStats, commitFailure, helloFor, inFlightLimitBytes, wireQueueResizeBytes } from './core.js';
 import { DestinationError, WanLink } from './link.js';
 
 /** How long JetStream waits for a wire message's ack: a chunk is acked only once the receiver has it. */
@@ -63,6 +63,7 @@ class WireLane {
     mlog.debug('wire lane open', { consumer: durable });
     const inFlight = new Set<Promise<void>>();
     let inFlightBytes = 0;
+    let lastFailure: string | undefined;
     const saturation = new Saturation();
     const send = (m: JsMsg): void => {
       const cpuStart = cpu.start();
@@ -76,17 +77,27 @@ class WireLane {
         .sendChunk(m.data)
         .then(({ frameBytes, sends }) => {
           m.ack();
+          lastFailure = undefined;
           announceRoom(bus.nc, 'wire');
           chunkSpan?.setAttributes({ 'handoff.frame_bytes': frameBytes, 'handoff.sends': sends });
           chunkSpan?.end();
           const chunk = { migrationId: d.migrationId, streamSeq: m.seq, bytesIn: size, frameBytes, sends, cpuMs: cpu.finish(cpuStart), wallMs: performance.now() - started };
-          const reading = { bandwidthBps: link.bandwidth.bandwidthBps, averageBandwidthBps: link.averageBandwidthBps, linkBoundShare: saturation.linkBoundShare, reconnects: link.takeReconnects() };
-          ctx.publishStats(ackedChunkStats(chunk, reading));
+          ctx.publishStats(ackedChunkStats(chunk, link.takeReconnects()));
+          const bandwidthBps = link.bandwidth.bandwidthBps;
+          publishLinkReport(bus, {
+            type: 'measured',
+            migrationId: d.migrationId,
+            ...(bandwidthBps !== undefined ? { bandwidthBps: Math.round(bandwidthBps) } : {}),
+            averageBandwidthBps: Math.round(link.averageBandwidthBps),
+            linkBoundShare: saturation.linkBoundShare,
+          });
         })
         .catch((err: Error) => {
           chunkSpan?.setStatus({ code: SpanStatusCode.ERROR, message: err.message });
           chunkSpan?.end();
-          mlog.warn('chunk not acknowledged, will be redelivered', { reason: err.message });
+          // the chunks in flight fail together when the link does: said once per failure
+          if (err.message !== lastFailure) mlog.warn('chunks not acknowledged, will be redelivered', { reason: err.message });
+          lastFailure = err.message;
           m.nak(1000);
         })
         .finally(() => {
@@ -192,19 +203,14 @@ class Links {
     await ctx.publishEvent(d.migrationId, { type: 'accepted', destinationBaseHashes });
     // while capture starts: the link's speed, so an adaptive migration's first mode fits it
     if (d.adaptive) {
-      const cpuStart = this.cpu.start();
       void link.probe().then((bandwidthBps) => {
         if (bandwidthBps === undefined) return;
         mlog.info('link probed', { bandwidthBps: Math.round(bandwidthBps) });
-        ctx.publishStats(probeStats(d.migrationId, bandwidthBps, this.cpu.finish(cpuStart)));
+        publishLinkReport(ctx.bus, { type: 'probed', migrationId: d.migrationId, bandwidthBps: Math.round(bandwidthBps) });
       // a link lost mid-probe fails the migration through link.result; the probe only goes unread
       }, (err: unknown) => mlog.warn('link probe not finished', { reason: errorMessage(err) }));
     }
-    const ended = async (): Promise<void> => {
-      await lane.stop();
-      link.close();
-      this.links.delete(d.migrationId);
-    };
+    const ended = (): Promise<void> => this.drop(d.migrationId);
     link.result.then(
       async (result) => {
         if (result.vmReady) {

@@ -6,10 +6,12 @@
  * look finds the link the bottleneck, it probes the ratios of the migration's own pages (probes.ts);
  * the look itself is in look.ts, the model in core.ts and model.ts.
  */
-import { eventSubject } from '../../shared/bus/subjects.js';
+import { LINK_FILTER, STATS_FILTER, eventSubject } from '../../shared/bus/subjects.js';
+import { subscribeParsed } from '../../shared/bus/bus.js';
 import { errorMessage } from '../../shared/model/errors.js';
 import { runActor, type ActorContext, type ActorDefinition, type ActorWiring, type RunningService } from '../../shared/actor/shell.js';
 import { parseStats, type StageStats } from '../../shared/model/migration.js';
+import { parseLinkReport, type LinkReport } from '../../shared/model/link-report.js';
 import { startSpan } from '../../shared/telemetry/telemetry.js';
 import type { Mode } from '../../shared/model/mode.js';
 import { ModeWatcher } from '../../shared/bus/registry.js';
@@ -139,22 +141,26 @@ async function startTuner(ctx: ActorContext, profile: Profile, following: Follow
       .catch((err: unknown) => log.warn('decision failed', { migration: migrationId, reason: errorMessage(err) }));
   };
 
-  /** one statistics message: the sender's link probe (the first look need not wait for ACKs), or a chunk's */
+  /** one chunk's statistics */
   const onStats = (s: StageStats, f: Followed): void => {
     f.lastStatsMs = performance.now();
-    if (s.counts?.probe) {
-      f.probedBandwidthBps = s.counts.bandwidthBps ?? 0;
-      if (f.measuredBandwidthBps === 0 && f.probedBandwidthBps > 0) look(s.migrationId, f);
+    f.tuner.observe(s);
+  };
+
+  /** the sender's link probe (the first look need not wait for ACKs), or its reading with a chunk's ACK */
+  const onLinkReport = (r: LinkReport, f: Followed): void => {
+    f.lastStatsMs = performance.now();
+    if (r.type === 'probed') {
+      f.probedBandwidthBps = r.bandwidthBps;
+      if (f.measuredBandwidthBps === 0 && f.probedBandwidthBps > 0) look(r.migrationId, f);
       return;
     }
-    f.tuner.observe(s);
-    if (s.stage === 'sender' && s.counts?.bandwidthBps) {
-      // the sender counts only the time the link had frames to carry: its figure is the
-      // link's rate even while the pipeline is the bottleneck (no guess from the idle share)
-      f.measuredBandwidthBps = s.counts.bandwidthBps;
-      f.linkBoundShare = (s.counts.linkBoundPct ?? 100) / 100;
-      if (bandwidthMoved(f, performance.now())) look(s.migrationId, f);
-    }
+    if (!r.bandwidthBps) return;
+    // the sender counts only the time the link had frames to carry: its figure is the
+    // link's rate even while the pipeline is the bottleneck (no guess from the idle share)
+    f.measuredBandwidthBps = r.bandwidthBps;
+    f.linkBoundShare = r.linkBoundShare;
+    if (bandwidthMoved(f, performance.now())) look(r.migrationId, f);
   };
 
   // The destination has accepted an adaptive migration: the tuner follows it from now (its first
@@ -172,20 +178,14 @@ async function startTuner(ctx: ActorContext, profile: Profile, following: Follow
     },
   });
 
-  const statsSub = bus.nc.subscribe('handoff.stats.>', {
-    callback: (err, msg) => {
-      if (err) return;
-      let s: StageStats;
-      try {
-        s = parseStats(msg.data);
-      } catch {
-        return;
-      }
-      void follow(s.migrationId).then((f) => {
-        if (f) onStats(s, f);
+  const followedBy =
+    <T extends { migrationId: string }>(on: (value: T, f: Followed) => void) =>
+    (value: T): void =>
+      void follow(value.migrationId).then((f) => {
+        if (f) on(value, f);
       });
-    },
-  });
+  const statsSub = subscribeParsed(bus, STATS_FILTER, parseStats, followedBy(onStats));
+  const linkSub = subscribeParsed(bus, LINK_FILTER, parseLinkReport, followedBy(onLinkReport));
 
   /** every half second: the cores, the handoff's own CPU shared out, a look at each migration, the wish */
   const tick = (): void => {
@@ -216,6 +216,7 @@ async function startTuner(ctx: ActorContext, profile: Profile, following: Follow
       probes.beginStop();
       clearInterval(timer);
       statsSub.unsubscribe();
+      linkSub.unsubscribe();
       acceptedSub.unsubscribe();
       // every worker in use again
       await setWantedWorkers(workers, 'compress', undefined).catch(() => undefined);

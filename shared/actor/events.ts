@@ -6,6 +6,7 @@
 import { ensureEventConsumer, type JsMsg } from '../bus/bus.js';
 import type { MigrationDescriptor, MigrationEvent } from '../model/migration.js';
 import { STREAMS } from '../bus/subjects.js';
+import { EndedMigrationError } from '../bus/registry.js';
 import { errorMessage } from '../model/errors.js';
 import type { Logger } from '../telemetry/log.js';
 import type { ActorContext, ActorWiring } from './shell.js';
@@ -46,7 +47,8 @@ export async function consumeEvents(ctx: ActorContext, type: MigrationEvent['typ
     try {
       await handle(m, await ctx.descriptors.get(migrationId), log);
     } catch (err) {
-      await onError(err, migrationId, log);
+      if (err instanceof EndedMigrationError) log.debug(`${type} of an ended migration dropped`);
+      else await onError(err, migrationId, log);
     } finally {
       m.ack();
     }

@@ -10,8 +10,8 @@ import type { Logger } from '../telemetry/log.js';
 import type { MigrationDescriptor, StageStats } from '../model/migration.js';
 import type { Mode, ModeConfig } from '../model/mode.js';
 import { WorkerGate } from '../bus/presence.js';
-import { ModeWatcher, UnknownMigrationError } from '../bus/registry.js';
-import { workSubject, type WorkStage } from '../bus/subjects.js';
+import { EndedMigrationError, ModeWatcher, UnknownMigrationError } from '../bus/registry.js';
+import { migrationOfWorkSubject, workSubject, type WorkStage } from '../bus/subjects.js';
 import { headersFor, observeQueueDepth, startSpan, traceparentFrom, traceparentOf } from '../telemetry/telemetry.js';
 import { CpuAccount } from '../cpu/cpu-account.js';
 import { announceRoom } from '../bus/room.js';
@@ -188,8 +188,13 @@ async function startStage(actor: StageActor, ctx: ActorContext, prepare: (d: Mig
       announceRoom(bus.nc, actor.input);
     } catch (err) {
       // the subject names the migration even when the message does not decode
-      const migrationId = chunk?.migrationId ?? m.subject.split('.')[3] ?? 'unknown';
+      const migrationId = chunk?.migrationId ?? migrationOfWorkSubject(m.subject) ?? 'unknown';
       const reason = errorMessage(err);
+      if (err instanceof EndedMigrationError) {
+        log.debug('chunk of an ended migration dropped', { migration: migrationId });
+        m.term(reason);
+        return;
+      }
       if (err instanceof MalformedMessageError || err instanceof UnknownMigrationError) {
         log.error('rejected message', { migration: migrationId, subject: m.subject, reason });
         await giveUp(m, migrationId, reason);

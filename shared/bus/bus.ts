@@ -16,11 +16,12 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
-import { TimeoutError, connect, headers, nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node';
-import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, WORK_STAGES, deadLetterSubject, migrationWireDurable, migrationWorkFilter, statsSubject, durableName, eventSubject, workFilter, workStageOf, type WorkStage } from './subjects.js';
+import { TimeoutError, connect, headers, nanos, type MsgHdrs, type NatsConnection, type Subscription } from '@nats-io/transport-node';
+import { BUCKETS, DEAD_FILTER, DEAD_HEADERS, EVENTS_FILTER, STREAMS, WORK_STAGES, deadLetterSubject, linkSubject, migrationOfWorkSubject, migrationWireDurable, migrationWorkFilter, statsSubject, durableName, eventSubject, workFilter, workStageOf, type WorkStage } from './subjects.js';
 import { ROOM_WAIT_MAX_MS, nextRoomWaitMs, roomWatch } from './room.js';
 import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from '../model/migration.js';
-import { recordStats } from '../telemetry/telemetry.js';
+import { recordLinkReport, recordStats } from '../telemetry/telemetry.js';
+import { encodeLinkReport, type LinkReport } from '../model/link-report.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
 import { NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
@@ -174,6 +175,11 @@ export async function migrationBacklog(bus: Bus, migrationId: string): Promise<n
   return counts.reduce((a, n) => a + n, 0);
 }
 
+/** whether the migration's descriptor is still in the bucket (a read that fails counts as gone) */
+async function migrationExists(bus: Bus, migrationId: string): Promise<boolean> {
+  return ((await bus.migrations.get(migrationId).catch(() => null))?.length ?? 0) > 0;
+}
+
 /**
  * Waits until `migrationId` has fewer than `below` messages in the work streams; fails once its
  * descriptor is gone (the migration ended meanwhile).
@@ -181,7 +187,7 @@ export async function migrationBacklog(bus: Bus, migrationId: string): Promise<n
 export async function waitMigrationBacklog(bus: Bus, migrationId: string, below: number, pollMs = 20): Promise<void> {
   for (let i = 0; ; i++) {
     if ((await migrationBacklog(bus, migrationId)) < below) return;
-    if (i % 10 === 9 && !(await bus.migrations.get(migrationId).catch(() => null))?.length) throw new Error(`the migration ${migrationId} ended while its chunks were on their way`);
+    if (i % 10 === 9 && !(await migrationExists(bus, migrationId))) throw new Error(`the migration ${migrationId} ended while its chunks were on their way`);
     await new Promise((r) => setTimeout(r, pollMs));
   }
 }
@@ -193,10 +199,10 @@ export async function waitMigrationBacklog(bus: Bus, migrationId: string, below:
  */
 export async function purgeEndedWireWork(bus: Bus): Promise<string[]> {
   const info = await bus.jsm.streams.info(STREAMS.wire, { subjects_filter: workFilter('wire') });
-  const migrationIds = new Set(Object.keys(info.state.subjects ?? {}).map((subject) => subject.split('.')[3]!));
+  const migrationIds = new Set(Object.keys(info.state.subjects ?? {}).flatMap((subject) => migrationOfWorkSubject(subject) ?? []));
   const purged: string[] = [];
   for (const migrationId of migrationIds) {
-    if ((await bus.migrations.get(migrationId).catch(() => null))?.length) continue;
+    if (await migrationExists(bus, migrationId)) continue;
     await bus.jsm.streams.purge(STREAMS.wire, { filter: migrationWorkFilter('wire', migrationId) });
     purged.push(migrationId);
   }
@@ -234,10 +240,15 @@ export async function ensureMigrationWireConsumer(bus: Bus, migrationId: string,
   return durable;
 }
 
-/** A migration that has ended: its wire consumer deleted and what is left of its messages purged from every work stream. */
+/**
+ * A migration that has ended: its wire consumer deleted and its wire messages purged. The other
+ * stages' streams are not purged: their consumers are shared, and nats-server before 2.9.12 moves a
+ * consumer whose filter covers a filtered purge past other migrations' messages (nats-server #3838);
+ * the stages drop an ended migration's chunks as they come (EndedMigrationError).
+ */
 export async function dropMigrationWork(bus: Bus, migrationId: string): Promise<void> {
   await bus.jsm.consumers.delete(STREAMS.wire, migrationWireDurable(migrationId)).catch(() => undefined);
-  for (const stage of WORK_STAGES) await bus.jsm.streams.purge(STREAMS[stage], { filter: migrationWorkFilter(stage, migrationId) }).catch(() => undefined);
+  await bus.jsm.streams.purge(STREAMS.wire, { filter: migrationWorkFilter('wire', migrationId) }).catch(() => undefined);
 }
 
 /** Creates (or keeps) the durable pull consumer a stage's instances share. */
@@ -354,6 +365,32 @@ export async function publishWork(bus: Bus, subject: string, data: Uint8Array, m
 export function publishStats(bus: Bus, stats: StageStats): void {
   recordStats(stats);
   bus.nc.publish(statsSubject(stats.migrationId, stats.stage), JSON.stringify(stats));
+}
+
+/** A link report: to this process's metrics, and on the bus for the tuner and the progress line. */
+export function publishLinkReport(bus: Bus, report: LinkReport): void {
+  recordLinkReport(report);
+  bus.nc.publish(linkSubject(report.migrationId), encodeLinkReport(report));
+}
+
+/**
+ * A core NATS subscription whose messages are checked by `parse` before `onMessage` sees them; a
+ * malformed one goes to `onMalformed`, or is dropped.
+ */
+export function subscribeParsed<T>(bus: Bus, subject: string, parse: (data: Uint8Array) => T, onMessage: (value: T) => void, onMalformed?: (err: unknown) => void): Subscription {
+  return bus.nc.subscribe(subject, {
+    callback: (err, msg) => {
+      if (err) return;
+      let value: T;
+      try {
+        value = parse(msg.data);
+      } catch (e) {
+        onMalformed?.(e);
+        return;
+      }
+      onMessage(value);
+    },
+  });
 }
 
 /** An event, ridden through a bus outage like work (the events stream never fills: it drops its oldest). */

@@ -78,6 +78,8 @@ export class DescriptorCache {
 
   private async load(migrationId: string): Promise<MigrationDescriptor> {
     const entry = await this.bucket.get(migrationId);
+    // a deleted descriptor: the migration has ended, not a stray id
+    if (entry && entry.operation !== 'PUT') throw new EndedMigrationError(`migration ${migrationId} has ended: its descriptor is deleted`);
     if (!entry || entry.length === 0) throw new UnknownMigrationError(`unknown migration id ${migrationId}: no descriptor in the migrations bucket`);
     return descriptorOf(migrationId, entry);
   }
@@ -89,6 +91,11 @@ export class DescriptorCache {
 
 export class UnknownMigrationError extends Error {
   override name = 'UnknownMigrationError';
+}
+
+/** A chunk or event of a migration that has ended (its descriptor deleted): dropped, not an error. */
+export class EndedMigrationError extends Error {
+  override name = 'EndedMigrationError';
 }
 
 /**

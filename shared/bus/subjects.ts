@@ -68,6 +68,18 @@ export const DEAD_HEADERS = { reason: 'Handoff-Reason', subject: 'Handoff-Subjec
 export function statsSubject(migrationId: string, stage: string): string {
   return `handoff.stats.${migrationId}.${stage}`;
 }
+export const STATS_FILTER = 'handoff.stats.>';
+
+/** `handoff.link.<migrationId>`: the sender's link reports (core NATS: the next one supersedes a lost one) */
+export function linkSubject(migrationId: string): string {
+  return `handoff.link.${migrationId}`;
+}
+export const LINK_FILTER = 'handoff.link.>';
+
+/** the migration a work subject (workSubject's) belongs to */
+export function migrationOfWorkSubject(subject: string): string | undefined {
+  return subject.split('.')[3];
+}
 
 export const BUCKETS = {
   /** migrationId -> MigrationDescriptor */

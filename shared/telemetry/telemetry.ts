@@ -10,6 +10,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { context, metrics, propagation, trace, type Attributes, type Context, type Span } from '@opentelemetry/api';
 import { headers as natsHeaders, type MsgHdrs } from '@nats-io/transport-node';
 import type { StageStats } from '../model/migration.js';
+import type { LinkReport } from '../model/link-report.js';
 
 export interface Telemetry {
   tracing: boolean;
@@ -132,21 +133,29 @@ let instruments:
     }
   | undefined;
 
-/** Records one chunk's statistics (called wherever they are published). */
-export function recordStats(s: StageStats): void {
-  instruments ??= {
+function instrumentsOf(): NonNullable<typeof instruments> {
+  return (instruments ??= {
     chunks: meter().createCounter('handoff_chunks', { description: 'chunks handled, by stage and mode' }),
     bytesIn: meter().createCounter('handoff_bytes_in', { unit: 'By' }),
     bytesOut: meter().createCounter('handoff_bytes_out', { unit: 'By' }),
     cpuMs: meter().createCounter('handoff_cpu', { unit: 'ms' }),
-    bandwidth: meter().createGauge('handoff_bandwidth', { unit: 'bit/s', description: 'WAN bandwidth measured from the receiver ACKs' }),
-  };
+    bandwidth: meter().createGauge('handoff_bandwidth', { unit: 'bit/s', description: 'WAN bandwidth measured from the receiver ACKs, by migration' }),
+  });
+}
+
+/** Records one chunk's statistics (called wherever they are published). */
+export function recordStats(s: StageStats): void {
+  const instruments = instrumentsOf();
   const labels = { stage: s.stage, mode: `${s.mode.delta}+${s.mode.compressor}${s.mode.compressor === 'zstd' ? s.mode.level : ''}` };
   instruments.chunks.add(1, labels);
   instruments.bytesIn.add(s.bytesIn, labels);
   instruments.bytesOut.add(s.bytesOut, labels);
   instruments.cpuMs.add(s.cpuMs, labels);
-  if (s.counts?.bandwidthBps) instruments.bandwidth.record(s.counts.bandwidthBps, { stage: s.stage });
+}
+
+/** Records a link report's bandwidth (each migration has its own link). */
+export function recordLinkReport(r: LinkReport): void {
+  if (r.bandwidthBps) instrumentsOf().bandwidth.record(r.bandwidthBps, { migration: r.migrationId });
 }
 
 /** A queue-depth gauge, read when scraped (a failed read leaves it out of that scrape). */

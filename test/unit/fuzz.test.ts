@@ -8,6 +8,7 @@ import { describe, test } from 'node:test';
 import { encodeChunk, decodeChunk } from '../../shared/wire/chunk-codec.js';
 import { PageKind, type Chunk } from '../../shared/model/chunk.js';
 import { MalformedMessageError } from '../../shared/model/errors.js';
+import { encodeLinkReport, parseLinkReport, type LinkReport } from '../../shared/model/link-report.js';
 import { encodeEvent, isDescriptor, parseEvent, parseStats, type MigrationEvent, type StageStats } from '../../shared/model/migration.js';
 import { isMode } from '../../shared/model/mode.js';
 import {
@@ -264,6 +265,18 @@ describe('fuzz: decoders of the network and the bus', { timeout: 300_000 }, () =
     const stats: StageStats = { stage: 'compress', instance: 'h:1', migrationId: 'fuzz-1', round: 0, seq: 1, part: 0, pages: 3, bytesIn: 100, bytesOut: 50, cpuMs: 1.2, wallMs: 2, mode: { delta: 'xor', compressor: 'zstd', level: 3 }, next: 'wire', counts: { blocks: 3 } };
     assert.deepEqual(parseStats(JSON.stringify(stats)), stats);
     const r = fuzz('parseStats', jsonMutations([stats], 30), (t) => parseStats(t as string));
+    assert.ok(r.refused > INPUTS / 4);
+  });
+
+  test('link reports on the bus', () => {
+    const seeds: LinkReport[] = [
+      { type: 'probed', migrationId: 'fuzz-1', bandwidthBps: 48_000_000 },
+      { type: 'measured', migrationId: 'fuzz-1', bandwidthBps: 49_000_000, averageBandwidthBps: 48_500_000, linkBoundShare: 0.75 },
+      { type: 'measured', migrationId: 'fuzz-1', averageBandwidthBps: 0, linkBoundShare: 0 },
+    ];
+    for (const r of seeds) assert.deepEqual(parseLinkReport(encodeLinkReport(r)), r);
+    assert.throws(() => parseLinkReport(JSON.stringify({ ...seeds[1], linkBoundShare: 1.5 })), /linkBoundShare 1\.5 is more than 1/);
+    const r = fuzz('parseLinkReport', jsonMutations(seeds, 20), (t) => parseLinkReport(t as string));
     assert.ok(r.refused > INPUTS / 4);
   });
 
