@@ -53,8 +53,8 @@ interface Handoff {
   seconds: number;
 }
 
-/** one handoff to a fresh destination, on the fast (loopback, capped) or the slow (shaped) link */
-async function handoff(slow: boolean): Promise<Handoff> {
+/** one handoff to a fresh destination: on the slow (shaped) link, or on loopback capped at --bandwidth (`capped`) or not */
+async function handoff(slow: boolean, capped = true): Promise<Handoff> {
   const id = `lc-${nextId++}`;
   const port = nextPort++;
   const dest: ReceiverProcess = await spawnReceiverProcess({
@@ -67,7 +67,7 @@ async function handoff(slow: boolean): Promise<Handoff> {
   try {
     const started = performance.now();
     const args = ['--base-memory', images.baseMemory, '--memory', images.memory, '--base-disk', images.baseDisk, '--disk', images.disk, '--to', dest.address, '--nats', nats.url, '--external-actors', '--id', id];
-    const summary = await migrateOn(source, slow ? args : [...args, '--bandwidth', bandwidth]);
+    const summary = await migrateOn(source, slow || !capped ? args : [...args, '--bandwidth', bandwidth]);
     if (!summary.verified) throw new Error(`handoff ${id} did not verify: ${summary.reason}`);
     return { summary, seconds: (performance.now() - started) / 1000 };
   } finally {
@@ -102,19 +102,24 @@ try {
   await Promise.all(actors.map((a) => a.ready));
   await handoff(false); // warm: the base's hash index, the actors' first chunks
   const alone = (await handoff(false)).seconds;
-  const rows = [['handoffs at once', 'median handoff (s)', 'vs alone', 'wall (s)', 'wire Mbit/s', 'links sum Mbit/s', 'of links']];
+  // what the source's two cores carry: WAVE_SIZE handoffs at once on uncapped loopback links
+  const cpuStarted = performance.now();
+  const uncapped = await Promise.all(Array.from({ length: WAVE_SIZE }, () => handoff(false, false)));
+  const cpuBoundMbit = uncapped.reduce((sum, h) => sum + h.summary.wireBytes * 8, 0) / ((performance.now() - cpuStarted) / 1000) / 1e6;
+  const rows = [['handoffs at once', 'median handoff (s)', 'vs alone', 'wall (s)', 'wire Mbit/s', 'links sum Mbit/s', 'bound by', 'of bound']];
   const runs: Record<string, unknown>[] = [];
   for (const n of counts) {
     const started = performance.now();
     const done = await Promise.all(Array.from({ length: n }, () => handoff(false)));
     const wallS = (performance.now() - started) / 1000;
-    const wireBits = done.reduce((sum, h) => sum + h.summary.wireBytes * 8, 0);
+    const wireMbit = done.reduce((sum, h) => sum + h.summary.wireBytes * 8, 0) / wallS / 1e6;
     const med = median(done.map((h) => h.seconds));
     const linksMbit = (n * bandwidthBps) / 1e6;
-    rows.push([String(n), med.toFixed(2), `${(med / alone).toFixed(2)}x`, wallS.toFixed(2), (wireBits / wallS / 1e6).toFixed(1), linksMbit.toFixed(0), (wireBits / wallS / 1e6 / linksMbit).toFixed(2)]);
-    runs.push({ concurrent: n, handoffSeconds: done.map((h) => h.seconds), wallSeconds: wallS, wireBytes: done.map((h) => h.summary.wireBytes) });
+    const cpuBound = cpuBoundMbit < linksMbit;
+    rows.push([String(n), med.toFixed(2), `${(med / alone).toFixed(2)}x`, wallS.toFixed(2), wireMbit.toFixed(1), linksMbit.toFixed(0), cpuBound ? `CPU (${cpuBoundMbit.toFixed(0)})` : 'links', (wireMbit / Math.min(linksMbit, cpuBoundMbit)).toFixed(2)]);
+    runs.push({ concurrent: n, handoffSeconds: done.map((h) => h.seconds), wallSeconds: wallS, wireBytes: done.map((h) => h.summary.wireBytes), boundBy: cpuBound ? 'cpu' : 'links' });
   }
-  process.stdout.write(`same images, each on its own ${bandwidth} link; alone: ${alone.toFixed(2)} s\n${formatTable(rows)}\n\n`);
+  process.stdout.write(`same images, each on its own ${bandwidth} link; alone: ${alone.toFixed(2)} s; the source's CPU carries ${cpuBoundMbit.toFixed(0)} Mbit/s of wire (${WAVE_SIZE} at once, uncapped)\n${formatTable(rows)}\n\n`);
 
   const slow = handoff(true);
   await new Promise((r) => setTimeout(r, 500));
@@ -134,7 +139,7 @@ try {
   const rssRows = [['after wave', 'handoffs', 'actors RSS (MiB)']];
   rss.forEach((mib, w) => rssRows.push([String(w), String(w * WAVE_SIZE), mib.toFixed(0)]));
   process.stdout.write(`${formatTable(rssRows)}\n`);
-  if (values.json) process.stdout.write(`${JSON.stringify({ bandwidth, aloneSeconds: alone, runs, fastBeside, slowSeconds, rssMiB: rss })}\n`);
+  if (values.json) process.stdout.write(`${JSON.stringify({ bandwidth, aloneSeconds: alone, cpuBoundWireMbit: cpuBoundMbit, runs, fastBeside, slowSeconds, rssMiB: rss })}\n`);
 } finally {
   await stopActors(actors);
   await nats.stop();

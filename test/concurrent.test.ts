@@ -45,8 +45,9 @@ describe('handoffs at once through one set of actors', { timeout: 600_000, skip:
   });
 
   /** a destination: behind the slow link (in its namespace), or on the source's own loopback */
-  const receiver = (name: string, slow: boolean, port: number): Promise<ReceiverProcess> =>
+  const receiver = (name: string, slow: boolean, port: number, serve = false): Promise<ReceiverProcess> =>
     spawnReceiverProcess({
+      serve,
       baseMemory: ws.destBaseMemory,
       baseDisk: ws.destBaseDisk,
       outDir: join(ws.dir, 'destination', name),
@@ -78,7 +79,10 @@ describe('handoffs at once through one set of actors', { timeout: 600_000, skip:
   async function assertIdentical(r: ReceiverProcess, name: string): Promise<void> {
     const { result } = await r.exited;
     assert.ok(result?.result.verified, `${name}: the destination did not verify (${result?.result.reason ?? "no result"})`);
-    const out = join(ws.dir, 'destination', name);
+    await assertImagesAt(join(ws.dir, 'destination', name), name);
+  }
+
+  async function assertImagesAt(out: string, name: string): Promise<void> {
     assert.equal(await hashImageFile(join(out, 'memory.img')), await hashImageFile(ws.images.memory), `${name}: memory differs`);
     assert.equal(await hashImageFile(join(out, 'disk.img')), await hashImageFile(ws.images.disk), `${name}: disk differs`);
   }
@@ -137,6 +141,19 @@ describe('handoffs at once through one set of actors', { timeout: 600_000, skip:
     } finally {
       for (const t of timers) clearTimeout(t);
       await Promise.all([keptDest, killedDest, fastDest].map((r) => stopProcess(r.child, 5000)));
+    }
+  });
+
+  test('one destination serving three handoffs at once: each into its own folder, each verified', async () => {
+    const dest = await receiver('served', false, 7521, true);
+    try {
+      const ids = ['c-served-1', 'c-served-2', 'c-served-3'];
+      const done = await Promise.all(ids.map((id) => handoff(id, dest.address, ['--bandwidth', '50mbit'])));
+      for (const [i, { summary }] of done.entries()) assert.equal(summary.verified, true, `${ids[i]}: ${summary.reason}`);
+      for (const id of ids) await assertImagesAt(join(ws.dir, 'destination', 'served', id), id);
+      assert.equal(dest.child.exitCode, null, 'the serving destination exited');
+    } finally {
+      await stopProcess(dest.child, 5000);
     }
   });
 });
