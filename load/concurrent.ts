@@ -19,6 +19,7 @@ import { stopProcess } from '../shared/actor/child.js';
 import { startEmbeddedNats } from '../shared/bus/nats-server.js';
 import { parseRateBps, parseSizeBytes } from '../shared/config/units.js';
 import { generateImageSet } from '../shared/testdata/images.js';
+import { ensureLocalLinkKey } from '../shared/wire/link-security.js';
 import { migrateOn } from './lib/hosts.js';
 import { createShapedLink } from './lib/wan.js';
 
@@ -39,6 +40,8 @@ const waves = Number(values.waves ?? 13);
 const SLOW_BPS = 5e6;
 const WAVE_SIZE = 4;
 
+// both ends run from here: the link's key made for this run, before the actors inherit our environment
+ensureLocalLinkKey();
 const dir = await mkdtemp(join(tmpdir(), 'handoff-concurrent-'));
 const images = await generateImageSet({ dir: join(dir, 'source'), memoryBytes: parseSizeBytes(values['memory-size'] ?? '32MiB'), diskBytes: parseSizeBytes(values['disk-size'] ?? '32MiB'), seed: 83 });
 const link = createShapedLink(SLOW_BPS, `lc${process.pid % 10000}`);
