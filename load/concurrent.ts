@@ -5,7 +5,7 @@
  * against the links' sum. Then a fast-link handoff beside one behind a 5 Mbit/s shaped link (a
  * network namespace: root needed), and the actors' RSS over waves of handoffs.
  *
- *   npm run load:concurrent -- [--memory-size 32MiB] [--disk-size 32MiB] [--bandwidth 50mbit] [--counts 1,2,4,8] [--waves 13] [--json]
+ *   npm run load:concurrent -- [--memory-size 128MiB] [--disk-size 128MiB] [--bandwidth 50mbit] [--mode zstd:1] [--counts 1,2,4,8] [--waves 13] [--json]
  */
 import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -30,11 +30,15 @@ const { values } = parseArgs({
     bandwidth: { type: 'string' },
     counts: { type: 'string' },
     waves: { type: 'string' },
+    mode: { type: 'string' },
     json: { type: 'boolean' },
   },
 });
 const bandwidth = values.bandwidth ?? '50mbit';
 const bandwidthBps = parseRateBps(bandwidth);
+// one mode for every handoff: the tuner would pick a cheaper one on uncapped links, and the CPU bound
+// would be another mode's
+const mode = values.mode ?? 'zstd:1';
 const counts = (values.counts ?? '1,2,4,8').split(',').map(Number);
 const waves = Number(values.waves ?? 13);
 const SLOW_BPS = 5e6;
@@ -43,7 +47,7 @@ const WAVE_SIZE = 4;
 // both ends run from here: the link's key made for this run, before the actors inherit our environment
 ensureLocalLinkKey();
 const dir = await mkdtemp(join(tmpdir(), 'handoff-concurrent-'));
-const images = await generateImageSet({ dir: join(dir, 'source'), memoryBytes: parseSizeBytes(values['memory-size'] ?? '32MiB'), diskBytes: parseSizeBytes(values['disk-size'] ?? '32MiB'), seed: 83 });
+const images = await generateImageSet({ dir: join(dir, 'source'), memoryBytes: parseSizeBytes(values['memory-size'] ?? '128MiB'), diskBytes: parseSizeBytes(values['disk-size'] ?? '128MiB'), seed: 83 });
 const link = createShapedLink(SLOW_BPS, `lc${process.pid % 10000}`);
 const source = ['ip', 'netns', 'exec', link.sourceNs];
 const nats = await startEmbeddedNats({ prefix: source });
@@ -69,7 +73,7 @@ async function handoff(slow: boolean, capped = true): Promise<Handoff> {
   });
   try {
     const started = performance.now();
-    const args = ['--base-memory', images.baseMemory, '--memory', images.memory, '--base-disk', images.baseDisk, '--disk', images.disk, '--to', dest.address, '--nats', nats.url, '--external-actors', '--id', id];
+    const args = ['--base-memory', images.baseMemory, '--memory', images.memory, '--base-disk', images.baseDisk, '--disk', images.disk, '--to', dest.address, '--nats', nats.url, '--external-actors', '--id', id, '--mode', mode];
     const summary = await migrateOn(source, slow || !capped ? args : [...args, '--bandwidth', bandwidth]);
     if (!summary.verified) throw new Error(`handoff ${id} did not verify: ${summary.reason}`);
     return { summary, seconds: (performance.now() - started) / 1000 };
@@ -122,7 +126,7 @@ try {
     rows.push([String(n), med.toFixed(2), `${(med / alone).toFixed(2)}x`, wallS.toFixed(2), wireMbit.toFixed(1), linksMbit.toFixed(0), cpuBound ? `CPU (${cpuBoundMbit.toFixed(0)})` : 'links', (wireMbit / Math.min(linksMbit, cpuBoundMbit)).toFixed(2)]);
     runs.push({ concurrent: n, handoffSeconds: done.map((h) => h.seconds), wallSeconds: wallS, wireBytes: done.map((h) => h.summary.wireBytes), boundBy: cpuBound ? 'cpu' : 'links' });
   }
-  process.stdout.write(`same images, each on its own ${bandwidth} link; alone: ${alone.toFixed(2)} s; the source's CPU carries ${cpuBoundMbit.toFixed(0)} Mbit/s of wire (${WAVE_SIZE} at once, uncapped)\n${formatTable(rows)}\n\n`);
+  process.stdout.write(`same images (${mode}), each on its own ${bandwidth} link; alone: ${alone.toFixed(2)} s; the source's CPU carries ${cpuBoundMbit.toFixed(0)} Mbit/s of wire (${WAVE_SIZE} at once, uncapped)\n${formatTable(rows)}\n\n`);
 
   const slow = handoff(true);
   await new Promise((r) => setTimeout(r, 500));
@@ -142,7 +146,7 @@ try {
   const rssRows = [['after wave', 'handoffs', 'actors RSS (MiB)']];
   rss.forEach((mib, w) => rssRows.push([String(w), String(w * WAVE_SIZE), mib.toFixed(0)]));
   process.stdout.write(`${formatTable(rssRows)}\n`);
-  if (values.json) process.stdout.write(`${JSON.stringify({ bandwidth, aloneSeconds: alone, cpuBoundWireMbit: cpuBoundMbit, runs, fastBeside, slowSeconds, rssMiB: rss })}\n`);
+  if (values.json) process.stdout.write(`${JSON.stringify({ bandwidth, mode, aloneSeconds: alone, cpuBoundWireMbit: cpuBoundMbit, runs, fastBeside, slowSeconds, rssMiB: rss })}\n`);
 } finally {
   await stopActors(actors);
   await nats.stop();
