@@ -1,6 +1,7 @@
 /** The `handoff` command line. */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { errorMessage } from '../shared/model/errors.js';
 import type { LiveVm } from '../shared/model/migration.js';
 import type { VmDescription } from '../shared/vm/qemu.js';
@@ -122,7 +123,8 @@ Exit status: 0 when the destination verified both images, 1 otherwise.`,
                                  pages as they come, the device state once verified. A source whose
                                  machine or RAM blocks differ is refused, each difference named
   --serve                        keep receiving migrations until SIGTERM, each into DIR/<migrationId>/
-                                 (one result line each; with --json one JSON object per line)
+                                 (one result line each; with --json one JSON object per line); a base
+                                 not there yet is waited for, its missing files said every 30 s
 The link's credentials come from HANDOFF_LINK_PSK or HANDOFF_LINK_CERT/KEY/CA (see 'handoff --help');
 a source without them is refused before any page moves.
 Exit status: 0 when the rebuilt images match the source's hashes, 1 otherwise.`,
@@ -336,6 +338,12 @@ async function main(argv: string[]): Promise<number> {
         },
       });
       if (values.help) return console.log(HELP.receive), 0;
+      if (values.serve) {
+        // a service started before its base is in place waits for it rather than exiting
+        const [{ waitForBase }, { BASE_MANIFEST_FILE }] = await Promise.all([import('./receive.js'), import('../shared/vm/base-manifest.js')]);
+        const basePaths = values.base ? [join(values.base, BASE_MANIFEST_FILE)] : [values['base-memory'], values['base-disk']].filter((p): p is string => p !== undefined);
+        await waitForBase(basePaths, createLogger({ stage: 'receiver' }));
+      }
       const folder = values.base ? await baseFolderFrom(values) : undefined;
       if (!folder) need(values, ['listen', 'base-memory', 'base-disk', 'out'], 'receive');
       else need(values, ['listen', 'out'], 'receive');

@@ -1,11 +1,14 @@
 /** `handoff receive`: the destination cloudlet for one migration; exits 0 when the images are verified. */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { stat } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { ensureLocalLinkKey } from '../shared/wire/link-security.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../shared/bus/nats-server.js';
 import { startReceiver, type ReceivedMigration, type RunningReceiver } from '../services/receiver/service.js';
 import type { ResumeOptions } from '../services/receiver/resume.js';
 import type { StreamResumeOptions } from '../services/receiver/stream-resumer.js';
+import type { Logger } from '../shared/telemetry/log.js';
 
 export interface ReceiveOptions {
   listen: string;
@@ -32,6 +35,32 @@ export async function receiveOnce(options: ReceiveOptions): Promise<ReceivedMigr
   } finally {
     await receiver?.stop();
     await nats?.stop();
+  }
+}
+
+/**
+ * A serving receiver's base, put in place after the receiver starts (a container's volume filled
+ * later): waits while any of `paths` does not exist, saying which at once and then every
+ * `sayEveryMs`. Any other problem with them (unreadable, truncated) is left to the base's own checks.
+ */
+export async function waitForBase(paths: string[], log: Logger, pollMs = 1000, sayEveryMs = 30_000): Promise<void> {
+  let saidAtMs: number | undefined;
+  for (;;) {
+    const missing: string[] = [];
+    for (const path of paths) {
+      await stat(path).catch((err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOENT') missing.push(path);
+      });
+    }
+    if (missing.length === 0) {
+      if (saidAtMs !== undefined) log.info('base found', { paths: paths.join(',') });
+      return;
+    }
+    if (saidAtMs === undefined || performance.now() - saidAtMs >= sayEveryMs) {
+      log.warn('waiting for the base: not there yet', { missing: missing.join(',') });
+      saidAtMs = performance.now();
+    }
+    await sleep(pollMs);
   }
 }
 
