@@ -8,6 +8,7 @@ import { open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { publishEvent, waitMigrationBacklog, type Bus } from '../../shared/bus/bus.js';
+import { EndedMigrationError } from '../../shared/bus/registry.js';
 import { encodePatch } from '../../shared/codecs/patch.js';
 import { errorMessage } from '../../shared/model/errors.js';
 import type { Logger } from '../../shared/telemetry/log.js';
@@ -27,7 +28,7 @@ const STOP_OVERHEAD_MS = 150;
 export async function waitDelivered(bus: Bus, d: MigrationDescriptor): Promise<void> {
   // a migration that failed meanwhile (its descriptor is gone) ends pre-copy: the VM runs on
   await waitMigrationBacklog(bus, d.migrationId, 1).catch((err: unknown) => {
-    throw new Error(`the migration ended during pre-copy (${errorMessage(err)})`);
+    throw err instanceof EndedMigrationError ? new Error(`the migration ended during pre-copy (${errorMessage(err)})`) : err;
   });
 }
 

@@ -23,6 +23,7 @@ import { encodeEvent, parseEvent, type MigrationEvent, type StageStats } from '.
 import { recordLinkReport, recordStats } from '../telemetry/telemetry.js';
 import { encodeLinkReport, type LinkReport } from '../model/link-report.js';
 import { natsAuthFor, natsConnectOptions, redactNatsUrl } from './nats-auth.js';
+import { EndedMigrationError } from './registry.js';
 import { NATS_MAX_PAYLOAD_BYTES } from '../config/limits.js';
 
 export interface Bus {
@@ -181,13 +182,13 @@ async function migrationExists(bus: Bus, migrationId: string): Promise<boolean> 
 }
 
 /**
- * Waits until `migrationId` has fewer than `below` messages in the work streams; fails once its
- * descriptor is gone (the migration ended meanwhile).
+ * Waits until `migrationId` has fewer than `below` messages in the work streams; fails with
+ * EndedMigrationError once its descriptor is gone (the migration ended meanwhile).
  */
 export async function waitMigrationBacklog(bus: Bus, migrationId: string, below: number, pollMs = 20): Promise<void> {
   for (let i = 0; ; i++) {
     if ((await migrationBacklog(bus, migrationId)) < below) return;
-    if (i % 10 === 9 && !(await migrationExists(bus, migrationId))) throw new Error(`the migration ${migrationId} ended while its chunks were on their way`);
+    if (i % 10 === 9 && !(await migrationExists(bus, migrationId))) throw new EndedMigrationError(`the migration ${migrationId} ended while its chunks were on their way`);
     await new Promise((r) => setTimeout(r, pollMs));
   }
 }
@@ -203,7 +204,7 @@ export async function purgeEndedWireWork(bus: Bus): Promise<string[]> {
   const purged: string[] = [];
   for (const migrationId of migrationIds) {
     if (await migrationExists(bus, migrationId)) continue;
-    await bus.jsm.streams.purge(STREAMS.wire, { filter: migrationWorkFilter('wire', migrationId) });
+    await purgeMigrationWire(bus, migrationId);
     purged.push(migrationId);
   }
   return purged;
@@ -248,7 +249,12 @@ export async function ensureMigrationWireConsumer(bus: Bus, migrationId: string,
  */
 export async function dropMigrationWork(bus: Bus, migrationId: string): Promise<void> {
   await bus.jsm.consumers.delete(STREAMS.wire, migrationWireDurable(migrationId)).catch(() => undefined);
-  await bus.jsm.streams.purge(STREAMS.wire, { filter: migrationWorkFilter('wire', migrationId) }).catch(() => undefined);
+  await purgeMigrationWire(bus, migrationId).catch(() => undefined);
+}
+
+/** one migration's wire messages purged: only its own consumer reads them (see dropMigrationWork) */
+async function purgeMigrationWire(bus: Bus, migrationId: string): Promise<void> {
+  await bus.jsm.streams.purge(STREAMS.wire, { filter: migrationWorkFilter('wire', migrationId) });
 }
 
 /** Creates (or keeps) the durable pull consumer a stage's instances share. */

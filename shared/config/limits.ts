@@ -13,7 +13,6 @@ export const CAPTURED_EVENT_OVERHEAD_BYTES = 64 * 1024;
 /** The largest device state a captured event carries: base64 characters of its patch against the base's. */
 export const MAX_DEVICE_STATE_CHARS = NATS_MAX_PAYLOAD_BYTES - CAPTURED_EVENT_OVERHEAD_BYTES;
 
-
 /**
  * Messages one migration may have in the work streams at once (capture waits above it): each
  * migration's chunks wait for its own link at the source, not in a stream all migrations share,
