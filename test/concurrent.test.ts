@@ -34,7 +34,14 @@ describe('handoffs at once through one set of actors', { timeout: 600_000, skip:
     link = createShapedLink(SLOW_BPS, `cc${process.pid % 10000}`);
     source = ['ip', 'netns', 'exec', link.sourceNs];
     nats = await startEmbeddedNats({ prefix: source });
+    // a small backlog budget: a handoff's chunks wait at the source for its link, unencoded, so the
+    // mode change below reaches most of them (with the default 32 these images' round is encoded
+    // at once, and the change could land after the last chunk)
+    const budget = process.env.HANDOFF_MIGRATION_BACKLOG;
+    process.env.HANDOFF_MIGRATION_BACKLOG = '4';
     actors = (['capture', 'dedup', 'delta', 'compress', 'sender', 'tuner'] as const).map((name) => spawnActor(name, nats.url, { prefix: source }));
+    if (budget === undefined) delete process.env.HANDOFF_MIGRATION_BACKLOG;
+    else process.env.HANDOFF_MIGRATION_BACKLOG = budget;
     await Promise.all(actors.map((a) => a.ready));
   });
   after(async () => {
