@@ -3,58 +3,21 @@
  * receiver in this test process), all with the migration's trace id, each parented where it should be.
  */
 import assert from 'node:assert/strict';
-import { createServer, type Server } from 'node:http';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { migrate } from '../cli/migrate.js';
 import { spawnReceiverProcess } from '../cli/receive.js';
 import { startTelemetry } from '../shared/telemetry/telemetry.js';
 import { makeWorkspace, migrateOptions, type Workspace } from './helpers/cloudlets.js';
+import { startOtlpReceiver, type ExportedSpan, type OtlpReceiver } from './helpers/otlp-receiver.js';
 
-interface ExportedSpan {
-  service: string;
-  traceId: string;
-  spanId: string;
-  parentSpanId: string;
-  name: string;
-}
-
-interface OtlpJson {
-  resourceSpans?: {
-    resource?: { attributes?: { key: string; value: { stringValue?: string } }[] };
-    scopeSpans?: { spans?: { traceId: string; spanId: string; parentSpanId?: string; name: string }[] }[];
-  }[];
-}
-
-/** An OTLP/HTTP (JSON) trace receiver: what Jaeger's port 4318 takes. */
-async function otlpReceiver(): Promise<{ url: string; spans: ExportedSpan[]; server: Server }> {
-  const spans: ExportedSpan[] = [];
-  const server = createServer((req, res) => {
-    let body = '';
-    req.on('data', (d: Buffer) => (body += d.toString()));
-    req.on('end', () => {
-      if (req.url === '/v1/traces') {
-        const data = JSON.parse(body) as OtlpJson;
-        for (const rs of data.resourceSpans ?? []) {
-          const service = rs.resource?.attributes?.find((a) => a.key === 'service.name')?.value.stringValue ?? '?';
-          for (const ss of rs.scopeSpans ?? []) {
-            for (const s of ss.spans ?? []) spans.push({ service, traceId: s.traceId, spanId: s.spanId, parentSpanId: s.parentSpanId ?? '', name: s.name });
-          }
-        }
-      }
-      res.writeHead(200, { 'content-type': 'application/json' }).end('{}');
-    });
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return { url: `http://127.0.0.1:${(server.address() as { port: number }).port}`, spans, server };
-}
 
 describe('tracing', { timeout: 120_000 }, () => {
   let ws: Workspace;
-  let otlp: Awaited<ReturnType<typeof otlpReceiver>>;
+  let otlp: OtlpReceiver;
   before(async () => {
     ws = await makeWorkspace(8 << 20, 8 << 20, 51);
-    otlp = await otlpReceiver();
+    otlp = await startOtlpReceiver();
     // the standard variables, inherited by every actor process and the destination
     Object.assign(process.env, { OTEL_EXPORTER_OTLP_ENDPOINT: otlp.url, OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json', OTEL_BSP_SCHEDULE_DELAY: '200' });
   });

@@ -1,6 +1,7 @@
 /**
  * The base image's hash index: a 16-byte strong hash per page, built once per base image and cached
- * beside it (or in HANDOFF_CACHE_DIR when that folder is read-only). The base's content hash is its
+ * beside it (or in HANDOFF_CACHE_DIR when that folder is read-only; when neither can be written, not
+ * cached, with a warning naming the path and the uid). The base's content hash is its
  * image digest (SHA-256 of that index), so both cloudlets name a base the same way without shipping it.
  */
 import { createHash } from 'node:crypto';
@@ -9,6 +10,7 @@ import { access, mkdir, open, readFile, rename, stat, writeFile } from 'node:fs/
 import { homedir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { BadImageError } from '../model/errors.js';
+import { createLogger } from '../telemetry/log.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, digestOfPageHashes, strongHash } from './pages.js';
 
 export interface BaseIndex {
@@ -22,6 +24,7 @@ export interface BaseIndex {
 }
 
 const MAGIC = 'HIDX1';
+const log = createLogger({ stage: 'base-index' });
 const READ_BLOCK = 4 * 1024 * 1024;
 
 /** Sizes must be whole pages; names the file and the cause otherwise. */
@@ -47,7 +50,6 @@ async function cachePathFor(path: string): Promise<string> {
     return beside;
   } catch {
     const dir = process.env.HANDOFF_CACHE_DIR ?? join(homedir(), '.cache', 'cloudlet-handoff');
-    await mkdir(dir, { recursive: true });
     return join(dir, `${basename(path)}-${createHash('sha256').update(path).digest('hex').slice(0, 16)}.hidx`);
   }
 }
@@ -74,8 +76,19 @@ export async function loadBaseIndex(path: string): Promise<BaseIndex> {
   const header: CacheHeader = { magic: MAGIC, size: s.size, mtimeMs: s.mtimeMs, contentHash };
   const headerBytes = Buffer.from(`${JSON.stringify(header)}\n`);
   const tmp = `${cachePath}.${process.pid}.tmp`;
-  await writeFile(tmp, Buffer.concat([headerBytes, hashes]));
-  await rename(tmp, cachePath);
+  try {
+    await mkdir(dirname(cachePath), { recursive: true });
+    await writeFile(tmp, Buffer.concat([headerBytes, hashes]));
+    await rename(tmp, cachePath);
+  } catch (err) {
+    // an index in memory serves as well; only the next start pays for indexing again
+    log.warn('base index not cached: its folder cannot be written (set HANDOFF_CACHE_DIR, or make the base folder writable by this uid)', {
+      base: path,
+      cache: cachePath,
+      uid: process.getuid?.(),
+      cause: (err as NodeJS.ErrnoException).code ?? String(err),
+    });
+  }
   return { path, bytes, pages: bytes / PAGE_SIZE, contentHash, hashes };
 }
 

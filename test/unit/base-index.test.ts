@@ -30,4 +30,21 @@ describe('base index', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  test('a base whose index cannot be written still loads, with the same digest (the index kept in memory)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'handoff-hidx-'));
+    try {
+      const image = join(dir, 'memory.img');
+      writeFileSync(image, Buffer.alloc(64 * 4096, 5));
+      // the index's temporary file taken by a folder: its write fails (root writes any folder, so a
+      // permission alone would not)
+      mkdirSync(`${image}.hidx.${process.pid}.tmp`);
+      const loaded = await loadBaseIndex(image);
+      assert.equal(loaded.pages, 64);
+      assert.equal(loaded.contentHash, await imageDigest(image));
+      assert.throws(() => statSync(`${image}.hidx`), /ENOENT/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
