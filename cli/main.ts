@@ -27,7 +27,7 @@ Usage:
   handoff profile   [options]   measure every mode's cost and ratio: the tuner's profile
   handoff actor NAME --nats URL run one actor (${ACTOR_NAMES.join(', ')}) as a service
 
-Run 'handoff COMMAND --help' for a command's options. Without --nats, a command starts its own
+Run 'handoff COMMAND --help' for a command's options, 'handoff --version' for the version. Without --nats, a command starts its own
 nats-server (JetStream on, a free port, a temporary store, a generated password) and stops it when
 it ends.
 
@@ -239,6 +239,11 @@ async function main(argv: string[]): Promise<number> {
   if (!command || command === '--help' || command === '-h' || command === 'help') {
     console.log(HELP.main);
     return command ? 0 : 2;
+  }
+  if (command === '--version' || command === '-V') {
+    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    console.log(`handoff ${pkg.version} (Node.js ${process.versions.node})`);
+    return 0;
   }
   switch (command) {
     case 'migrate': {

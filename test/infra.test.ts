@@ -1,6 +1,6 @@
 /**
- * The deployment files: compose files valid (`docker compose config` where the plugin exists, else
- * the compose-spec schema through dclint), NATS configurations accepted by nats-server, and every
+ * The deployment files: compose files valid (`docker compose config` where the plugin exists,
+ * Debian's `docker-compose` 1.29 where it is installed, and the compose-spec schema through dclint), NATS configurations accepted by nats-server, and every
  * setting they pass one the code reads.
  */
 import assert from 'node:assert/strict';
@@ -22,15 +22,20 @@ const COMPOSE_FILES = [
 ];
 
 const hasComposePlugin = spawnSync('docker', ['compose', 'version'], { stdio: 'ignore' }).status === 0;
+const hasCompose1 = spawnSync('docker-compose', ['version'], { stdio: 'ignore' }).status === 0;
+const validators = ['compose-spec schema (dclint)', ...(hasComposePlugin ? ['docker compose config'] : []), ...(hasCompose1 ? ['docker-compose 1.x config'] : [])];
 
-/** Validates a compose file the best way this machine has; returns the problems (empty: valid). */
+/** Validates a compose file with every checker this machine has; returns the problems (empty: valid). */
 function validateCompose(file: string, envFile: string): string {
-  if (hasComposePlugin) {
-    const r = spawnSync('docker', ['compose', '-f', file, '--env-file', envFile, 'config', '-q'], { encoding: 'utf8', cwd: INFRA });
-    return r.status === 0 ? '' : r.stderr;
-  }
-  const r = spawnSync(join(ROOT, 'node_modules', '.bin', 'dclint'), ['-q', '--color', 'false', '-c', join(INFRA, 'dclint.json'), file], { encoding: 'utf8', cwd: INFRA });
-  return r.status === 0 ? '' : r.stdout + r.stderr;
+  const problems: string[] = [];
+  const check = (cmd: string, args: string[]): void => {
+    const r = spawnSync(cmd, args, { encoding: 'utf8', cwd: INFRA });
+    if (r.status !== 0) problems.push(`${cmd}: ${r.stdout}${r.stderr}`);
+  };
+  check(join(ROOT, 'node_modules', '.bin', 'dclint'), ['-q', '--color', 'false', '-c', join(INFRA, 'dclint.json'), file]);
+  if (hasComposePlugin) check('docker', ['compose', '-f', file, '--env-file', envFile, 'config', '-q']);
+  if (hasCompose1) check('docker-compose', ['-f', file, '--env-file', envFile, 'config', '-q']);
+  return problems.join('\n');
 }
 
 interface ComposeService {
@@ -55,7 +60,7 @@ function sourceText(): string {
 }
 
 describe('deployment files', () => {
-  test(`compose files are valid (${hasComposePlugin ? 'docker compose config' : 'compose-spec schema, dclint'})`, () => {
+  test(`compose files are valid (${validators.join(', ')})`, () => {
     for (const { file, env } of COMPOSE_FILES) {
       for (const e of env) assert.equal(validateCompose(file, e), '', `${file} with ${e}`);
     }

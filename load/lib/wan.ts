@@ -24,7 +24,7 @@ function run(cmd: string, args: string[]): void {
   execFileSync(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
 }
 
-function tbfArgs(rateBps: number): string[] {
+export function tbfArgs(rateBps: number): string[] {
   // tbf never sends a packet larger than its burst, and veth passes GSO packets of up to 64 KiB
   // (TCP makes them large at high rates and keeps them after a rate change): the burst must hold
   // one; at high rates ~10 ms of the rate

@@ -9,6 +9,7 @@ import { execFileSync, spawn, spawnSync, type ChildProcess, type SpawnSyncReturn
 import { existsSync, mkdirSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { tbfArgs } from '../../load/lib/wan.js';
 import { startHttpProxy, type HttpProxy } from './http-proxy.js';
 
 /** Debian's engine and client (a newer client elsewhere on PATH may not speak to 20.10) */
@@ -35,6 +36,8 @@ export interface DockerEngine {
   proxy: HttpProxy;
   /** runs the docker client; throws with its stderr when it fails */
   docker(args: string[], input?: string): string;
+  /** shapes a docker network like a WAN (tbf on every port of its bridge); returns the ports shaped */
+  shapeNetwork(network: string, rateBps: number): string[];
   /** stops every container, the engine and the proxy, and removes the namespace and the data-root */
   stop(): Promise<void>;
 }
@@ -123,6 +126,15 @@ export async function startEngine(dir: string, tag = String(process.pid % 10000)
     return r.stdout;
   };
 
+  const shapeNetwork = (network: string, rateBps: number): string[] => {
+    const bridge = `br-${docker(['network', 'inspect', '--format', '{{.Id}}', network]).trim().slice(0, 12)}`;
+    const ports = execFileSync('ip', ['-n', ns, '-o', 'link', 'show', 'master', bridge], { encoding: 'utf8' })
+      .split('\n').map((l) => /^\d+: ([^@:]+)/.exec(l)?.[1]).filter((p): p is string => p !== undefined);
+    // each port's egress is the traffic towards its container: both directions of the link are shaped
+    for (const port of ports) run('ip', ['netns', 'exec', ns, 'tc', 'qdisc', 'replace', 'dev', port, 'root', ...tbfArgs(rateBps)]);
+    return ports;
+  };
+
   const stop = async (): Promise<void> => {
     if (!exited) {
       try {
@@ -145,7 +157,7 @@ export async function startEngine(dir: string, tag = String(process.pid % 10000)
   for (let i = 0; i < 150; i++) {
     if (exited) break;
     if (existsSync(socket) && spawnSync(DOCKER, ['version'], { env, stdio: 'ignore' }).status === 0) {
-      return { hostAddress: HOST_ADDRESS, nsAddress: NS_ADDRESS, env, proxy, docker, stop };
+      return { hostAddress: HOST_ADDRESS, nsAddress: NS_ADDRESS, env, proxy, docker, shapeNetwork, stop };
     }
     await sleep(200);
   }
