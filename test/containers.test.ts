@@ -31,7 +31,7 @@ interface Project {
 }
 
 /** Runs a command to its end without blocking the test's timers; throws with its output's tail when it fails. */
-function run(cmd: string, args: string[], env: NodeJS.ProcessEnv, cwd = INFRA): Promise<{ stdout: string; stderr: string }> {
+function run(cmd: string, args: string[], env: NodeJS.ProcessEnv, cwd = INFRA, okCodes = [0]): Promise<{ stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, { env, cwd, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
@@ -40,7 +40,7 @@ function run(cmd: string, args: string[], env: NodeJS.ProcessEnv, cwd = INFRA): 
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     child.on('error', reject);
     child.on('close', (code) => {
-      if (code === 0) resolve({ stdout, stderr });
+      if (okCodes.includes(code ?? -1)) resolve({ stdout, stderr });
       else reject(new Error(`${cmd} ${args.join(' ')} exited ${code}:\n${(stderr || stdout).trim().split('\n').slice(-15).join('\n')}`));
     });
   });
@@ -66,8 +66,8 @@ describe('containers: two cloudlets and a worker host on a Docker engine of the 
       steps.push([name, (performance.now() - t0) / 1000]);
     }
   };
-  const compose = (p: Project, args: string[]): Promise<{ stdout: string; stderr: string }> =>
-    run(DOCKER_COMPOSE, ['-p', p.name, '-f', p.file, '--env-file', p.envFile, ...args], engine!.env);
+  const compose = (p: Project, args: string[], okCodes = [0]): Promise<{ stdout: string; stderr: string }> =>
+    run(DOCKER_COMPOSE, ['-p', p.name, '-f', p.file, '--env-file', p.envFile, ...args], engine!.env, INFRA, okCodes);
   const needEngine = (t: { skip(message?: string): void }): DockerEngine | undefined => {
     if (!engine) t.skip(`no engine: ${engineError}`);
     return engine;
@@ -178,43 +178,58 @@ describe('containers: two cloudlets and a worker host on a Docker engine of the 
       assert.fail(`not healthy: ${unhealthy.join('; ')}`);
     });
 
-    const { stdout } = await timed('hand off from A to B', () => compose(a, ['run', '--rm', '-T', 'control', 'migrate', '--external-actors', '--json',
-      '--base-memory', '/var/lib/handoff/base/memory.img', '--memory', '/var/lib/handoff/vm/memory.img',
-      '--base-disk', '/var/lib/handoff/base/disk.img', '--disk', '/var/lib/handoff/vm/disk.img', '--to', 'cloudlet-b-receiver:7300']));
-    const summary = JSON.parse(stdout) as MigrationSummary;
-    assert.equal(summary.verified, true, summary.reason);
-    t.diagnostic(`${summary.handoffSeconds.toFixed(1)} s, ${summary.wireBytes} wire bytes, measured ${summary.measuredBandwidthBps} bit/s, chunks by mode ${JSON.stringify(summary.chunksByMode)}, stages ${Object.keys(summary.stages).join(' ')}`);
-    for (const d of summary.decisions) t.diagnostic(`decision: ${JSON.stringify(d)}`);
+    /** one handoff from A to B: verified, and the rebuilt files in B's volume byte-identical to A's images */
+    const handOff = async (what: string, modeArgs: string[]): Promise<{ summary: MigrationSummary; traceId: string }> => {
+      const rootsBefore = new Set(otlp.spans.filter((s) => s.parentSpanId === '').map((s) => s.traceId));
+      // exit 1 with a summary is a failed handoff: its reason is asserted on below
+      const { stdout, stderr } = await timed(`hand off from A to B (${what})`, () => compose(a, ['run', '--rm', '-T', 'control', 'migrate', '--external-actors', '--json', ...modeArgs,
+        '--base-memory', '/var/lib/handoff/base/memory.img', '--memory', '/var/lib/handoff/vm/memory.img',
+        '--base-disk', '/var/lib/handoff/base/disk.img', '--disk', '/var/lib/handoff/vm/disk.img', '--to', 'cloudlet-b-receiver:7300'], [0, 1]));
+      let summary: MigrationSummary;
+      try {
+        summary = JSON.parse(stdout) as MigrationSummary;
+      } catch {
+        assert.fail(`migrate printed no summary:\n${stdout}\n${stderr.trim().split('\n').slice(-15).join('\n')}`);
+      }
+      assert.equal(summary.verified, true, summary.reason);
+      t.diagnostic(`${what}: ${summary.handoffSeconds.toFixed(1)} s, ${summary.wireBytes} wire bytes, ${(summary.measuredBandwidthBps / 1e6).toFixed(1)} Mbit/s measured, chunks by mode ${JSON.stringify(summary.chunksByMode)}`);
+      const out = join(dir, `rebuilt-${summary.migrationId}`);
+      e.docker(['cp', `${receiverB}:/var/lib/handoff/incoming/${summary.migrationId}`, out]);
+      assert.equal(sha256(join(out, 'memory.img')), sha256(images.memory));
+      assert.equal(sha256(join(out, 'disk.img')), sha256(images.disk));
+      // the control process exported its root span as it exited
+      const root = otlp.spans.find((s) => s.service === 'handoff-control' && s.parentSpanId === '' && !rootsBefore.has(s.traceId));
+      assert.ok(root, `no root span of ${summary.migrationId}`);
+      return { summary, traceId: root.traceId };
+    };
+    /** waits for spans of every one of `services` under the trace (the actors export in batches) */
+    const spansOf = async (traceId: string, services: string[]): Promise<void> => {
+      let missing = services;
+      for (let i = 0; i < 60 && missing.length > 0; i++) {
+        const present = new Set(otlp.spans.filter((s) => s.traceId === traceId).map((s) => s.service));
+        missing = services.filter((s) => !present.has(s));
+        if (missing.length > 0) await sleep(1000);
+      }
+      assert.deepEqual(missing, [], `no spans under trace ${traceId} from ${missing.join(', ')}`);
+      t.diagnostic(`${otlp.spans.filter((s) => s.traceId === traceId).length} spans under trace ${traceId}`);
+    };
 
-    // byte-identical: the rebuilt files, copied out of B's volume, against the images put in at A
-    const out = join(dir, 'rebuilt');
-    e.docker(['cp', `${receiverB}:/var/lib/handoff/incoming/${summary.migrationId}`, out]);
-    assert.equal(sha256(join(out, 'memory.img')), sha256(images.memory));
-    assert.equal(sha256(join(out, 'disk.img')), sha256(images.disk));
-
+    // a fixed mode whose compression is the compress stage's (patch, the tuner's start, is delta's own)
+    const fixed = await handOff('fixed zstd:3', ['--mode', 'zstd:3']);
     // the worker host's compress workers took chunks (instances are host:pid, the host its container's)
     const workerHost = e.docker(['inspect', '--format', '{{.Config.Hostname}}', 'worker-host-a_compress_1']).trim();
-    const perInstance = summary.stages.compress?.perInstance ?? {};
+    const perInstance = fixed.summary.stages.compress?.perInstance ?? {};
     t.diagnostic(`compress chunks per instance: ${JSON.stringify(perInstance)} (worker host: ${workerHost})`);
     const onWorkerHost = Object.entries(perInstance).filter(([instance]) => instance.startsWith(`${workerHost}:`)).reduce((n, [, c]) => n + c, 0);
     assert.ok(onWorkerHost > 0, `the worker host compressed nothing: ${JSON.stringify(perInstance)}`);
+    // one trace with spans of every actor that took part: both cloudlets and the worker host
+    await timed('wait for the spans', () => spansOf(fixed.traceId, ACTOR_SERVICES.filter((s) => s !== 'handoff-tuner')));
 
-    // one trace, with spans of every actor at both cloudlets and on the worker host
-    await timed('wait for every actor\'s spans', async () => {
-      let missing: string[] = ACTOR_SERVICES;
-      for (let i = 0; i < 60; i++) {
-        const root = otlp.spans.find((s) => s.service === 'handoff-control' && s.parentSpanId === '');
-        if (root) {
-          const services = new Set(otlp.spans.filter((s) => s.traceId === root.traceId).map((s) => s.service));
-          missing = ACTOR_SERVICES.filter((s) => !services.has(s));
-          if (missing.length === 0) return;
-        }
-        await sleep(1000);
-      }
-      assert.fail(`no spans under the migration's trace from ${missing.join(', ')}`);
-    });
-    const root = otlp.spans.find((s) => s.service === 'handoff-control' && s.parentSpanId === '')!;
-    t.diagnostic(`${otlp.spans.filter((s) => s.traceId === root.traceId).length} spans under trace ${root.traceId}`);
+    // adaptive (the default): the tuner's decisions are spans of the same trace
+    const adaptive = await handOff('adaptive', []);
+    assert.ok(adaptive.summary.decisions.length > 0, 'the tuner decided nothing');
+    await timed('wait for the spans', () => spansOf(adaptive.traceId, ['handoff-control', 'handoff-capture', 'handoff-dedup', 'handoff-sender', 'handoff-tuner', 'handoff-receiver']));
+    assert.ok(otlp.spans.some((s) => s.traceId === adaptive.traceId && s.name === 'tuner decision'));
   });
 
   test('nothing is left running', async (t) => {

@@ -70,7 +70,13 @@ export function installEngine(): void {
   }
 }
 
+/**
+ * `dir` holds the engine's sockets, state and log, removed at the end; its images too, unless
+ * HANDOFF_DOCKER_DATA_ROOT names a data-root to keep between runs (a developer's reruns then reuse
+ * the build's layers).
+ */
 export async function startEngine(dir: string, tag = String(process.pid % 10000)): Promise<DockerEngine> {
+  const dataRoot = process.env.HANDOFF_DOCKER_DATA_ROOT || join(dir, 'data');
   const ns = `ho-docker-${tag}`;
   const hostIf = `hodk${tag}`;
   const nsIf = `hodn${tag}`;
@@ -104,7 +110,7 @@ export async function startEngine(dir: string, tag = String(process.pid % 10000)
   const log = openSync(logPath, 'a');
   // nsenter, not `ip netns exec`: the latter remounts /sys, and dockerd then finds no devices cgroup
   const dockerd: ChildProcess = spawn('nsenter', [`--net=/var/run/netns/${ns}`, DOCKERD,
-    '--data-root', join(dir, 'data'), '--exec-root', join(dir, 'exec'), '--host', `unix://${socket}`,
+    '--data-root', dataRoot, '--exec-root', join(dir, 'exec'), '--host', `unix://${socket}`,
     '--pidfile', join(dir, 'docker.pid'), '--iptables=false', '--ip-masq=false',
     '--bip', BRIDGE_CIDR, '--default-address-pool', `base=${POOL_CIDR},size=24`], { stdio: ['ignore', log, log] });
   let exited = false;
