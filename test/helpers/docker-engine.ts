@@ -6,7 +6,7 @@
  * proxy for the builds), and nothing of the host's own network is changed.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess, type SpawnSyncReturns } from 'node:child_process';
-import { existsSync, mkdirSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { tbfArgs } from '../../load/lib/wan.js';
@@ -64,9 +64,17 @@ export function installEngine(): void {
   ].filter(([path]) => !existsSync(path!)).map(([, pkg]) => pkg!);
   if (missing.length === 0) return;
   const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-  for (const args of [['update', '-qq'], ['install', '-y', '-qq', '--no-install-recommends', ...missing]]) {
-    const r = spawnSync('apt-get', args, { env, encoding: 'utf8' });
-    if (r.status !== 0) throw new Error(`apt-get ${args.join(' ')}: ${r.stderr.trim()}`);
+  // the package would start the system's own dockerd (with iptables): policy-rc.d says no for the install
+  const policy = '/usr/sbin/policy-rc.d';
+  const ownPolicy = !existsSync(policy);
+  if (ownPolicy) writeFileSync(policy, '#!/bin/sh\nexit 101\n', { mode: 0o755 });
+  try {
+    for (const args of [['update', '-qq'], ['install', '-y', '-qq', '--no-install-recommends', ...missing]]) {
+      const r = spawnSync('apt-get', args, { env, encoding: 'utf8' });
+      if (r.status !== 0) throw new Error(`apt-get ${args.join(' ')}: ${r.stderr.trim()}`);
+    }
+  } finally {
+    if (ownPolicy) rmSync(policy, { force: true });
   }
 }
 
