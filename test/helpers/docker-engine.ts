@@ -96,6 +96,10 @@ export async function startEngine(dir: string, tag = String(process.pid % 10000)
     spawnSync('ip', ['link', 'del', hostIf], { stdio: 'ignore' });
   };
   removeNetwork();
+  // a run that was killed leaves its host end with the same address and route: gone first (the
+  // addresses are fixed, so two runs of this test on one machine cannot overlap anyway)
+  const stale = execFileSync('ip', ['-o', 'link', 'show'], { encoding: 'utf8' }).match(/\bhodk\d+(?=@)/g) ?? [];
+  for (const link of stale) spawnSync('ip', ['link', 'del', link], { stdio: 'ignore' });
   try {
     run('ip', ['netns', 'add', ns]);
     run('ip', ['link', 'add', hostIf, 'type', 'veth', 'peer', 'name', nsIf]);
@@ -106,7 +110,7 @@ export async function startEngine(dir: string, tag = String(process.pid % 10000)
     run('ip', ['-n', ns, 'link', 'set', nsIf, 'up']);
     run('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
     run('ip', ['-n', ns, 'route', 'add', 'default', 'via', HOST_ADDRESS]);
-    run('ip', ['route', 'add', ROUTED_CIDR, 'via', NS_ADDRESS]);
+    run('ip', ['route', 'replace', ROUTED_CIDR, 'via', NS_ADDRESS]);
   } catch (err) {
     removeNetwork();
     const stderr = (err as { stderr?: Buffer }).stderr?.toString().trim();
