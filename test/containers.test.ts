@@ -146,8 +146,12 @@ describe('containers: two cloudlets and a worker host on a Docker engine of the 
     const shaped = e.shapeNetwork('handoff-wan', WAN_RATE_BPS);
     assert.ok(shaped.length >= 4, `the WAN bridge has ports ${shaped.join(', ')}`);
 
+    // containers found as the README finds them (1.29 names them cloudlet-b_receiver_1, v2 cloudlet-b-receiver-1)
+    const containerOf = async (p: Project, service: string): Promise<string> => (await compose(p, ['ps', '-q', service])).stdout.trim();
+    const receiverB = await containerOf(b, 'receiver');
+    const captureA = await containerOf(a, 'capture');
+    assert.match(receiverB, /^[0-9a-f]{12,}$/);
     // B's receiver waits for its base, naming what it waits for, instead of exiting
-    const receiverB = 'cloudlet-b_receiver_1';
     let waitLog = '';
     for (let i = 0; i < 60 && !/waiting for the base/.test(waitLog); i++) {
       await sleep(500);
@@ -165,8 +169,8 @@ describe('containers: two cloudlets and a worker host on a Docker engine of the 
         writeFileSync(to, readFileSync(from));
       }
       e.docker(['cp', base, `${receiverB}:/var/lib/handoff/base`]);
-      e.docker(['cp', base, 'cloudlet-a_capture_1:/var/lib/handoff/base']);
-      e.docker(['cp', vm, 'cloudlet-a_capture_1:/var/lib/handoff/vm']);
+      e.docker(['cp', base, `${captureA}:/var/lib/handoff/base`]);
+      e.docker(['cp', vm, `${captureA}:/var/lib/handoff/vm`]);
     });
 
     await timed('wait until every container is healthy', async () => {
@@ -219,7 +223,7 @@ describe('containers: two cloudlets and a worker host on a Docker engine of the 
     // a fixed mode whose compression is the compress stage's (patch, the tuner's start, is delta's own)
     const fixed = await handOff('fixed zstd:3', ['--mode', 'zstd:3']);
     // the worker host's compress workers took chunks (instances are host:pid, the host its container's)
-    const workerHost = e.docker(['inspect', '--format', '{{.Config.Hostname}}', 'worker-host-a_compress_1']).trim();
+    const workerHost = e.docker(['inspect', '--format', '{{.Config.Hostname}}', await containerOf(w, 'compress')]).trim();
     const perInstance = fixed.summary.stages.compress?.perInstance ?? {};
     t.diagnostic(`compress chunks per instance: ${JSON.stringify(perInstance)} (worker host: ${workerHost})`);
     const onWorkerHost = Object.entries(perInstance).filter(([instance]) => instance.startsWith(`${workerHost}:`)).reduce((n, [, c]) => n + c, 0);
