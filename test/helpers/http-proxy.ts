@@ -51,7 +51,9 @@ export async function startHttpProxy(host: string, allowedHosts: readonly string
       client.end('HTTP/1.1 403 Forbidden\r\n\r\n');
       return;
     }
+    let established = false;
     const upstream = connect(Number(p) || 443, h ?? '', () => {
+      established = true;
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n');
       upstream.write(head);
       upstream.pipe(client);
@@ -63,7 +65,8 @@ export async function startHttpProxy(host: string, allowedHosts: readonly string
     };
     tunnels.add(client);
     client.on('close', () => tunnels.delete(client));
-    upstream.on('error', () => (client.writable ? client.end('HTTP/1.1 502 Bad Gateway\r\n\r\n') : drop()));
+    // before the tunnel: a 502 the client can read; inside it, only a cut connection
+    upstream.on('error', () => (established ? drop() : client.end('HTTP/1.1 502 Bad Gateway\r\n\r\n')));
     client.on('error', drop);
   });
   await new Promise<void>((resolve, reject) => {
