@@ -27,9 +27,9 @@ Usage:
   handoff profile   [options]   measure every mode's cost and ratio: the tuner's profile
   handoff actor NAME --nats URL run one actor (${ACTOR_NAMES.join(', ')}) as a service
 
-Run 'handoff COMMAND --help' for a command's options, 'handoff --version' for the version. Without --nats, a command starts its own
-nats-server (JetStream on, a free port, a temporary store, a generated password) and stops it when
-it ends.
+Run 'handoff COMMAND --help' for a command's options, 'handoff --version' for the version. Without
+--nats, a command starts its own nats-server (JetStream on, a free port, a temporary store, a
+generated password) and stops it when it ends.
 
 The WAN link is TLS 1.3, authenticated at both ends; both sides read the same variables:
   HANDOFF_LINK_PSK (or HANDOFF_LINK_PSK_FILE)   a pre-shared key, 64+ hex digits (openssl rand -hex 32)

@@ -35,7 +35,7 @@ export interface DockerEngine {
   env: NodeJS.ProcessEnv;
   proxy: HttpProxy;
   /** runs the docker client; throws with its stderr when it fails */
-  docker(args: string[], input?: string): string;
+  docker(args: string[]): string;
   /** shapes a docker network like a WAN (tbf on every port of its bridge); returns the ports shaped */
   shapeNetwork(network: string, rateBps: number): string[];
   /** stops every container, the engine and the proxy, and removes the namespace and the data-root */
@@ -138,8 +138,8 @@ export async function startEngine(dir: string, tag = String(process.pid % 10000)
     // docker-compose 1.29 asks the terminal otherwise
     COMPOSE_INTERACTIVE_NO_CLI: '1',
   };
-  const docker = (args: string[], input?: string): string => {
-    const r: SpawnSyncReturns<string> = spawnSync(DOCKER, args, { env, encoding: 'utf8', input, maxBuffer: 64 << 20 });
+  const docker = (args: string[]): string => {
+    const r: SpawnSyncReturns<string> = spawnSync(DOCKER, args, { env, encoding: 'utf8', maxBuffer: 64 << 20 });
     if (r.status !== 0) throw new Error(`docker ${args.join(' ')}: ${(r.stderr || r.stdout).trim()}`);
     return r.stdout;
   };
