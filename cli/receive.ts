@@ -41,20 +41,31 @@ export async function receiveOnce(options: ReceiveOptions): Promise<ReceivedMigr
 /**
  * A serving receiver's base, put in place after the receiver starts (a container's volume filled
  * later): waits while any of `paths` does not exist, saying which at once and then every
- * `sayEveryMs`. Any other problem with them (unreadable, truncated) is left to the base's own checks.
+ * `sayEveryMs`. Files that appeared while it waited are taken once their sizes and times held for a
+ * poll: a copy still under way (`docker cp` creates a file before it writes it) would otherwise be
+ * indexed half written. Any other problem with them (unreadable, truncated) is left to the base's
+ * own checks.
  */
 export async function waitForBase(paths: string[], log: Logger, pollMs = 1000, sayEveryMs = 30_000): Promise<void> {
   let saidAtMs: number | undefined;
+  let lastLook: string | undefined;
   for (;;) {
     const missing: string[] = [];
+    const look: string[] = [];
     for (const path of paths) {
-      await stat(path).catch((err: NodeJS.ErrnoException) => {
+      await stat(path).then((s) => look.push(`${s.size}:${s.mtimeMs}`), (err: NodeJS.ErrnoException) => {
         if (err.code === 'ENOENT') missing.push(path);
       });
     }
     if (missing.length === 0) {
-      if (saidAtMs !== undefined) log.info('base found', { paths: paths.join(',') });
-      return;
+      if (saidAtMs === undefined) return;
+      if (look.join(',') === lastLook) {
+        log.info('base found', { paths: paths.join(',') });
+        return;
+      }
+      lastLook = look.join(',');
+      await sleep(pollMs);
+      continue;
     }
     if (saidAtMs === undefined || performance.now() - saidAtMs >= sayEveryMs) {
       log.warn('waiting for the base: not there yet', { missing: missing.join(',') });
