@@ -6,6 +6,7 @@
  * QEMU moves RAM only, the disk shared), side by side. Root needed.
  *
  *   npm run load:real-vm -- [--rate-mbit 10] [--session-seconds 60] [--only handoff,qemu-plain,qemu-multifd-zstd] [--json]
+ *                           [--summary-out FILE]   (this system's whole migrate summary, as JSON)
  *
  * The service is probed over HTTP through the VM's NIC (QEMU's user networking, a forwarded port)
  * every 100 ms at both ends: `serviceUnreachableSeconds` is the longest time no end answered, and an
@@ -14,7 +15,7 @@
  * their base pages, whichever is smaller: what an ideal encoder would send of RAM.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -35,7 +36,7 @@ import { qemuLiveMigration } from './lib/qemu-live.js';
 import { createShapedLink } from './lib/wan.js';
 
 const { values } = parseArgs({
-  options: { 'rate-mbit': { type: 'string' }, 'session-seconds': { type: 'string' }, only: { type: 'string' }, json: { type: 'boolean' }, 'converge-limit': { type: 'string' } },
+  options: { 'rate-mbit': { type: 'string' }, 'session-seconds': { type: 'string' }, only: { type: 'string' }, json: { type: 'boolean' }, 'converge-limit': { type: 'string' }, 'summary-out': { type: 'string' } },
 });
 const rateMbit = Number(values['rate-mbit'] ?? 10);
 const sessionSeconds = Number(values['session-seconds'] ?? 60);
@@ -196,6 +197,7 @@ async function handoffRun(): Promise<Row> {
     const s = await migrateOn(inNs(link.sourceNs), ['--external-actors', '--nats', nats.url, '--qmp', qmp, '--base', join(src, 'base'), '--to', receiver.address]);
     if (!s.verified) say(`the destination's last words: ${receiver.logTail().slice(-2000)}`);
     const wireBytes = link.sentBytes() - sentBefore;
+    if (values['summary-out']) writeFileSync(values['summary-out'], JSON.stringify(s, null, 2));
     await new Promise((r) => setTimeout(r, 5000));
     const service = serviceFigures(probes[0]!.answers, probes[1]!.answers);
     say(`handoff: ${s.verified ? `${s.handoffSeconds.toFixed(1)} s, downtime ${s.downtimeMs} ms` : `failed: ${s.reason}`}`);

@@ -54,14 +54,17 @@ describe('the pages checked at the stop', () => {
     assert.equal(resent.stale(2, page(5)), true);
   });
 
-  test('read in runs of consecutive pages, none longer than asked', () => {
-    const resent = new ResentPages(12);
-    for (const i of [0, 1, 2, 3, 4, 7, 11]) {
+  test('read in spans from resent page to resent page, through short gaps, none longer than asked', () => {
+    const resent = new ResentPages(40);
+    for (const i of [0, 1, 2, 3, 4, 7, 11, 20, 30, 31, 39]) {
       resent.carried(i, page(0));
       resent.carried(i, page(1));
     }
     resent.carried(9, page(0));
-    assert.deepEqual([...resent.runs(3)], [[0, 3], [3, 2], [7, 1], [11, 1]]);
+    assert.deepEqual([...resent.spans(0, 40, 3, 100)], [[0, 12], [20, 1], [30, 2], [39, 1]], 'gaps of up to 3 pages read through');
+    assert.deepEqual([...resent.spans(0, 40, 0, 100)], [[0, 5], [7, 1], [11, 1], [20, 1], [30, 2], [39, 1]], 'no gap: consecutive runs');
+    assert.deepEqual([...resent.spans(0, 40, 3, 4)], [[0, 4], [4, 4], [11, 1], [20, 1], [30, 2], [39, 1]], 'none longer than 4');
+    assert.deepEqual([...resent.spans(3, 31, 3, 100)], [[3, 9], [20, 1], [30, 1]], 'only within the range (a block)');
   });
 
   test("a flat page's block and offset are the inverse of its index", () => {

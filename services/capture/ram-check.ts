@@ -16,8 +16,13 @@ import type { FlatPages } from './stream-core.js';
 
 /** the first QEMU whose TCG keeps its dirty log whole */
 const TCG_DIRTY_LOG_FIXED = { major: 9, minor: 0 };
-/** pages read from QEMU's memory at a time, where they run on */
-const READ_PAGES = 256;
+/** pages read from QEMU's memory in one read at most */
+const READ_PAGES = 1024;
+/**
+ * unsent pages read through between two resent ones rather than reading twice: copying 32 KiB
+ * costs less than another read's round trip (21,151 pages read one run at a time took 488 ms)
+ */
+const READ_THROUGH_PAGES = 8;
 
 /** Why the source's pages must be checked at the stop, or undefined where its stream holds every write. */
 export async function ramCheckReason(qmp: QmpClient): Promise<string | undefined> {
@@ -57,22 +62,33 @@ export class ResentPages {
     this.lastCheck[index] = pageCheck(page);
   }
 
+  /** whether the stream carried page `index` more than once */
+  isResent(index: number): boolean {
+    return this.sends[index] === 2;
+  }
+
   /** whether `page`, read at the stop for `index`, is not the stream's last version of it */
   stale(index: number, page: Uint8Array): boolean {
     return this.sends[index] === 2 && pageCheck(page) !== this.lastCheck[index];
   }
 
-  /** runs of consecutive resent flat page indexes, [first, count] */
-  *runs(maxPages: number): Generator<[number, number]> {
+  /**
+   * Spans [first, count] of flat pages in [from, to) to read at once: each begins and ends at a
+   * resent page, takes in gaps of up to `maxGapPages` between them, and is at most `maxPages` long.
+   */
+  *spans(from: number, to: number, maxGapPages: number, maxPages: number): Generator<[number, number]> {
     let first = -1;
-    for (let i = 0; i <= this.sends.length; i++) {
-      const resent = i < this.sends.length && this.sends[i] === 2;
-      if (resent && first < 0) first = i;
-      if (first >= 0 && (!resent || i - first === maxPages)) {
-        yield [first, i - first];
-        first = resent ? i : -1;
+    let last = -1;
+    for (let i = from; i < Math.min(to, this.sends.length); i++) {
+      if (this.sends[i] !== 2) continue;
+      if (first >= 0 && (i - last > maxGapPages + 1 || i - first >= maxPages)) {
+        yield [first, last - first + 1];
+        first = -1;
       }
+      if (first < 0) first = i;
+      last = i;
     }
+    if (first >= 0) yield [first, last - first + 1];
   }
 }
 
@@ -146,27 +162,25 @@ export async function checkResentPages(qmp: QmpClient, pid: number, flat: FlatPa
   });
   const result: RamCheckResult = { pagesChecked: 0, pagesStale: 0 };
   try {
-    for (const [first, count] of resent.runs(READ_PAGES)) {
-      const { block, offset } = flat.locate(first);
-      const base = bases.get(block);
+    const buf = Buffer.allocUnsafe(READ_PAGES * PAGE_SIZE);
+    for (const block of flat.blocks) {
+      const base = bases.get(block.idstr);
       if (base === undefined) continue;
-      // a run may cross into the next block: read page by page from there
-      const buf = Buffer.allocUnsafe(count * PAGE_SIZE);
-      const sameBlock = flat.locate(first + count - 1).block === block;
-      if (sameBlock) await mem.read(buf, 0, buf.byteLength, base + offset);
-      for (let p = 0; p < count; p++) {
-        const index = first + p;
-        const page = buf.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
-        if (!sameBlock) {
-          const at = flat.locate(index);
-          const b = bases.get(at.block);
-          if (b === undefined) continue;
-          await mem.read(page, 0, PAGE_SIZE, b + at.offset);
+      const blockFirst = block.offset / PAGE_SIZE;
+      for (const [first, count] of resent.spans(blockFirst, blockFirst + Math.ceil(block.bytes / PAGE_SIZE), READ_THROUGH_PAGES, READ_PAGES)) {
+        const bytes = count * PAGE_SIZE;
+        const { bytesRead } = await mem.read(buf, 0, bytes, base + (first - blockFirst) * PAGE_SIZE);
+        if (bytesRead !== bytes) throw new Error(`QEMU's memory ended at ${block.idstr} offset ${(first - blockFirst) * PAGE_SIZE + bytesRead} (/proc/${pid}/mem)`);
+        for (let p = 0; p < count; p++) {
+          const index = first + p;
+          if (!resent.isResent(index)) continue;
+          const page = buf.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+          result.pagesChecked++;
+          if (!resent.stale(index, page)) continue;
+          result.pagesStale++;
+          // the buffer is read into again: the page sent is its own copy
+          await send(index, Buffer.from(page));
         }
-        result.pagesChecked++;
-        if (!resent.stale(index, page)) continue;
-        result.pagesStale++;
-        await send(index, page);
       }
     }
   } finally {
