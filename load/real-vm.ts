@@ -189,7 +189,7 @@ async function handoffRun(): Promise<Row> {
     // every cloudlet holds the base: taken once at the source, copied to the destination
     execFileSync('ip', [...inNs(link.sourceNs).slice(1), process.execPath, MAIN, 'base', '--qmp', qmp, '--out', join(src, 'base')], { stdio: 'inherit' });
     execFileSync('cp', ['-a', '--sparse=always', join(src, 'base'), join(dst, 'base')]);
-    receiver = await spawnReceiverProcess({ base: join(dst, 'base'), outDir: join(dst, 'out'), listen: `${link.destIp}:7300`, prefix: inNs(link.destNs), stream: {} });
+    receiver = await spawnReceiverProcess({ base: join(dst, 'base'), outDir: join(dst, 'out'), listen: `${link.destIp}:7300`, prefix: inNs(link.destNs), stream: {}, forwardLogs: process.env.HANDOFF_LOG_LEVEL !== undefined });
     await new Promise((r) => setTimeout(r, sessionSeconds * 1000));
     const sentBefore = link.sentBytes();
     const s = await migrateOn(inNs(link.sourceNs), ['--external-actors', '--nats', nats.url, '--qmp', qmp, '--base', join(src, 'base'), '--to', receiver.address]);

@@ -147,6 +147,9 @@ export interface RamCheckResult {
   pagesChecked: number;
   /** of those, pages whose bytes in QEMU were not the stream's last version: sent from the check */
   pagesStale: number;
+  /** reads of QEMU's memory, and the time taken to find where its RAM blocks are in it (ms) */
+  reads: number;
+  addressMs: number;
 }
 
 /**
@@ -156,11 +159,13 @@ export interface RamCheckResult {
 export async function checkResentPages(qmp: QmpClient, pid: number, flat: FlatPages, resent: ResentPages, send: (index: number, page: Buffer) => Promise<void>): Promise<RamCheckResult> {
   const status = await qmp.execute('query-status');
   if (status.running) throw new Error('the source VM runs again: its RAM cannot be checked at the stop');
+  const addressStartMs = performance.now();
   const bases = await writableBlockAddresses(qmp, flat.blocks.map((b) => b.idstr));
+  const addressMs = Math.round(performance.now() - addressStartMs);
   const mem = await open(`/proc/${pid}/mem`, 'r').catch((err: unknown) => {
     throw new Error(`cannot read QEMU's memory (/proc/${pid}/mem): ${errorMessage(err)}`);
   });
-  const result: RamCheckResult = { pagesChecked: 0, pagesStale: 0 };
+  const result: RamCheckResult = { pagesChecked: 0, pagesStale: 0, reads: 0, addressMs };
   try {
     const buf = Buffer.allocUnsafe(READ_PAGES * PAGE_SIZE);
     for (const block of flat.blocks) {
@@ -170,6 +175,7 @@ export async function checkResentPages(qmp: QmpClient, pid: number, flat: FlatPa
       for (const [first, count] of resent.spans(blockFirst, blockFirst + Math.ceil(block.bytes / PAGE_SIZE), READ_THROUGH_PAGES, READ_PAGES)) {
         const bytes = count * PAGE_SIZE;
         const { bytesRead } = await mem.read(buf, 0, bytes, base + (first - blockFirst) * PAGE_SIZE);
+        result.reads++;
         if (bytesRead !== bytes) throw new Error(`QEMU's memory ended at ${block.idstr} offset ${(first - blockFirst) * PAGE_SIZE + bytesRead} (/proc/${pid}/mem)`);
         for (let p = 0; p < count; p++) {
           const index = first + p;
