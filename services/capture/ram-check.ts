@@ -8,6 +8,7 @@
  * can predate them), only pages the stream carries more than once can be stale, and those are
  * the ones compared with QEMU's memory at the stop, through /proc/PID/mem.
  */
+import { readSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { PAGE_SIZE, pageCheck } from '../../shared/image/pages.js';
 import { errorMessage } from '../../shared/model/errors.js';
@@ -174,7 +175,9 @@ export async function checkResentPages(qmp: QmpClient, pid: number, flat: FlatPa
       const blockFirst = block.offset / PAGE_SIZE;
       for (const [first, count] of resent.spans(blockFirst, blockFirst + Math.ceil(block.bytes / PAGE_SIZE), READ_THROUGH_PAGES, READ_PAGES)) {
         const bytes = count * PAGE_SIZE;
-        const { bytesRead } = await mem.read(buf, 0, bytes, base + (first - blockFirst) * PAGE_SIZE);
+        // read in this thread: the VM is stopped and waits on this, and a read through libuv's pool
+        // took about 90 µs (1716 reads, 153 ms)
+        const bytesRead = readSync(mem.fd, buf, 0, bytes, base + (first - blockFirst) * PAGE_SIZE);
         result.reads++;
         if (bytesRead !== bytes) throw new Error(`QEMU's memory ended at ${block.idstr} offset ${(first - blockFirst) * PAGE_SIZE + bytesRead} (/proc/${pid}/mem)`);
         for (let p = 0; p < count; p++) {

@@ -114,6 +114,14 @@ export function handleConnection(socket: Socket, migrations: Migrations, setting
       onHello(frame);
       return;
     }
+    if (frame.type !== FrameType.Probe) {
+      // the rebuilt images start as copies of the base, made while the link opened
+      const failed = await state.store.ready.then(
+        () => undefined,
+        (err: unknown) => errorMessage(err),
+      );
+      if (failed !== undefined) return void (await migrations.finish(state, failed));
+    }
     if (frame.type === FrameType.Chunk) {
       const { frameNo, chunk } = splitChunkFrame(frame.payload);
       migrations.applyChunk(state, chunk);

@@ -159,6 +159,11 @@ export class Migrations {
       { base: this.setup.baseMemory, out: memoryPath, bytes: memoryIndex.bytes },
       { base: this.setup.baseDisk, out: diskPath, bytes: diskIndex.bytes },
     ]);
+    const copyStartMs = performance.now();
+    store.ready.then(
+      () => log.info('rebuilt images started as copies of the base', { ms: Math.round(performance.now() - copyStartMs) }),
+      () => undefined,
+    );
     const state: MigrationState = {
       migrationId,
       log,
@@ -175,7 +180,9 @@ export class Migrations {
     if (hello.vm && this.setup.vm) {
       // started now, on the images being rebuilt: its start-up is not downtime
       const files = { memory: `${memoryPath}.partial`, disk: `${diskPath}.partial` };
-      state.vm = VmResumer.prepare(hello.vm, this.setup.vm, files, dirname(memoryPath), log);
+      const vm = hello.vm;
+      const options = this.setup.vm;
+      state.vm = store.ready.then(() => VmResumer.prepare(vm, options, files, dirname(memoryPath), log));
       state.vm.catch((err: unknown) => log.error('destination VM did not start', { reason: errorMessage(err) }));
     } else if (hello.machine && this.setup.stream) {
       // started now and fed as the rebuild goes: only the last round and the devices are downtime
@@ -186,7 +193,9 @@ export class Migrations {
       const files = { memory: `${memoryPath}.partial`, disk: `${diskPath}.partial` };
       // a QEMU that fails ends the migration with its reason, before more pages cross for nothing
       const failed = (reason: string): void => void this.finish(state, reason);
-      state.vm = StreamResumer.prepare(hello.machine, this.setup.stream, files, dirname(memoryPath), { written, flush: () => store.flush() }, log, failed);
+      const machine = hello.machine;
+      const options = this.setup.stream;
+      state.vm = store.ready.then(() => StreamResumer.prepare(machine, options, files, dirname(memoryPath), { written, flush: () => store.flush() }, log, failed));
       state.vm.catch((err: unknown) => {
         log.error('destination VM did not start', { reason: errorMessage(err) });
         failed(`destination VM did not start: ${errorMessage(err)}`);
@@ -249,9 +258,12 @@ export class Migrations {
     if (state.finished) return;
     state.finished = true;
     let result: RebuildResult;
+    let closeMs: number | undefined;
     const counts = { pagesWritten: state.rebuilder.pagesWritten, slices: state.rebuilder.receivedSlices, duplicateSlices: state.duplicates };
+    const closeStartMs = performance.now();
     try {
       state.store.close();
+      closeMs = Math.round(performance.now() - closeStartMs);
       if (failure) throw new Error(failure);
       const rebuiltHashes = { memory: state.rebuilder.imageDigest(0), disk: state.rebuilder.imageDigest(1) };
       result = verifiedResult(rebuiltHashes, state.sourceHashes!, counts, (performance.now() - state.startedMs) / 1000);
@@ -262,7 +274,7 @@ export class Migrations {
       state.store.discard();
       result = failedResult(errorMessage(err), counts, (performance.now() - state.startedMs) / 1000);
     }
-    state.log.info(result.verified ? 'images rebuilt and verified' : 'rebuild failed', { verified: result.verified, reason: result.reason });
+    state.log.info(result.verified ? 'images rebuilt and verified' : 'rebuild failed', { verified: result.verified, reason: result.reason, closeMs });
     state.span.setAttributes({ 'handoff.verified': result.verified, 'handoff.pages_written': result.pagesWritten, 'handoff.duplicate_slices': result.duplicateSlices });
     if (!result.verified) state.span.setStatus({ code: SpanStatusCode.ERROR, message: result.reason ?? 'not verified' });
     state.span.end();

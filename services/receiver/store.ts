@@ -1,5 +1,5 @@
 /** File-backed PageStore: base images read-only, rebuilt images written at `<out>.partial` until verified. */
-import { execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { closeSync, fsyncSync, openSync, readSync, renameSync, rmSync, writevSync } from 'node:fs';
 import { PAGE_SIZE, type ImageId } from '../../shared/image/pages.js';
 import type { PageStore } from './core.js';
@@ -14,7 +14,14 @@ export interface ImageFiles {
 
 export class FilePageStore implements PageStore {
   private readonly baseFds: number[];
-  private readonly outFds: number[];
+  /** open once `ready` resolves */
+  private outFds: number[] = [];
+  private closed = false;
+  /**
+   * Resolves once each rebuilt image starts as its base (or rejects naming why it cannot): the copy
+   * runs while the link opens, so the source's first pages need not wait for it.
+   */
+  readonly ready: Promise<void>;
   /** told of every page written (a resumer feeding QEMU tracks the memory pages it must send) */
   onWrite: ((image: ImageId, index: number) => void) | undefined;
 
@@ -24,10 +31,17 @@ export class FilePageStore implements PageStore {
    */
   constructor(private readonly images: [ImageFiles, ImageFiles]) {
     this.baseFds = images.map((i) => openSync(i.base, 'r'));
-    this.outFds = images.map((i) => {
-      copySparse(i.base, partial(i.out));
-      return openSync(partial(i.out), 'r+');
+    this.ready = Promise.all(images.map((i) => copySparse(i.base, partial(i.out)))).then(() => {
+      if (!this.closed) this.outFds = images.map((i) => openSync(partial(i.out), 'r+'));
     });
+    // heard by whoever awaits it
+    this.ready.catch(() => undefined);
+  }
+
+  private outFd(image: ImageId): number {
+    const fd = this.outFds[image];
+    if (fd === undefined) throw new Error('a rebuilt image was used before the copy of its base was done');
+    return fd;
   }
 
   pageCount(image: ImageId): number {
@@ -46,7 +60,7 @@ export class FilePageStore implements PageStore {
 
   readRebuilt(image: ImageId, index: number): Uint8Array {
     this.flush();
-    return this.read(this.outFds[image]!, index);
+    return this.read(this.outFd(image), index);
   }
 
   /** Consecutive pages are gathered and written with one writev: chunks come in page order. */
@@ -71,7 +85,7 @@ export class FilePageStore implements PageStore {
     let position = run.first * PAGE_SIZE;
     let pages = run.pages;
     while (pages.length > 0) {
-      const written = writevSync(this.outFds[run.image]!, pages, position);
+      const written = writevSync(this.outFd(run.image), pages, position);
       position += written;
       // a short write: carry on from where it stopped (whole pages only in practice)
       const whole = Math.floor(written / PAGE_SIZE);
@@ -86,6 +100,7 @@ export class FilePageStore implements PageStore {
   }
 
   close(): void {
+    this.closed = true;
     this.flush();
     for (const fd of this.outFds) {
       fsyncSync(fd);
@@ -105,12 +120,13 @@ export class FilePageStore implements PageStore {
   }
 }
 
-function copySparse(from: string, to: string): void {
-  try {
-    execFileSync('cp', ['--sparse=always', '--reflink=auto', '--', from, to], { stdio: ['ignore', 'ignore', 'pipe'] });
-  } catch (err) {
-    throw new Error(`cannot copy the base ${from} to ${to}: ${(err as { stderr?: Buffer }).stderr?.toString().trim() || (err as Error).message}`);
-  }
+function copySparse(from: string, to: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    execFile('cp', ['--sparse=always', '--reflink=auto', '--', from, to], (err, _stdout, stderr) => {
+      if (err) reject(new Error(`cannot copy the base ${from} to ${to}: ${stderr.trim() || err.message}`));
+      else resolve();
+    });
+  });
 }
 
 function partial(path: string): string {

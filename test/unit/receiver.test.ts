@@ -63,6 +63,7 @@ describe('receiver store', () => {
         { base: bases[1]!, out: join(dir, 'disk.img'), bytes },
       ]);
       try {
+        await store.ready;
         assert.equal(Buffer.from(store.readRebuilt(1, 5)).equals(Buffer.alloc(4096, 7)), true);
         for (const out of ['memory.img', 'disk.img']) {
           const s = statSync(join(dir, `${out}.partial`));
@@ -72,6 +73,28 @@ describe('receiver store', () => {
       } finally {
         store.close();
       }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a base that cannot be copied fails the store's start, naming the base and cp's reason", async () => {
+    const { mkdtempSync, writeFileSync, rmSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const { FilePageStore } = await import('../../services/receiver/store.js');
+    const dir = mkdtempSync(join(tmpdir(), 'handoff-store-'));
+    try {
+      const base = join(dir, 'base.img');
+      writeFileSync(base, Buffer.alloc(8192));
+      // the rebuilt image's folder does not exist: cp cannot create it
+      const store = new FilePageStore([
+        { base, out: join(dir, 'missing', 'memory.img'), bytes: 8192 },
+        { base, out: join(dir, 'disk.img'), bytes: 8192 },
+      ]);
+      await assert.rejects(store.ready, (err: Error) => err.message.includes(`cannot copy the base ${base}`) && /No such file or directory/.test(err.message));
+      assert.throws(() => store.readRebuilt(0, 0), /before the copy of its base was done/);
+      store.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
