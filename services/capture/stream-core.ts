@@ -144,14 +144,44 @@ export function nextCpuQuotaPct(currentPct: number): number | undefined {
   return next >= MIN_CPU_QUOTA_PCT ? next : undefined;
 }
 
+/** A round as the stop decision sees it: the pages it sent, those QEMU sent in it (changed or not), how long it took to deliver. */
+export interface StreamRoundStat {
+  dirtyPages: number;
+  pagesSeen: number;
+  seconds: number;
+}
+
+/**
+ * The rounds of about the last this many seconds stand for the final round: several of QEMU's
+ * short passes, recent enough to follow a throttle. Round 0, mostly pages that dedup against the
+ * base, is left out once later rounds exist.
+ */
+export const RECENT_ROUNDS_SECONDS = 2;
+
+/**
+ * The pace pages were delivered at in the recent rounds, and the share of QEMU's pages they found
+ * changed: QEMU's dirty log counts a page rewritten with the same bytes, which costs nothing.
+ */
+export function recentPace(history: readonly StreamRoundStat[]): { deliveredPagesPerSec: number; changedShare: number } {
+  const later = history.length > 1 ? history.slice(1) : history;
+  let sum = { dirtyPages: 0, pagesSeen: 0, seconds: 0 };
+  for (let i = later.length - 1; i >= 0 && sum.seconds < RECENT_ROUNDS_SECONDS; i--) {
+    const r = later[i]!;
+    sum = { dirtyPages: sum.dirtyPages + r.dirtyPages, pagesSeen: sum.pagesSeen + r.pagesSeen, seconds: sum.seconds + r.seconds };
+  }
+  return { deliveredPagesPerSec: sum.seconds > 0 ? sum.dirtyPages / sum.seconds : 0, changedShare: sum.pagesSeen > 0 ? Math.min(1, sum.dirtyPages / sum.pagesSeen) : 1 };
+}
+
 /** What the stream capture knows after a round, for deciding when QEMU is to stop the VM. */
 export interface StreamStopInput {
   /** QEMU's dirty pages still to send (its `ram.remaining`, in pages), at its last report */
   remainingPages: number;
   /** QEMU's measured dirty rate (pages/s) */
   dirtyPagesPerSec: number;
-  /** pages this handoff sent and had delivered, per second, over the rounds so far */
+  /** pages this handoff sent and had delivered, per second, in the recent rounds (recentPace) */
   deliveredPagesPerSec: number;
+  /** of the pages QEMU sent in the recent rounds, the share that had changed (recentPace): QEMU's two figures are scaled by it */
+  changedShare: number;
   roundsDone: number;
   maxRounds: number;
   downtimeMs: number;
@@ -171,12 +201,16 @@ export type StreamStopDecision = { action: 'stop' | 'continue' | 'slow'; predict
  * rounds this capture sees are cut wherever QEMU resends a page (mid-pass syncs make them small).
  */
 export function decideStreamStop(i: StreamStopInput): StreamStopDecision {
-  const predictedDowntimeMs = i.overheadMs + (i.deliveredPagesPerSec > 0 ? (i.remainingPages / i.deliveredPagesPerSec) * 1000 : Infinity);
+  const leftPages = Math.round(i.remainingPages * i.changedShare);
+  const dirtyPagesPerSec = i.dirtyPagesPerSec * i.changedShare;
+  const predictedDowntimeMs = i.overheadMs + (i.deliveredPagesPerSec > 0 ? (leftPages / i.deliveredPagesPerSec) * 1000 : Infinity);
   const shown = Math.round(predictedDowntimeMs);
-  if (predictedDowntimeMs <= i.downtimeMs) return { action: 'stop', predictedDowntimeMs, reason: `QEMU has ${i.remainingPages} pages left: ${shown} ms at the delivered pace fits ${i.downtimeMs} ms` };
+  const left = `QEMU has ${i.remainingPages} pages left, about ${leftPages} of them changed`;
+  if (predictedDowntimeMs <= i.downtimeMs) return { action: 'stop', predictedDowntimeMs, reason: `${left}: ${shown} ms at the delivered pace fits ${i.downtimeMs} ms` };
   if (i.roundsDone >= i.maxRounds) return { action: 'stop', predictedDowntimeMs, reason: `round limit ${i.maxRounds} (predicted downtime ${shown} ms)` };
-  const converging = i.dirtyPagesPerSec < i.deliveredPagesPerSec;
-  if (!converging && i.canSlow) return { action: 'slow', predictedDowntimeMs, reason: `the guest dirties ${Math.round(i.dirtyPagesPerSec)} pages/s, ${Math.round(i.deliveredPagesPerSec)} are delivered` };
-  if (!converging) return { action: 'stop', predictedDowntimeMs, reason: `not converging (${Math.round(i.dirtyPagesPerSec)} pages/s dirtied, ${Math.round(i.deliveredPagesPerSec)} delivered) and the guest slowed as far as it goes` };
-  return { action: 'continue', predictedDowntimeMs, reason: `QEMU has ${i.remainingPages} pages left (${shown} ms): another round` };
+  const converging = dirtyPagesPerSec < i.deliveredPagesPerSec;
+  const rates = `${Math.round(dirtyPagesPerSec)} changed pages/s dirtied, ${Math.round(i.deliveredPagesPerSec)} delivered`;
+  if (!converging && i.canSlow) return { action: 'slow', predictedDowntimeMs, reason: `not converging (${rates})` };
+  if (!converging) return { action: 'stop', predictedDowntimeMs, reason: `not converging (${rates}) and the guest slowed as far as it goes` };
+  return { action: 'continue', predictedDowntimeMs, reason: `${left} (${shown} ms): another round` };
 }

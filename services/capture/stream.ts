@@ -33,11 +33,10 @@ import { acceptOne, eventMs, recoverFromMigration, findQemuBehind, listenForQemu
 import { QmpClient } from '../../shared/vm/qmp.js';
 import { CpuQuota } from '../../shared/cpu/quota.js';
 import { ChunkBuilder, newPageRecord } from './core.js';
-import type { RoundStat } from './policy.js';
 import { waitDelivered } from './live.js';
 import { captureRound, RoundPublisher, type CaptureGate, type LiveImages, type PublishStats } from './round.js';
 import { checkResentPages, ramCheckReason, ResentPages } from './ram-check.js';
-import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, type StreamRoundRecord } from './stream-core.js';
+import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, recentPace, type StreamRoundRecord, type StreamRoundStat } from './stream-core.js';
 
 /** A stream-mode live VM: one with the source's own machine. */
 export interface StreamLiveVm extends LiveVm {
@@ -263,7 +262,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     }, THROTTLE_POLL_MS);
 
     const rounds: StreamRoundRecord[] = [];
-    const history: RoundStat[] = [];
+    const history: StreamRoundStat[] = [];
     /** halves the source QEMU's CPU quota (the first time: puts one on); undefined where it cannot go lower or there is none to be had */
     const slowGuest = (): number | undefined => {
       if (quotaUnavailable) return undefined;
@@ -336,18 +335,18 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       // estimate is then the pipeline's real pace; once stopped, waiting is only downtime
       if (stoppedAt() === undefined) await waitDelivered(bus, d);
       const seconds = (performance.now() - current.startedMs) / 1000;
+      const pagesSeen = cutter.pagesSeen;
       rounds.push({ round, dirtyPages: r.dirtyPages, seconds: Number(seconds.toFixed(3)), decision: why, cpuThrottlePct: state.throttlePct });
       log.info('stream round delivered', { round, dirtyPages: r.dirtyPages, pagesSeen: cutter.pagesSeen, seconds: Number(seconds.toFixed(2)), cpuThrottlePct: state.throttlePct });
       cutter.next();
       current = openRound(cutter.round);
       if (stoppedAt() !== undefined || state.forcedStop) return;
-      history.push({ round, dirtyPages: r.dirtyPages, seconds });
-      const delivered = history.reduce((a, h) => ({ pages: a.pages + h.dirtyPages, seconds: a.seconds + h.seconds }), { pages: 0, seconds: 0 });
+      history.push({ dirtyPages: r.dirtyPages, pagesSeen, seconds });
       const decision = decideStreamStop({
         // what QEMU reported, and what it dirtied since (its report is up to a poll old)
         remainingPages: Math.round(state.remainingPages + (state.dirtyPagesPerSec * THROTTLE_POLL_MS) / 1000),
         dirtyPagesPerSec: state.dirtyPagesPerSec,
-        deliveredPagesPerSec: delivered.seconds > 0 ? delivered.pages / delivered.seconds : 0,
+        ...recentPace(history),
         roundsDone: history.length,
         maxRounds: live.maxRounds,
         downtimeMs: live.downtimeMs,

@@ -262,7 +262,8 @@ export class Migrations {
     const counts = { pagesWritten: state.rebuilder.pagesWritten, slices: state.rebuilder.receivedSlices, duplicateSlices: state.duplicates };
     const closeStartMs = performance.now();
     try {
-      state.store.close();
+      // a live VM resumes on these files: they go to disk after it runs, not in its downtime
+      state.store.close({ sync: state.vm === undefined });
       closeMs = Math.round(performance.now() - closeStartMs);
       if (failure) throw new Error(failure);
       const rebuiltHashes = { memory: state.rebuilder.imageDigest(0), disk: state.rebuilder.imageDigest(1) };
@@ -306,6 +307,7 @@ export class Migrations {
           if (result.resumedAtMs === undefined) {
             result.resumedAtMs = at;
             state.store.publish();
+            state.store.syncPublished().catch((err: unknown) => state.log.warn('the rebuilt images could not be flushed to disk', { reason: errorMessage(err) }));
           }
           return at;
         },

@@ -1,6 +1,7 @@
 /** File-backed PageStore: base images read-only, rebuilt images written at `<out>.partial` until verified. */
 import { execFile } from 'node:child_process';
 import { closeSync, fsyncSync, openSync, readSync, renameSync, rmSync, writevSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { PAGE_SIZE, type ImageId } from '../../shared/image/pages.js';
 import type { PageStore } from './core.js';
 
@@ -99,14 +100,31 @@ export class FilePageStore implements PageStore {
     return this.images.map((i) => partial(i.out));
   }
 
-  close(): void {
+  /**
+   * Writes what is gathered and closes the files; `sync: false` leaves the flush to disk for later
+   * (`syncPublished`): a VM waiting to resume reads them through the page cache, and flushing a
+   * rebuilt gigabyte took 664 ms of a handoff's downtime.
+   */
+  close(options: { sync?: boolean } = {}): void {
     this.closed = true;
     this.flush();
     for (const fd of this.outFds) {
-      fsyncSync(fd);
+      if (options.sync !== false) fsyncSync(fd);
       closeSync(fd);
     }
     for (const fd of this.baseFds) closeSync(fd);
+  }
+
+  /** The published images flushed to disk (after a `close({ sync: false })`). */
+  async syncPublished(): Promise<void> {
+    for (const i of this.images) {
+      const fh = await open(i.out, 'r');
+      try {
+        await fh.datasync();
+      } finally {
+        await fh.close();
+      }
+    }
   }
 
   /** After verification: the images take their final names. */

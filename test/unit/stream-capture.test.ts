@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { qemuSummary } from '../../cli/summary.js';
-import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, type StreamRoundRecord, type StreamStopInput } from '../../services/capture/stream-core.js';
+import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, recentPace, type StreamRoundRecord, type StreamStopInput } from '../../services/capture/stream-core.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE, digestOfPageHashes, strongHash } from '../../shared/image/pages.js';
 import { encodeMigrationStream } from '../../shared/vm/migration-stream-writer.js';
 import { MigrationStreamParser, type MigrationRecord } from '../../shared/vm/migration-stream.js';
@@ -165,7 +165,7 @@ describe('stream capture: slowing the guest', () => {
 });
 
 describe('stream capture: when QEMU is to stop the VM', () => {
-  const at = (o: Partial<StreamStopInput>): StreamStopInput => ({ remainingPages: 100, dirtyPagesPerSec: 50, deliveredPagesPerSec: 1000, roundsDone: 2, maxRounds: 30, downtimeMs: 300, overheadMs: 150, canSlow: true, ...o });
+  const at = (o: Partial<StreamStopInput>): StreamStopInput => ({ remainingPages: 100, dirtyPagesPerSec: 50, deliveredPagesPerSec: 1000, changedShare: 1, roundsDone: 2, maxRounds: 30, downtimeMs: 300, overheadMs: 150, canSlow: true, ...o });
   test("stops when QEMU's remaining pages cross within the target at the delivered pace", () => {
     const d = decideStreamStop(at({ remainingPages: 100 }));
     assert.equal(d.action, 'stop');
@@ -177,5 +177,25 @@ describe('stream capture: when QEMU is to stop the VM', () => {
     assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 2000, canSlow: false })).action, 'stop');
     assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 200, roundsDone: 30 })).action, 'stop');
     assert.equal(decideStreamStop(at({ remainingPages: 1, deliveredPagesPerSec: 0 })).predictedDowntimeMs, Infinity, 'nothing delivered yet: no stop on a guess');
+  });
+  test("QEMU's figures count pages rewritten with the same bytes: scaled by the share found changed", () => {
+    assert.equal(decideStreamStop(at({ remainingPages: 400 })).action, 'continue', '400 pages take 400 ms');
+    const scaled = decideStreamStop(at({ remainingPages: 400, changedShare: 0.25 }));
+    assert.equal(scaled.action, 'stop', 'of which 100 changed: 100 ms');
+    assert.equal(Math.round(scaled.predictedDowntimeMs), 250);
+    assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 2000 })).action, 'slow');
+    assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 2000, changedShare: 0.25 })).action, 'continue', '500 changed pages/s dirtied, 1000 delivered: converging');
+  });
+  test('the pace and the changed share come from the last rounds, after round 0', () => {
+    const round0 = { dirtyPages: 60_000, pagesSeen: 260_000, seconds: 18 };
+    assert.deepEqual(recentPace([round0]), { deliveredPagesPerSec: 60_000 / 18, changedShare: 60_000 / 260_000 }, 'round 0 alone: its own');
+    const later = [
+      { dirtyPages: 3000, pagesSeen: 6000, seconds: 2 },
+      { dirtyPages: 300, pagesSeen: 1000, seconds: 0.25 },
+      { dirtyPages: 200, pagesSeen: 1000, seconds: 0.25 },
+    ];
+    assert.deepEqual(recentPace([round0, ...later]), { deliveredPagesPerSec: 3500 / 2.5, changedShare: 3500 / 8000 }, 'back to about 2 s of rounds');
+    assert.deepEqual(recentPace([round0, ...later, { dirtyPages: 500, pagesSeen: 1000, seconds: 1.6 }]), { deliveredPagesPerSec: 1000 / 2.1, changedShare: 1000 / 3000 }, 'the older rounds drop out');
+    assert.deepEqual(recentPace([]), { deliveredPagesPerSec: 0, changedShare: 1 });
   });
 });
