@@ -33,7 +33,11 @@ export class FilePageStore implements PageStore {
   constructor(private readonly images: [ImageFiles, ImageFiles]) {
     this.baseFds = images.map((i) => openSync(i.base, 'r'));
     this.ready = Promise.all(images.map((i) => copySparse(i.base, partial(i.out)))).then(() => {
-      if (!this.closed) this.outFds = images.map((i) => openSync(partial(i.out), 'r+'));
+      if (this.closed) return;
+      this.outFds = images.map((i) => openSync(partial(i.out), 'r+'));
+      // the copy's data goes to disk now, while pages cross: left dirty, a flush at the stop
+      // (ours, or QEMU's when its incoming migration completes) waited for it in the downtime
+      void syncFiles(this.partialPaths).catch(() => undefined);
     });
     // heard by whoever awaits it
     this.ready.catch(() => undefined);
@@ -116,15 +120,8 @@ export class FilePageStore implements PageStore {
   }
 
   /** The published images flushed to disk (after a `close({ sync: false })`). */
-  async syncPublished(): Promise<void> {
-    for (const i of this.images) {
-      const fh = await open(i.out, 'r');
-      try {
-        await fh.datasync();
-      } finally {
-        await fh.close();
-      }
-    }
+  syncPublished(): Promise<void> {
+    return syncFiles(this.images.map((i) => i.out));
   }
 
   /** After verification: the images take their final names. */
@@ -145,6 +142,18 @@ function copySparse(from: string, to: string): Promise<void> {
       else resolve();
     });
   });
+}
+
+/** Each file's data flushed to disk, through a descriptor of its own (the store's stay free to close). */
+async function syncFiles(paths: readonly string[]): Promise<void> {
+  for (const path of paths) {
+    const fh = await open(path, 'r');
+    try {
+      await fh.datasync();
+    } finally {
+      await fh.close();
+    }
+  }
 }
 
 function partial(path: string): string {
