@@ -192,6 +192,7 @@ async function handoffRun(): Promise<Row> {
     receiver = await spawnReceiverProcess({ base: join(dst, 'base'), outDir: join(dst, 'out'), listen: `${link.destIp}:7300`, prefix: inNs(link.destNs), stream: {}, forwardLogs: process.env.HANDOFF_LOG_LEVEL !== undefined });
     await new Promise((r) => setTimeout(r, sessionSeconds * 1000));
     const sentBefore = link.sentBytes();
+    say(`migrate starts at ${new Date().toISOString()}`);
     const s = await migrateOn(inNs(link.sourceNs), ['--external-actors', '--nats', nats.url, '--qmp', qmp, '--base', join(src, 'base'), '--to', receiver.address]);
     if (!s.verified) say(`the destination's last words: ${receiver.logTail().slice(-2000)}`);
     const wireBytes = link.sentBytes() - sentBefore;

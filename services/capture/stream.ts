@@ -289,10 +289,13 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     let blocksChecked = false;
 
     /** Ends the current round: its pages flushed and acknowledged, the disk read in round 0 and the last. */
-    const endRound = async (final: boolean): Promise<{ slices: number; dirtyPages: number; imageHashes: { memory: string; disk: string } }> => {
+    /** `finalDiskPages`: the final round's disk pages, asked of QEMU while the RAM was checked */
+    const endRound = async (final: boolean, finalDiskPages?: Promise<PageRun[]>): Promise<{ slices: number; dirtyPages: number; imageHashes: { memory: string; disk: string } }> => {
       const round = cutter.round;
       if (current.builder.pending > 0) await current.publisher.flush(current.builder, scannedBytes);
-      await current.publisher.settle();
+      // the RAM's chunks are acknowledged while the disk's are read (the round is announced after both)
+      const ramSettled = current.publisher.settle();
+      ramSettled.catch(() => undefined);
       let slices = current.builder.nextSeq * d.parts;
       let dirtyPages = current.dirtyPages;
       let diskHash = diskBitmap ? diskBitmap.reference.digest() : digestOfPageHashes(disk.records[1].strong);
@@ -303,7 +306,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
         const sets: PageRun[][] = [];
         if (!diskBitmap.round0Read) sets.push(diskBitmap.round0);
         diskBitmap.round0Read = true;
-        if (final) sets.push(await diskBitmap.rounds.finalPages());
+        if (final) sets.push(await (finalDiskPages ?? diskBitmap.rounds.finalPages()));
         let seq = current.builder.nextSeq;
         for (const runs of sets) {
           const r = await captureDiskPages(bus, d, round, span, report, runs, diskBitmap.reference, seq);
@@ -323,6 +326,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
         diskHash = r.imageHashes.disk;
         log.info('disk captured', { round, final, pagesRead: d.disk.bytes / PAGE_SIZE, diskPages: d.disk.bytes / PAGE_SIZE, ms: Math.round(performance.now() - startedMs), from: 'whole disk' });
       }
+      await ramSettled;
       return { slices, dirtyPages, imageHashes: { memory: reference.digest(), disk: diskHash } };
     };
 
@@ -427,6 +431,9 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
 
     const stoppedAtMs = stoppedAt()!;
     const round = cutter.round;
+    // the VM is stopped and QEMU's stream done: the disk's last pages are asked for while the RAM is checked
+    const finalDiskPages = diskBitmap?.rounds.finalPages();
+    finalDiskPages?.catch(() => undefined);
     let checked: StreamRoundRecord['ramCheck'];
     if (resent) {
       const startedMs = performance.now();
@@ -440,7 +447,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       if (result.pagesStale > 0) log.warn("pages QEMU's stream left stale, sent from the source's memory", { round, ...checked });
       else log.info("RAM check at the stop: QEMU's stream held every page's last version", { round, ...checked });
     }
-    const r = await endRound(true);
+    const r = await endRound(true, finalDiskPages);
     const status = await qmp.waitMigration(10_000).then(() => qmp.execute('query-migrate'));
     clearInterval(poller);
     const encoded = encodePatch(Buffer.concat(deviceState), baseState, 3).toString('base64');
