@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { GUEST_CACHE } from '../load/lib/vm.js';
-import { blockOfRegion, checkResentPages, ResentPages, systemFlatRanges, writableBlockAddresses } from '../services/capture/ram-check.js';
+import { blockOfRegion, checkResentPages, readResentPages, ResentPages, systemFlatRanges, writableBlockAddresses } from '../services/capture/ram-check.js';
 import { FlatPages } from '../services/capture/stream-core.js';
 import { PAGE_SIZE } from '../shared/image/pages.js';
 import { buildGuest } from '../shared/testdata/guest.js';
@@ -134,6 +134,9 @@ describe("QEMU's RAM in QEMU's own memory", () => {
       assert.deepEqual({ ...result, addressMs: 0 }, { pagesChecked: 2, pagesStale: 1, reads: 1, addressMs: 0 }, 'two pages next to each other: one read');
       assert.deepEqual(sent.map(([i]) => i), [index]);
       assert.ok(sent[0]![1].equals(expected.subarray(0, PAGE_SIZE)), "the page sent is QEMU's, not the stream's");
+      // the page sent is the version the destination holds now: a later check (as while the VM runs) finds nothing
+      const again = await readResentPages(vm.child.pid!, flat, bases, resent, async (i) => assert.fail(`page ${i} sent twice`));
+      assert.deepEqual({ checked: again.pagesChecked, stale: again.pagesStale }, { checked: 2, stale: 0 });
     } finally {
       await vm.kill();
       await rm(dir, { recursive: true, force: true });

@@ -19,8 +19,17 @@ export interface StreamRoundRecord extends RoundRecord {
   qemuDowntimeMs?: number;
   /** the CPU quota capture put on the source's QEMU when the round ended (% of a core; absent: none) */
   cpuQuotaPct?: number;
-  /** the final round: the pages QEMU sent more than once, compared with its memory at the stop (ram-check.ts), and those found stale */
-  ramCheck?: { reason: string; pagesChecked: number; pagesStale: number; reads: number; addressMs: number; ms: number };
+  /** the final round: the pages QEMU sent more than once, compared with its memory at the stop (ram-check.ts), and those found stale there */
+  ramCheck?: {
+    reason: string;
+    pagesChecked: number;
+    pagesStale: number;
+    reads: number;
+    addressMs: number;
+    ms: number;
+    /** stale pages found and sent by the checks while the VM ran */
+    pagesSentBeforeStop: number;
+  };
 }
 
 /**
