@@ -181,6 +181,15 @@ export function recentPace(history: readonly StreamRoundStat[]): { deliveredPage
   return { deliveredPagesPerSec: sum.seconds > 0 ? sum.dirtyPages / sum.seconds : 0, changedShare: sum.pagesSeen > 0 ? Math.min(1, sum.dirtyPages / sum.pagesSeen) : 1 };
 }
 
+/**
+ * QEMU's dirty pages left when a round is cut. A round is cut where QEMU's next pass begins, just
+ * after it synced its dirty log: the pass then holds what was dirtied while the round ran, which a
+ * report of `remaining` taken before the sync (up to a poll old) does not show.
+ */
+export function pagesLeftAtCut(reportedRemainingPages: number, dirtyPagesPerSec: number, reportAgeSeconds: number, roundSeconds: number): number {
+  return Math.round(Math.max(reportedRemainingPages + dirtyPagesPerSec * reportAgeSeconds, dirtyPagesPerSec * roundSeconds));
+}
+
 /** What the stream capture knows after a round, for deciding when QEMU is to stop the VM. */
 export interface StreamStopInput {
   /** QEMU's dirty pages still to send (its `ram.remaining`, in pages), at its last report */

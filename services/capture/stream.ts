@@ -36,7 +36,7 @@ import { ChunkBuilder, newPageRecord } from './core.js';
 import { waitDelivered } from './live.js';
 import { captureRound, RoundPublisher, type CaptureGate, type LiveImages, type PublishStats } from './round.js';
 import { checkResentPages, ramCheckReason, readResentPages, ResentPages, writableBlockAddresses } from './ram-check.js';
-import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, recentPace, type StreamRoundRecord, type StreamRoundStat } from './stream-core.js';
+import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, pagesLeftAtCut, ramBlockDifferences, recentPace, type StreamRoundRecord, type StreamRoundStat } from './stream-core.js';
 
 /** A stream-mode live VM: one with the source's own machine. */
 export interface StreamLiveVm extends LiveVm {
@@ -380,8 +380,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       if (performance.now() - lastLiveCheckMs >= LIVE_RAM_CHECK_EVERY_MS) await liveRamCheck();
       history.push({ dirtyPages: r.dirtyPages, pagesSeen, seconds });
       const decision = decideStreamStop({
-        // what QEMU reported, and what it dirtied since (its report is up to a poll old)
-        remainingPages: Math.round(state.remainingPages + (state.dirtyPagesPerSec * THROTTLE_POLL_MS) / 1000),
+        remainingPages: pagesLeftAtCut(state.remainingPages, state.dirtyPagesPerSec, THROTTLE_POLL_MS / 1000, seconds),
         dirtyPagesPerSec: state.dirtyPagesPerSec,
         ...recentPace(history),
         roundsDone: history.length,
@@ -471,7 +470,7 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     let checked: StreamRoundRecord['ramCheck'];
     if (resent) {
       const startedMs = performance.now();
-      const result = await checkResentPages(qmp, qemu.pid, flat, resent, sendFromMemory);
+      const result = await checkResentPages(qmp, qemu.pid, flat, resent, sendFromMemory, liveBases);
       checked = { reason: ramCheck!, ...result, pagesSentBeforeStop, ms: Math.round(performance.now() - startedMs) };
       if (result.pagesStale > 0) log.warn("pages QEMU's stream left stale, sent from the source's memory", { round, ...checked });
       else log.info("RAM check at the stop: QEMU's stream held every page's last version", { round, ...checked });

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { qemuSummary } from '../../cli/summary.js';
-import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, ramBlockDifferences, recentPace, type StreamRoundRecord, type StreamStopInput } from '../../services/capture/stream-core.js';
+import { FlatPages, PageReference, RoundCutter, decideStreamStop, nextCpuQuotaPct, pagesLeftAtCut, ramBlockDifferences, recentPace, type StreamRoundRecord, type StreamStopInput } from '../../services/capture/stream-core.js';
 import { PAGE_SIZE, STRONG_HASH_BYTES, ZERO_PAGE, digestOfPageHashes, strongHash } from '../../shared/image/pages.js';
 import { encodeMigrationStream } from '../../shared/vm/migration-stream-writer.js';
 import { MigrationStreamParser, type MigrationRecord } from '../../shared/vm/migration-stream.js';
@@ -185,6 +185,11 @@ describe('stream capture: when QEMU is to stop the VM', () => {
     assert.equal(Math.round(scaled.predictedDowntimeMs), 250);
     assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 2000 })).action, 'slow');
     assert.equal(decideStreamStop(at({ remainingPages: 9000, dirtyPagesPerSec: 2000, changedShare: 0.25 })).action, 'continue', '500 changed pages/s dirtied, 1000 delivered: converging');
+  });
+  test("the pages left at a cut: QEMU's last report, or what the guest dirtied while the round ran, whichever is more", () => {
+    assert.equal(pagesLeftAtCut(657, 4000, 0.5, 1.58), 6320, 'a report from before the sync misses the pass just begun');
+    assert.equal(pagesLeftAtCut(9000, 4000, 0.5, 0.1), 11000, 'a long pass still under way: the report, and what was dirtied since it');
+    assert.equal(pagesLeftAtCut(0, 0, 0.5, 2), 0);
   });
   test('the pace and the changed share come from the last rounds, after round 0', () => {
     const round0 = { dirtyPages: 60_000, pagesSeen: 260_000, seconds: 18 };
