@@ -301,7 +301,6 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
     let scannedBytes = 0;
     let blocksChecked = false;
 
-    /** Ends the current round: its pages flushed and acknowledged, the disk read in round 0 and the last. */
     /** a page read from QEMU's memory that is not the version the destination holds: into the current round */
     const sendFromMemory = async (index: number, page: Buffer): Promise<void> => {
       const dirty = reference.changed(index, page);
@@ -321,7 +320,10 @@ export async function captureStream(bus: Bus, d: MigrationDescriptor, log: Logge
       log.debug('RAM checked while the VM runs', { round: cutter.round, pagesChecked: result.pagesChecked, pagesStale: result.pagesStale, ms: Math.round(lastLiveCheckMs - startedMs) });
     };
 
-    /** `finalDiskPages`: the final round's disk pages, asked of QEMU while the RAM was checked */
+    /**
+     * Ends the current round: its pages flushed and acknowledged, the disk read in round 0 and the
+     * last. `finalDiskPages`: the final round's disk pages, asked of QEMU while the RAM was checked.
+     */
     const endRound = async (final: boolean, finalDiskPages?: Promise<PageRun[]>): Promise<{ slices: number; dirtyPages: number; imageHashes: { memory: string; disk: string } }> => {
       const round = cutter.round;
       if (current.builder.pending > 0) await current.publisher.flush(current.builder, scannedBytes);
