@@ -59,11 +59,12 @@ export async function waitForBase(paths: string[], log: Logger, pollMs = 1000, s
     }
     if (missing.length === 0) {
       if (saidAtMs === undefined) return;
-      if (look.join(',') === lastLook) {
+      const thisLook = look.join(',');
+      if (thisLook === lastLook) {
         log.info('base found', { paths: paths.join(',') });
         return;
       }
-      lastLook = look.join(',');
+      lastLook = thisLook;
       await sleep(pollMs);
       continue;
     }

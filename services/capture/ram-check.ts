@@ -147,14 +147,18 @@ export async function writableBlockAddresses(qmp: QmpClient, idstrs: readonly st
   return bases;
 }
 
-/** What the check at the stop did. */
-export interface RamCheckResult {
+/** What a read of the resent pages did. */
+export interface ResentReadResult {
   /** pages the stream carried more than once, compared with QEMU's memory */
   pagesChecked: number;
-  /** of those, pages whose bytes in QEMU were not the stream's last version: sent from the check */
+  /** of those, pages whose bytes in QEMU were not the version last sent: sent from the check */
   pagesStale: number;
-  /** reads of QEMU's memory, and the time taken to find where its RAM blocks are in it (ms) */
+  /** reads of QEMU's memory */
   reads: number;
+}
+
+/** What the check at the stop did: the read, and the time taken to find where QEMU's RAM blocks are (ms). */
+export interface RamCheckResult extends ResentReadResult {
   addressMs: number;
 }
 
@@ -185,11 +189,11 @@ export async function checkResentPages(
  * the version last sent to `send` (which they then are). Asks nothing of QEMU: while its migration
  * runs, QEMU may be writing its last round holding its main lock, and answer QMP only after.
  */
-export async function readResentPages(pid: number, flat: FlatPages, bases: ReadonlyMap<string, number>, resent: ResentPages, send: (index: number, page: Buffer) => Promise<void>): Promise<RamCheckResult> {
+export async function readResentPages(pid: number, flat: FlatPages, bases: ReadonlyMap<string, number>, resent: ResentPages, send: (index: number, page: Buffer) => Promise<void>): Promise<ResentReadResult> {
   const mem = await open(`/proc/${pid}/mem`, 'r').catch((err: unknown) => {
     throw new Error(`cannot read QEMU's memory (/proc/${pid}/mem): ${errorMessage(err)}`);
   });
-  const result: RamCheckResult = { pagesChecked: 0, pagesStale: 0, reads: 0, addressMs: 0 };
+  const result: ResentReadResult = { pagesChecked: 0, pagesStale: 0, reads: 0 };
   try {
     const buf = Buffer.allocUnsafe(READ_PAGES * PAGE_SIZE);
     for (const block of flat.blocks) {
