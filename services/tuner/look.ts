@@ -5,9 +5,13 @@
  */
 import type { TunerDecision } from '../../shared/model/migration.js';
 import { formatMode, type Mode, type ModeConfig } from '../../shared/model/mode.js';
-import { Tuner, clearlyLinkBound, linkBandwidthBps, startModeNearBest, type Decision } from './core.js';
+import type { TunerConfig } from './config.js';
+import { linkBandwidthBps } from './estimator.js';
 import { modeKey, pick, softMin, type Conditions, type Prediction, type Profile } from './model.js';
+import { clearlyLinkBound, startModeNearBest, type Decision } from './policy.js';
 import { probePlan, type ProbePlan } from './probe.js';
+import type { ProbeState } from './probes.js';
+import { Tuner } from './tuner.js';
 
 /** One adaptive migration the tuner follows. */
 export interface Followed {
@@ -24,40 +28,19 @@ export interface Followed {
   configWritten?: string;
   /** when the tuner saw the destination accept (undefined: it came later) */
   acceptedAtMs?: number;
-  /**
-   * the ratio probe, started or put off at the first look (so set once that look is done; the first
-   * look always publishes its decision: capture waits for it): settled once its ratios are in use
-   * (or it failed, or it was put off: see laterProbe)
-   */
-  probe?: Promise<void>;
-  /** stops the probe running in the tuner's own process */
-  probeHere?: AbortController;
-  /** the probe the first look put off: it starts at a look past `dueMs` that finds the link the bottleneck */
-  laterProbe?: { plan: ProbePlan; dueMs: number };
-  /** the first look is waiting for the probe: other looks skip meanwhile */
-  probeAwaiting?: boolean;
+  /** where the migration's ratio probe stands (see ProbeState) */
+  probe: ProbeState;
   /** the bandwidth the last look took, and when it was */
   lookedAt?: { bandwidthBps: number; atMs: number };
 }
 
-export function newFollowed(profile: Profile, nowMs: number): Followed {
-  return { tuner: new Tuner(profile), startedMs: nowMs, measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: nowMs };
+export function newFollowed(profile: Profile, config: TunerConfig, nowMs: number): Followed {
+  return { tuner: new Tuner(profile, config), startedMs: nowMs, measuredBandwidthBps: 0, probedBandwidthBps: 0, lastStatsMs: nowMs, probe: { phase: 'first-look' } };
 }
-
-/** a followed migration without statistics this long has finished or was abandoned */
-export const FOLLOW_IDLE_MS = 60_000;
-
-/** a bandwidth this far from the last look's is looked at once, not at the next half second */
-const BANDWIDTH_CHANGE_FACTOR = 1.5;
-/** ... but not twice within this */
-const MIN_LOOK_GAP_MS = 100;
-
-/** how much smaller than thought a costly mode's ratio may prove to be: the probe leaves out those that could not win even so */
-const COSTLY_RATIO_DOUBT = 0.8;
 
 /** the link's speed as the tuner takes it (see linkBandwidthBps) */
 export function bandwidthOf(f: Followed): number {
-  return linkBandwidthBps(f.measuredBandwidthBps, f.probedBandwidthBps, f.linkBoundShare);
+  return linkBandwidthBps(f.measuredBandwidthBps, f.probedBandwidthBps, f.linkBoundShare, f.tuner.config);
 }
 
 /** Whether the link's speed has moved far enough from the last look's, long enough after it, for a look at once. */
@@ -66,10 +49,10 @@ export function bandwidthMoved(f: Followed, nowMs: number): boolean {
   if (!last) return false;
   const nowBps = bandwidthOf(f);
   const factor = Math.max(nowBps / last.bandwidthBps, last.bandwidthBps / nowBps);
-  return factor >= BANDWIDTH_CHANGE_FACTOR && nowMs - last.atMs >= MIN_LOOK_GAP_MS;
+  return factor >= f.tuner.config.bandwidthChangeFactor && nowMs - last.atMs >= f.tuner.config.minLookGapMs;
 }
 
-/** What the first look does about the ratio probe of `plan`: wait for it, or put it off (see LATER_PROBE_AFTER_MS). */
+/** What the first look does about the ratio probe of `plan`: wait for it, or put it off. */
 export interface FirstLookProbe {
   plan: ProbePlan;
   wait: boolean;
@@ -85,14 +68,15 @@ export interface FirstLookProbe {
  * Where the cores are the bottleneck the probe is put off too, and leaves them to the pipeline.
  */
 export function firstLookProbe(tuner: Tuner, profile: Profile, conditions: Conditions, start: Mode): FirstLookProbe {
+  const { config } = tuner;
   const predicted = tuner.predictNow(conditions);
-  const best = pick(predicted);
-  if (!clearlyLinkBound(best)) return { plan: probePlan(profile), wait: false };
+  const best = pick(predicted, config);
+  if (!clearlyLinkBound(best, config)) return { plan: probePlan(profile), wait: false };
   const couldWin = new Set(
-    predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / COSTLY_RATIO_DOUBT) > best.blocksPerSec).map((p) => modeKey(p.mode)),
+    predicted.filter((p) => best && softMin(p.processingBlocksPerSec, p.networkBlocksPerSec / config.costlyRatioDoubt) > best.blocksPerSec).map((p) => modeKey(p.mode)),
   );
   const plan = probePlan(profile, (m) => couldWin.has(modeKey(m)));
-  return { plan, wait: !startModeNearBest(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best) };
+  return { plan, wait: !startModeNearBest(predicted.find((p) => modeKey(p.mode) === modeKey(start)), best, config) };
 }
 
 /** seconds from `fromMs` to `toMs`, as a look's record shows them */
@@ -132,7 +116,7 @@ export function tunedRecord(
     predictedChosenBlocksPerSec: Math.round(decision?.chosenBlocksPerSec ?? 0),
     ...(probeWaitSeconds !== undefined ? { probeWaitSeconds } : {}),
     compressWorkersInUse,
-    overheadCpuMsPerBlock: Number(f.tuner.overheadCpuMsPerBlock.toFixed(4)),
+    overheadCpuMsPerBlock: Number(f.tuner.estimator.overheadCpuMsPerBlock.toFixed(4)),
   };
 }
 
@@ -152,7 +136,7 @@ export function lookLogFields(f: Followed, nowMs: number, current: Mode, conditi
     current: look?.current ? shown(look.current) : '-',
     top: look?.top.map(shown).join(', ') ?? '-',
     // CPU ms a block of the current mode and the top three: delta + compress + unreported
-    costs: f.tuner
+    costs: f.tuner.estimator
       .costs()
       .filter((c) => [current, ...(look?.top.map((p) => p.mode) ?? [])].some((m) => modeKey(m) === modeKey(c.mode)))
       .map((c) => `${formatMode(c.mode)} ${c.deltaCpuMsPerBlock.toFixed(3)}+${c.compressCpuMsPerBlock.toFixed(3)}+${(c.overheadCpuMsPerBlock ?? 0).toFixed(3)}`)

@@ -5,6 +5,7 @@
  */
 import { formatMode, type Mode } from '../../shared/model/mode.js';
 import { PAGE_SIZE } from '../../shared/image/pages.js';
+import { DEFAULT_TUNER_CONFIG, type TunerConfig } from './config.js';
 
 /** One mode's costs, per 4 KiB block of dedup output (the input the mode-dependent stages see). */
 export interface ModeCost {
@@ -91,32 +92,18 @@ export function rank(costs: ModeCost[], fixedCpuMsPerBlock: number, c: Condition
 }
 
 /**
- * Predictions within this share of the best are ties: the probe's sample rates modes a few percent
- * apart from what they do on the whole image, and a mode taken for a percent's edge at ten times the
- * CPU could not fill the link once it sped up.
- */
-export const TIE_SHARE = 0.03;
-
-/**
- * A tie goes to the better prediction where its CPU a block (the pipeline's fixed share included)
- * is at most this much of the cheapest tied mode's: a higher patch level at a little more CPU may
- * win on its ratio, the cheapest-takes-all rule kept it out; a codec at several times the CPU stays out.
- */
-export const TIE_CPU_FACTOR = 1.5;
-
-/**
- * The mode to take from a ranking: of those within TIE_SHARE of the first, the best that costs at
- * most TIE_CPU_FACTOR the CPU of the cheapest of them (CPU is headroom for a faster link or another
+ * The mode to take from a ranking: of those within `tieShare` of the first, the best that costs at
+ * most `tieCpuFactor` the CPU of the cheapest of them (CPU is headroom for a faster link or another
  * load on the cloudlet, and the cloudlet's VMs keep it).
  */
-export function pick(ranked: readonly Prediction[]): Prediction | undefined {
+export function pick(ranked: readonly Prediction[], ties: Pick<TunerConfig, 'tieShare' | 'tieCpuFactor'> = DEFAULT_TUNER_CONFIG): Prediction | undefined {
   const first = ranked[0];
   if (!first) return undefined;
-  const ties: Prediction[] = [];
+  const tied: Prediction[] = [];
   for (const p of ranked) {
-    if (p.blocksPerSec < first.blocksPerSec * (1 - TIE_SHARE)) break;
-    ties.push(p);
+    if (p.blocksPerSec < first.blocksPerSec * (1 - ties.tieShare)) break;
+    tied.push(p);
   }
-  const cheapest = ties.reduce((a, p) => (p.processingBlocksPerSec > a.processingBlocksPerSec ? p : a));
-  return ties.find((p) => p.processingBlocksPerSec * TIE_CPU_FACTOR >= cheapest.processingBlocksPerSec) ?? cheapest;
+  const cheapest = tied.reduce((a, p) => (p.processingBlocksPerSec > a.processingBlocksPerSec ? p : a));
+  return tied.find((p) => p.processingBlocksPerSec * ties.tieCpuFactor >= cheapest.processingBlocksPerSec) ?? cheapest;
 }

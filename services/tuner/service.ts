@@ -1,10 +1,11 @@
 /**
- * Tuner actor: follows the statistics of adaptive migrations, decides at once when the sender has
- * probed the link, then every half second, and at once when the measured bandwidth moves by half
- * or more, writes the chosen mode to the config bucket, where every stage picks it up from its next
+ * Tuner actor: follows the statistics of adaptive migrations, looks at once when the sender has
+ * probed the link, then every `lookEveryMs`, and at once when the measured bandwidth moves far
+ * enough; writes the chosen mode to the config bucket, where every stage picks it up from its next
  * chunk, and how many of the running compress workers to use to the workers bucket. Where its first
- * look finds the link the bottleneck, it probes the ratios of the migration's own pages (probes.ts);
- * the look itself is in look.ts, the model in core.ts and model.ts.
+ * look finds the link the bottleneck, it probes the ratios of the migration's own pages (probes.ts).
+ * The estimator (estimator.ts) prices the modes, the pure policy (policy.ts) decides, on the model
+ * of model.ts, with the thresholds of config.ts; a look's record and log are in look.ts.
  */
 import { LINK_FILTER, STATS_FILTER, eventSubject } from '../../shared/bus/subjects.js';
 import { subscribeParsed } from '../../shared/bus/bus.js';
@@ -17,13 +18,12 @@ import type { Mode } from '../../shared/model/mode.js';
 import { ModeWatcher } from '../../shared/bus/registry.js';
 import { PresenceView, setWantedWorkers, workersBucket } from '../../shared/bus/presence.js';
 import { CpuSampler } from './cpu.js';
-import { FOLLOW_IDLE_MS, bandwidthMoved, bandwidthOf, configOf, firstLookProbe, lookLogFields, newFollowed, secondsBetween, tunedRecord, type Followed } from './look.js';
+import { bandwidthMoved, bandwidthOf, configOf, firstLookProbe, lookLogFields, newFollowed, secondsBetween, tunedRecord, type Followed } from './look.js';
+import { tunerConfig, type TunerConfig } from './config.js';
 import type { Conditions, Profile } from './model.js';
 import { RatioProbes } from './probes.js';
 import { loadProfile } from './profile.js';
 import { WorkersWish } from './workers.js';
-
-const DECIDE_EVERY_MS = 500;
 
 /** The migrations the tuner follows, and those it ignores (not adaptive), until they end. */
 class Following {
@@ -39,12 +39,13 @@ class Following {
 }
 
 /** The tuner in the actor shell, deciding with `profile` until it measures better. */
-export function tunerActor(profile: Profile): ActorDefinition {
+export function tunerActor(profile: Profile, config: Partial<TunerConfig> = {}): ActorDefinition {
   const following = new Following();
+  const tuning = tunerConfig(config);
   return {
     name: 'tuner',
     forget: (migrationId) => following.forget(migrationId),
-    start: (ctx) => startTuner(ctx, profile, following),
+    start: (ctx) => startTuner(ctx, profile, tuning, following),
   };
 }
 
@@ -52,14 +53,14 @@ export async function runTunerService(natsUrl: string, profilePath?: string): Pr
   return runActor(tunerActor(await loadProfile(profilePath)), natsUrl);
 }
 
-async function startTuner(ctx: ActorContext, profile: Profile, following: Following): Promise<ActorWiring> {
+async function startTuner(ctx: ActorContext, profile: Profile, config: TunerConfig, following: Following): Promise<ActorWiring> {
   const { bus, log, descriptors } = ctx;
   const { followed, ignored, wish } = following;
   const workers = await workersBucket(bus);
   const presence = await PresenceView.start(workers);
   const modes = await ModeWatcher.start(bus.config);
   const cpu = new CpuSampler();
-  const probes = new RatioProbes(profile, log);
+  const probes = new RatioProbes(profile, config, log);
   let spareCores = cpu.sample();
   /** compress workers running (their presence keys, from the view), at the last decision */
   let runningWorkers = 1;
@@ -76,7 +77,7 @@ async function startTuner(ctx: ActorContext, profile: Profile, following: Follow
     // another statistic may have started following while the descriptor was read: one tuner per migration
     f = followed.get(migrationId);
     if (f) return f;
-    f = newFollowed(profile, performance.now());
+    f = newFollowed(profile, config, performance.now());
     followed.set(migrationId, f);
     log.info('following', { migration: migrationId, profile: profile.workload });
     return f;
@@ -100,9 +101,9 @@ async function startTuner(ctx: ActorContext, profile: Profile, following: Follow
       .get(migrationId)
       .then(async (d) => {
         runningWorkers = Math.max(1, presence.live('compress').length || runningWorkers);
-        if (f.probeAwaiting) return; // the look waiting for the ratio probe decides
+        if (f.probe.phase === 'awaited') return; // the look waiting for the ratio probe decides
         const conditionsNow = (): Conditions => ({ bandwidthBps: bandwidthOf(f), spareCores, compressWorkers: runningWorkers });
-        const firstLook = !f.probe;
+        const firstLook = f.probe.phase === 'first-look';
         let probeWaitSeconds: number | undefined;
         if (firstLook) {
           const { plan, wait } = firstLookProbe(f.tuner, profile, conditionsNow(), modes.get(migrationId, d.mode));
@@ -144,7 +145,7 @@ async function startTuner(ctx: ActorContext, profile: Profile, following: Follow
   /** one chunk's statistics */
   const onStats = (s: StageStats, f: Followed): void => {
     f.lastStatsMs = performance.now();
-    f.tuner.observe(s);
+    f.tuner.estimator.observe(s);
   };
 
   /** the sender's link probe (the first look need not wait for ACKs), or its reading with a chunk's ACK */
@@ -191,11 +192,11 @@ async function startTuner(ctx: ActorContext, profile: Profile, following: Follow
   const tick = (): void => {
     spareCores = cpu.sample();
     // the handoff's own CPU, shared among the followed migrations by the blocks each sent
-    const blocksOut = [...followed.values()].reduce((a, f) => a + f.tuner.blocksSinceOwnCpu, 0);
-    for (const f of followed.values()) f.tuner.observeOwnCpu(blocksOut > 0 ? (cpu.ownCpuMs * f.tuner.blocksSinceOwnCpu) / blocksOut : cpu.ownCpuMs / followed.size, f.linkBoundShare);
+    const blocksOut = [...followed.values()].reduce((a, f) => a + f.tuner.estimator.blocksSinceOwnCpu, 0);
+    for (const f of followed.values()) f.tuner.estimator.observeOwnCpu(blocksOut > 0 ? (cpu.ownCpuMs * f.tuner.estimator.blocksSinceOwnCpu) / blocksOut : cpu.ownCpuMs / followed.size, f.linkBoundShare);
     const now = performance.now();
     for (const [migrationId, f] of followed) {
-      if (now - f.lastStatsMs > FOLLOW_IDLE_MS) {
+      if (now - f.lastStatsMs > config.followIdleMs) {
         followed.delete(migrationId); // finished or abandoned
         continue;
       }
@@ -205,7 +206,7 @@ async function startTuner(ctx: ActorContext, profile: Profile, following: Follow
     wish.keepOnly(followed);
     writeWish().catch((err: unknown) => log.debug('wish not written', { reason: errorMessage(err) }));
   };
-  const timer = setInterval(tick, DECIDE_EVERY_MS);
+  const timer = setInterval(tick, config.lookEveryMs);
 
   let resolveDone: () => void = () => undefined;
   const done = new Promise<void>((resolve) => (resolveDone = resolve));
