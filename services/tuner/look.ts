@@ -10,7 +10,7 @@ import { linkBandwidthBps } from './estimator.js';
 import { modeKey, pick, softMin, type Conditions, type Prediction, type Profile } from './model.js';
 import { clearlyLinkBound, startModeNearBest, type Decision } from './policy.js';
 import { probePlan, type ProbePlan } from './probe.js';
-import type { ProbeState } from './probes.js';
+import type { ProbeState } from './probe-state.js';
 import { Tuner } from './tuner.js';
 
 /** One adaptive migration the tuner follows. */

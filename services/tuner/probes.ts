@@ -13,29 +13,8 @@ import { putOffProbeStarts } from './policy.js';
 import type { Followed } from './look.js';
 import { pick, type Profile } from './model.js';
 import { probeRatios, type ProbeImages, type ProbePlan, type ProbeResult } from './probe.js';
+import type { ProbeRun } from './probe-state.js';
 import { PROBE_NICE, runProbeProcess } from './probe-process.js';
-
-/** A ratio probe under way: what settles when its ratios are in (or it failed), and what stops it where it runs in this process. */
-export interface ProbeRun {
-  done: Promise<void>;
-  here?: AbortController;
-}
-
-/**
- * Where a migration's ratio probe stands, one state at a time:
- * - `first-look`: the first look has not yet said what to do about it;
- * - `put-off`: the first look decided without it; it starts at a look past `dueMs` that finds the
- *   link the bottleneck (putOffProbeStarts);
- * - `awaited`: the first look waits for it (other looks skip meanwhile);
- * - `running`: later looks go on without it;
- * - `over`: its ratios are in use, or it failed, found too few changed pages, or had no image.
- */
-export type ProbeState =
-  | { phase: 'first-look' }
-  | { phase: 'put-off'; plan: ProbePlan; dueMs: number }
-  | { phase: 'awaited'; run: ProbeRun }
-  | { phase: 'running'; run: ProbeRun }
-  | { phase: 'over' };
 
 function imagesOf(d: MigrationDescriptor): ProbeImages {
   return { memory: d.memory, disk: d.disk, chunkPages: d.chunkPages };
@@ -66,7 +45,10 @@ export class RatioProbes {
     if (this.noImages(migrationId, d, f)) return;
     const run = f.acceptedAtMs !== undefined && nowMs - f.acceptedAtMs < this.config.probeHereWithinMs ? this.here(migrationId, d, f, plan) : this.inProcess(migrationId, d, f, plan, 0);
     f.probe = { phase: 'awaited', run };
-    await Promise.race([run.done, delay(this.config.probeWaitMs)]);
+    // the wait's timer goes with the race: a probe in before it would leave it holding the process
+    const waited = new AbortController();
+    await Promise.race([run.done, delay(this.config.probeWaitMs, undefined, { signal: waited.signal }).catch(() => undefined)]);
+    waited.abort();
     if (f.probe.phase === 'awaited' && f.probe.run === run) f.probe = { phase: 'running', run };
   }
 
