@@ -5,8 +5,8 @@ import { tunerConfig } from '../../services/tuner/config.js';
 import { Estimator, type Estimates } from '../../services/tuner/estimator.js';
 import { modeKey, type Conditions, type Profile } from '../../services/tuner/model.js';
 import { INITIAL_POLICY_STATE, decide, type PolicyState } from '../../services/tuner/policy.js';
-import type { StageStats } from '../../shared/model/migration.js';
 import type { Mode } from '../../shared/model/mode.js';
+import { stageStats as stats } from './fixtures/tuner-profile.js';
 
 const RAW: Mode = { delta: 'none', compressor: 'none', level: 0 };
 const FAST: Mode = { delta: 'none', compressor: 'lz4', level: 0 };
@@ -39,9 +39,6 @@ function firstChoice(estimates: Estimates, conditions: Conditions, start: Mode =
 
 const profiled = (): Estimates => new Estimator(FIXTURE, CONFIG).estimates();
 
-function stats(stage: string, mode: Mode, blocks: number, cpuMs: number, bytesOut: number, next?: string): StageStats {
-  return { stage, instance: 'i', migrationId: 'm', round: 0, seq: 0, part: 0, pages: blocks, bytesIn: blocks * 4096, bytesOut, cpuMs, wallMs: cpuMs, mode, ...(next ? { next } : {}), counts: { blocks } };
-}
 
 describe('tuner policy on a synthetic profile', () => {
   test('a slow link chooses stronger compression, a fast one cheaper', () => {

@@ -8,10 +8,10 @@ import { Tuner } from '../../services/tuner/tuner.js';
 import { cpuJiffies, parseCpuList } from '../../services/tuner/cpu.js';
 import { parseProcStat } from '../../shared/cpu/proc-stat.js';
 import { modeKey, pick, predict, rank, softMin, type Conditions, type ModeCost, type Profile } from '../../services/tuner/model.js';
-import type { StageStats } from '../../shared/model/migration.js';
 import { inUse } from '../../shared/bus/presence.js';
+import type { StageStats } from '../../shared/model/migration.js';
 import type { Mode } from '../../shared/model/mode.js';
-import { MEASURED_LIKE_PROFILE } from './fixtures/tuner-profile.js';
+import { MEASURED_LIKE_PROFILE, stageStats as stats } from './fixtures/tuner-profile.js';
 
 const NONE: Mode = { delta: 'none', compressor: 'none', level: 0 };
 const LZ4: Mode = { delta: 'none', compressor: 'lz4', level: 0 };
@@ -109,9 +109,6 @@ describe('model', () => {
  */
 const tunerOf = (profile: Profile, options: ConstructorParameters<typeof Tuner>[1] = {}): Tuner => new Tuner(profile, { priorOverheadCpuMsPerBusPage: 0, warmupCpuFactor: 1, ...options });
 
-function stats(stage: string, mode: Mode, blocks: number, cpuMs: number, bytesOut: number, next?: string): StageStats {
-  return { stage, instance: 'i', migrationId: 'm', round: 0, seq: 0, part: 0, pages: blocks, bytesIn: blocks * 4096, bytesOut, cpuMs, wallMs: cpuMs, mode, ...(next ? { next } : {}), counts: { blocks } };
-}
 
 describe('tuner', () => {
   test('leaves the start mode at once, later switches only after confirmation, never back on the same conditions', () => {
