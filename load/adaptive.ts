@@ -1,13 +1,14 @@
 /**
  * npm run load:adaptive — handoff time of static modes and of adaptive over a real shaped link (two
  * network namespaces, `tc tbf` on the source side), at fixed bandwidths, with the bandwidth changing
- * mid-handoff (5 -> 35 -> 5 Mbit/s), and with another process taking a core mid-handoff.
+ * mid-handoff (2 -> 200 -> 2 Mbit/s), and with another tenant taking two thirds of the source's core
+ * mid-handoff at 200 Mbit/s.
  * Prints a table of handoff times, one of transfer times (from the destination's accept, without the
- * actors' start-up) and one of the source's CPU seconds, writes an SVG plot of handoff time against
- * bandwidth; `--json` prints every run.
- * Each scenario runs every mode `--repeat` times (default 3; 5 where a transfer takes about two
- * seconds or less: 100 Mbit/s and up, the hog run), interleaved, and compares medians: one run on
- * a shared machine varies by more than the differences being judged, a short one most.
+ * actors' start-up) and one of the source's CPU seconds; for the scenarios in phases, what each mode
+ * moved in each phase, the best static mode of each, and the oracle bound (each phase's best mode
+ * from its first byte). Writes an SVG plot of handoff time against bandwidth; `--json` prints every run.
+ * Each scenario runs every mode `--repeat` times (default 5), interleaved, and compares medians: one
+ * run on a shared machine varies by more than the differences being judged, a short one most.
  * The two cloudlets split the machine's cores (`--cpus N`: the source's actors, its nats-server and
  * the hog on the first N, default half; the destination on the rest; `--cpus all`: both share every
  * core). Sharing, the destination's reconstruction takes CPU from the source at random, and each
@@ -28,6 +29,7 @@ import { parseSizeBytes } from '../shared/config/units.js';
 import { cpuSecondsOf, endedChildrenCpuSeconds, stopWithChildren, stoppedHog } from './lib/processes.js';
 import { createCpuGroups, type CpuGroups } from './lib/cgroups.js';
 import { createShapedLink, type ShapedLink } from './lib/wan.js';
+import { oracleSeconds, phaseProgress, type LinkSample, type Phase, type PhaseProgress } from './lib/phases.js';
 
 const MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 
@@ -44,9 +46,9 @@ const CANDIDATES: Candidate[] = [
   { name: 'xor+zstd3', args: ['--mode', 'zstd:3', '--delta', 'xor'] },
   // the strongest mode before patch, on request only: patch3 sends less at a fraction of its CPU
   { name: 'xor+zstd19', args: ['--mode', 'zstd:19', '--delta', 'xor'], onRequest: true },
-  // each page zstd-compressed with its base page as the dictionary, nothing after: strong on
-  // programs' pages at moderate bandwidths on few cores
-  { name: 'zstd-delta', args: ['--mode', 'none', '--delta', 'zstd'] },
+  // each page zstd-compressed with its base page as the dictionary, nothing after; on request only:
+  // patch3 sends less for about its CPU
+  { name: 'zstd-delta', args: ['--mode', 'none', '--delta', 'zstd'], onRequest: true },
   // each chunk's pages as one zstd frame against their base pages, cheap and strong
   { name: 'patch3', args: ['--mode', 'zstd:3', '--delta', 'patch'] },
   { name: 'patch19', args: ['--mode', 'zstd:19', '--delta', 'patch'] },
@@ -62,6 +64,10 @@ interface Run {
   /** from the destination's accept to its verified result: the handoff less the actors' start-up */
   transferSeconds: number;
   wireBytes: number;
+  /** dirty input captured */
+  inputBytes: number;
+  /** a scenario in phases: what the run moved in each */
+  phases?: PhaseProgress[];
   /**
    * CPU seconds of the source's processes (the command, its actors, its nats-server), start-up
    * included: what a mode costs the source cloudlet, without the scheduler's noise in wall time
@@ -82,6 +88,10 @@ interface Scenario {
   changes?: [number, number][];
   /** seconds after the destination's accept when the CPU hog starts spinning */
   hogAfterSeconds?: number;
+  /** a scenario whose conditions change: its phases, timed from the accept */
+  phases?: Phase[];
+  /** the VM it moves: the fixed-bandwidth one, or the larger one sized for phases */
+  vm: 'fixed' | 'phased';
 }
 
 /**
@@ -119,7 +129,8 @@ function hogShare(samples: readonly { atMs: number; cpuSeconds: number }[], tran
 /** stops the run under way (its command, the hog, the receiver): for a benchmark stopped by a signal */
 let stopRunning: (() => void) | undefined;
 
-async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candidate, s: Scenario, repetition: number, cpus: Placement, hogGroup: HogGroup, groups: CpuGroups | undefined): Promise<Run> {
+async function handoff(link: ShapedLink, imagesOf: Partial<Record<Scenario['vm'], ImageSet>>, dir: string, c: Candidate, s: Scenario, repetition: number, cpus: Placement, hogGroup: HogGroup, groups: CpuGroups | undefined): Promise<Run> {
+  const images = imagesOf[s.vm]!;
   link.setRate(s.startMbit * 1e6);
   // on the source's cores: it takes one of the cloudlet's own; stopped until its moment
   const hog = s.hogAfterSeconds === undefined ? undefined : await stoppedHog([...(groups?.prefix('hog') ?? []), ...cpus.source], hogGroup === 'own');
@@ -127,6 +138,9 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
   /** the hog's CPU seconds every 50 ms from the accept: what it took during the transfer */
   const hogCpu: { atMs: number; cpuSeconds: number }[] = [];
   let acceptedMs: number | undefined;
+  /** the link's counter at the accept and at each phase's start: what each phase moved */
+  const linkSamples: LinkSample[] = [];
+  const sampleLink = (): void => void linkSamples.push({ atSeconds: (performance.now() - acceptedMs!) / 1000, sentBytes: link.sentBytes() });
   const receiver = await spawnReceiverProcess({
     baseMemory: images.baseMemory,
     baseDisk: images.baseDisk,
@@ -161,11 +175,19 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     void receiver.waitForLog(/ accepted /).then(() => {
       if (finished) return;
       acceptedMs = performance.now();
-      for (const [atSeconds, mbit] of s.changes ?? []) timers.push(setTimeout(() => link.setRate(mbit * 1e6), atSeconds * 1000));
+      sampleLink();
+      for (const [atSeconds, mbit] of s.changes ?? [])
+        timers.push(
+          setTimeout(() => {
+            link.setRate(mbit * 1e6);
+            sampleLink();
+          }, atSeconds * 1000),
+        );
       if (hog && s.hogAfterSeconds !== undefined) {
         timers.push(
           setTimeout(() => {
             hog.kill('SIGCONT');
+            if (s.phases) sampleLink();
             const sample = (): void => {
               const cpuSeconds = cpuSecondsOf(hog.pid);
               if (cpuSeconds !== undefined) hogCpu.push({ atMs: performance.now() - acceptedMs!, cpuSeconds });
@@ -182,6 +204,8 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
     // taskset and ip exec the command in their own process: its tree is what ended here
     const sourceCpuSeconds = (await endedChildrenCpuSeconds()) - cpuBefore;
     const summary = JSON.parse(out) as MigrationSummary;
+    // the end: everything the source sent (the accept's sample starts the count)
+    if (acceptedMs !== undefined) linkSamples.push({ atSeconds: summary.transferSeconds, sentBytes: link.sentBytes() });
     if (!summary.verified) {
       // the destination's side of it (its logs go nowhere otherwise)
       const exitCode = receiver.child.exitCode ?? 'running';
@@ -195,6 +219,8 @@ async function handoff(link: ShapedLink, images: ImageSet, dir: string, c: Candi
       handoffSeconds: summary.handoffSeconds,
       transferSeconds: summary.transferSeconds,
       wireBytes: summary.wireBytes,
+      inputBytes: summary.inputBytes,
+      ...(s.phases ? { phases: phaseProgress(s.phases, linkSamples, summary.transferSeconds, summary.inputBytes) } : {}),
       sourceCpuSeconds: Number(sourceCpuSeconds.toFixed(2)),
       ...hogShare(hogCpu, summary.transferSeconds),
       verified: summary.verified,
@@ -245,58 +271,129 @@ function svgPlot(runs: Run[], bandwidths: number[]): string {
 
 const HELP = `npm run load:adaptive -- [options]   (root: network namespaces and tc)
 
-Handoff time of static modes (raw, lz4, xor+zstd3, zstd-delta, patch3, patch19) and of adaptive over a shaped link
-between two network namespaces: at fixed bandwidths, 5 -> 35 -> 5 Mbit/s mid-handoff, and a CPU hog
-set spinning on the source's core at the destination's accept. Prints tables of medians (handoff time, transfer time from the destination's accept, and the
-source's CPU seconds); under the first two, each mode's worst ratio to the best static mode of a scenario (what a
-mode chosen beforehand costs where the link and the load turn out otherwise). Writes an SVG plot.
+Handoff time of static modes (raw, lz4, xor+zstd3, patch3, patch19) and of adaptive over a shaped link
+between two network namespaces: at fixed bandwidths; 2 -> 200 -> 2 Mbit/s mid-handoff; and 200 Mbit/s
+with another tenant (a CPU cgroup of twice the handoff's weight) set spinning on the source's core
+mid-handoff. Prints tables of medians (handoff time, transfer time from the destination's accept, and
+the source's CPU seconds); under the first two, each mode's worst ratio to the best static mode of a
+scenario. For the scenarios in phases, a table of what each mode moved in each phase (MB/s of dirty
+input), the best static mode of each phase, and the oracle bound: the transfer time had each phase
+gone at its best static mode's rate from its first byte, the most any switching between these modes
+could gain. Writes an SVG plot.
 
-  --bandwidths LIST     fixed bandwidths in Mbit/s (default 5,10,25,100,1000)
-  --repeat N            runs of each scenario and mode, interleaved; medians compared (default 3,
-                        and 5 for the short runs: 100 Mbit/s and up, the hog run)
-  --only LIST           only scenarios whose name is, or else contains, one of these, e.g. "hog,35"
-  --modes LIST          only these modes, e.g. "xor+zstd3,adaptive" (also xor+zstd19, not compared unless named)
+  --bandwidths LIST     fixed bandwidths in Mbit/s (default 2,10,50,200,1000)
+  --repeat N            runs of each scenario and mode, interleaved; medians compared (default 5)
+  --only LIST           only scenarios whose name is, or else contains, one of these, e.g. "hog,2->"
+  --modes LIST          only these modes, e.g. "patch3,adaptive" (also xor+zstd19 and zstd-delta,
+                        not compared unless named)
   --content KIND        mixed (heap, text, random; default) or programs (this machine's executables)
   --cpus N|all          the source cloudlet's cores (the first N; default half the machine's), the
                         destination on the rest; all: both share every core
-  --hog-mbit RATE       bandwidth of the CPU hog run (default 100)
-  --hog-after SECONDS   when the hog starts spinning, from the accept (default 0). With
-                        --hog-group tenant --hog-mbit 50 --hog-after 1 the best static mode changes
-                        when it starts (patch3 without the hog, raw with it)
-  --hog-group shared|own|tenant  the hog in the handoff's scheduling group, one more task beside
-                        its processes (default); in a group of its own under autogroup (another
-                        session; it took less there: 0.15-0.20 of the core against 0.26-0.29); or
-                        tenant: the handoff and the hog each in a CPU cgroup of equal weight, as two
-                        containers (the hog takes half the core whenever both want it)
-  --memory-size SIZE    --disk-size SIZE   the VM (default 64MiB each)
+  --phases SLOW,FAST    2 -> 200 -> 2 Mbit/s: seconds at 2 Mbit/s from the accept, then seconds at 200
+                        (default 20,1: with the default --phased-size, patch3 moves about a quarter of
+                        the VM in each of the first two phases)
+  --phased-size SIZE    memory and disk (each) of the VM the scenarios in phases move (default 128MiB)
+  --hog-mbit RATE       bandwidth of the CPU hog run (default 200)
+  --hog-after SECONDS   when the hog starts spinning, from the accept (default 1.5, about a third of
+                        patch3's transfer with the phased VM); 0: from the start, one phase
+  --hog-group tenant|shared|own  tenant (default): the handoff and the hog each in a CPU cgroup, the
+                        hog with --hog-weight times the handoff's weight, as two containers; shared:
+                        the hog one more task in the handoff's scheduling group; own: a session of
+                        its own under autogroup
+  --hog-weight W        the hog's CPU weight over the handoff's, tenant only (default 2: the handoff
+                        keeps about a third of its core)
+  --memory-size SIZE    --disk-size SIZE   the VM of the fixed-bandwidth runs (default 64MiB each)
   --svg FILE            where the plot goes (default load/adaptive.svg)
-  --json                one JSON object with every run instead of the table
+  --json                one JSON object with every run instead of the tables
   HANDOFF_LOG_LEVEL=info|debug   the runs' logs (debug: every look of the tuner)`;
+
+/** the median of `xs` (the lower of the middle two) */
+function median(xs: readonly number[]): number {
+  const sorted = [...xs].sort((a, b) => a - b);
+  return sorted[Math.floor((sorted.length - 1) / 2)]!;
+}
+
+/** A scenario in phases: each mode's median rate per phase, the best static one, and the oracle bound. */
+interface PhaseReport {
+  scenario: string;
+  phases: { label: string; startSeconds: number; inputBpsByMode: Record<string, number>; bestStatic: string }[];
+  /** the best static mode by median transfer time, and that time */
+  bestStatic: string;
+  bestStaticSeconds: number;
+  adaptiveSeconds?: number;
+  /** transfer time with each phase at its best static mode's rate from its start */
+  oracleSeconds: number;
+}
+
+function phaseReport(s: Scenario, runs: readonly Run[], modes: readonly string[]): PhaseReport | undefined {
+  if (!s.phases) return undefined;
+  const these = runs.filter((r) => r.scenario === s.name);
+  const transfer = (mode: string): number => median(these.filter((r) => r.mode === mode).map((r) => r.transferSeconds));
+  const statics = modes.filter((m) => m !== 'adaptive');
+  if (statics.length === 0) return undefined;
+  const phases = s.phases.map((p) => {
+    const inputBpsByMode: Record<string, number> = {};
+    for (const m of modes) {
+      // a run that ended before the phase moved nothing in it: it does not count against the mode
+      const rates = these.filter((r) => r.mode === m).flatMap((r) => r.phases?.filter((x) => x.label === p.label && x.seconds > 0.05).map((x) => x.inputBps) ?? []);
+      if (rates.length) inputBpsByMode[m] = median(rates);
+    }
+    const ranked = statics.filter((m) => inputBpsByMode[m] !== undefined).sort((a, b) => inputBpsByMode[b]! - inputBpsByMode[a]!);
+    return { label: p.label, startSeconds: p.startSeconds, inputBpsByMode, bestStatic: ranked[0] ?? '-' };
+  });
+  const bestStatic = statics.reduce((a, b) => (transfer(b) < transfer(a) ? b : a));
+  const inputBytes = median(these.map((r) => r.inputBytes));
+  return {
+    scenario: s.name,
+    phases,
+    bestStatic,
+    bestStaticSeconds: transfer(bestStatic),
+    ...(modes.includes('adaptive') ? { adaptiveSeconds: transfer('adaptive') } : {}),
+    oracleSeconds: oracleSeconds(s.phases, phases.map((p) => (p.bestStatic === '-' ? 0 : p.inputBpsByMode[p.bestStatic]!)), inputBytes),
+  };
+}
+
+function phaseTable(reports: readonly PhaseReport[], modes: readonly string[]): string[][] {
+  const rows = [['scenario / phase (from s)', ...modes, 'best static']];
+  for (const r of reports) {
+    for (const p of r.phases) rows.push([`${r.scenario} / ${p.label} (${p.startSeconds})`, ...modes.map((m) => (p.inputBpsByMode[m] === undefined ? '-' : (p.inputBpsByMode[m] / 1e6).toFixed(2))), p.bestStatic]);
+  }
+  return rows;
+}
+
+function oracleTable(reports: readonly PhaseReport[]): string[][] {
+  const rows = [['scenario', 'best static', 'its transfer s', 'oracle s', 'oracle / best', 'adaptive s', 'adaptive / best']];
+  for (const r of reports) {
+    const a = r.adaptiveSeconds;
+    rows.push([r.scenario, r.bestStatic, r.bestStaticSeconds.toFixed(2), r.oracleSeconds.toFixed(2), (r.oracleSeconds / r.bestStaticSeconds).toFixed(3), a === undefined ? '-' : a.toFixed(2), a === undefined ? '-' : (a / r.bestStaticSeconds).toFixed(3)]);
+  }
+  return rows;
+}
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
       'memory-size': { type: 'string', default: '64MiB' },
       'disk-size': { type: 'string', default: '64MiB' },
-      bandwidths: { type: 'string', default: '5,10,25,100,1000' },
+      'phased-size': { type: 'string', default: '128MiB' },
+      bandwidths: { type: 'string', default: '2,10,50,200,1000' },
       /** what the VM wrote: mixed (heap, text, random) or programs (code and data of executables) */
       content: { type: 'string', default: 'mixed' },
       svg: { type: 'string', default: 'load/adaptive.svg' },
       json: { type: 'boolean', default: false },
-      /** default: 3, and 5 for the short runs (see repeatOf) */
-      repeat: { type: 'string' },
-      /** only scenarios whose name contains one of these (comma-separated), e.g. "hog,35" */
+      repeat: { type: 'string', default: '5' },
+      /** only scenarios whose name contains one of these (comma-separated), e.g. "hog,2->" */
       only: { type: 'string' },
-      /** only these modes (comma-separated names from the table), e.g. "xor+zstd3,adaptive" */
+      /** only these modes (comma-separated names from the table), e.g. "patch3,adaptive" */
       modes: { type: 'string' },
       /** the source cloudlet's cores: the first N (default half), the destination's the rest; all: shared */
       cpus: { type: 'string' },
-      /** the bandwidth of the run where a CPU hog starts mid-handoff */
-      'hog-mbit': { type: 'string', default: '100' },
-      /** seconds from the accept to when the hog starts spinning */
-      'hog-after': { type: 'string', default: '0' },
-      /** the hog's scheduling group: shared (the handoff's) or own (a session of its own) */
-      'hog-group': { type: 'string', default: 'shared' },
+      /** 2 -> 200 -> 2: seconds at 2 Mbit/s, then seconds at 200 */
+      phases: { type: 'string', default: '20,1' },
+      'hog-mbit': { type: 'string', default: '200' },
+      'hog-after': { type: 'string', default: '1.5' },
+      'hog-group': { type: 'string', default: 'tenant' },
+      'hog-weight': { type: 'string', default: '2' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -306,21 +403,60 @@ async function main(): Promise<void> {
   }
   if (process.getuid?.() !== 0) throw new Error('load:adaptive needs root for network namespaces and tc');
   const bandwidths = values.bandwidths!.split(',').map(Number);
-  const repeat = Number(values.repeat ?? 3);
+  if (!bandwidths.every((b) => b > 0)) throw new Error('--bandwidths must be Mbit/s figures above 0, e.g. 2,10,50');
+  const repeat = Number(values.repeat);
   if (!Number.isInteger(repeat) || repeat < 1) throw new Error('--repeat must be a whole number >= 1');
-  /** a scenario's runs: a transfer of two seconds or less varies more, and costs little to run more often */
-  const repeatOf = (s: Scenario): number => (values.repeat === undefined && (s.startMbit >= 100 || s.hogAfterSeconds !== undefined) ? 5 : repeat);
   const cpus = placement(values.cpus ?? String(Math.max(1, Math.floor(availableParallelism() / 2))));
+  const [slowSeconds, fastSeconds, ...extra] = values.phases!.split(',').map(Number);
+  if (!(slowSeconds! > 0 && fastSeconds! > 0) || extra.length) throw new Error('--phases must be two durations in seconds, SLOW,FAST, e.g. 20,1');
   const hogMbit = Number(values['hog-mbit']);
   if (!(hogMbit > 0)) throw new Error('--hog-mbit must be a bandwidth in Mbit/s');
   const hogAfterSeconds = Number(values['hog-after']);
   if (!(hogAfterSeconds >= 0)) throw new Error('--hog-after must be seconds from the accept, 0 or more');
   const hogGroup = values['hog-group'];
-  if (hogGroup !== 'own' && hogGroup !== 'shared' && hogGroup !== 'tenant') throw new Error('--hog-group must be shared, own or tenant');
+  if (hogGroup !== 'own' && hogGroup !== 'shared' && hogGroup !== 'tenant') throw new Error('--hog-group must be tenant, shared or own');
+  const hogWeight = Number(values['hog-weight']);
+  if (!(hogWeight > 0)) throw new Error('--hog-weight must be a number above 0');
+  const content = values.content;
+  if (content !== 'mixed' && content !== 'programs') throw new Error('--content must be mixed or programs');
+  const wantedModes = values.modes?.split(',');
+  const unknownMode = wantedModes?.find((m) => !CANDIDATES.some((c) => c.name === m));
+  if (unknownMode) throw new Error(`--modes: unknown mode ${unknownMode} (one of ${CANDIDATES.map((c) => c.name).join(', ')})`);
+  const candidates = wantedModes ? CANDIDATES.filter((c) => wantedModes.includes(c.name)) : CANDIDATES.filter((c) => !c.onRequest);
+  const modes = candidates.map((c) => c.name);
+
+  const hogName = `CPU hog at ${hogMbit} Mbit/s${hogAfterSeconds > 0 ? ` from ${hogAfterSeconds} s` : ''}${hogGroup === 'tenant' ? `, weight ${hogWeight}:1` : `, ${hogGroup}`}`;
+  const scenarios: Scenario[] = [
+    ...bandwidths.map((b): Scenario => ({ name: `${b} Mbit/s`, startMbit: b, vm: 'fixed' })),
+    {
+      name: '2->200->2 Mbit/s',
+      startMbit: 2,
+      changes: [[slowSeconds!, 200], [slowSeconds! + fastSeconds!, 2]],
+      phases: [
+        { label: '2 Mbit/s', startSeconds: 0 },
+        { label: '200 Mbit/s', startSeconds: slowSeconds! },
+        { label: '2 Mbit/s again', startSeconds: slowSeconds! + fastSeconds! },
+      ],
+      vm: 'phased',
+    },
+    {
+      name: hogName,
+      startMbit: hogMbit,
+      hogAfterSeconds,
+      ...(hogAfterSeconds > 0 ? { phases: [{ label: 'no hog', startSeconds: 0 }, { label: 'hog', startSeconds: hogAfterSeconds }] } : {}),
+      vm: 'phased',
+    },
+  ];
+  const only = values.only?.split(',');
+  // a whole name picks just that scenario ("2 Mbit/s", not 2->200->2 too); a part, every one holding it
+  const picks = (s: Scenario, o: string): boolean => (scenarios.some((t) => t.name === o) ? s.name === o : s.name.includes(o));
+  if (only) scenarios.splice(0, scenarios.length, ...scenarios.filter((s) => only.some((o) => picks(s, o))));
+  if (scenarios.length === 0) throw new Error(`--only ${values.only}: no scenario matches`);
+
   const dir = await mkdtemp(join(tmpdir(), 'bench-adaptive-'));
   // before the link: a machine without a cgroup cpu controller fails here, with nothing to undo
-  const groups = hogGroup === 'tenant' ? createCpuGroups(['handoff', 'hog']) : undefined;
-  const link = createShapedLink(bandwidths[0]! * 1e6);
+  const groups = hogGroup === 'tenant' && scenarios.some((s) => s.hogAfterSeconds !== undefined) ? createCpuGroups({ handoff: 1, hog: hogWeight }) : undefined;
+  const link = createShapedLink(scenarios[0]!.startMbit * 1e6);
   const stop = (): void => {
     stopRunning?.();
     link.destroy();
@@ -330,33 +466,19 @@ async function main(): Promise<void> {
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
   try {
-    const content = values.content;
-    if (content !== 'mixed' && content !== 'programs') throw new Error('--content must be mixed or programs');
-    const images = await generateImageSet({ dir: join(dir, 'vm'), memoryBytes: parseSizeBytes(values['memory-size']!), diskBytes: parseSizeBytes(values['disk-size']!), content });
-    const scenarios: Scenario[] = [
-      ...bandwidths.map((b) => ({ name: `${b} Mbit/s`, startMbit: b })),
-      // timed so that each phase carries a good part of the data
-      { name: '5->35->5 Mbit/s', startMbit: 5, changes: [[2, 35], [3.5, 5]] },
-      // the hog is set spinning at the accept by default: in the handoff's scheduling group, one set
-      // spinning later got its share of the core only when the transfer was nearly over; in a
-      // tenant cgroup (--hog-group tenant) it takes its share from when it starts
-      { name: `CPU hog at ${hogMbit} Mbit/s${hogAfterSeconds > 0 ? ` from ${hogAfterSeconds} s` : ''}`, startMbit: hogMbit, hogAfterSeconds },
-    ];
+    const generate = async (name: string, memory: string, disk: string): Promise<ImageSet> => generateImageSet({ dir: join(dir, name), memoryBytes: parseSizeBytes(memory), diskBytes: parseSizeBytes(disk), content });
+    // only the VMs the chosen scenarios move
+    const imagesOf: Partial<Record<Scenario['vm'], ImageSet>> = {};
+    if (scenarios.some((s) => s.vm === 'fixed')) imagesOf.fixed = await generate('vm', values['memory-size']!, values['disk-size']!);
+    if (scenarios.some((s) => s.vm === 'phased')) imagesOf.phased = await generate('vm-phased', values['phased-size']!, values['phased-size']!);
     const runs: Run[] = [];
-    const only = values.only?.split(',');
-    // a whole name picks just that scenario ("5 Mbit/s", not 25 or 5->35->5 too); a part, every one holding it
-    const picks = (s: Scenario, o: string): boolean => (scenarios.some((t) => t.name === o) ? s.name === o : s.name.includes(o));
-    if (only) scenarios.splice(0, scenarios.length, ...scenarios.filter((s) => only.some((o) => picks(s, o))));
-    const wantedModes = values.modes?.split(',');
-    const unknownMode = wantedModes?.find((m) => !CANDIDATES.some((c) => c.name === m));
-    if (unknownMode) throw new Error(`--modes: unknown mode ${unknownMode} (one of ${CANDIDATES.map((c) => c.name).join(', ')})`);
-    const candidates = wantedModes ? CANDIDATES.filter((c) => wantedModes.includes(c.name)) : CANDIDATES.filter((c) => !c.onRequest);
     for (const s of scenarios) {
-      for (let rep = 0; rep < repeatOf(s); rep++) {
+      for (let rep = 0; rep < repeat; rep++) {
         for (const c of candidates) {
-          const r = await handoff(link, images, dir, c, s, rep, cpus, hogGroup, groups);
+          const r = await handoff(link, imagesOf, dir, c, s, rep, cpus, hogGroup, groups);
           runs.push(r);
-          process.stderr.write(`${s.name} ${c.name} #${rep + 1}: ${r.handoffSeconds.toFixed(2)} s, transfer ${r.transferSeconds.toFixed(2)} s, source CPU ${r.sourceCpuSeconds.toFixed(2)} s${r.hogCoreShare === undefined ? '' : `, hog ${r.hogCoreShare.toFixed(2)} of a core`}, wire ${(r.wireBytes / 1e6).toFixed(2)} MB${r.switches ? `, ${r.switches} switches` : ''}${r.verified ? '' : ' NOT VERIFIED'}\n`);
+          const phases = r.phases?.map((p) => `${p.label} ${(p.inputBps / 1e6).toFixed(2)} MB/s`).join(', ');
+          process.stderr.write(`${s.name} ${c.name} #${rep + 1}: ${r.handoffSeconds.toFixed(2)} s, transfer ${r.transferSeconds.toFixed(2)} s, source CPU ${r.sourceCpuSeconds.toFixed(2)} s${r.hogCoreShare === undefined ? '' : `, hog ${r.hogCoreShare.toFixed(2)} of a core`}, wire ${(r.wireBytes / 1e6).toFixed(2)} MB${phases ? ` (${phases})` : ''}${r.switches ? `, ${r.switches} switches` : ''}${r.verified ? '' : ' NOT VERIFIED'}\n`);
           for (const d of r.decisions ?? []) process.stderr.write(`    ${d}\n`);
         }
       }
@@ -377,7 +499,7 @@ async function main(): Promise<void> {
     const tableOf = (seconds: (r: Run) => number, best = seconds, worstRow = false): string[][] => {
       const medians = mediansBy(seconds);
       const bestMedians = best === seconds ? medians : mediansBy(best);
-      const rows = [['scenario', ...candidates.map((c) => c.name), 'best static', 'adaptive / best']];
+      const rows = [['scenario', ...modes, 'best static', 'adaptive / best']];
       const worst = new Map<string, number>();
       for (const s of scenarios) {
         const these = medians.filter((r) => r.scenario === s.name);
@@ -389,14 +511,14 @@ async function main(): Promise<void> {
         rows.push([s.name, ...these.map((r) => seconds(r).toFixed(2)), bestStatic?.mode ?? '-', ratio]);
         if (bestStatic) for (const r of these) worst.set(r.mode, Math.max(worst.get(r.mode) ?? 0, seconds(r) / seconds(bestStatic)));
       }
-      if (worstRow && scenarios.length > 1) rows.push(['worst / best static', ...candidates.map((c) => worst.get(c.name)?.toFixed(3) ?? '-'), '', '']);
+      if (worstRow && scenarios.length > 1) rows.push(['worst / best static', ...modes.map((m) => worst.get(m)?.toFixed(3) ?? '-'), '', '']);
       return rows;
     };
-    await writeFile(values.svg!, svgPlot(mediansBy((r) => r.handoffSeconds), bandwidths));
+    const reports = scenarios.flatMap((s) => phaseReport(s, runs, modes) ?? []);
+    if (scenarios.some((s) => s.vm === 'fixed')) await writeFile(values.svg!, svgPlot(mediansBy((r) => r.handoffSeconds), bandwidths));
     const unverified = runs.filter((r) => !r.verified).length;
-    const counts = [...new Set(scenarios.map(repeatOf))];
-    const medianOf = counts.length === 1 ? `median of ${counts[0]}` : `median of ${counts.join(' or ')} (${scenarios.filter((s) => repeatOf(s) !== repeat).map((s) => s.name).join(', ')}: ${counts.find((c) => c !== repeat)})`;
-    if (values.json) console.log(JSON.stringify({ repeat: Object.fromEntries(scenarios.map((s) => [s.name, repeatOf(s)])), content, sourceCpus: cpus.sourceCpus, runs }));
+    const medianOf = `median of ${repeat}`;
+    if (values.json) console.log(JSON.stringify({ repeat, content, sourceCpus: cpus.sourceCpus, runs, phased: reports }));
     else {
       const where = cpus.source.length ? `source on ${cpus.sourceCpus} of ${availableParallelism()} cores, destination on the rest` : `both cloudlets on all ${availableParallelism()} cores`;
       console.log(`handoff time in seconds, ${medianOf} (shaped link between two network namespaces; ${where})${unverified ? `; ${unverified} runs NOT VERIFIED` : ''}`);
@@ -409,6 +531,12 @@ async function main(): Promise<void> {
       // CPU seconds vary less between runs than wall time on a shared machine
       console.log(`\nsource CPU seconds (its command, actors and nats-server, start-up included), ${medianOf}; best static by transfer time`);
       console.log(formatTable(tableOf((r) => r.sourceCpuSeconds, (r) => r.transferSeconds)));
+      if (reports.length) {
+        console.log(`\nMB/s of dirty input moved in each phase (the link's bytes in the phase at the run's input/wire ratio), ${medianOf}`);
+        console.log(formatTable(phaseTable(reports, modes)));
+        console.log(`\noracle bound: the transfer had each phase gone at its best static mode's rate from its start (transfer times, ${medianOf})`);
+        console.log(formatTable(oracleTable(reports)));
+      }
       console.log(`plot: ${values.svg}`);
     }
   } finally {

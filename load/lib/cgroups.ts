@@ -1,5 +1,5 @@
 /**
- * CPU cgroups for a benchmark: two tenants of one cloudlet (the handoff's container and another's)
+ * CPU cgroups for a benchmark: tenants of one cloudlet (the handoff's container and another's)
  * that the scheduler shares a core between by weight, as container runtimes set them up, rather
  * than by how many tasks each has runnable. cgroup v1's cpu controller or v2's; needs root. Each
  * group is made here and removed by `destroy` once its processes have ended.
@@ -28,8 +28,13 @@ function cpuRoot(): { dir: string; weightFile: string } {
   throw new Error('no cgroup cpu controller to make groups in (neither v1 /sys/fs/cgroup/cpu nor v2 with cpu)');
 }
 
-/** Groups `names` of equal CPU weight, named after `tag` so parallel benchmarks do not meet. */
-export function createCpuGroups(names: readonly string[], tag = String(process.pid)): CpuGroups {
+/**
+ * A group for each name, with its relative CPU weight (`{ handoff: 1, hog: 2 }`: the hog gets two
+ * thirds of a core both want), named after `tag` so parallel benchmarks do not meet.
+ */
+export function createCpuGroups(weights: Readonly<Record<string, number>>, tag = String(process.pid)): CpuGroups {
+  const names = Object.keys(weights);
+  for (const [name, w] of Object.entries(weights)) if (!(w > 0)) throw new Error(`CPU group ${name}: weight must be above 0 (got ${w})`);
   const root = cpuRoot();
   const dirOf = (name: string): string => join(root.dir, `handoff-bench-${tag}-${name}`);
   const destroy = (): void => {
@@ -44,8 +49,9 @@ export function createCpuGroups(names: readonly string[], tag = String(process.p
   try {
     for (const name of names) {
       mkdirSync(dirOf(name));
-      // the default weight, written so a parent's setting does not decide it
-      writeFileSync(join(dirOf(name), root.weightFile), root.weightFile === 'cpu.shares' ? '1024' : '100');
+      // relative to the default weight (v1 1024, v2 100), written so a parent's setting does not decide it
+      const base = root.weightFile === 'cpu.shares' ? 1024 : 100;
+      writeFileSync(join(dirOf(name), root.weightFile), String(Math.max(1, Math.round(base * weights[name]!))));
     }
   } catch (err) {
     destroy(); // the groups made before the one that failed
