@@ -138,9 +138,13 @@ async function handoff(link: ShapedLink, imagesOf: Partial<Record<Scenario['vm']
   /** the hog's CPU seconds every 50 ms from the accept: what it took during the transfer */
   const hogCpu: { atMs: number; cpuSeconds: number }[] = [];
   let acceptedMs: number | undefined;
-  /** the link's counter at the accept and at each phase's start: what each phase moved */
-  const linkSamples: LinkSample[] = [];
-  const sampleLink = (): void => void linkSamples.push({ atSeconds: (performance.now() - acceptedMs!) / 1000, sentBytes: link.sentBytes() });
+  /** the link's counter at the accept and as each later phase began: what each phase moved */
+  const phaseStarts: LinkSample[] = [];
+  // timed before the counter is read: each read (tens of ms) then starts its phase as late as the others
+  const phaseBegins = (read: () => number): void => {
+    const atSeconds = (performance.now() - acceptedMs!) / 1000;
+    phaseStarts.push({ atSeconds, sentBytes: read() });
+  };
   const receiver = await spawnReceiverProcess({
     baseMemory: images.baseMemory,
     baseDisk: images.baseDisk,
@@ -175,19 +179,14 @@ async function handoff(link: ShapedLink, imagesOf: Partial<Record<Scenario['vm']
     void receiver.waitForLog(/ accepted /).then(() => {
       if (finished) return;
       acceptedMs = performance.now();
-      sampleLink();
-      for (const [atSeconds, mbit] of s.changes ?? [])
-        timers.push(
-          setTimeout(() => {
-            link.setRate(mbit * 1e6);
-            sampleLink();
-          }, atSeconds * 1000),
-        );
+      phaseBegins(link.sentBytes);
+      // the counter as the change is made, not after it: a read takes tens of ms, a megabyte at 200 Mbit/s
+      for (const [atSeconds, mbit] of s.changes ?? []) timers.push(setTimeout(() => phaseBegins(() => link.setRate(mbit * 1e6)), atSeconds * 1000));
       if (hog && s.hogAfterSeconds !== undefined) {
         timers.push(
           setTimeout(() => {
+            if (s.phases) phaseBegins(link.sentBytes);
             hog.kill('SIGCONT');
-            if (s.phases) sampleLink();
             const sample = (): void => {
               const cpuSeconds = cpuSecondsOf(hog.pid);
               if (cpuSeconds !== undefined) hogCpu.push({ atMs: performance.now() - acceptedMs!, cpuSeconds });
@@ -204,8 +203,8 @@ async function handoff(link: ShapedLink, imagesOf: Partial<Record<Scenario['vm']
     // taskset and ip exec the command in their own process: its tree is what ended here
     const sourceCpuSeconds = (await endedChildrenCpuSeconds()) - cpuBefore;
     const summary = JSON.parse(out) as MigrationSummary;
-    // the end: everything the source sent (the accept's sample starts the count)
-    if (acceptedMs !== undefined) linkSamples.push({ atSeconds: summary.transferSeconds, sentBytes: link.sentBytes() });
+    // the end: everything the source sent, at the transfer's end (a phase timer may have fired after it)
+    const end: LinkSample = { atSeconds: summary.transferSeconds, sentBytes: link.sentBytes() };
     if (!summary.verified) {
       // the destination's side of it (its logs go nowhere otherwise)
       const exitCode = receiver.child.exitCode ?? 'running';
@@ -220,7 +219,7 @@ async function handoff(link: ShapedLink, imagesOf: Partial<Record<Scenario['vm']
       transferSeconds: summary.transferSeconds,
       wireBytes: summary.wireBytes,
       inputBytes: summary.inputBytes,
-      ...(s.phases ? { phases: phaseProgress(s.phases, linkSamples, summary.transferSeconds, summary.inputBytes) } : {}),
+      ...(s.phases ? { phases: phaseProgress(s.phases, phaseStarts, end, summary.inputBytes) } : {}),
       sourceCpuSeconds: Number(sourceCpuSeconds.toFixed(2)),
       ...hogShare(hogCpu, summary.transferSeconds),
       verified: summary.verified,

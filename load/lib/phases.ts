@@ -26,26 +26,25 @@ export interface PhaseProgress {
 }
 
 /**
- * Each phase's share of a run, from link samples taken at the accept, at each phase's start and at
- * the end. A phase the run did not reach is left out; the last one ends with the run.
+ * Each phase's share of a run, from the link's counter read as each phase began (`starts`, the
+ * first at the accept) and at the run's end. A phase that began after the end is left out; the last
+ * one reached ends with the run.
  */
-export function phaseProgress(phases: readonly Phase[], samples: readonly LinkSample[], endSeconds: number, inputBytes: number): PhaseProgress[] {
-  const sorted = [...samples].sort((a, b) => a.atSeconds - b.atSeconds);
-  const first = sorted[0];
-  const last = sorted.at(-1);
-  if (!first || !last || last.sentBytes <= first.sentBytes) return [];
-  const inputPerWire = inputBytes / (last.sentBytes - first.sentBytes);
-  /** the counter at `t`: the newest sample taken by then */
-  const at = (t: number): number => sorted.filter((s) => s.atSeconds <= t + 1e-9).at(-1)?.sentBytes ?? first.sentBytes;
+export function phaseProgress(phases: readonly Phase[], starts: readonly LinkSample[], end: LinkSample, inputBytes: number): PhaseProgress[] {
+  const first = starts[0];
+  if (!first || end.sentBytes <= first.sentBytes) return [];
+  const inputPerWire = inputBytes / (end.sentBytes - first.sentBytes);
   const out: PhaseProgress[] = [];
-  phases.forEach((p, i) => {
-    if (p.startSeconds >= endSeconds) return;
-    const end = Math.min(phases[i + 1]?.startSeconds ?? endSeconds, endSeconds);
-    const seconds = end - p.startSeconds;
-    const wireBytes = (i + 1 < phases.length && end < endSeconds ? at(end) : last.sentBytes) - at(p.startSeconds);
+  for (let i = 0; i < phases.length && i < starts.length; i++) {
+    const from = starts[i]!;
+    if (from.atSeconds >= end.atSeconds) break;
+    const next = starts[i + 1];
+    const to = next && next.atSeconds < end.atSeconds ? next : end;
+    const seconds = to.atSeconds - from.atSeconds;
+    const wireBytes = to.sentBytes - from.sentBytes;
     const moved = wireBytes * inputPerWire;
-    out.push({ label: p.label, seconds: Number(seconds.toFixed(3)), wireBytes, inputBytes: Math.round(moved), inputBps: seconds > 0 ? moved / seconds : 0 });
-  });
+    out.push({ label: phases[i]!.label, seconds: Number(seconds.toFixed(3)), wireBytes, inputBytes: Math.round(moved), inputBps: seconds > 0 ? moved / seconds : 0 });
+  }
   return out;
 }
 

@@ -10,10 +10,11 @@ export interface ShapedLink {
   destNs: string;
   sourceIp: string;
   destIp: string;
-  setRate(rateBps: number): void;
+  /** sets the rate from now; returns the bytes sent up to the change (as sentBytes) */
+  setRate(rateBps: number): number;
   /** takes the source's end of the link down (a cut cable) or up again */
   setUp(up: boolean): void;
-  /** bytes the source has sent over the link so far (tc's counter: what crossed the wire, headers included) */
+  /** bytes the source has sent over the link so far (tc's counter: what crossed the wire, headers included; across rate changes) */
   sentBytes(): number;
   /** runs a command inside a namespace */
   spawnIn(ns: string, command: string, args: string[], options?: SpawnOptions): ChildProcess;
@@ -66,17 +67,27 @@ export function createShapedLink(rateBps: number, tag = String(process.pid % 100
     const stderr = (err as { stderr?: Buffer }).stderr?.toString().trim();
     throw new Error(`cannot set up the shaped link (needs root, iproute2 and tc): ${stderr || (err as Error).message}`);
   }
+  const qdiscSentBytes = (): number => {
+    const out = execFileSync('ip', ['netns', 'exec', sourceNs, 'tc', '-s', 'qdisc', 'show', 'dev', sourceIf], { encoding: 'utf8' });
+    return Number(/Sent (\d+) bytes/.exec(out)?.[1] ?? 0);
+  };
+  /** what the counter had counted before a rate change set it back to 0 */
+  let sentBeforeChanges = 0;
   return {
     sourceNs,
     destNs,
     sourceIp,
     destIp,
-    setRate: (bps) => run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'change', 'dev', sourceIf, 'root', ...tbfArgs(bps)]),
-    setUp: (up) => run('ip', ['-n', sourceNs, 'link', 'set', sourceIf, up ? 'up' : 'down']),
-    sentBytes: () => {
-      const out = execFileSync('ip', ['netns', 'exec', sourceNs, 'tc', '-s', 'qdisc', 'show', 'dev', sourceIf], { encoding: 'utf8' });
-      return Number(/Sent (\d+) bytes/.exec(out)?.[1] ?? 0);
+    setRate: (bps) => {
+      const before = qdiscSentBytes();
+      run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'change', 'dev', sourceIf, 'root', ...tbfArgs(bps)]);
+      // tbf's `change` starts its statistics again
+      const sentBefore = sentBeforeChanges + before;
+      if (qdiscSentBytes() < before) sentBeforeChanges += before;
+      return sentBefore;
     },
+    setUp: (up) => run('ip', ['-n', sourceNs, 'link', 'set', sourceIf, up ? 'up' : 'down']),
+    sentBytes: () => sentBeforeChanges + qdiscSentBytes(),
     spawnIn: (ns, command, args, options = {}) => spawn('ip', ['netns', 'exec', ns, command, ...args], options),
     destroy,
   };
