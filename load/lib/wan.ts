@@ -73,6 +73,7 @@ export function createShapedLink(rateBps: number, tag = String(process.pid % 100
   };
   /** what the counter had counted before a rate change set it back to 0 */
   let sentBeforeChanges = 0;
+  let rateBpsNow = rateBps;
   return {
     sourceNs,
     destNs,
@@ -80,7 +81,13 @@ export function createShapedLink(rateBps: number, tag = String(process.pid % 100
     destIp,
     setRate: (bps) => {
       const before = qdiscSentBytes();
-      run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'change', 'dev', sourceIf, 'root', ...tbfArgs(bps)]);
+      if (bps < rateBpsNow) {
+        // a slower link drops what its queue held (TCP sends it again): packets queued at the fast
+        // rate's burst stayed in tbf's queue after a `change` and the link carried nothing more
+        run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'replace', 'dev', sourceIf, 'root', 'pfifo']);
+        run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'replace', 'dev', sourceIf, 'root', ...tbfArgs(bps)]);
+      } else run('ip', ['netns', 'exec', sourceNs, 'tc', 'qdisc', 'change', 'dev', sourceIf, 'root', ...tbfArgs(bps)]);
+      rateBpsNow = bps;
       // tbf's `change` starts its statistics again
       const sentBefore = sentBeforeChanges + before;
       if (qdiscSentBytes() < before) sentBeforeChanges += before;
