@@ -304,6 +304,7 @@ could gain. Writes an SVG plot.
   --memory-size SIZE    --disk-size SIZE   the VM of the fixed-bandwidth runs (default 64MiB each)
   --svg FILE            where the plot goes (default load/adaptive.svg)
   --json                one JSON object with every run instead of the tables
+  --json-out FILE       that object to FILE as well, beside the tables
   HANDOFF_LOG_LEVEL=info|debug   the runs' logs (debug: every look of the tuner)`;
 
 /** the median of `xs` (the lower of the middle two) */
@@ -380,6 +381,8 @@ async function main(): Promise<void> {
       content: { type: 'string', default: 'mixed' },
       svg: { type: 'string', default: 'load/adaptive.svg' },
       json: { type: 'boolean', default: false },
+      /** the --json object to this file as well, beside the tables */
+      'json-out': { type: 'string' },
       repeat: { type: 'string', default: '5' },
       /** only scenarios whose name contains one of these (comma-separated), e.g. "hog,2->" */
       only: { type: 'string' },
@@ -517,7 +520,9 @@ async function main(): Promise<void> {
     if (scenarios.some((s) => s.vm === 'fixed')) await writeFile(values.svg!, svgPlot(mediansBy((r) => r.handoffSeconds), bandwidths));
     const unverified = runs.filter((r) => !r.verified).length;
     const medianOf = `median of ${repeat}`;
-    if (values.json) console.log(JSON.stringify({ repeat, content, sourceCpus: cpus.sourceCpus, runs, phased: reports }));
+    const everyRun = JSON.stringify({ repeat, content, sourceCpus: cpus.sourceCpus, runs, phased: reports });
+    if (values['json-out']) await writeFile(values['json-out'], everyRun);
+    if (values.json) console.log(everyRun);
     else {
       const where = cpus.source.length ? `source on ${cpus.sourceCpus} of ${availableParallelism()} cores, destination on the rest` : `both cloudlets on all ${availableParallelism()} cores`;
       console.log(`handoff time in seconds, ${medianOf} (shaped link between two network namespaces; ${where})${unverified ? `; ${unverified} runs NOT VERIFIED` : ''}`);
